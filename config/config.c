@@ -1,0 +1,522 @@
+#include "config/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "stages/request.h"
+
+#define CONFIG_DEFAULT_FILE "/etc/flyio-image-manager/config"
+
+enum config_type {
+        CONFIG_STRING,     /* any text, may be empty */
+        CONFIG_NONEMPTY,   /* text that must not be empty */
+        CONFIG_SECRET,     /* text, never printed */
+        CONFIG_DB_URL,     /* libpq conninfo or URI; its password is a secret */
+        CONFIG_BUCKET,     /* S3 bucket name rules */
+        CONFIG_NAME,       /* identifier: letters, digits, '-', '_', '.' */
+        CONFIG_INT,        /* integer within [min, max] */
+        CONFIG_SIZE,       /* byte size with optional K/M/G/T suffix */
+        CONFIG_BOOL,
+        CONFIG_LOG_LEVEL,
+};
+
+struct config_key {
+        const char *name;
+        enum config_type type;
+        size_t offset;
+        const char *default_value;
+        int min;
+        int max;
+        const char *help;
+};
+
+#define STR(field) offsetof(struct config, field)
+
+/* The one table of settings: names, types, defaults, limits. README's table mirrors it. */
+static const struct config_key config_keys[] = {
+        {"S3_BUCKET", CONFIG_BUCKET, STR(s3_bucket), "flyio-container-images", 0, 0,
+         "default bucket for requests without one"},
+        {"AWS_REGION", CONFIG_NONEMPTY, STR(s3_region), "us-east-1", 0, 0, "S3 region"},
+        {"AWS_ACCESS_KEY_ID", CONFIG_STRING, STR(s3_access_key), "", 0, 0,
+         "S3 access key; empty means anonymous requests"},
+        {"AWS_SECRET_ACCESS_KEY", CONFIG_SECRET, STR(s3_secret_key), "", 0, 0, "S3 secret key"},
+        {"AWS_SESSION_TOKEN", CONFIG_SECRET, STR(s3_session_token), "", 0, 0,
+         "temporary-credential session token"},
+        {"S3_ENDPOINT", CONFIG_STRING, STR(s3_endpoint), "", 0, 0,
+         "S3-compatible endpoint URL; empty means AWS"},
+        {"S3_FORCE_PATH_STYLE", CONFIG_BOOL, STR(s3_force_path_style), "false", 0, 0,
+         "path-style instead of virtual-host addressing"},
+        {"DB_PATH", CONFIG_STRING, STR(db_path), "/var/lib/flyio/images.db", 0, 0,
+         "seed SQLite path; unused, state lives in DATABASE_URL"},
+        {"FSM_DB_PATH", CONFIG_STRING, STR(fsm_db_path), "/var/lib/flyio/fsm", 0, 0,
+         "seed FSM path; unused, state lives in DATABASE_URL"},
+        {"DATABASE_URL", CONFIG_DB_URL, STR(database_url), "postgresql:///flyio_images", 0, 0,
+         "PostgreSQL conninfo or URI"},
+        {"HOST_ID", CONFIG_NAME, STR(host_id), NULL, 0, 0,
+         "this host's id in shared tables; default the hostname"},
+        {"POOL_NAME", CONFIG_NAME, STR(pool_name), "pool", 0, 0,
+         "devicemapper thin pool name"},
+        {"LOCAL_DIR", CONFIG_NONEMPTY, STR(local_dir), "/var/lib/flyio/images", 0, 0,
+         "directory for downloaded tarballs"},
+        {"DEVICE_SIZE", CONFIG_SIZE, STR(device_size), "10G", 0, 0,
+         "default thin device size"},
+        {"POOL_HIGH_WATER_PERCENT", CONFIG_INT, STR(pool_high_water_percent), "90", 1, 100,
+         "refuse new unpacks above this pool data or metadata usage"},
+        {"MAX_OBJECT_SIZE", CONFIG_SIZE, STR(max_object_size), "32G", 0, 0,
+         "largest tarball the download stage accepts"},
+        {"DOWNLOAD_QUEUE_SIZE", CONFIG_INT, STR(download_queue_size), "5", 1, 1024,
+         "concurrent downloads per worker"},
+        {"UNPACK_QUEUE_SIZE", CONFIG_INT, STR(unpack_queue_size), "2", 1, 1024,
+         "concurrent unpacks per worker"},
+        {"ACTIVATE_QUEUE_SIZE", CONFIG_INT, STR(activate_queue_size), "4", 1, 1024,
+         "concurrent activations per worker"},
+        {"DOWNLOAD_TIMEOUT", CONFIG_INT, STR(download_timeout), "300", 1, 604800,
+         "seconds one whole download may take"},
+        {"UNPACK_TIMEOUT", CONFIG_INT, STR(unpack_timeout), "1800", 1, 604800,
+         "seconds one unpack may take"},
+        {"DOWNLOAD_STALL_TIMEOUT", CONFIG_INT, STR(download_stall_timeout), "30", 1, 3600,
+         "seconds without a byte before a download is retried"},
+        {"DOWNLOAD_PARALLEL_THRESHOLD", CONFIG_SIZE, STR(download_parallel_threshold), "64M", 0,
+         0, "objects above this size download as parallel ranged parts"},
+        {"DOWNLOAD_PART_SIZE", CONFIG_SIZE, STR(download_part_size), "16M", 0, 0,
+         "size of one ranged part"},
+        {"DOWNLOAD_CONNECTIONS", CONFIG_INT, STR(download_connections), "4", 1, 64,
+         "connections per parallel download"},
+        {"KAFKA_BROKERS", CONFIG_NONEMPTY, STR(kafka_brokers), "127.0.0.1:9092", 0, 0,
+         "Kafka bootstrap servers"},
+        {"KAFKA_TOPIC_PREFIX", CONFIG_NAME, STR(kafka_topic_prefix), "images", 0, 0,
+         "topics are <prefix>.download, .unpack, .activate, .dlq"},
+        {"MAX_ATTEMPTS", CONFIG_INT, STR(max_attempts), "5", 1, 100,
+         "tries of a run before it goes to the dead-letter topic"},
+        {"RETRY_BASE_MS", CONFIG_INT, STR(retry_base_ms), "1000", 1, 3600000,
+         "first retry delay; doubles per attempt, with jitter"},
+        {"RETRY_MAX_MS", CONFIG_INT, STR(retry_max_ms), "60000", 1, 86400000,
+         "longest retry delay"},
+        {"LEASE_SECONDS", CONFIG_INT, STR(lease_seconds), "30", 2, 86400,
+         "a run whose worker stops heartbeating this long is taken over"},
+        {"SHUTDOWN_TIMEOUT", CONFIG_INT, STR(shutdown_timeout), "60", 0, 86400,
+         "seconds in-flight work may take to finish after SIGTERM"},
+        {"METRICS_ADDR", CONFIG_STRING, STR(metrics_addr), "", 0, 0,
+         "host:port for /metrics, /healthz, /readyz; empty disables"},
+        {"LOG_LEVEL", CONFIG_LOG_LEVEL, STR(log_level), "info", 0, 0,
+         "debug, info, notice, warning or err"},
+};
+
+_Static_assert(ARRAY_SIZE(config_keys) <= sizeof(((struct config *)0)->sources),
+               "struct config.sources is too small for the key table");
+
+static const struct config_key *config_find(const char *name)
+{
+        for (size_t i = 0; i < ARRAY_SIZE(config_keys); i++) {
+                if (strcmp(config_keys[i].name, name) == 0)
+                        return &config_keys[i];
+        }
+        return NULL;
+}
+
+static void *config_field(struct config *cfg, const struct config_key *key)
+{
+        return (char *)cfg + key->offset;
+}
+
+static const void *config_field_const(const struct config *cfg, const struct config_key *key)
+{
+        return (const char *)cfg + key->offset;
+}
+
+static bool config_is_name(const char *s)
+{
+        if (s[0] == '\0' || strlen(s) > 255)
+                return false;
+        for (; *s; s++) {
+                if (!isalnum((unsigned char)*s) && *s != '-' && *s != '_' && *s != '.')
+                        return false;
+        }
+        return true;
+}
+
+static int config_set_string(char **field, const char *value)
+{
+        char *copy = strdup(value);
+
+        if (!copy)
+                return -ENOMEM;
+        free(*field);
+        *field = copy;
+        return 0;
+}
+
+/* The password of a conninfo string or URI, or NULL. Owned by the caller. */
+static char *config_db_password(const char *url)
+{
+        PQconninfoOption *opts = PQconninfoParse(url, NULL);
+        char *password = NULL;
+
+        if (!opts)
+                return NULL;
+        for (PQconninfoOption *o = opts; o->keyword; o++) {
+                if (strcmp(o->keyword, "password") == 0 && o->val && o->val[0])
+                        password = strdup(o->val);
+        }
+        PQconninfoFree(opts);
+        return password;
+}
+
+static int config_check(const struct config_key *key, const char *value, const char *shown,
+                        const char *from)
+{
+        char *errmsg = NULL;
+        PQconninfoOption *opts;
+        uint64_t u;
+        int i;
+        bool b;
+        enum log_level lvl;
+
+        switch (key->type) {
+        case CONFIG_STRING:
+        case CONFIG_SECRET:
+                return 0;
+        case CONFIG_NONEMPTY:
+                if (value[0] == '\0')
+                        return err_set(-EINVAL, "%s='': expected a non-empty value%s",
+                                       key->name, from);
+                return 0;
+        case CONFIG_DB_URL:
+                opts = PQconninfoParse(value, &errmsg);
+                if (!opts) {
+                        /* libpq's message may quote the input, which may hold a password. */
+                        PQfreemem(errmsg);
+                        return err_set(-EINVAL, "%s: expected a PostgreSQL connection string or URI (e.g. postgresql://user@host:5432/db)%s",
+                                       key->name, from);
+                }
+                PQconninfoFree(opts);
+                return 0;
+        case CONFIG_BUCKET:
+                if (request_validate_bucket(value) < 0)
+                        return err_set(-EINVAL, "%s='%s': expected an S3 bucket name (3-63 lowercase letters, digits, '-' and '.')%s",
+                                       key->name, shown, from);
+                return 0;
+        case CONFIG_NAME:
+                if (!config_is_name(value))
+                        return err_set(-EINVAL, "%s='%s': expected a name of letters, digits, '-', '_' or '.' (at most 255)%s",
+                                       key->name, shown, from);
+                return 0;
+        case CONFIG_INT:
+                if (util_parse_int(value, key->min, key->max, &i) < 0) {
+                        if (key->min == 1 && key->max >= 1024)
+                                return err_set(-EINVAL, "%s='%s': expected a positive integer (at most %d)%s",
+                                               key->name, shown, key->max, from);
+                        return err_set(-EINVAL, "%s='%s': expected an integer from %d to %d%s",
+                                       key->name, shown, key->min, key->max, from);
+                }
+                return 0;
+        case CONFIG_SIZE:
+                if (util_parse_size(value, &u) < 0 || u == 0)
+                        return err_set(-EINVAL, "%s='%s': expected a positive size in bytes, optionally with a K, M, G or T suffix%s",
+                                       key->name, shown, from);
+                return 0;
+        case CONFIG_BOOL:
+                if (util_parse_bool(value, &b) < 0)
+                        return err_set(-EINVAL, "%s='%s': expected true or false%s", key->name,
+                                       shown, from);
+                return 0;
+        case CONFIG_LOG_LEVEL:
+                if (log_level_parse(value, &lvl) < 0)
+                        return err_set(-EINVAL, "%s='%s': expected one of debug, info, notice, warning, err%s",
+                                       key->name, shown, from);
+                return 0;
+        }
+        return -EINVAL;
+}
+
+int config_set(struct config *cfg, const char *name, const char *value, enum config_source src)
+{
+        static const char *const from_names[] = {
+                [CONFIG_SOURCE_DEFAULT] = "",
+                [CONFIG_SOURCE_FILE] = " (from the config file)",
+                [CONFIG_SOURCE_ENV] = " (from the environment)",
+                [CONFIG_SOURCE_FLAG] = " (from a command-line flag)",
+        };
+        const struct config_key *key = config_find(name);
+        void *field;
+        const char *shown;
+        char *password = NULL;
+        int r;
+
+        if (!key)
+                return err_set(-ENOENT, "unknown setting '%s'", name);
+        shown = key->type == CONFIG_SECRET ? "[redacted]" : value;
+        r = config_check(key, value, shown, from_names[src]);
+        if (r < 0)
+                return r;
+
+        field = config_field(cfg, key);
+        cfg->sources[key - config_keys] = (unsigned char)src;
+        switch (key->type) {
+        case CONFIG_INT:
+                (void)util_parse_int(value, key->min, key->max, (int *)field);
+                return 0;
+        case CONFIG_SIZE:
+                (void)util_parse_size(value, (uint64_t *)field);
+                return 0;
+        case CONFIG_BOOL:
+                (void)util_parse_bool(value, (bool *)field);
+                return 0;
+        case CONFIG_SECRET:
+                r = log_register_secret(value);
+                if (r < 0)
+                        return err_set(r, "failed to remember a secret for log masking");
+                break;
+        case CONFIG_DB_URL:
+                password = config_db_password(value);
+                r = log_register_secret(password);
+                free(password);
+                if (r < 0)
+                        return err_set(r, "failed to remember a secret for log masking");
+                break;
+        default:
+                break;
+        }
+        r = config_set_string((char **)field, value);
+        if (r < 0)
+                return err_set(r, "out of memory while setting %s", name);
+        return 0;
+}
+
+int config_init(struct config *cfg)
+{
+        char host[256];
+        int r;
+
+        memset(cfg, 0, sizeof(*cfg));
+        for (size_t i = 0; i < ARRAY_SIZE(config_keys); i++) {
+                const char *def = config_keys[i].default_value;
+
+                if (!def)
+                        continue;
+                r = config_set(cfg, config_keys[i].name, def, CONFIG_SOURCE_DEFAULT);
+                if (r < 0)
+                        return r;
+        }
+        if (gethostname(host, sizeof(host)) < 0 || !config_is_name(host))
+                (void)snprintf(host, sizeof(host), "localhost");
+        host[sizeof(host) - 1] = '\0';
+        return config_set(cfg, "HOST_ID", host, CONFIG_SOURCE_DEFAULT);
+}
+
+void config_done(struct config *cfg)
+{
+        for (size_t i = 0; i < ARRAY_SIZE(config_keys); i++) {
+                switch (config_keys[i].type) {
+                case CONFIG_INT:
+                case CONFIG_SIZE:
+                case CONFIG_BOOL:
+                        break;
+                default:
+                        free(*(char **)config_field(cfg, &config_keys[i]));
+                        break;
+                }
+        }
+        memset(cfg, 0, sizeof(*cfg));
+}
+
+/* Strip surrounding whitespace and one level of matching quotes, in place. */
+static char *config_trim(char *s)
+{
+        size_t len;
+
+        while (isspace((unsigned char)*s))
+                s++;
+        len = strlen(s);
+        while (len > 0 && isspace((unsigned char)s[len - 1]))
+                s[--len] = '\0';
+        if (len >= 2 && (s[0] == '"' || s[0] == '\'') && s[len - 1] == s[0]) {
+                s[len - 1] = '\0';
+                s++;
+        }
+        return s;
+}
+
+int config_load_file(struct config *cfg, const char *path)
+{
+        FILE *f = NULL;
+        char *line = NULL;
+        size_t cap = 0;
+        unsigned lineno = 0;
+        int r = 0;
+
+        f = fopen(path, "re");
+        if (!f)
+                return err_set(-errno, "failed to open config file '%s': %s", path,
+                               strerror(errno));
+        while (getline(&line, &cap, f) > 0) {
+                char *s = line, *eq;
+
+                lineno++;
+                while (isspace((unsigned char)*s))
+                        s++;
+                if (*s == '#' || *s == '\0')
+                        continue;
+                if (strncmp(s, "export ", 7) == 0)
+                        s += 7;
+                eq = strchr(s, '=');
+                if (!eq) {
+                        r = err_set(-EINVAL, "config file '%s' line %u: expected KEY=value",
+                                    path, lineno);
+                        goto out;
+                }
+                *eq = '\0';
+                r = config_set(cfg, config_trim(s), config_trim(eq + 1), CONFIG_SOURCE_FILE);
+                if (r < 0) {
+                        r = err_wrap(r, "config file '%s' line %u", path, lineno);
+                        goto out;
+                }
+        }
+out:
+        free(line);
+        fclose(f);
+        return r;
+}
+
+int config_load_env(struct config *cfg)
+{
+        for (size_t i = 0; i < ARRAY_SIZE(config_keys); i++) {
+                const char *v = getenv(config_keys[i].name);
+                int r;
+
+                if (!v)
+                        continue;
+                r = config_set(cfg, config_keys[i].name, v, CONFIG_SOURCE_ENV);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+int config_validate(const struct config *cfg)
+{
+        bool has_key = cfg->s3_access_key[0] != '\0';
+        bool has_secret = cfg->s3_secret_key[0] != '\0';
+
+        if (has_key != has_secret)
+                return err_set(-EINVAL, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (set both for signed requests, neither for anonymous access)");
+        if (cfg->s3_session_token[0] && !has_key)
+                return err_set(-EINVAL, "AWS_SESSION_TOKEN is set but AWS_ACCESS_KEY_ID is not: temporary credentials need all three");
+        if (cfg->retry_max_ms < cfg->retry_base_ms)
+                return err_set(-EINVAL, "RETRY_MAX_MS=%d is below RETRY_BASE_MS=%d",
+                               cfg->retry_max_ms, cfg->retry_base_ms);
+        if (cfg->device_size % 512 != 0)
+                return err_set(-EINVAL, "DEVICE_SIZE=%" PRIu64 ": expected a multiple of 512 bytes",
+                               cfg->device_size);
+        return 0;
+}
+
+int config_load(struct config *cfg, const char *file)
+{
+        enum log_level level;
+        int r;
+
+        r = config_init(cfg);
+        if (r < 0)
+                return r;
+        if (!file)
+                file = getenv("FIM_CONFIG");
+        if (!file && access(CONFIG_DEFAULT_FILE, F_OK) == 0)
+                file = CONFIG_DEFAULT_FILE;
+        if (file) {
+                r = config_load_file(cfg, file);
+                if (r < 0)
+                        return r;
+        }
+        r = config_load_env(cfg);
+        if (r < 0)
+                return r;
+        if (log_level_parse(cfg->log_level, &level) == 0)
+                log_set_level(level);
+        return 0;
+}
+
+bool config_has_s3_credentials(const struct config *cfg)
+{
+        return cfg->s3_access_key[0] != '\0' && cfg->s3_secret_key[0] != '\0';
+}
+
+/* DATABASE_URL for display: everything but the password. */
+static void config_display_db_url(const char *url, char *buf, size_t size)
+{
+        char *password = config_db_password(url);
+
+        (void)snprintf(buf, size, "%s", url);
+        if (password) {
+                char *p = strstr(buf, password);
+
+                if (p) {
+                        size_t plen = strlen(password), tail = strlen(p + plen);
+
+                        memcpy(p, "****", 4);
+                        memmove(p + 4, p + plen, tail + 1);
+                }
+        }
+        free(password);
+}
+
+int config_get_display(const struct config *cfg, const char *name, char *buf, size_t size)
+{
+        const struct config_key *key = config_find(name);
+        const void *field;
+
+        if (!key)
+                return err_set(-ENOENT, "unknown setting '%s'", name);
+        field = config_field_const(cfg, key);
+        switch (key->type) {
+        case CONFIG_INT:
+                (void)snprintf(buf, size, "%d", *(const int *)field);
+                break;
+        case CONFIG_SIZE:
+                (void)snprintf(buf, size, "%" PRIu64, *(const uint64_t *)field);
+                break;
+        case CONFIG_BOOL:
+                (void)snprintf(buf, size, "%s", *(const bool *)field ? "true" : "false");
+                break;
+        case CONFIG_SECRET:
+                (void)snprintf(buf, size, "%s",
+                               (*(char *const *)field)[0] ? "[set]" : "[not set]");
+                break;
+        case CONFIG_DB_URL:
+                config_display_db_url(*(char *const *)field, buf, size);
+                break;
+        default:
+                (void)snprintf(buf, size, "%s", *(char *const *)field);
+                break;
+        }
+        return 0;
+}
+
+void config_print(const struct config *cfg, FILE *out)
+{
+        static const char *const source_names[] = {
+                [CONFIG_SOURCE_DEFAULT] = "default",
+                [CONFIG_SOURCE_FILE] = "file",
+                [CONFIG_SOURCE_ENV] = "environment",
+                [CONFIG_SOURCE_FLAG] = "flag",
+        };
+        char value[2048];
+
+        for (size_t i = 0; i < ARRAY_SIZE(config_keys); i++) {
+                (void)config_get_display(cfg, config_keys[i].name, value, sizeof(value));
+                log_redact(value);
+                fprintf(out, "%s=%s  # %s\n", config_keys[i].name, value,
+                        source_names[cfg->sources[i] <= CONFIG_SOURCE_FLAG ? cfg->sources[i]
+                                                                           : 0]);
+        }
+}
