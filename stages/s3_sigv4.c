@@ -145,12 +145,14 @@ static int sigv4_decode_into(struct sigv4_buf *b, const char *s, size_t n)
                         continue;
                 }
                 if (i + 2 >= n)
-                        return err_set(-EINVAL, "failed to sign request: truncated percent escape in query");
+                        return err_set(-EINVAL,
+                                       "failed to sign request: truncated percent escape in query");
                 int hi = sigv4_hex_value(s[i + 1]);
                 int lo = sigv4_hex_value(s[i + 2]);
 
                 if (hi < 0 || lo < 0)
-                        return err_set(-EINVAL, "failed to sign request: bad percent escape in query");
+                        return err_set(-EINVAL,
+                                       "failed to sign request: bad percent escape in query");
                 sigv4_buf_append_char(b, (char)(hi << 4 | lo));
                 i += 2;
         }
@@ -340,7 +342,9 @@ static int sigv4_append_canonical_uri(struct sigv4_buf *b, const char *path, uns
                 for (const char *c = p; *c; c++) {
                         if ((unsigned char)*c <= 0x20 || (unsigned char)*c >= 0x7f) {
                                 sigv4_buf_done(&normalized);
-                                return err_set(-EINVAL, "failed to sign request: path has a byte that must be percent-encoded");
+                                return err_set(
+                                        -EINVAL,
+                                        "failed to sign request: path has a byte that must be percent-encoded");
                         }
                 }
                 sigv4_buf_append(b, p);
@@ -407,7 +411,9 @@ static int sigv4_header_value(const char *value, char **ret)
 
         for (const char *p = value; *p; p++) {
                 if (*p == '\r' || *p == '\n')
-                        return err_set(-EINVAL, "failed to sign request: header value contains a line break");
+                        return err_set(
+                                -EINVAL,
+                                "failed to sign request: header value contains a line break");
         }
         while (sigv4_is_space(*value))
                 value++;
@@ -481,7 +487,8 @@ static int sigv4_collect_headers(const struct sigv4_signer *signer, const struct
                 if (r < 0)
                         goto out;
                 if (sigv4_is_reserved_header(hdrs[n - 1].name)) {
-                        r = err_set(-EINVAL, "failed to sign request: header '%s' is set by the signer",
+                        r = err_set(-EINVAL,
+                                    "failed to sign request: header '%s' is set by the signer",
                                     hdrs[n - 1].name);
                         goto out;
                 }
@@ -548,7 +555,8 @@ static int sigv4_hmac(const void *key, size_t key_len, const char *msg, unsigned
         return 0;
 }
 
-/* signature = HMAC(HMAC(HMAC(HMAC(HMAC("AWS4"+secret, date), region), service), "aws4_request"), sts) */
+/* signature = HMAC(HMAC(HMAC(HMAC(HMAC("AWS4"+secret, date), region), service), "aws4_request"),
+ * sts) */
 static int sigv4_signature(const struct sigv4_signer *signer, const char *date,
                            const char *string_to_sign, char *ret_hex)
 {

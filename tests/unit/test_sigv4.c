@@ -352,19 +352,21 @@ static void test_sigv4_s3_get_object_example(void **state)
                             "x-amz-content-sha256:" SIGV4_EMPTY_SHA256 "\n"
                             "x-amz-date:20130524T000000Z\n\n"
                             "host;range;x-amz-content-sha256;x-amz-date\n" SIGV4_EMPTY_SHA256);
-        assert_string_equal(s.string_to_sign,
-                            "AWS4-HMAC-SHA256\n20130524T000000Z\n20130524/us-east-1/s3/aws4_request\n"
-                            "7344ae5b7ee6c3e7e6b0fe0640412a37625d1fbfff95c48bbb2dc43964946972");
+        assert_string_equal(
+                s.string_to_sign,
+                "AWS4-HMAC-SHA256\n20130524T000000Z\n20130524/us-east-1/s3/aws4_request\n"
+                "7344ae5b7ee6c3e7e6b0fe0640412a37625d1fbfff95c48bbb2dc43964946972");
         assert_string_equal(s.signature,
                             "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
         assert_int_equal(s.n_add_headers, 3);
         assert_string_equal(s.add_headers[0], "X-Amz-Date: 20130524T000000Z");
         assert_string_equal(s.add_headers[1], "x-amz-content-sha256: " SIGV4_EMPTY_SHA256);
-        assert_string_equal(s.add_headers[2],
-                            "Authorization: AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/"
-                            "20130524/us-east-1/s3/aws4_request, "
-                            "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
-                            "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
+        assert_string_equal(
+                s.add_headers[2],
+                "Authorization: AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/"
+                "20130524/us-east-1/s3/aws4_request, "
+                "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+                "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
         sigv4_signed_done(&s);
 }
 
