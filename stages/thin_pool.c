@@ -276,7 +276,7 @@ FIM_TESTABLE int thin_pool_parse_status(const char *params, struct thin_pool_sta
         static const char *const checks[] = {"-", "needs_check", NULL};
         struct thin_pool_status s = {0};
         struct thin_pool_tokens t;
-        int mode, discard, space, check;
+        int mode, discard, space, check, r;
 
         if (thin_pool_tokenize(params, &t) < 0 || t.count == 0)
                 return -EBADMSG;
@@ -285,10 +285,12 @@ FIM_TESTABLE int thin_pool_parse_status(const char *params, struct thin_pool_sta
                 *ret_status = s;
                 return 0;
         }
-        if (t.count < 8 || util_parse_u64(t.tok[0], &s.transaction_id) < 0 ||
-            thin_pool_parse_ratio(t.tok[1], &s.metadata_used_blocks,
-                                  &s.metadata_total_blocks) < 0 ||
-            thin_pool_parse_ratio(t.tok[2], &s.data_used_blocks, &s.data_total_blocks) < 0)
+        if (t.count < 8 || util_parse_u64(t.tok[0], &s.transaction_id) < 0)
+                return -EBADMSG;
+        r = thin_pool_parse_ratio(t.tok[1], &s.metadata_used_blocks, &s.metadata_total_blocks);
+        if (r == 0)
+                r = thin_pool_parse_ratio(t.tok[2], &s.data_used_blocks, &s.data_total_blocks);
+        if (r < 0)
                 return -EBADMSG;
         if (strcmp(t.tok[3], "-") != 0 && util_parse_u64(t.tok[3], &s.held_metadata_root) < 0)
                 return -EBADMSG;
@@ -480,8 +482,8 @@ static int thin_pool_pool_target(struct dm_task *dmt, const char *pool_name,
 
         if (thin_pool_targets(dmt, &type, ret_params, ret_length) != 1 ||
             strcmp(type, "thin-pool") != 0)
-                return err_set(-EINVAL, "device '%s' is not a thin pool (target '%s')",
-                               pool_name, type);
+                return err_set(-EINVAL, "device '%s' is not a thin pool (target '%s')", pool_name,
+                               type);
         return 0;
 }
 
@@ -565,8 +567,8 @@ static int thin_pool_pool_dev_locked(const char *pool_name, dev_t *ret_dev)
         if (!d.exists)
                 return err_set(-ENODEV, "pool '%s' not found", pool_name);
         if (d.target_count != 1 || strcmp(d.target_type, "thin-pool") != 0)
-                return err_set(-EINVAL, "device '%s' is not a thin pool (target '%s')",
-                               pool_name, d.target_type);
+                return err_set(-EINVAL, "device '%s' is not a thin pool (target '%s')", pool_name,
+                               d.target_type);
         *ret_dev = makedev(d.major, d.minor);
         return 0;
 }
@@ -691,11 +693,12 @@ int thin_pool_set_transaction_id(const char *pool_name, uint64_t old_id, uint64_
 
         if (r < 0)
                 return r;
-        (void)snprintf(msg, sizeof(msg), "set_transaction_id %" PRIu64 " %" PRIu64, old_id,
-                       new_id);
+        (void)snprintf(msg, sizeof(msg), "set_transaction_id %" PRIu64 " %" PRIu64, old_id, new_id);
         r = thin_pool_message(pool_name, msg);
         if (r == -EINVAL)
-                return err_set(r, "failed to set the transaction id of pool '%s': it is not %" PRIu64, pool_name, old_id);
+                return err_set(r,
+                               "failed to set the transaction id of pool '%s': it is not %" PRIu64,
+                               pool_name, old_id);
         return r;
 }
 
@@ -709,7 +712,8 @@ int thin_pool_create_thin(const char *pool_name, uint32_t dev_id)
         (void)snprintf(msg, sizeof(msg), "create_thin %" PRIu32, dev_id);
         r = thin_pool_message(pool_name, msg);
         if (r == -EEXIST)
-                return err_set(r, "thin device id %" PRIu32 " already exists in pool '%s'", dev_id, pool_name);
+                return err_set(r, "thin device id %" PRIu32 " already exists in pool '%s'", dev_id,
+                               pool_name);
         return r;
 }
 
@@ -727,7 +731,10 @@ int thin_pool_delete(const char *pool_name, uint32_t dev_id)
                 return THIN_POOL_ALREADY;
         }
         if (r == -EBUSY)
-                return err_set(r, "failed to delete thin device id %" PRIu32 " of pool '%s': it is active; deactivate it first", dev_id, pool_name);
+                return err_set(r,
+                               "failed to delete thin device id %" PRIu32
+                               " of pool '%s': it is active; deactivate it first",
+                               dev_id, pool_name);
         return r;
 }
 
@@ -796,9 +803,8 @@ int thin_pool_resume(const char *name)
  * The active devices that map @origin_id on @pool_dev and are not suspended yet: the ones
  * create_snap must suspend. With @named, that one device, which must map the origin.
  */
-static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev,
-                                         uint32_t origin_id, const char *named,
-                                         struct thin_pool_active_thin **ret_devs,
+static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, uint32_t origin_id,
+                                         const char *named, struct thin_pool_active_thin **ret_devs,
                                          size_t *ret_count)
 {
         struct thin_pool_active_thin *devs = NULL;
@@ -816,7 +822,10 @@ static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev,
                         return r;
                 if (!d.exists || !d.is_thin || d.thin_pool_dev != pool_dev ||
                     d.thin_dev_id != origin_id)
-                        return err_set(-EINVAL, "device '%s' is not an active thin device of id %" PRIu32 " on pool '%s'", named, origin_id, pool_name);
+                        return err_set(-EINVAL,
+                                       "device '%s' is not an active thin device of id %" PRIu32
+                                       " on pool '%s'",
+                                       named, origin_id, pool_name);
                 devs = calloc(1, sizeof(*devs));
                 if (!devs)
                         return err_set(-ENOMEM, "out of memory");
@@ -859,9 +868,15 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
         if (r == 0)
                 r = thin_pool_message_locked(pool_name, msg);
         if (r == -EEXIST)
-                r = err_set(r, "failed to snapshot thin device id %" PRIu32 " in pool '%s': id %" PRIu32 " already exists", origin_id, pool_name, snap_id);
+                r = err_set(r,
+                            "failed to snapshot thin device id %" PRIu32
+                            " in pool '%s': id %" PRIu32 " already exists",
+                            origin_id, pool_name, snap_id);
         else if (r == -ENODATA)
-                r = err_set(r, "failed to snapshot thin device id %" PRIu32 " in pool '%s': no such origin", origin_id, pool_name);
+                r = err_set(r,
+                            "failed to snapshot thin device id %" PRIu32
+                            " in pool '%s': no such origin",
+                            origin_id, pool_name);
         /* Always resume: a device left suspended hangs every process that touches it. */
         for (size_t i = 0; i < n_suspended; i++) {
                 int rr = thin_pool_resume_locked(users[i].name);
@@ -878,8 +893,8 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
 
 /* After a create failed with EBUSY: does @name exist, and is it already what we wanted? */
 static int thin_pool_activate_conflict_locked(const char *pool_name, dev_t pool_dev,
-                                              uint32_t dev_id, const char *name,
-                                              uint64_t sectors, int r)
+                                              uint32_t dev_id, const char *name, uint64_t sectors,
+                                              int r)
 {
         struct thin_pool_device_info d;
         int rr = thin_pool_device_info_locked(name, &d);
@@ -887,13 +902,17 @@ static int thin_pool_activate_conflict_locked(const char *pool_name, dev_t pool_
         if (rr < 0)
                 return rr;
         if (!d.exists)
-                return err_wrap(r, "failed to activate thin device id %" PRIu32 " of pool '%s' as '%s'", dev_id, pool_name, name);
+                return err_wrap(
+                        r, "failed to activate thin device id %" PRIu32 " of pool '%s' as '%s'",
+                        dev_id, pool_name, name);
         if (d.is_thin && d.thin_pool_dev == pool_dev && d.thin_dev_id == dev_id &&
             d.size_sectors == sectors) {
                 err_clear();
                 return THIN_POOL_ALREADY;
         }
-        return err_set(-EEXIST, "device '%s' already exists with another table (%s, %" PRIu64 " sectors)", name, d.target_type, d.size_sectors);
+        return err_set(-EEXIST,
+                       "device '%s' already exists with another table (%s, %" PRIu64 " sectors)",
+                       name, d.target_type, d.size_sectors);
 }
 
 static int thin_pool_activate_locked(const char *pool_name, uint32_t dev_id, const char *name,
@@ -907,8 +926,8 @@ static int thin_pool_activate_locked(const char *pool_name, uint32_t dev_id, con
         r = thin_pool_pool_dev_locked(pool_name, &pool_dev);
         if (r < 0)
                 return r;
-        (void)snprintf(params, sizeof(params), "%u:%u %" PRIu32, major(pool_dev),
-                       minor(pool_dev), dev_id);
+        (void)snprintf(params, sizeof(params), "%u:%u %" PRIu32, major(pool_dev), minor(pool_dev),
+                       dev_id);
         dmt = thin_pool_task(DM_DEVICE_CREATE, name);
         if (!dmt || !dm_task_add_target(dmt, 0, sectors, "thin", params)) {
                 if (dmt)
@@ -921,9 +940,14 @@ static int thin_pool_activate_locked(const char *pool_name, uint32_t dev_id, con
                 return thin_pool_activate_conflict_locked(pool_name, pool_dev, dev_id, name,
                                                           sectors, r);
         if (r == -ENODATA)
-                return err_set(r, "failed to activate '%s': thin device id %" PRIu32 " does not exist in pool '%s'", name, dev_id, pool_name);
+                return err_set(r,
+                               "failed to activate '%s': thin device id %" PRIu32
+                               " does not exist in pool '%s'",
+                               name, dev_id, pool_name);
         if (r < 0)
-                return err_wrap(r, "failed to activate thin device id %" PRIu32 " of pool '%s' as '%s'", dev_id, pool_name, name);
+                return err_wrap(
+                        r, "failed to activate thin device id %" PRIu32 " of pool '%s' as '%s'",
+                        dev_id, pool_name, name);
         return 0;
 }
 
@@ -939,7 +963,10 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
         if (r < 0)
                 return r;
         if (size_bytes == 0 || size_bytes % THIN_POOL_SECTOR != 0)
-                return err_set(-EINVAL, "invalid size %" PRIu64 " for device '%s': must be a non-zero multiple of 512 bytes", size_bytes, name);
+                return err_set(-EINVAL,
+                               "invalid size %" PRIu64
+                               " for device '%s': must be a non-zero multiple of 512 bytes",
+                               size_bytes, name);
 
         thin_pool_enter();
         r = thin_pool_activate_locked(pool_name, dev_id, name, size_bytes / THIN_POOL_SECTOR);
@@ -1041,7 +1068,11 @@ static int thin_pool_busy_error(const char *name, unsigned attempts)
                 if (hint[0] == '\0')
                         thin_pool_mount_hint(d.major, d.minor, hint, sizeof(hint));
         }
-        return err_set(-EBUSY, "failed to deactivate device '%s': still busy after %u attempts (open count %" PRId32 "): %s", name, attempts, d.open_count, hint[0] ? hint : "mounted or open by a process");
+        return err_set(
+                -EBUSY,
+                "failed to deactivate device '%s': still busy after %u attempts (open count %" PRId32
+                "): %s",
+                name, attempts, d.open_count, hint[0] ? hint : "mounted or open by a process");
 }
 
 int thin_pool_deactivate(const char *name, const struct thin_pool_remove_opts *opts)
@@ -1095,10 +1126,9 @@ static void thin_pool_derive(struct thin_pool_status *s, uint32_t block_sectors,
         s->data_total_bytes = s->data_total_blocks * s->data_block_size;
         s->metadata_used_bytes = s->metadata_used_blocks * THIN_POOL_METADATA_BLOCK;
         s->metadata_total_bytes = s->metadata_total_blocks * THIN_POOL_METADATA_BLOCK;
-        s->data_used_percent = s->data_total_blocks == 0
-                                       ? 0.0
-                                       : 100.0 * (double)s->data_used_blocks /
-                                                 (double)s->data_total_blocks;
+        s->data_used_percent = s->data_total_blocks == 0 ? 0.0
+                                                         : 100.0 * (double)s->data_used_blocks /
+                                                                   (double)s->data_total_blocks;
         s->metadata_used_percent = s->metadata_total_blocks == 0
                                            ? 0.0
                                            : 100.0 * (double)s->metadata_used_blocks /
@@ -1157,15 +1187,21 @@ int thin_pool_check_space(const char *pool_name, double max_used_percent,
         if (s.mode == THIN_POOL_MODE_FAIL)
                 return err_set(-EROFS, "pool '%s' has failed: all I/O errors", pool_name);
         if (s.needs_check)
-                return err_set(-EUCLEAN, "pool '%s' needs a metadata check (thin_check)", pool_name);
+                return err_set(-EUCLEAN, "pool '%s' needs a metadata check (thin_check)",
+                               pool_name);
         if (s.mode == THIN_POOL_MODE_RO)
                 return err_set(-EROFS, "pool '%s' is read-only", pool_name);
         if (s.mode == THIN_POOL_MODE_OUT_OF_DATA_SPACE)
-                return err_set(-ENOSPC, "pool '%s' is out of data space (%" PRIu64 " of %" PRIu64 " bytes used)", pool_name, s.data_used_bytes, s.data_total_bytes);
+                return err_set(-ENOSPC,
+                               "pool '%s' is out of data space (%" PRIu64 " of %" PRIu64
+                               " bytes used)",
+                               pool_name, s.data_used_bytes, s.data_total_bytes);
         if (s.data_used_percent >= max_used_percent)
-                return err_set(-ENOSPC, "pool '%s' data is %.1f%% full (limit %.1f%%)", pool_name, s.data_used_percent, max_used_percent);
+                return err_set(-ENOSPC, "pool '%s' data is %.1f%% full (limit %.1f%%)", pool_name,
+                               s.data_used_percent, max_used_percent);
         if (s.metadata_used_percent >= max_used_percent)
-                return err_set(-ENOSPC, "pool '%s' metadata is %.1f%% full (limit %.1f%%)", pool_name, s.metadata_used_percent, max_used_percent);
+                return err_set(-ENOSPC, "pool '%s' metadata is %.1f%% full (limit %.1f%%)",
+                               pool_name, s.metadata_used_percent, max_used_percent);
         return 0;
 }
 
@@ -1190,9 +1226,17 @@ static int thin_pool_check_params(const struct thin_pool_params *p)
         if (p->block_sectors < THIN_POOL_MIN_BLOCK_SECTORS ||
             p->block_sectors > THIN_POOL_MAX_BLOCK_SECTORS ||
             p->block_sectors % THIN_POOL_MIN_BLOCK_SECTORS != 0)
-                return err_set(-EINVAL, "invalid block size of %" PRIu32 " sectors for pool '%s': must be a multiple of 64 KiB between 64 KiB and 1 GiB", p->block_sectors, p->name);
+                return err_set(
+                        -EINVAL,
+                        "invalid block size of %" PRIu32
+                        " sectors for pool '%s': must be a multiple of 64 KiB between 64 KiB and 1 GiB",
+                        p->block_sectors, p->name);
         if (p->data_sectors == 0 || p->data_sectors % p->block_sectors != 0)
-                return err_set(-EINVAL, "invalid data size of %" PRIu64 " sectors for pool '%s': must be a non-zero multiple of the block size", p->data_sectors, p->name);
+                return err_set(
+                        -EINVAL,
+                        "invalid data size of %" PRIu64
+                        " sectors for pool '%s': must be a non-zero multiple of the block size",
+                        p->data_sectors, p->name);
         if (p->uuid && strlen(p->uuid) > 128)
                 return err_set(-EINVAL, "uuid '%s' is too long", p->uuid);
         return 0;
@@ -1222,7 +1266,8 @@ int thin_pool_create(const struct thin_pool_params *p)
         }
         r = thin_pool_run_udev(dmt);
         if (r == -EBUSY && thin_pool_device_info_locked(p->name, &d) == 0 && d.exists)
-                r = err_set(-EEXIST, "failed to create pool '%s': a device of that name exists", p->name);
+                r = err_set(-EEXIST, "failed to create pool '%s': a device of that name exists",
+                            p->name);
         else if (r < 0)
                 r = err_wrap(r, "failed to create pool '%s' (table '%s')", p->name, params);
 out:
@@ -1332,8 +1377,13 @@ static int thin_pool_read_all(int fd, char **ret_buf)
 static int thin_pool_spawn_dump(const char *devnode, int out_fd, pid_t *ret_pid)
 {
         const char *prog = getenv("FIM_THIN_DUMP");
-        char *argv[] = {(char *)"thin_dump", (char *)"-m", (char *)"--skip-mappings",
-                        (char *)"-f", (char *)"xml", (char *)devnode, NULL};
+        char *argv[] = {(char *)"thin_dump",
+                        (char *)"-m",
+                        (char *)"--skip-mappings",
+                        (char *)"-f",
+                        (char *)"xml",
+                        (char *)devnode,
+                        NULL};
         posix_spawn_file_actions_t fa;
         int e;
 

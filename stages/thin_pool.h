@@ -34,7 +34,7 @@
 
 /* Positive results for "nothing to do". */
 enum {
-        THIN_POOL_ALREADY = 1, /* already in the wanted state: gone, or active as asked */
+        THIN_POOL_ALREADY = 1,  /* already in the wanted state: gone, or active as asked */
         THIN_POOL_DEFERRED = 2, /* removal deferred by the kernel until the last close */
 };
 
@@ -65,8 +65,8 @@ struct thin_pool_status {
         uint64_t held_metadata_root; /* block of the held metadata snapshot; 0 when none */
         enum thin_pool_mode mode;
         enum thin_pool_discard discard;
-        bool error_if_no_space; /* false: I/O is queued while the pool is out of space */
-        bool needs_check;       /* thin_check must run before the pool can be used rw */
+        bool error_if_no_space;          /* false: I/O is queued while the pool is out of space */
+        bool needs_check;                /* thin_check must run before the pool can be used rw */
         uint64_t metadata_low_watermark; /* blocks; 0 when the kernel does not report it */
 
         /* From the table. */
@@ -147,9 +147,9 @@ struct thin_pool_remove_opts {
 };
 
 /* 10 attempts over about 6.5 s: 100, 200, 400, 800, then 1000 ms pauses. */
-#define THIN_POOL_REMOVE_OPTS_INIT                                                             \
-        {                                                                                      \
-                .attempts = 10, .delay_ms = 100, .max_delay_ms = 1000, .deferred = false       \
+#define THIN_POOL_REMOVE_OPTS_INIT                                                                 \
+        {                                                                                          \
+                .attempts = 10, .delay_ms = 100, .max_delay_ms = 1000, .deferred = false           \
         }
 
 /*
