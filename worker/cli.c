@@ -1,8 +1,301 @@
 #include "worker/cli.h"
 
+#include <errno.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "config/config.h"
+#include "db/db.h"
+#include "worker/commands.h"
+
+#define CLI_MAX_SETS 64
+
+static struct {
+        const char *config_file;
+        const char *sets[CLI_MAX_SETS];
+        int nsets;
+        const char *log_level;
+        char *const *argv; /* the argv getopt was last reset for */
+} cli_globals;
+
+struct cli_command {
+        const char *name;
+        int (*run)(int argc, char **argv);
+        const char *summary;
+};
+
+static const struct cli_command cli_commands[] = {
+        {"process-image", cmd_process_image, "download, unpack and activate one image"},
+        {"list-images", cmd_list_images, "list downloaded images"},
+        {"list-snapshots", cmd_list_snapshots, "list snapshots"},
+        {"status", cmd_status, "show an FSM run and its history"},
+        {"verify-system", cmd_verify_system, "check configuration, database, pool, S3, disk"},
+        {"migrate", cmd_migrate, "apply database migrations"},
+        {"show-config", cmd_show_config, "print the effective configuration (no secrets)"},
+};
+
+static void cli_print_help(FILE *out)
+{
+        fprintf(out,
+                "Usage: flyio-image-manager [GLOBAL OPTIONS] COMMAND [FLAGS]\n"
+                "\n"
+                "Turns container image tarballs in S3 into devicemapper thin devices and\n"
+                "snapshots.\n"
+                "\n"
+                "Global options:\n"
+                "  --config FILE        read settings from FILE (KEY=value lines)\n"
+                "  --set NAME=VALUE     override one setting (repeatable), e.g. --set POOL_NAME=p\n"
+                "  --log-level LEVEL    debug, info, notice, warning or err\n"
+                "  --version            print the version\n"
+                "  -h, --help           print this help\n"
+                "\n"
+                "Commands:\n");
+        for (size_t i = 0; i < ARRAY_SIZE(cli_commands); i++)
+                fprintf(out, "  %-16s %s\n", cli_commands[i].name, cli_commands[i].summary);
+        fprintf(out, "\nRun 'flyio-image-manager COMMAND --help' for a command's flags.\n");
+}
+
+int cli_usage(const char *command, const char *fmt, ...)
+{
+        va_list ap;
+
+        fprintf(stderr, "%s: ", command);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        fprintf(stderr, "\nTry 'flyio-image-manager %s --help'.\n", command);
+        return CMD_EXIT_USAGE;
+}
+
+int cli_fail(int r)
+{
+        char msg[ERR_MSG_MAX];
+
+        (void)snprintf(msg, sizeof(msg), "%s", err_text(r));
+        log_redact(msg);
+        fprintf(stderr, "error: %s\n", msg);
+        return CMD_EXIT_FAILURE;
+}
+
+int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts)
+{
+        char opts[128];
+        int c;
+
+        if (cli_globals.argv != argv) {
+                cli_globals.argv = argv;
+                optind = 0; /* full re-initialisation in glibc */
+        }
+        /* Leading ':' makes getopt report a missing argument as ':' instead of '?'. */
+        (void)snprintf(opts, sizeof(opts), ":%s", shortopts);
+        opterr = 0;
+        c = getopt_long(argc, argv, opts, longopts, NULL);
+        if (c == '?') {
+                const char *bad = argv[optind - 1];
+
+                if (optopt && (!bad || bad[0] != '-' || bad[1] == '-'))
+                        cli_usage(argv[0], "unknown flag '-%c'", optopt);
+                else
+                        cli_usage(argv[0], "unknown flag '%s'", bad);
+                return '?';
+        }
+        if (c == ':') {
+                cli_usage(argv[0], "flag '%s' needs a value", argv[optind - 1]);
+                return '?';
+        }
+        return c;
+}
+
+int cli_no_positional(const char *command, int argc, char **argv)
+{
+        if (optind < argc)
+                return cli_usage(command, "unexpected argument '%s'", argv[optind]);
+        return 0;
+}
+
+void cli_print_table(const struct pg_result *res, const char *const *headers)
+{
+        int cols = PQnfields(res), rows = PQntuples(res);
+        size_t width[32] = {0};
+
+        FIM_ASSERT(cols <= 32);
+        for (int c = 0; c < cols; c++)
+                width[c] = strlen(headers[c]);
+        for (int row = 0; row < rows; row++) {
+                for (int c = 0; c < cols; c++) {
+                        const char *v = db_get(res, row, c);
+                        size_t n = strlen(v ? v : "-");
+
+                        if (n > width[c])
+                                width[c] = n;
+                }
+        }
+        for (int c = 0; c < cols; c++)
+                printf("%-*s%s", c == cols - 1 ? 0 : (int)width[c], headers[c],
+                       c == cols - 1 ? "\n" : "  ");
+        for (int row = 0; row < rows; row++) {
+                for (int c = 0; c < cols; c++) {
+                        const char *v = db_get(res, row, c);
+
+                        printf("%-*s%s", c == cols - 1 ? 0 : (int)width[c], v ? v : "-",
+                               c == cols - 1 ? "\n" : "  ");
+                }
+        }
+}
+
+int cli_print_json_query(struct db *db, const char *sql, int nparams, const char *const *params)
+{
+        PGresult *res = NULL;
+        int r;
+
+        r = db_query_row(db, &res, sql, nparams, params);
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                const char *v = db_get(res, 0, 0);
+
+                printf("%s\n", v ? v : "null");
+                PQclear(res);
+        }
+        return 0;
+}
+
+bool cli_stdout_is_tty(void)
+{
+        return isatty(STDOUT_FILENO) == 1;
+}
+
+int cli_config(struct config *cfg)
+{
+        int r;
+
+        r = config_load(cfg, cli_globals.config_file);
+        if (r < 0)
+                goto fail;
+        for (int i = 0; i < cli_globals.nsets; i++) {
+                char name[128];
+                const char *eq = strchr(cli_globals.sets[i], '=');
+                size_t n = eq ? (size_t)(eq - cli_globals.sets[i]) : 0;
+
+                if (!eq || n == 0 || n >= sizeof(name)) {
+                        r = err_set(-EINVAL, "--set expects NAME=VALUE");
+                        goto fail;
+                }
+                memcpy(name, cli_globals.sets[i], n);
+                name[n] = '\0';
+                r = config_set(cfg, name, eq + 1, CONFIG_SOURCE_FLAG);
+                if (r < 0)
+                        goto fail;
+        }
+        if (cli_globals.log_level) {
+                r = config_set(cfg, "LOG_LEVEL", cli_globals.log_level, CONFIG_SOURCE_FLAG);
+                if (r < 0)
+                        goto fail;
+        }
+        {
+                enum log_level level;
+
+                if (log_level_parse(cfg->log_level, &level) == 0)
+                        log_set_level(level);
+        }
+        r = config_validate(cfg);
+        if (r < 0)
+                goto fail;
+        return 0;
+fail:
+        cli_fail(r);
+        config_done(cfg);
+        return r;
+}
+
+int cli_db_open(const struct config *cfg, bool check_schema, struct db **ret_db)
+{
+        struct db *db = NULL;
+        int r;
+
+        r = db_connect(cfg->database_url, &db);
+        if (r < 0) {
+                err_wrap(r, "database unreachable (DATABASE_URL)");
+                cli_fail(r);
+                return r;
+        }
+        if (check_schema) {
+                r = db_schema_check(db);
+                if (r < 0) {
+                        cli_fail(r);
+                        db_free(db);
+                        return r;
+                }
+        }
+        *ret_db = db;
+        return 0;
+}
+
 int cli_main(int argc, char **argv)
 {
-        (void)argc;
-        (void)argv;
-        return 0;
+        static const struct option opts[] = {
+                {"config", required_argument, NULL, 'c'},
+                {"set", required_argument, NULL, 's'},
+                {"log-level", required_argument, NULL, 'l'},
+                {"version", no_argument, NULL, 'V'},
+                {"help", no_argument, NULL, 'h'},
+                {0, 0, 0, 0},
+        };
+        const char *name;
+        int c;
+
+        for (;;) {
+                optind = optind ? optind : 1;
+                opterr = 0;
+                c = getopt_long(argc, argv, "+:h", opts, NULL);
+                if (c == -1)
+                        break;
+                switch (c) {
+                case 'c':
+                        cli_globals.config_file = optarg;
+                        break;
+                case 's':
+                        if (cli_globals.nsets == CLI_MAX_SETS)
+                                return cli_usage("flyio-image-manager", "too many --set flags");
+                        cli_globals.sets[cli_globals.nsets++] = optarg;
+                        break;
+                case 'l':
+                        cli_globals.log_level = optarg;
+                        break;
+                case 'V':
+                        printf("flyio-image-manager %s\n", FIM_VERSION);
+                        return CMD_EXIT_OK;
+                case 'h':
+                        cli_print_help(stdout);
+                        return CMD_EXIT_OK;
+                case ':':
+                        return cli_usage("flyio-image-manager", "flag '%s' needs a value",
+                                         argv[optind - 1]);
+                default:
+                        return cli_usage("flyio-image-manager", "unknown global flag '%s'",
+                                         argv[optind - 1]);
+                }
+        }
+        if (optind >= argc) {
+                cli_print_help(stderr);
+                return CMD_EXIT_USAGE;
+        }
+        name = argv[optind];
+        for (size_t i = 0; i < ARRAY_SIZE(cli_commands); i++) {
+                if (strcmp(cli_commands[i].name, name) == 0) {
+                        char **sub = argv + optind;
+                        int subc = argc - optind;
+
+                        cli_globals.argv = NULL;
+                        return cli_commands[i].run(subc, sub);
+                }
+        }
+        return cli_usage("flyio-image-manager", "unknown command '%s'", name);
 }

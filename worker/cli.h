@@ -1,6 +1,57 @@
 #pragma once
 
-/* The command line: parses the subcommand and its flags and dispatches. */
+/*
+ * The command line: global options, then a subcommand and its flags.
+ *
+ *   flyio-image-manager [--config FILE] [--set NAME=VALUE]... [--log-level L] COMMAND [...]
+ *
+ * --set applies any configuration variable as a flag (highest precedence). Commands get their
+ * configuration from cli_config() and report with cli_fail() / cli_usage().
+ */
+
+#include <stdbool.h>
+
+struct config;
+struct db;
+struct option;
+struct pg_result;
 
 /* Run the CLI. Returns the process exit status (0 ok, 1 failure, 2 usage error). */
 int cli_main(int argc, char **argv);
+
+/* Load the configuration: defaults, file, environment, then --set flags. Prints on error. */
+int cli_config(struct config *cfg);
+
+/* Connect to PostgreSQL and, when @check_schema, refuse an out-of-date schema. Prints. */
+int cli_db_open(const struct config *cfg, bool check_schema, struct db **ret_db);
+
+/* Print "error: <last error>" (with @r's text) to stderr and return exit status 1. */
+int cli_fail(int r);
+
+/* Print "<command>: <message>" and a hint to use --help; returns exit status 2. */
+int cli_usage(const char *command, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/*
+ * getopt_long wrapper with our error messages: returns the option, -1 at the end, or '?'
+ * after printing a usage error for an unknown option or a missing argument. Resets getopt
+ * state on the first call for a new argv.
+ */
+int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts);
+
+/* Reject positional arguments left after the flags. Returns 0 or prints and returns 2. */
+int cli_no_positional(const char *command, int argc, char **argv);
+
+/*
+ * Print a result as an aligned text table with the given headers (one per column); SQL
+ * NULLs print as "-".
+ */
+void cli_print_table(const struct pg_result *res, const char *const *headers);
+
+/*
+ * Run @sql, which must return one row with one JSON text column, and print it. The list
+ * commands let PostgreSQL build their --json output so types come out right.
+ */
+int cli_print_json_query(struct db *db, const char *sql, int nparams, const char *const *params);
+
+/* Whether stdout is a terminal (progress display, colours). */
+bool cli_stdout_is_tty(void);

@@ -1,0 +1,328 @@
+#include "db/db.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "db/migrations.h"
+
+/* Any fixed number: the key of the advisory lock that serialises migrations. */
+#define DB_MIGRATION_LOCK_KEY "7263190641"
+#define DB_TX_ATTEMPTS 5
+
+struct db {
+        PGconn *conn;
+        char sqlstate[6];
+};
+
+static void db_notice_processor(void *arg, const char *message)
+{
+        (void)arg;
+        log_debug("postgres notice", "text=\"%.*s\"", (int)strcspn(message, "\n"), message);
+}
+
+/* Map a failed libpq call to a negative errno; the single place that knows SQLSTATEs. */
+static int db_error(struct db *db, const PGresult *res)
+{
+        const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+        const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+        const char *text = primary ? primary : PQerrorMessage(db->conn);
+        int len = (int)strcspn(text, "\n");
+        int r;
+
+        (void)snprintf(db->sqlstate, sizeof(db->sqlstate), "%s", state ? state : "");
+        if (PQstatus(db->conn) == CONNECTION_BAD || !state || strncmp(state, "08", 2) == 0 ||
+            strncmp(state, "57P", 3) == 0)
+                r = -ECONNRESET;
+        else if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 ||
+                 strncmp(state, "53", 2) == 0 || strcmp(state, "55P03") == 0)
+                r = -EAGAIN;
+        else if (strcmp(state, "23505") == 0)
+                r = -EEXIST;
+        else
+                r = -EINVAL;
+        if (state)
+                return err_set(r, "postgres: %.*s (SQLSTATE %s)", len, text, state);
+        return err_set(r, "postgres: %.*s", len, text);
+}
+
+int db_connect(const char *url, struct db **ret_db)
+{
+        /* Defaults that an operator's conninfo can still override. */
+        const char *keys[] = {"connect_timeout", "application_name", "keepalives_idle",
+                              "dbname", NULL};
+        const char *vals[] = {"10", "flyio-image-manager", "30", url, NULL};
+        struct db *db = NULL;
+        int r;
+
+        db = calloc(1, sizeof(*db));
+        if (!db)
+                return err_set(-ENOMEM, "out of memory");
+        db->conn = PQconnectdbParams(keys, vals, 1);
+        if (!db->conn) {
+                r = err_set(-ENOMEM, "out of memory");
+                goto out;
+        }
+        if (PQstatus(db->conn) != CONNECTION_OK) {
+                const char *msg = PQerrorMessage(db->conn);
+
+                r = err_set(-ECONNREFUSED, "failed to connect to PostgreSQL: %.*s",
+                            (int)strcspn(msg, "\n"), msg);
+                goto out;
+        }
+        (void)PQsetNoticeProcessor(db->conn, db_notice_processor, NULL);
+        *ret_db = steal_ptr(db);
+        r = 0;
+out:
+        db_free(db);
+        return r;
+}
+
+void db_free(struct db *db)
+{
+        if (!db)
+                return;
+        PQfinish(db->conn);
+        free(db);
+}
+
+int db_server_version(const struct db *db)
+{
+        return PQserverVersion(db->conn);
+}
+
+const char *db_last_sqlstate(const struct db *db)
+{
+        return db->sqlstate;
+}
+
+int db_reconnect(struct db *db)
+{
+        PQreset(db->conn);
+        if (PQstatus(db->conn) != CONNECTION_OK) {
+                const char *msg = PQerrorMessage(db->conn);
+
+                return err_set(-ECONNRESET, "failed to reconnect to PostgreSQL: %.*s",
+                               (int)strcspn(msg, "\n"), msg);
+        }
+        return 0;
+}
+
+int db_exec(struct db *db, PGresult **ret_res, const char *sql, int nparams,
+            const char *const *params)
+{
+        PGresult *res;
+        ExecStatusType st;
+        int r;
+
+        res = PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+        st = PQresultStatus(res);
+        if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+                r = db_error(db, res);
+                PQclear(res);
+                return r;
+        }
+        db->sqlstate[0] = '\0';
+        if (ret_res)
+                *ret_res = res;
+        else
+                PQclear(res);
+        return 0;
+}
+
+int db_exec_script(struct db *db, const char *sql)
+{
+        PGresult *res = PQexec(db->conn, sql);
+        ExecStatusType st = PQresultStatus(res);
+        int r = 0;
+
+        if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY)
+                r = db_error(db, res);
+        PQclear(res);
+        return r;
+}
+
+int db_query_row(struct db *db, PGresult **ret_res, const char *sql, int nparams,
+                 const char *const *params)
+{
+        PGresult *res = NULL;
+        int r;
+
+        r = db_exec(db, &res, sql, nparams, params);
+        if (r < 0)
+                return r;
+        if (PQntuples(res) == 0) {
+                PQclear(res);
+                return 0;
+        }
+        *ret_res = res;
+        return 1;
+}
+
+int db_tx(struct db *db, db_tx_fn fn, void *userdata)
+{
+        int r = 0;
+
+        for (int attempt = 1; attempt <= DB_TX_ATTEMPTS; attempt++) {
+                if (PQstatus(db->conn) == CONNECTION_BAD) {
+                        r = db_reconnect(db);
+                        if (r < 0)
+                                goto retry;
+                }
+                r = db_exec_script(db, "BEGIN");
+                if (r < 0)
+                        goto retry;
+                r = fn(db, userdata);
+                if (r < 0) {
+                        int saved = r;
+
+                        /* Keep fn's message: the rollback's own outcome matters less. */
+                        if (PQstatus(db->conn) != CONNECTION_BAD)
+                                (void)PQclear(PQexec(db->conn, "ROLLBACK"));
+                        r = saved;
+                        goto retry;
+                }
+                {
+                        int commit = db_exec_script(db, "COMMIT");
+
+                        if (commit < 0) {
+                                r = commit;
+                                goto retry;
+                        }
+                }
+                return r;
+retry:
+                /* Only database-level transient failures repeat the transaction. */
+                if (r != -EAGAIN && r != -ECONNRESET)
+                        return r;
+                log_debug("retrying transaction", "attempt=%d sqlstate=%s", attempt,
+                          db->sqlstate);
+                util_sleep_ms(20LL << attempt);
+        }
+        return r;
+}
+
+int db_schema_latest(void)
+{
+        return db_migrations_count ? db_migrations[db_migrations_count - 1].version : 0;
+}
+
+int db_schema_version(struct db *db, int *ret_version)
+{
+        PGresult *res = NULL;
+        int r;
+
+        r = db_query_row(db, &res, "SELECT to_regclass('schema_migrations') IS NOT NULL", 0,
+                         NULL);
+        if (r < 0)
+                return r;
+        if (strcmp(db_get(res, 0, 0), "t") != 0) {
+                PQclear(res);
+                *ret_version = 0;
+                return 0;
+        }
+        PQclear(res);
+        r = db_query_row(db, &res, "SELECT coalesce(max(version), 0) FROM schema_migrations", 0,
+                         NULL);
+        if (r < 0)
+                return r;
+        *ret_version = (int)db_get_i64(res, 0, 0);
+        PQclear(res);
+        return 0;
+}
+
+struct db_migrate_state {
+        int applied;
+        int version;
+};
+
+static int db_migrate_tx(struct db *db, void *userdata)
+{
+        struct db_migrate_state *st = userdata;
+        int current;
+        int r;
+
+        st->applied = 0;
+        r = db_exec_script(db, "SELECT pg_advisory_xact_lock(" DB_MIGRATION_LOCK_KEY ")");
+        if (r < 0)
+                return r;
+        r = db_exec_script(db, "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                               " version integer PRIMARY KEY,"
+                               " name text NOT NULL,"
+                               " applied_at timestamptz NOT NULL DEFAULT now())");
+        if (r < 0)
+                return r;
+        r = db_schema_version(db, &current);
+        if (r < 0)
+                return r;
+        for (unsigned i = 0; i < db_migrations_count; i++) {
+                const struct db_migration *m = &db_migrations[i];
+                char version[16];
+                const char *params[2] = {version, m->name};
+
+                if (m->version <= current)
+                        continue;
+                r = db_exec_script(db, m->sql);
+                if (r < 0)
+                        return err_wrap(r, "failed to apply migration %04d_%s", m->version,
+                                        m->name);
+                (void)snprintf(version, sizeof(version), "%d", m->version);
+                r = db_exec(db, NULL, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            2, params);
+                if (r < 0)
+                        return r;
+                st->applied++;
+                current = m->version;
+        }
+        st->version = current;
+        return 0;
+}
+
+int db_migrate(struct db *db, int *ret_applied, int *ret_version)
+{
+        struct db_migrate_state st = {0};
+        int r;
+
+        r = db_tx(db, db_migrate_tx, &st);
+        if (r < 0)
+                return r;
+        *ret_applied = st.applied;
+        *ret_version = st.version;
+        return 0;
+}
+
+int db_schema_check(struct db *db)
+{
+        int version, latest = db_schema_latest();
+        int r;
+
+        r = db_schema_version(db, &version);
+        if (r < 0)
+                return r;
+        if (version < latest)
+                return err_set(-ESTALE, "database schema is at version %d but this binary needs version %d: run 'flyio-image-manager migrate'",
+                               version, latest);
+        if (version > latest)
+                return err_set(-ESTALE, "database schema is at version %d, newer than this binary knows (%d): upgrade flyio-image-manager",
+                               version, latest);
+        return 0;
+}
+
+const char *db_get(const PGresult *res, int row, int col)
+{
+        if (PQgetisnull(res, row, col))
+                return NULL;
+        return PQgetvalue(res, row, col);
+}
+
+int64_t db_get_i64(const PGresult *res, int row, int col)
+{
+        const char *v = db_get(res, row, col);
+
+        return v ? strtoll(v, NULL, 10) : 0;
+}

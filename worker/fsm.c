@@ -1,0 +1,699 @@
+/*
+ * The durable FSM engine.
+ *
+ * Claiming. The idempotency key row is the lock: the claim transaction selects it FOR
+ * UPDATE, so two workers that race for one key serialise there. The outcomes are:
+ *   - no row: create the run and the key (the loser of a race on the insert retries the
+ *     claim and finds the winner's row);
+ *   - key complete: nothing to do, the stored response is returned;
+ *   - key running with a live lease: another worker has it (BUSY);
+ *   - key running with an expired or released lease: take the run over and resume it at
+ *     next_transition; a takeover after an expired lease counts as an attempt;
+ *   - key failed: a new run replaces the failed one (this is how a replay from the DLQ runs).
+ *
+ * Fencing. Every write that records progress is conditioned on lease_owner being our
+ * owner token. If it is not, another worker took the run over after our lease lapsed; we
+ * stop without writing anything, and the other worker's view wins.
+ *
+ * Shutdown. When opts->stop is set, the engine finishes the step in progress, records it,
+ * and releases the lease (lease_owner NULL, lease_until now) so that the next worker can
+ * resume immediately without counting an attempt.
+ */
+#include "worker/fsm.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include <json-c/json.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "db/db.h"
+#include "worker/lease.h"
+
+#define FSM_CLAIM_ATTEMPTS 5
+
+struct fsm_run {
+        struct db *db;
+        const struct fsm_def *def;
+        const struct fsm_options *opts;
+        void *userdata;
+        char run_id[ULID_LEN + 1];
+        char owner[320];
+        const char *key;
+        const char *request;
+        struct json_object *response;
+        struct lease *lease;
+        int next;    /* index of the first incomplete transition */
+        int attempt; /* 1-based */
+        int max_attempts;
+        int64_t first_failure_ms;
+        int64_t last_failure_ms;
+
+        /* Claim results. */
+        enum fsm_outcome claim_outcome;
+        bool claimed;
+        char *stored_response;
+        bool exhausted_on_takeover;
+};
+
+const char *fsm_outcome_name(enum fsm_outcome outcome)
+{
+        static const char *const names[] = {
+                [FSM_OUTCOME_COMPLETE] = "complete",
+                [FSM_OUTCOME_ALREADY_COMPLETE] = "already_complete",
+                [FSM_OUTCOME_BUSY] = "busy",
+                [FSM_OUTCOME_FAILED] = "failed",
+                [FSM_OUTCOME_INTERRUPTED] = "interrupted",
+        };
+        return names[outcome];
+}
+
+int64_t fsm_backoff_ms(int attempt, int base_ms, int max_ms, uint32_t random)
+{
+        int64_t d = base_ms;
+
+        for (int i = 1; i < attempt && d < max_ms; i++)
+                d *= 2;
+        if (d > max_ms)
+                d = max_ms;
+        return d / 2 + (int64_t)(random % (uint32_t)(d / 2 + 1));
+}
+
+const char *fsm_run_id(const struct fsm_run *run)
+{
+        return run->run_id;
+}
+
+int fsm_run_attempt(const struct fsm_run *run)
+{
+        return run->attempt;
+}
+
+const char *fsm_run_request(const struct fsm_run *run)
+{
+        return run->request;
+}
+
+const char *fsm_run_host(const struct fsm_run *run)
+{
+        return run->opts->host_id;
+}
+
+struct db *fsm_run_db(struct fsm_run *run)
+{
+        return run->db;
+}
+
+struct json_object *fsm_run_response(struct fsm_run *run)
+{
+        return run->response;
+}
+
+bool fsm_run_should_stop(const struct fsm_run *run)
+{
+        return (run->opts->stop && *run->opts->stop) || (run->lease && lease_lost(run->lease));
+}
+
+static void fsm_log_context(const struct fsm_run *run)
+{
+        log_context_set(run->run_id, run->opts->subject, run->def->name, run->attempt);
+}
+
+static int fsm_event(struct db *db, const struct fsm_run *run, const char *kind,
+                     const char *transition, const char *detail)
+{
+        char attempt[16];
+        const char *params[6] = {run->run_id, kind, transition, attempt, run->owner, detail};
+
+        (void)snprintf(attempt, sizeof(attempt), "%d", run->attempt);
+        return db_exec(db, NULL,
+                       "INSERT INTO fsm_events (run_id, kind, transition, attempt, worker, detail)"
+                       " VALUES ($1, $2, $3, $4, $5, $6)",
+                       6, params);
+}
+
+/* ---- claim ---------------------------------------------------------------------------- */
+
+static int fsm_insert_run(struct db *db, struct fsm_run *run)
+{
+        char max[16], lease_ms[16];
+        const char *params[10] = {run->run_id, run->def->name, run->opts->host_id, run->key,
+                                  run->request, max, run->owner, lease_ms,
+                                  run->opts->trace_id, run->opts->parent_run_id};
+        int r;
+
+        r = ulid_new(run->run_id);
+        if (r < 0)
+                return err_set(r, "failed to make a run id");
+        (void)snprintf(max, sizeof(max), "%d", run->max_attempts);
+        (void)snprintf(lease_ms, sizeof(lease_ms), "%d",
+                       lease_keeper_lease_ms(run->opts->leases));
+        return db_exec(db, NULL,
+                       "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request,"
+                       " state, next_transition, status, attempt, max_attempts, lease_owner,"
+                       " lease_until, trace_id, parent_run_id)"
+                       " VALUES ($1, $2, $3, $4, $5::jsonb, 'start', 0, 'running', 1, $6, $7,"
+                       " now() + $8::int * interval '1 millisecond', $9, $10)",
+                       10, params);
+}
+
+static int fsm_claim_new(struct db *db, struct fsm_run *run, const char *replaced_run)
+{
+        const char *params[4] = {run->key, run->def->name, run->opts->host_id, run->run_id};
+        PGresult *res = NULL;
+        char detail[128];
+        int r;
+
+        r = fsm_insert_run(db, run);
+        if (r < 0)
+                return r;
+        if (replaced_run) {
+                r = db_exec(db, NULL,
+                            "UPDATE idempotency_keys SET run_id = $4, status = 'running',"
+                            " completed_at = NULL WHERE key = $1",
+                            4, params);
+                if (r < 0)
+                        return r;
+        } else {
+                r = db_exec(db, &res,
+                            "INSERT INTO idempotency_keys (key, fsm, host_id, run_id, status)"
+                            " VALUES ($1, $2, $3, $4, 'running') ON CONFLICT (key) DO NOTHING",
+                            4, params);
+                if (r < 0)
+                        return r;
+                if (strcmp(PQcmdTuples(res), "1") != 0) {
+                        PQclear(res);
+                        /* Lost a race with another worker: roll back and look again. */
+                        return -EALREADY;
+                }
+                PQclear(res);
+        }
+        run->next = 0;
+        run->attempt = 1;
+        if (replaced_run)
+                (void)snprintf(detail, sizeof(detail), "replaces failed run %s", replaced_run);
+        r = fsm_event(db, run, "start", NULL, replaced_run ? detail : NULL);
+        if (r < 0)
+                return r;
+        run->claimed = true;
+        return 0;
+}
+
+static int fsm_claim_takeover(struct db *db, struct fsm_run *run, const char *run_id,
+                              bool released)
+{
+        char lease_ms[16];
+        const char *params[4] = {run_id, run->owner, lease_ms, released ? "0" : "1"};
+        PGresult *res = NULL;
+        const char *response;
+        int r;
+
+        (void)snprintf(lease_ms, sizeof(lease_ms), "%d",
+                       lease_keeper_lease_ms(run->opts->leases));
+        r = db_query_row(db, &res,
+                         "UPDATE fsm_runs SET lease_owner = $2, attempt = attempt + $4::int,"
+                         " lease_until = now() + $3::int * interval '1 millisecond',"
+                         " updated_at = now() WHERE run_id = $1"
+                         " RETURNING next_transition, attempt, max_attempts, response::text",
+                         4, params);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return err_set(-EIO, "run '%s' vanished during takeover", run_id);
+        (void)snprintf(run->run_id, sizeof(run->run_id), "%s", run_id);
+        run->next = (int)db_get_i64(res, 0, 0);
+        run->attempt = (int)db_get_i64(res, 0, 1);
+        run->max_attempts = (int)db_get_i64(res, 0, 2);
+        response = db_get(res, 0, 3);
+        if (response) {
+                run->stored_response = strdup(response);
+                if (!run->stored_response) {
+                        PQclear(res);
+                        return err_set(-ENOMEM, "out of memory");
+                }
+        }
+        PQclear(res);
+        r = fsm_event(db, run, "resume", NULL,
+                      released ? "previous worker released the run"
+                               : "previous worker's lease expired");
+        if (r < 0)
+                return r;
+        run->exhausted_on_takeover = run->attempt > run->max_attempts;
+        run->claimed = true;
+        return 0;
+}
+
+static int fsm_claim_tx(struct db *db, void *userdata)
+{
+        struct fsm_run *run = userdata;
+        const char *params[1] = {run->key};
+        PGresult *res = NULL;
+        int r;
+
+        free(run->stored_response);
+        run->stored_response = NULL;
+        run->claimed = false;
+        r = db_query_row(db, &res,
+                         "SELECT k.status, k.run_id, r.status, r.lease_until > now(),"
+                         " r.lease_owner IS NULL, r.response::text"
+                         " FROM idempotency_keys k JOIN fsm_runs r ON r.run_id = k.run_id"
+                         " WHERE k.key = $1 FOR UPDATE OF k",
+                         1, params);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return fsm_claim_new(db, run, NULL);
+
+        {
+                const char *key_status = db_get(res, 0, 0);
+                const char *run_id = db_get(res, 0, 1);
+                const char *live = db_get(res, 0, 3);
+                bool released = strcmp(db_get(res, 0, 4), "t") == 0;
+                const char *response = db_get(res, 0, 5);
+
+                (void)snprintf(run->run_id, sizeof(run->run_id), "%s", run_id);
+                if (strcmp(key_status, "complete") == 0) {
+                        run->claim_outcome = FSM_OUTCOME_ALREADY_COMPLETE;
+                        run->stored_response = response ? strdup(response) : NULL;
+                        r = 0;
+                } else if (strcmp(key_status, "failed") == 0) {
+                        char old[ULID_LEN + 1];
+
+                        (void)snprintf(old, sizeof(old), "%s", run_id);
+                        PQclear(res);
+                        return fsm_claim_new(db, run, old);
+                } else if (live && strcmp(live, "t") == 0 && !released) {
+                        run->claim_outcome = FSM_OUTCOME_BUSY;
+                        r = 0;
+                } else {
+                        char id[ULID_LEN + 1];
+
+                        (void)snprintf(id, sizeof(id), "%s", run_id);
+                        PQclear(res);
+                        return fsm_claim_takeover(db, run, id, released);
+                }
+        }
+        PQclear(res);
+        return r;
+}
+
+/* ---- progress ------------------------------------------------------------------------- */
+
+struct fsm_complete_ctx {
+        struct fsm_run *run;
+        const struct fsm_transition *t;
+        bool last;
+        bool fenced_out;
+};
+
+/* Write progress conditioned on still owning the run. Sets fenced_out when we do not. */
+static int fsm_fenced_update(struct db *db, struct fsm_run *run, const char *sql, int nparams,
+                             const char *const *params, bool *fenced_out)
+{
+        PGresult *res = NULL;
+        int r;
+
+        r = db_exec(db, &res, sql, nparams, params);
+        if (r < 0)
+                return r;
+        *fenced_out = strcmp(PQcmdTuples(res), "0") == 0;
+        PQclear(res);
+        if (*fenced_out) {
+                lease_mark_lost(run->lease);
+                return -ESTALE;
+        }
+        return 0;
+}
+
+static int fsm_complete_tx(struct db *db, void *userdata)
+{
+        struct fsm_complete_ctx *c = userdata;
+        struct fsm_run *run = c->run;
+        char next[16];
+        const char *response = json_object_to_json_string_ext(run->response,
+                                                              JSON_C_TO_STRING_PLAIN);
+        const char *params[5] = {run->run_id, run->owner, c->t->name, next, response};
+        int r;
+
+        (void)snprintf(next, sizeof(next), "%d", run->next + 1);
+        r = fsm_fenced_update(db, run,
+                              c->last ? "UPDATE fsm_runs SET state = $3, next_transition = $4,"
+                                        " response = $5::jsonb, status = 'complete',"
+                                        " lease_owner = NULL, lease_until = NULL, error = NULL,"
+                                        " error_detail = NULL, error_class = NULL,"
+                                        " finished_at = now(), updated_at = now()"
+                                        " WHERE run_id = $1 AND lease_owner = $2"
+                                      : "UPDATE fsm_runs SET state = $3, next_transition = $4,"
+                                        " response = $5::jsonb, updated_at = now()"
+                                        " WHERE run_id = $1 AND lease_owner = $2",
+                              5, params, &c->fenced_out);
+        if (r < 0)
+                return r;
+        if (c->t->commit) {
+                r = c->t->commit(run, db, run->userdata);
+                if (r < 0)
+                        return r;
+        }
+        r = fsm_event(db, run, "transition_complete", c->t->name, NULL);
+        if (r < 0)
+                return r;
+        if (!c->last)
+                return 0;
+        r = db_exec(db, NULL,
+                    "UPDATE idempotency_keys SET status = 'complete', completed_at = now()"
+                    " WHERE key = $1 AND run_id = $2",
+                    2, (const char *const[]){run->key, run->run_id});
+        if (r < 0)
+                return r;
+        return fsm_event(db, run, "finish", NULL, NULL);
+}
+
+struct fsm_fail_ctx {
+        struct fsm_run *run;
+        const char *transition;
+        int error;
+        bool permanent;
+        const char *text;
+        bool fenced_out;
+};
+
+static int fsm_fail_tx(struct db *db, void *userdata)
+{
+        struct fsm_fail_ctx *c = userdata;
+        struct fsm_run *run = c->run;
+        char detail[256];
+        const char *status = c->permanent ? "aborted" : "failed";
+        const char *params[6] = {run->run_id, run->owner, status, c->text, detail,
+                                 c->permanent ? "permanent" : "transient"};
+        int r;
+
+        (void)snprintf(detail, sizeof(detail), "transition '%s', %s, attempt %d of %d",
+                       c->transition, err_name(c->error), run->attempt, run->max_attempts);
+        r = fsm_fenced_update(db, run,
+                              "UPDATE fsm_runs SET status = $3, error = $4, error_detail = $5,"
+                              " error_class = $6, lease_owner = NULL, lease_until = NULL,"
+                              " finished_at = now(), updated_at = now()"
+                              " WHERE run_id = $1 AND lease_owner = $2",
+                              6, params, &c->fenced_out);
+        if (r < 0)
+                return r;
+        r = db_exec(db, NULL,
+                    "UPDATE idempotency_keys SET status = 'failed', completed_at = now()"
+                    " WHERE key = $1 AND run_id = $2",
+                    2, (const char *const[]){run->key, run->run_id});
+        if (r < 0)
+                return r;
+        if (run->def->on_failure) {
+                r = run->def->on_failure(run, db, run->userdata);
+                if (r < 0)
+                        return r;
+        }
+        return fsm_event(db, run, c->permanent ? "abort" : "fail", c->transition, c->text);
+}
+
+/* Record a transient failure and the coming retry; bumps the attempt counter. */
+static int fsm_retry_record(struct fsm_run *run, const char *transition, const char *text,
+                            int64_t delay_ms)
+{
+        char attempt[16], detail[ERR_MSG_MAX + 64];
+        const char *params[4] = {run->run_id, run->owner, attempt, text};
+        bool fenced_out = false;
+        int r;
+
+        r = fsm_event(run->db, run, "error", transition, text);
+        if (r < 0)
+                return r;
+        (void)snprintf(attempt, sizeof(attempt), "%d", run->attempt + 1);
+        r = fsm_fenced_update(run->db, run,
+                              "UPDATE fsm_runs SET attempt = $3, error = $4,"
+                              " error_class = 'transient', updated_at = now()"
+                              " WHERE run_id = $1 AND lease_owner = $2",
+                              4, params, &fenced_out);
+        if (r < 0)
+                return r;
+        run->attempt++;
+        (void)snprintf(detail, sizeof(detail), "retry in %" PRId64 " ms", delay_ms);
+        return fsm_event(run->db, run, "retry", transition, detail);
+}
+
+/* Give the run back so that the next worker resumes it at once, without an attempt. */
+static void fsm_release(struct fsm_run *run, const char *why)
+{
+        const char *params[2] = {run->run_id, run->owner};
+        bool fenced_out = false;
+
+        if (fsm_fenced_update(run->db, run,
+                              "UPDATE fsm_runs SET lease_owner = NULL, lease_until = now(),"
+                              " updated_at = now() WHERE run_id = $1 AND lease_owner = $2",
+                              2, params, &fenced_out) == 0)
+                (void)fsm_event(run->db, run, "release", NULL, why);
+}
+
+/* Sleep up to @ms, waking early for shutdown or a lost lease. */
+static void fsm_backoff_sleep(const struct fsm_run *run, int64_t ms)
+{
+        int64_t until = util_now_monotonic_ms() + ms;
+
+        while (!fsm_run_should_stop(run)) {
+                int64_t left = until - util_now_monotonic_ms();
+
+                if (left <= 0)
+                        break;
+                util_sleep_ms(left < 100 ? left : 100);
+        }
+}
+
+static uint32_t fsm_random(void)
+{
+        uint32_t v = 0;
+
+        if (getrandom(&v, sizeof(v), 0) != (ssize_t)sizeof(v))
+                v = (uint32_t)util_now_monotonic_ms();
+        return v;
+}
+
+static void fsm_note_failure(struct fsm_run *run)
+{
+        run->last_failure_ms = util_now_realtime_ms();
+        if (!run->first_failure_ms)
+                run->first_failure_ms = run->last_failure_ms;
+}
+
+static int fsm_fail(struct fsm_run *run, const char *transition, int error, bool permanent,
+                    struct fsm_result *res)
+{
+        struct fsm_fail_ctx c = {run, transition, error, permanent, res->error_text, false};
+        int r;
+
+        r = db_tx(run->db, fsm_fail_tx, &c);
+        if (c.fenced_out) {
+                res->outcome = FSM_OUTCOME_INTERRUPTED;
+                return 0;
+        }
+        if (r < 0)
+                return err_wrap(r, "failed to record the failure of run %s", run->run_id);
+        res->outcome = FSM_OUTCOME_FAILED;
+        res->permanent = permanent;
+        log_warning("run failed", "transition=%s class=%s error=\"%s\"", transition,
+                    permanent ? "permanent" : "exhausted", res->error_text);
+        return 0;
+}
+
+/* Run transitions from run->next to the end. Fills @res; returns <0 only for engine trouble. */
+static int fsm_run_transitions(struct fsm_run *run, struct fsm_result *res)
+{
+        const struct fsm_def *def = run->def;
+        int r;
+
+        while (run->next < (int)def->transition_count) {
+                const struct fsm_transition *t = &def->transitions[run->next];
+                struct fsm_complete_ctx c = {run, t,
+                                             run->next == (int)def->transition_count - 1, false};
+                int step;
+
+                fsm_log_context(run);
+                if (fsm_run_should_stop(run)) {
+                        if (!lease_lost(run->lease))
+                                fsm_release(run, "worker shutting down");
+                        res->outcome = FSM_OUTCOME_INTERRUPTED;
+                        return 0;
+                }
+                r = fsm_event(run->db, run, "transition_start", t->name, NULL);
+                if (r < 0)
+                        goto db_trouble;
+                log_debug("transition start", "transition=%s", t->name);
+                err_clear();
+                step = t->step(run, run->userdata);
+                if (lease_lost(run->lease)) {
+                        res->outcome = FSM_OUTCOME_INTERRUPTED;
+                        return 0;
+                }
+                if (step >= 0) {
+                        r = db_tx(run->db, fsm_complete_tx, &c);
+                        if (c.fenced_out) {
+                                res->outcome = FSM_OUTCOME_INTERRUPTED;
+                                return 0;
+                        }
+                        if (r >= 0) {
+                                run->next++;
+                                continue;
+                        }
+                        /* The commit hook or the database failed: handle like a step error. */
+                        step = r;
+                }
+
+                (void)snprintf(res->error_text, sizeof(res->error_text), "%s", err_text(step));
+                log_redact(res->error_text);
+                fsm_note_failure(run);
+                res->error = step;
+                if (!err_is_transient(step))
+                        return fsm_fail(run, t->name, step, true, res);
+                if (run->attempt >= run->max_attempts)
+                        return fsm_fail(run, t->name, step, false, res);
+                {
+                        int64_t delay = fsm_backoff_ms(run->attempt, run->opts->retry_base_ms,
+                                                       run->opts->retry_max_ms, fsm_random());
+
+                        log_warning_errno(step, "transition failed, will retry",
+                                          "transition=%s retry_in_ms=%" PRId64, t->name, delay);
+                        r = fsm_retry_record(run, t->name, res->error_text, delay);
+                        if (r == -ESTALE && lease_lost(run->lease)) {
+                                res->outcome = FSM_OUTCOME_INTERRUPTED;
+                                return 0;
+                        }
+                        if (r < 0)
+                                goto db_trouble;
+                        fsm_backoff_sleep(run, delay);
+                }
+        }
+        res->outcome = FSM_OUTCOME_COMPLETE;
+        res->error = 0;
+        res->error_text[0] = '\0';
+        return 0;
+
+db_trouble:
+        /* The run stays leased; it resumes when the lease lapses. */
+        res->outcome = FSM_OUTCOME_INTERRUPTED;
+        res->error = r;
+        (void)snprintf(res->error_text, sizeof(res->error_text), "%s", err_text(r));
+        return 0;
+}
+
+static int fsm_claim(struct fsm_run *run)
+{
+        int r = 0;
+
+        for (int i = 0; i < FSM_CLAIM_ATTEMPTS; i++) {
+                run->claim_outcome = FSM_OUTCOME_COMPLETE;
+                r = db_tx(run->db, fsm_claim_tx, run);
+                if (r != -EALREADY)
+                        return r;
+        }
+        return err_set(-EAGAIN, "could not claim idempotency key '%s' after %d attempts",
+                       run->key, FSM_CLAIM_ATTEMPTS);
+}
+
+static int fsm_load_response(struct fsm_run *run)
+{
+        if (run->stored_response) {
+                run->response = json_tokener_parse(run->stored_response);
+                if (!run->response)
+                        return err_set(-EBADMSG, "stored response of run %s is not JSON",
+                                       run->run_id);
+        } else {
+                run->response = json_object_new_object();
+                if (!run->response)
+                        return err_set(-ENOMEM, "out of memory");
+        }
+        return 0;
+}
+
+int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_options *opts,
+                const char *key, const char *request_json, void *userdata,
+                struct fsm_result *ret_result)
+{
+        struct fsm_run run = {
+                .db = db, .def = def, .opts = opts, .userdata = userdata, .key = key,
+                .request = request_json, .max_attempts = opts->max_attempts,
+        };
+        struct fsm_result res = {0};
+        char token[ULID_LEN + 1];
+        int r;
+
+        FIM_ASSERT(def->transition_count > 0 && opts->leases && opts->max_attempts > 0);
+        r = ulid_new(token);
+        if (r < 0)
+                return err_set(r, "failed to make a lease token");
+        /* A token per execution: two threads of one worker never share an owner. */
+        (void)snprintf(run.owner, sizeof(run.owner), "%s/%s", opts->worker_id, token + 16);
+
+        r = fsm_claim(&run);
+        if (r < 0)
+                goto out;
+        (void)snprintf(res.run_id, sizeof(res.run_id), "%s", run.run_id);
+        if (!run.claimed) {
+                res.outcome = run.claim_outcome;
+                res.response = steal_ptr(run.stored_response);
+                r = 0;
+                goto out;
+        }
+
+        r = lease_keeper_add(opts->leases, run.run_id, run.owner, &run.lease);
+        if (r < 0)
+                goto out;
+        r = fsm_load_response(&run);
+        if (r < 0)
+                goto out;
+        fsm_log_context(&run);
+        if (run.exhausted_on_takeover) {
+                (void)snprintf(res.error_text, sizeof(res.error_text),
+                               "run was interrupted %d times (worker died or lease expired); giving up",
+                               run.max_attempts);
+                res.error = -ETIMEDOUT;
+                fsm_note_failure(&run);
+                r = fsm_fail(&run, def->transitions[run.next < (int)def->transition_count
+                                                            ? run.next
+                                                            : 0]
+                                           .name,
+                             -ETIMEDOUT, false, &res);
+        } else {
+                r = fsm_run_transitions(&run, &res);
+        }
+        if (r < 0)
+                goto out;
+        res.response = strdup(json_object_to_json_string_ext(run.response,
+                                                             JSON_C_TO_STRING_PLAIN));
+        if (!res.response) {
+                r = err_set(-ENOMEM, "out of memory");
+                goto out;
+        }
+        if (res.outcome == FSM_OUTCOME_COMPLETE)
+                log_info("run complete", "fsm=%s", def->name);
+
+out:
+        res.attempts = run.attempt;
+        res.first_failure_ms = run.first_failure_ms;
+        res.last_failure_ms = run.last_failure_ms;
+        if (run.lease)
+                lease_keeper_remove(opts->leases, run.lease);
+        json_object_put(run.response);
+        free(run.stored_response);
+        log_context_clear();
+        if (r < 0) {
+                fsm_result_done(&res);
+                return r;
+        }
+        *ret_result = res;
+        return 0;
+}
+
+void fsm_result_done(struct fsm_result *result)
+{
+        free(result->response);
+        result->response = NULL;
+}
