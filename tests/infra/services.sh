@@ -1,0 +1,548 @@
+#!/usr/bin/env bash
+# Start and stop the real local services that the integration tests and the
+# demo run against: PostgreSQL 15, S3Proxy (S3 API with real SigV4 checks)
+# and a single-node Apache Kafka 4 broker in KRaft mode.
+#
+#   tests/infra/services.sh start [pg] [s3] [kafka]   # no names = all three
+#   tests/infra/services.sh stop                      # everything, idempotent
+#   tests/infra/services.sh status
+#   tests/infra/services.sh env                       # print services.env
+#
+# After start, `source "$FIM_SERVICES_DIR/services.env"` (default
+# /tmp/fim-services/services.env) gives DATABASE_URL, S3_ENDPOINT, ...,
+# KAFKA_BROKERS. Everything listens on 127.0.0.1 only.
+#
+# Measured on the 2-core Debian 12 dev machine (wall clock, seconds):
+#
+#   first run, empty ~/.m2 and .cache   TIMINGS-FIRST
+#   warm run (jars cached)              TIMINGS-WARM
+#   stop (all three)                    TIMINGS-STOP
+#
+# The first run is dominated by Maven downloads (S3Proxy brings every cloud
+# SDK it can proxy to). Later runs reuse .cache/*-lib and only pay for JVM
+# start-up. A fresh clone on the same machine re-copies the jars from ~/.m2.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+
+STATE=${FIM_SERVICES_DIR:-/tmp/fim-services}
+CACHE=$ROOT/.cache
+
+PG_PORT=${FIM_PG_PORT:-55432}
+S3_PORT=${FIM_S3_PORT:-19000}
+KAFKA_PORT=${FIM_KAFKA_PORT:-19092}
+KAFKA_CONTROLLER_PORT=${FIM_KAFKA_CONTROLLER_PORT:-19093}
+# A qemu guest with restricted user networking reaches the host's loopback
+# only through a guestfwd address (see shared/notes/dm-in-vm.md), so the
+# broker advertises that address on a listener of its own.
+KAFKA_GUEST_PORT=${FIM_KAFKA_GUEST_PORT:-19094}
+KAFKA_GUEST_ADDR=${FIM_KAFKA_GUEST_ADDR:-10.0.2.100}
+
+PGBIN=/usr/lib/postgresql/15/bin
+PG_OS_USER=postgres
+PG_DB=fim_test
+
+# Fixed, public test credentials: they protect nothing but make S3Proxy check
+# real SigV4 signatures, so a signing bug in the worker fails the tests.
+S3_ACCESS_KEY=AKIAFIMTEST000000001
+S3_SECRET_KEY=fim-test-secret-key-not-a-real-one
+S3_REGION=us-east-1
+S3_BUCKET=fim-test-images
+
+PG_TIMEOUT=${FIM_PG_TIMEOUT:-30}
+S3_TIMEOUT=${FIM_S3_TIMEOUT:-60}
+KAFKA_TIMEOUT=${FIM_KAFKA_TIMEOUT:-90}
+
+# Small heaps and a quick-to-start JIT: the machine has 2 cores and the tests
+# push little data, so start-up time matters more than peak throughput.
+JVM_OPTS=(-Xms64m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1
+          -Djava.awt.headless=true)
+
+ALL_SERVICES=(pg s3 kafka)
+
+# ---------------------------------------------------------------- helpers --
+
+die() {
+        printf 'services: %s\n' "$*" >&2
+        exit 1
+}
+
+# Microseconds since the epoch, from bash itself (no fork per sample).
+now_us() {
+        local t=$EPOCHREALTIME
+        echo "${t/./}"
+}
+
+# "12.3s" from a start timestamp taken with now_us.
+elapsed() {
+        local d=$(( $(now_us) - $1 ))
+        printf '%d.%01ds' $(( d / 1000000 )) $(( d % 1000000 / 100000 ))
+}
+
+# Die with the last lines of a log, so a CI failure shows why at once.
+fail_with_log() {
+        local name=$1 log=$2
+        shift 2
+        {
+                printf 'services: %s: %s\n' "$name" "$*"
+                if [ -f "$log" ]; then
+                        printf -- '--- last 40 lines of %s ---\n' "$log"
+                        tail -n 40 "$log"
+                        printf -- '--- end of %s ---\n' "$log"
+                fi
+        } >&2
+        exit 1
+}
+
+# True when something accepts TCP connections on 127.0.0.1:PORT.
+port_open() {
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Print the pid recorded in $STATE/NAME.pid if that process is still alive
+# and is still ours: a pid file left by a crash may name a recycled pid, and
+# every service we start has our state dir on its command line.
+live_pid() {
+        local pidfile=$STATE/$1.pid pid
+        [ -f "$pidfile" ] || return 1
+        pid=$(<"$pidfile")
+        [[ $pid =~ ^[0-9]+$ ]] || return 1
+        [ -r "/proc/$pid/cmdline" ] || return 1
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$STATE" || return 1
+        echo "$pid"
+}
+
+# Start a long-running command in its own session, so a Ctrl-C or hang-up
+# aimed at the caller does not take the service down mid-test. The child
+# writes its own pid before exec'ing, which stays right whether or not setsid
+# has to fork. fd 9 is the start/stop lock: it must not leak into services.
+launch() {
+        local name=$1 log=$2
+        shift 2
+        rm -f "$STATE/$name.pid"
+        setsid bash -c 'echo $$ >"$0"; exec "$@"' "$STATE/$name.pid" "$@" \
+                </dev/null >"$log" 2>&1 9>&- &
+        local i
+        for i in $(seq 1 100); do
+                [ -s "$STATE/$name.pid" ] && return 0
+                sleep 0.05
+        done
+        fail_with_log "$name" "$log" "process did not start"
+}
+
+# Poll CHECK... every 0.25 s until it succeeds. Gives up after TIMEOUT
+# seconds, or as soon as the service's process has died.
+wait_ready() {
+        local name=$1 log=$2 timeout=$3
+        shift 3
+        local deadline=$(( $(now_us) + timeout * 1000000 ))
+        until "$@" >/dev/null 2>&1; do
+                if ! live_pid "$name" >/dev/null; then
+                        fail_with_log "$name" "$log" "process exited during start-up"
+                fi
+                if [ "$(now_us)" -gt "$deadline" ]; then
+                        fail_with_log "$name" "$log" "not ready after ${timeout}s"
+                fi
+                sleep 0.25
+        done
+}
+
+# Fetch the runtime classpath described by POM into LIBDIR, once. The pom's
+# hash is the cache stamp, so a version bump re-downloads, and the copy goes
+# to a temporary directory first so an interrupted download is never taken
+# for a complete one. Maven 3.8 does not lock ~/.m2, hence the flock around
+# concurrent downloads (Kafka's and S3Proxy's share some artifacts).
+fetch_jars() {
+        local name=$1 pom=$2 lib=$3 log=$4
+        local stamp
+        stamp=$(sha256sum "$pom" | cut -c1-64)
+        [ "$(cat "$lib/.stamp" 2>/dev/null)" = "$stamp" ] && return 0
+
+        mkdir -p "$CACHE"
+        local fd
+        exec {fd}>"$CACHE/.mvn.lock"
+        flock "$fd"
+        if [ "$(cat "$lib/.stamp" 2>/dev/null)" != "$stamp" ]; then
+                local tmp=$lib.tmp.$$
+                rm -rf "$tmp"
+                # The plugin is named with its full version so Maven does not
+                # go looking for the newest one on every run.
+                if ! mvn -B -q -ntp -f "$pom" \
+                        org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+                        -DoutputDirectory="$tmp" -DincludeScope=runtime >"$log" 2>&1; then
+                        rm -rf "$tmp"
+                        fail_with_log "$name" "$log" "maven download of $pom failed"
+                fi
+                echo "$stamp" >"$tmp/.stamp"
+                rm -rf "$lib"
+                mv "$tmp" "$lib"
+        fi
+        exec {fd}>&-
+}
+
+# Write one service's lines of services.env; start assembles the file.
+write_env() {
+        local name=$1
+        shift
+        mkdir -p "$STATE/env.d"
+        printf 'export %s\n' "$@" >"$STATE/env.d/$name.env"
+}
+
+# ------------------------------------------------------------- PostgreSQL --
+
+pg_ready() {
+        "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -d postgres -U postgres
+}
+
+pg_psql() {
+        "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"
+}
+
+start_pg() {
+        local t0 dir=$STATE/pg note=""
+        t0=$(now_us)
+        local data=$dir/data log=$dir/postgres.log
+
+        # postgres itself refuses to run as root, and so do initdb and pg_ctl;
+        # runuser drops to the packaged postgres user without a login or PAM.
+        id "$PG_OS_USER" >/dev/null 2>&1 ||
+                die "pg: OS user $PG_OS_USER missing (is postgresql-15 installed? scripts/setup.sh)"
+
+        if [ -f "$data/postmaster.pid" ] && pg_ready; then
+                note=" (already running)"
+        else
+                port_open "$PG_PORT" &&
+                        die "pg: port 127.0.0.1:$PG_PORT is in use by another process (set FIM_PG_PORT)"
+                mkdir -p "$dir"
+                chown "$PG_OS_USER:" "$dir"
+                # The server user must be able to reach its data dir.
+                runuser -u "$PG_OS_USER" -- test -w "$dir" ||
+                        die "pg: $PG_OS_USER cannot write $dir; put FIM_SERVICES_DIR where every user can traverse (e.g. /tmp)"
+
+                if [ ! -f "$data/PG_VERSION" ]; then
+                        runuser -u "$PG_OS_USER" -- "$PGBIN/initdb" -D "$data" -U postgres \
+                                -A trust -E UTF8 --no-locale --no-sync >"$dir/initdb.log" 2>&1 ||
+                                fail_with_log pg "$dir/initdb.log" "initdb failed"
+                fi
+
+                # Durability is worthless for throwaway test data; skipping
+                # fsync makes schema setup and every commit much faster.
+                # 9>&-: the postmaster keeps every inherited fd, and holding
+                # the start/stop lock would make the next stop wait forever.
+                runuser -u "$PG_OS_USER" -- "$PGBIN/pg_ctl" -D "$data" -l "$log" \
+                        -w -t "$PG_TIMEOUT" -o "-k $dir -p $PG_PORT \
+                        -c listen_addresses=127.0.0.1 -c fsync=off \
+                        -c synchronous_commit=off -c full_page_writes=off" \
+                        start >"$dir/pg_ctl.log" 2>&1 9>&- ||
+                        fail_with_log pg "$log" "pg_ctl start failed: $(tail -n 3 "$dir/pg_ctl.log")"
+        fi
+
+        if [ "$(pg_psql -d postgres -Atc "select 1 from pg_database where datname = '$PG_DB'")" != 1 ]; then
+                pg_psql -d postgres -c "create database $PG_DB" ||
+                        die "pg: create database $PG_DB failed"
+        fi
+
+        write_env pg \
+                "DATABASE_URL=postgresql://postgres@127.0.0.1:$PG_PORT/$PG_DB" \
+                "FIM_PG_ADMIN_URL=postgresql://postgres@127.0.0.1:$PG_PORT/postgres"
+        printf '%-6s up in %-6s 127.0.0.1:%s%s\n' pg "$(elapsed "$t0")" "$PG_PORT" "$note"
+}
+
+stop_pg() {
+        local dir=$STATE/pg
+        [ -f "$dir/data/postmaster.pid" ] || return 0
+        # -m fast: roll back open transactions instead of waiting for test
+        # clients that may never disconnect.
+        if ! runuser -u "$PG_OS_USER" -- "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w -t 30 \
+                stop >/dev/null 2>&1; then
+                local pid
+                pid=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null || true)
+                if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+                        echo "services: pg: pg_ctl stop failed, killing postmaster $pid" >&2
+                        kill -KILL "$pid" 2>/dev/null || true
+                fi
+        fi
+}
+
+# ---------------------------------------------------------------- S3Proxy --
+
+s3_curl() {
+        curl -sS --aws-sigv4 "aws:amz:$S3_REGION:s3" -u "$S3_ACCESS_KEY:$S3_SECRET_KEY" \
+                -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' "$@"
+}
+
+# S3Proxy answers an unsigned request with 403 AccessDenied once it serves.
+s3_ready() {
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$S3_PORT/")" = 403 ]
+}
+
+start_s3() {
+        local t0 dir=$STATE/s3 note=""
+        t0=$(now_us)
+        local log=$dir/s3proxy.log lib=$CACHE/s3proxy-lib
+
+        if live_pid s3 >/dev/null && s3_ready; then
+                note=" (already running)"
+        else
+                port_open "$S3_PORT" &&
+                        die "s3: port 127.0.0.1:$S3_PORT is in use by another process (set FIM_S3_PORT)"
+                mkdir -p "$dir/blobs"
+                fetch_jars s3 "$HERE/s3proxy/pom.xml" "$lib" "$dir/maven.log"
+                [ -z "$(ls -A "$dir/blobs")" ] || note=" (kept existing objects)"
+
+                # filesystem-nio2 keeps objects on disk, not in the JVM heap,
+                # so large image tarballs do not need a large -Xmx.
+                cat >"$dir/s3proxy.conf" <<EOF
+s3proxy.endpoint=http://127.0.0.1:$S3_PORT
+s3proxy.authorization=aws-v4
+s3proxy.identity=$S3_ACCESS_KEY
+s3proxy.credential=$S3_SECRET_KEY
+jclouds.provider=filesystem-nio2
+jclouds.filesystem.basedir=$dir/blobs
+EOF
+                launch s3 "$log" java "${JVM_OPTS[@]}" \
+                        -Dlogback.configurationFile="$HERE/s3proxy/logback.xml" \
+                        -cp "$lib/*" org.gaul.s3proxy.Main --properties "$dir/s3proxy.conf"
+                wait_ready s3 "$log" "$S3_TIMEOUT" s3_ready
+        fi
+
+        # 200 = created, 409 BucketAlreadyOwnedByYou = there from a previous
+        # start; both are what we want.
+        local code
+        code=$(s3_curl -o "$dir/mb.out" -w '%{http_code}' -X PUT \
+                "http://127.0.0.1:$S3_PORT/$S3_BUCKET") || true
+        case $code in
+        200 | 409) ;;
+        *) fail_with_log s3 "$dir/mb.out" "creating bucket $S3_BUCKET failed (HTTP $code)" ;;
+        esac
+
+        write_env s3 \
+                "S3_ENDPOINT=http://127.0.0.1:$S3_PORT" \
+                "S3_FORCE_PATH_STYLE=true" \
+                "AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY" \
+                "AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY" \
+                "AWS_REGION=$S3_REGION" \
+                "S3_BUCKET=$S3_BUCKET"
+        printf '%-6s up in %-6s 127.0.0.1:%s%s\n' s3 "$(elapsed "$t0")" "$S3_PORT" "$note"
+}
+
+# ------------------------------------------------------------------ Kafka --
+
+# The broker is usable once it answers Metadata and lists itself.
+kafka_ready() {
+        kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 2 2>/dev/null | grep -q '1 brokers:'
+}
+
+# A Kafka cluster id is 16 random bytes in unpadded base64url. Made here
+# rather than with `StorageTool random-uuid`, which would cost a JVM start.
+kafka_cluster_id() {
+        head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='
+}
+
+start_kafka() {
+        local t0 dir=$STATE/kafka note=""
+        t0=$(now_us)
+        local log=$dir/kafka.log lib=$CACHE/kafka-lib
+
+        if live_pid kafka >/dev/null && kafka_ready; then
+                note=" (already running)"
+        else
+                local p
+                for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_GUEST_PORT"; do
+                        port_open "$p" &&
+                                die "kafka: port 127.0.0.1:$p is in use by another process (set FIM_KAFKA_*PORT)"
+                done
+                mkdir -p "$dir/data"
+                fetch_jars kafka "$HERE/kafka/pom.xml" "$lib" "$dir/maven.log"
+
+                # Combined broker+controller with a static voter list, so the
+                # formatter needs no --standalone. The GUEST listener is bound
+                # on loopback but advertised at the qemu guestfwd address, so
+                # clients inside the VM are sent to an address they can reach.
+                # Internal topics get replication factor 1 (there is one
+                # node) and one partition (faster first group/txn use);
+                # no initial rebalance delay keeps consumer tests quick.
+                cat >"$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,GUEST://127.0.0.1:$KAFKA_GUEST_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,GUEST://$KAFKA_GUEST_ADDR:$KAFKA_GUEST_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,GUEST:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=1
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+EOF
+                if [ ! -f "$dir/data/meta.properties" ]; then
+                        java "${JVM_OPTS[@]}" -cp "$lib/*" kafka.tools.StorageTool format \
+                                -t "$(kafka_cluster_id)" -c "$dir/server.properties" \
+                                >"$dir/format.log" 2>&1 ||
+                                fail_with_log kafka "$dir/format.log" "formatting the log dir failed"
+                fi
+                launch kafka "$log" java "${JVM_OPTS[@]}" -cp "$lib/*" \
+                        kafka.Kafka "$dir/server.properties"
+                wait_ready kafka "$log" "$KAFKA_TIMEOUT" kafka_ready
+        fi
+
+        write_env kafka \
+                "KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT" \
+                "FIM_KAFKA_GUEST_BROKERS=$KAFKA_GUEST_ADDR:$KAFKA_GUEST_PORT"
+        printf '%-6s up in %-6s 127.0.0.1:%s (guest %s:%s)%s\n' kafka "$(elapsed "$t0")" \
+                "$KAFKA_PORT" "$KAFKA_GUEST_ADDR" "$KAFKA_GUEST_PORT" "$note"
+}
+
+# ---------------------------------------------------------------- stopping --
+
+# SIGTERM lets Kafka shut down cleanly and S3Proxy finish writes; SIGKILL
+# after TIMEOUT so a wedged JVM cannot hang the caller's cleanup.
+stop_pid() {
+        local name=$1 timeout=$2 pid i
+        pid=$(live_pid "$name") || { rm -f "$STATE/$name.pid"; return 0; }
+        kill -TERM "$pid" 2>/dev/null || true
+        for i in $(seq 1 $(( timeout * 10 ))); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+                echo "services: $name: still running after ${timeout}s, sending SIGKILL" >&2
+                kill -KILL "$pid" 2>/dev/null || true
+                while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        fi
+        rm -f "$STATE/$name.pid"
+}
+
+# ---------------------------------------------------------------- commands --
+
+check_tools() {
+        local t missing=()
+        for t in java mvn kcat curl runuser setsid flock; do
+                command -v "$t" >/dev/null || missing+=("$t")
+        done
+        [ -x "$PGBIN/postgres" ] || missing+=("postgresql-15")
+        [ "${#missing[@]}" -eq 0 ] ||
+                die "missing ${missing[*]}: run scripts/setup.sh as root"
+        [ "$(id -u)" -eq 0 ] || die "run as root (postgres is started through runuser)"
+}
+
+# One lock per state dir: two test runs starting or stopping the same
+# services at once would otherwise race on ports and data dirs.
+take_lock() {
+        mkdir -p "$(dirname "$STATE")"
+        exec 9>"$STATE.lock"
+        flock -w 300 9 || die "timed out waiting for $STATE.lock"
+}
+
+cmd_start() {
+        local names=("$@") name
+        [ "${#names[@]}" -gt 0 ] || names=("${ALL_SERVICES[@]}")
+        for name in "${names[@]}"; do
+                case $name in
+                pg | s3 | kafka) ;;
+                *) die "unknown service '$name' (expected: ${ALL_SERVICES[*]})" ;;
+                esac
+        done
+        check_tools
+        take_lock
+        mkdir -p "$STATE"
+        chmod 755 "$STATE"
+
+        # Each service starts in its own background job: the JVMs take
+        # seconds to boot on 2 cores and need not wait for one another.
+        local t0 failed=0
+        local -A jobs=()
+        t0=$(now_us)
+        for name in "${names[@]}"; do
+                "start_$name" &
+                jobs[$name]=$!
+        done
+        for name in "${names[@]}"; do
+                wait "${jobs[$name]}" || failed=1
+        done
+
+        # services.env covers every service that is up, including ones
+        # started by an earlier `start NAME`.
+        {
+                echo "# written by tests/infra/services.sh; source this file"
+                echo "export FIM_SERVICES_DIR=$STATE"
+                for name in "${ALL_SERVICES[@]}"; do
+                        [ ! -f "$STATE/env.d/$name.env" ] || cat "$STATE/env.d/$name.env"
+                done
+        } >"$STATE/services.env.tmp"
+        mv "$STATE/services.env.tmp" "$STATE/services.env"
+
+        if [ "$failed" -ne 0 ]; then
+                die "start failed after $(elapsed "$t0"); run '$0 stop' to clean up"
+        fi
+        echo "all    up in $(elapsed "$t0"); env: $STATE/services.env"
+}
+
+cmd_stop() {
+        take_lock
+        if [ ! -d "$STATE" ]; then
+                return 0
+        fi
+        local t0
+        t0=$(now_us)
+        stop_pid kafka 30 &
+        stop_pid s3 15 &
+        stop_pg &
+        wait
+        rm -rf "$STATE"
+        echo "stopped in $(elapsed "$t0")"
+}
+
+cmd_status() {
+        local rc=0
+        if [ -f "$STATE/pg/data/postmaster.pid" ] && pg_ready; then
+                echo "pg     up   127.0.0.1:$PG_PORT"
+        else
+                echo "pg     down"; rc=3
+        fi
+        if live_pid s3 >/dev/null && s3_ready; then
+                echo "s3     up   127.0.0.1:$S3_PORT"
+        else
+                echo "s3     down"; rc=3
+        fi
+        if live_pid kafka >/dev/null && kafka_ready; then
+                echo "kafka  up   127.0.0.1:$KAFKA_PORT"
+        else
+                echo "kafka  down"; rc=3
+        fi
+        return "$rc"
+}
+
+cmd_env() {
+        [ -f "$STATE/services.env" ] || die "no $STATE/services.env: run '$0 start' first"
+        cat "$STATE/services.env"
+}
+
+usage() {
+        echo "usage: $0 start [pg] [s3] [kafka] | stop | status | env" >&2
+        exit 2
+}
+
+main() {
+        [ $# -gt 0 ] || usage
+        local cmd=$1
+        shift
+        case $cmd in
+        start) cmd_start "$@" ;;
+        stop) cmd_stop ;;
+        status) cmd_status ;;
+        env) cmd_env ;;
+        *) usage ;;
+        esac
+}
+
+main "$@"
