@@ -174,9 +174,9 @@ static int fsm_claim_new(struct db *db, struct fsm_run *run, const char *replace
                 return r;
         if (replaced_run) {
                 r = db_exec(db, NULL,
-                            "UPDATE idempotency_keys SET run_id = $4, status = 'running',"
+                            "UPDATE idempotency_keys SET run_id = $2, status = 'running',"
                             " completed_at = NULL WHERE key = $1",
-                            4, params);
+                            2, (const char *const[]){run->key, run->run_id});
                 if (r < 0)
                         return r;
         } else {

@@ -1,0 +1,494 @@
+/*
+ * The FSM engine against a real PostgreSQL, with real processes: crash (SIGKILL) in the
+ * middle of every transition and resume, a race of several processes for one idempotency
+ * key, lease expiry and takeover with fencing of the paused owner, retries with backoff,
+ * permanent aborts, exhaustion, and replay of a failed key.
+ *
+ * The sample FSM has four transitions. Each step records that it was called in sample_calls
+ * (autocommit: it survives a crash), and each transition's commit hook records its effect in
+ * sample_effects (committed with the transition). "Exactly once" means one effect row per
+ * transition, whatever crashed.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <json-c/json.h>
+
+#include "common/err.h"
+#include "common/util.h"
+#include "db/db.h"
+#include "helper_pg.h"
+#include "worker/fsm.h"
+#include "worker/lease.h"
+
+#define LEASE_MS 1200
+
+struct sample {
+        const char *hang_at;    /* step that sleeps hang_ms before returning */
+        int hang_ms;            /* < 0: forever */
+        const char *fail_at;    /* step that fails */
+        int fail_errno;         /* negative errno returned by fail_at */
+        int fail_times;         /* how many calls of fail_at fail (-1: all) */
+        int fail_calls;
+        int failures_recorded;  /* on_failure hook calls */
+};
+
+static int sample_step(struct fsm_run *run, void *userdata, const char *name)
+{
+        struct sample *s = userdata;
+        const char *params[3] = {fsm_run_id(run), name, NULL};
+        char pid[16];
+        int r;
+
+        (void)snprintf(pid, sizeof(pid), "%ld", (long)getpid());
+        params[2] = pid;
+        r = db_exec(fsm_run_db(run), NULL,
+                    "INSERT INTO sample_calls (run_id, transition, pid) VALUES ($1, $2, $3)", 3,
+                    params);
+        if (r < 0)
+                return r;
+        if (s->hang_at && strcmp(s->hang_at, name) == 0) {
+                if (s->hang_ms < 0)
+                        for (;;)
+                                pause();
+                util_sleep_ms(s->hang_ms);
+        }
+        if (s->fail_at && strcmp(s->fail_at, name) == 0) {
+                s->fail_calls++;
+                if (s->fail_times < 0 || s->fail_calls <= s->fail_times)
+                        return err_set(s->fail_errno, "sample step '%s' failed on purpose",
+                                       name);
+        }
+        json_object_object_add(fsm_run_response(run), name, json_object_new_boolean(1));
+        return 0;
+}
+
+static int sample_commit(struct fsm_run *run, struct db *db, const char *name)
+{
+        const char *params[2] = {fsm_run_id(run), name};
+
+        return db_exec(db, NULL, "INSERT INTO sample_effects (run_id, transition) VALUES ($1, $2)",
+                       2, params);
+}
+
+#define SAMPLE_TRANSITION(n)                                                               \
+        static int step_##n(struct fsm_run *run, void *u)                                  \
+        {                                                                                  \
+                return sample_step(run, u, #n);                                            \
+        }                                                                                  \
+        static int commit_##n(struct fsm_run *run, struct db *db, void *u)                 \
+        {                                                                                  \
+                (void)u;                                                                   \
+                return sample_commit(run, db, #n);                                         \
+        }
+
+SAMPLE_TRANSITION(a)
+SAMPLE_TRANSITION(b)
+SAMPLE_TRANSITION(c)
+SAMPLE_TRANSITION(d)
+
+static int sample_on_failure(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct sample *s = userdata;
+
+        (void)run;
+        (void)db;
+        s->failures_recorded++;
+        return 0;
+}
+
+static const struct fsm_transition sample_transitions[] = {
+        {"a", step_a, commit_a},
+        {"b", step_b, commit_b},
+        {"c", step_c, commit_c},
+        {"d", step_d, commit_d},
+};
+
+static const struct fsm_def sample_fsm = {
+        .name = "sample",
+        .transitions = sample_transitions,
+        .transition_count = 4,
+        .on_failure = sample_on_failure,
+};
+
+struct env {
+        char url[512];
+        struct db *db;
+};
+
+static int setup(void **state)
+{
+        struct env *e = calloc(1, sizeof(*e));
+
+        pg_test_create(e->url, sizeof(e->url));
+        e->db = pg_test_connect(e->url);
+        assert_int_equal(db_exec_script(e->db,
+                                        "CREATE TABLE sample_calls (run_id text, transition text,"
+                                        " pid int, at timestamptz DEFAULT clock_timestamp());"
+                                        "CREATE TABLE sample_effects (run_id text, transition text)"),
+                         0);
+        *state = e;
+        return 0;
+}
+
+static int teardown(void **state)
+{
+        struct env *e = *state;
+
+        db_free(e->db);
+        pg_test_drop(e->url);
+        free(e);
+        return 0;
+}
+
+static struct fsm_options sample_options(struct lease_keeper *leases, const char *worker)
+{
+        struct fsm_options o = {
+                .host_id = "test-host",
+                .worker_id = worker,
+                .subject = "sample-image",
+                .max_attempts = 5,
+                .retry_base_ms = 100,
+                .retry_max_ms = 400,
+                .leases = leases,
+        };
+        return o;
+}
+
+/* Execute once in this process with a fresh connection and lease keeper. */
+static int sample_execute(const char *url, const char *key, struct sample *s,
+                          struct fsm_result *res)
+{
+        struct db *db = pg_test_connect(url);
+        struct lease_keeper *leases = NULL;
+        struct fsm_options o;
+        int r;
+
+        assert_int_equal(lease_keeper_new(url, LEASE_MS, &leases), 0);
+        o = sample_options(leases, "test-worker");
+        r = fsm_execute(db, &sample_fsm, &o, key, "{\"image_id\":\"sample-image\"}", s, res);
+        lease_keeper_free(leases);
+        db_free(db);
+        return r;
+}
+
+/* Keep executing while another worker holds the run, up to a deadline. */
+static void sample_execute_until_not_busy(const char *url, const char *key, struct sample *s,
+                                          struct fsm_result *res)
+{
+        int64_t deadline = util_now_monotonic_ms() + 15000;
+
+        for (;;) {
+                assert_int_equal(sample_execute(url, key, s, res), 0);
+                if (res->outcome != FSM_OUTCOME_BUSY)
+                        return;
+                fsm_result_done(res);
+                assert_true(util_now_monotonic_ms() < deadline);
+                util_sleep_ms(200);
+        }
+}
+
+/* Whether a response JSON document has @field set to true. */
+static bool response_has(const char *json, const char *field)
+{
+        struct json_object *o = json_tokener_parse(json), *v = NULL;
+        bool yes = o && json_object_object_get_ex(o, field, &v) && json_object_get_boolean(v);
+
+        json_object_put(o);
+        return yes;
+}
+
+static long count_where(struct db *db, const char *fmt, const char *a, const char *b)
+{
+        char sql[512];
+
+        (void)snprintf(sql, sizeof(sql), fmt, a, b);
+        return pg_test_scalar(db, sql);
+}
+
+/* Fork a worker that hangs inside @transition; return once it is there. */
+static pid_t spawn_hanging_worker(struct env *e, const char *key, const char *transition,
+                                  int hang_ms)
+{
+        pid_t pid = fork();
+        int64_t deadline;
+
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                struct sample s = {.hang_at = transition, .hang_ms = hang_ms};
+                struct fsm_result res;
+
+                if (sample_execute(e->url, key, &s, &res) < 0)
+                        _exit(100);
+                _exit(res.outcome);
+        }
+        deadline = util_now_monotonic_ms() + 15000;
+        while (count_where(e->db,
+                           "SELECT count(*) FROM sample_calls c JOIN fsm_runs r USING (run_id)"
+                           " WHERE r.idempotency_key = '%s' AND c.transition = '%s'",
+                           key, transition) == 0) {
+                assert_true(util_now_monotonic_ms() < deadline);
+                util_sleep_ms(20);
+        }
+        return pid;
+}
+
+static void test_fsm_crash_at_every_transition_resumes_exactly_once(void **state)
+{
+        struct env *e = *state;
+
+        for (size_t k = 0; k < sample_fsm.transition_count; k++) {
+                const char *name = sample_transitions[k].name;
+                char key[64];
+                struct sample s = {0};
+                struct fsm_result res;
+                int status;
+                pid_t pid;
+
+                (void)snprintf(key, sizeof(key), "crash-at-%s", name);
+                pid = spawn_hanging_worker(e, key, name, -1);
+                assert_int_equal(kill(pid, SIGKILL), 0);
+                assert_int_equal(waitpid(pid, &status, 0), pid);
+                assert_true(WIFSIGNALED(status));
+
+                /* While the dead worker's lease lasts, the run is busy; then it resumes. */
+                sample_execute_until_not_busy(e->url, key, &s, &res);
+                assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+                assert_int_equal(res.attempts, 2);
+                assert_true(response_has(res.response, "d"));
+
+                for (size_t t = 0; t < sample_fsm.transition_count; t++) {
+                        const char *tn = sample_transitions[t].name;
+
+                        assert_int_equal(count_where(e->db,
+                                                     "SELECT count(*) FROM sample_effects WHERE"
+                                                     " run_id = '%s' AND transition = '%s'",
+                                                     res.run_id, tn),
+                                         1);
+                        /* Only the transition that was interrupted ran twice. */
+                        assert_int_equal(count_where(e->db,
+                                                     "SELECT count(*) FROM sample_calls WHERE"
+                                                     " run_id = '%s' AND transition = '%s'",
+                                                     res.run_id, tn),
+                                         t == k ? 2 : 1);
+                }
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                             " AND kind = '%s'",
+                                             res.run_id, "resume"),
+                                 1);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_runs WHERE"
+                                             " idempotency_key = '%s' AND status = '%s'",
+                                             key, "complete"),
+                                 1);
+                fsm_result_done(&res);
+        }
+}
+
+static void test_fsm_racing_processes_run_one_key_once(void **state)
+{
+        struct env *e = *state;
+        enum { N = 4 };
+        pid_t pids[N];
+        int outcomes[5] = {0};
+        struct fsm_result res;
+        struct sample s = {0};
+
+        for (int i = 0; i < N; i++) {
+                pids[i] = fork();
+                assert_true(pids[i] >= 0);
+                if (pids[i] == 0) {
+                        struct sample cs = {.hang_at = "b", .hang_ms = 1500};
+                        struct fsm_result cres;
+
+                        if (sample_execute(e->url, "race-key", &cs, &cres) < 0)
+                                _exit(100);
+                        _exit(cres.outcome);
+                }
+        }
+        for (int i = 0; i < N; i++) {
+                int status;
+
+                assert_int_equal(waitpid(pids[i], &status, 0), pids[i]);
+                assert_true(WIFEXITED(status) && WEXITSTATUS(status) < 5);
+                outcomes[WEXITSTATUS(status)]++;
+        }
+        assert_int_equal(outcomes[FSM_OUTCOME_COMPLETE], 1);
+        assert_int_equal(outcomes[FSM_OUTCOME_BUSY], N - 1);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_runs WHERE idempotency_key = '%s'%s",
+                                     "race-key", ""),
+                         1);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM sample_effects e JOIN fsm_runs r USING"
+                                     " (run_id) WHERE r.idempotency_key = '%s'%s",
+                                     "race-key", ""),
+                         4);
+
+        /* Afterwards the key is complete: nothing runs, the response comes back. */
+        assert_int_equal(sample_execute(e->url, "race-key", &s, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_ALREADY_COMPLETE);
+        assert_true(response_has(res.response, "a"));
+        fsm_result_done(&res);
+}
+
+static void test_fsm_lease_expiry_takeover_fences_paused_owner(void **state)
+{
+        struct env *e = *state;
+        struct sample s = {0};
+        struct fsm_result res;
+        int status;
+        pid_t pid;
+
+        /* The owner sits in b for 4 s; we freeze it so that its lease lapses. */
+        pid = spawn_hanging_worker(e, "pause-key", "b", 4000);
+        assert_int_equal(kill(pid, SIGSTOP), 0);
+        sample_execute_until_not_busy(e->url, "pause-key", &s, &res);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+
+        /* The old owner wakes up, finishes its step, and must not record anything. */
+        assert_int_equal(kill(pid, SIGCONT), 0);
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), FSM_OUTCOME_INTERRUPTED);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM sample_effects WHERE run_id = '%s'%s",
+                                     res.run_id, ""),
+                         4);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
+                                     " AND status = '%s'",
+                                     res.run_id, "complete"),
+                         1);
+        fsm_result_done(&res);
+}
+
+static void test_fsm_transient_errors_retry_with_backoff(void **state)
+{
+        struct env *e = *state;
+        struct sample s = {.fail_at = "c", .fail_errno = -ECONNRESET, .fail_times = 2};
+        struct fsm_result res;
+        int64_t start = util_now_monotonic_ms(), elapsed;
+
+        assert_int_equal(sample_execute(e->url, "retry-key", &s, &res), 0);
+        elapsed = util_now_monotonic_ms() - start;
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        assert_int_equal(res.attempts, 3);
+        /* Backoffs of attempt 1 and 2 with base 100 ms: [50,100] + [100,200] ms. */
+        assert_true(elapsed >= 150);
+        assert_true(elapsed < 150 + 300 + 2000);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                     " AND kind = '%s'",
+                                     res.run_id, "retry"),
+                         2);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM sample_effects WHERE run_id = '%s'%s",
+                                     res.run_id, ""),
+                         4);
+        fsm_result_done(&res);
+}
+
+static void test_fsm_permanent_error_aborts_then_replay_runs_again(void **state)
+{
+        struct env *e = *state;
+        struct sample bad = {.fail_at = "b", .fail_errno = -EINVAL, .fail_times = -1};
+        struct sample good = {0};
+        struct fsm_result res, again;
+
+        assert_int_equal(sample_execute(e->url, "abort-key", &bad, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_FAILED);
+        assert_true(res.permanent);
+        assert_int_equal(res.error, -EINVAL);
+        assert_int_equal(res.attempts, 1);
+        assert_int_equal(bad.fail_calls, 1);
+        assert_int_equal(bad.failures_recorded, 1);
+        assert_non_null(strstr(res.error_text, "failed on purpose"));
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
+                                     " AND status = '%s' AND error_class = 'permanent'",
+                                     res.run_id, "aborted"),
+                         1);
+
+        /* A replay of the same request gets a new run that replaces the failed one. */
+        assert_int_equal(sample_execute(e->url, "abort-key", &good, &again), 0);
+        assert_int_equal(again.outcome, FSM_OUTCOME_COMPLETE);
+        assert_string_not_equal(again.run_id, res.run_id);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                     " AND detail LIKE 'replaces failed run %s'",
+                                     again.run_id, res.run_id),
+                         1);
+        fsm_result_done(&res);
+        fsm_result_done(&again);
+}
+
+static void test_fsm_exhausts_attempts(void **state)
+{
+        struct env *e = *state;
+        struct sample s = {.fail_at = "a", .fail_errno = -ETIMEDOUT, .fail_times = -1};
+        struct fsm_result res;
+
+        assert_int_equal(sample_execute(e->url, "exhaust-key", &s, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_FAILED);
+        assert_false(res.permanent);
+        assert_int_equal(res.attempts, 5);
+        assert_int_equal(s.fail_calls, 5);
+        assert_true(res.first_failure_ms > 0 && res.last_failure_ms >= res.first_failure_ms);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
+                                     " AND status = '%s' AND error_class = 'transient'",
+                                     res.run_id, "failed"),
+                         1);
+        fsm_result_done(&res);
+}
+
+static void test_fsm_backoff_bounds(void **state)
+{
+        (void)state;
+        for (int attempt = 1; attempt <= 12; attempt++) {
+                int64_t d = 1000;
+
+                for (int i = 1; i < attempt; i++)
+                        d = d * 2 > 30000 ? 30000 : d * 2;
+                for (uint32_t rnd = 0; rnd < 50000; rnd += 997) {
+                        int64_t b = fsm_backoff_ms(attempt, 1000, 30000, rnd * 2654435761u);
+
+                        assert_true(b >= d / 2);
+                        assert_true(b <= d);
+                }
+        }
+        assert_true(fsm_backoff_ms(1, 1000, 30000, 0) == 500);
+        assert_true(fsm_backoff_ms(40, 1000, 30000, 0) == 15000);
+}
+
+int main(void)
+{
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_fsm_backoff_bounds),
+                cmocka_unit_test_setup_teardown(
+                        test_fsm_crash_at_every_transition_resumes_exactly_once, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_racing_processes_run_one_key_once,
+                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_lease_expiry_takeover_fences_paused_owner,
+                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_transient_errors_retry_with_backoff,
+                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(
+                        test_fsm_permanent_error_aborts_then_replay_runs_again, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_exhausts_attempts, setup, teardown),
+        };
+
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
