@@ -29,9 +29,8 @@ static _Thread_local struct {
 } log_ctx = {.attempt = -1};
 
 static const char *const log_level_names[] = {
-        [LOG_LEVEL_DEBUG] = "debug",     [LOG_LEVEL_INFO] = "info",
-        [LOG_LEVEL_NOTICE] = "notice",   [LOG_LEVEL_WARNING] = "warning",
-        [LOG_LEVEL_ERR] = "err",
+        [LOG_LEVEL_DEBUG] = "debug",     [LOG_LEVEL_INFO] = "info", [LOG_LEVEL_NOTICE] = "notice",
+        [LOG_LEVEL_WARNING] = "warning", [LOG_LEVEL_ERR] = "err",
 };
 
 void log_set_level(enum log_level level)
@@ -178,11 +177,10 @@ static size_t log_append(char *line, size_t len, const char *fmt, ...)
         return len < LOG_LINE_MAX - 1 ? len : LOG_LINE_MAX - 1;
 }
 
-static void log_vemit(enum log_level level, int r, const char *msg, const char *fields,
-                      va_list ap) __attribute__((format(printf, 4, 0)));
+static void log_vemit(enum log_level level, int r, const char *msg, const char *fields, va_list ap)
+        __attribute__((format(printf, 4, 0)));
 
-static void log_vemit(enum log_level level, int r, const char *msg, const char *fields,
-                      va_list ap)
+static void log_vemit(enum log_level level, int r, const char *msg, const char *fields, va_list ap)
 {
         char line[LOG_LINE_MAX];
         char esc[ERR_MSG_MAX * 2];
@@ -241,13 +239,13 @@ void log_emit(enum log_level level, int r, const char *msg, const char *fields, 
         va_end(ap);
 }
 
-#define LOG_DEFINE_LEVEL(name, level)                                                      \
-        void log_##name(const char *msg, const char *fields, ...)                          \
-        {                                                                                  \
-                va_list ap;                                                                \
-                va_start(ap, fields);                                                      \
-                log_vemit(level, 0, msg, fields, ap);                                      \
-                va_end(ap);                                                                \
+#define LOG_DEFINE_LEVEL(name, level)                                                              \
+        void log_##name(const char *msg, const char *fields, ...)                                  \
+        {                                                                                          \
+                va_list ap;                                                                        \
+                va_start(ap, fields);                                                              \
+                log_vemit(level, 0, msg, fields, ap);                                              \
+                va_end(ap);                                                                        \
         }
 
 LOG_DEFINE_LEVEL(debug, LOG_LEVEL_DEBUG)

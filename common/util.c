@@ -60,8 +60,8 @@ int util_parse_size(const char *s, uint64_t *ret_bytes)
                 const char *suffix;
                 unsigned shift;
         } suffixes[] = {
-                {"", 0},    {"B", 0},    {"K", 10},   {"KiB", 10}, {"M", 20},
-                {"MiB", 20}, {"G", 30},  {"GiB", 30}, {"T", 40},   {"TiB", 40},
+                {"", 0},     {"B", 0},  {"K", 10},   {"KiB", 10}, {"M", 20},
+                {"MiB", 20}, {"G", 30}, {"GiB", 30}, {"T", 40},   {"TiB", 40},
         };
         unsigned long long v;
         char *end;

@@ -19,14 +19,13 @@
  * Invariants that, when broken, mean a bug. Always compiled in (also under NDEBUG): a process
  * that drives thin-pool metadata must not carry on with a broken invariant.
  */
-#define FIM_ASSERT(cond)                                                                   \
-        do {                                                                               \
-                if (!(cond))                                                               \
-                        util_assert_failed(#cond, __FILE__, __LINE__, __func__);           \
+#define FIM_ASSERT(cond)                                                                           \
+        do {                                                                                       \
+                if (!(cond))                                                                       \
+                        util_assert_failed(#cond, __FILE__, __LINE__, __func__);                   \
         } while (0)
 
-_Noreturn void util_assert_failed(const char *expr, const char *file, int line,
-                                  const char *func);
+_Noreturn void util_assert_failed(const char *expr, const char *file, int line, const char *func);
 
 /* Move ownership out of a local: returns *p and leaves NULL behind. */
 static inline void *steal_ptr_impl(void **p)

@@ -18,14 +18,14 @@
 #define CONFIG_DEFAULT_FILE "/etc/flyio-image-manager/config"
 
 enum config_type {
-        CONFIG_STRING,     /* any text, may be empty */
-        CONFIG_NONEMPTY,   /* text that must not be empty */
-        CONFIG_SECRET,     /* text, never printed */
-        CONFIG_DB_URL,     /* libpq conninfo or URI; its password is a secret */
-        CONFIG_BUCKET,     /* S3 bucket name rules */
-        CONFIG_NAME,       /* identifier: letters, digits, '-', '_', '.' */
-        CONFIG_INT,        /* integer within [min, max] */
-        CONFIG_SIZE,       /* byte size with optional K/M/G/T suffix */
+        CONFIG_STRING,   /* any text, may be empty */
+        CONFIG_NONEMPTY, /* text that must not be empty */
+        CONFIG_SECRET,   /* text, never printed */
+        CONFIG_DB_URL,   /* libpq conninfo or URI; its password is a secret */
+        CONFIG_BUCKET,   /* S3 bucket name rules */
+        CONFIG_NAME,     /* identifier: letters, digits, '-', '_', '.' */
+        CONFIG_INT,      /* integer within [min, max] */
+        CONFIG_SIZE,     /* byte size with optional K/M/G/T suffix */
         CONFIG_BOOL,
         CONFIG_LOG_LEVEL,
 };
@@ -64,12 +64,10 @@ static const struct config_key config_keys[] = {
          "PostgreSQL conninfo or URI"},
         {"HOST_ID", CONFIG_NAME, STR(host_id), NULL, 0, 0,
          "this host's id in shared tables; default the hostname"},
-        {"POOL_NAME", CONFIG_NAME, STR(pool_name), "pool", 0, 0,
-         "devicemapper thin pool name"},
+        {"POOL_NAME", CONFIG_NAME, STR(pool_name), "pool", 0, 0, "devicemapper thin pool name"},
         {"LOCAL_DIR", CONFIG_NONEMPTY, STR(local_dir), "/var/lib/flyio/images", 0, 0,
          "directory for downloaded tarballs"},
-        {"DEVICE_SIZE", CONFIG_SIZE, STR(device_size), "10G", 0, 0,
-         "default thin device size"},
+        {"DEVICE_SIZE", CONFIG_SIZE, STR(device_size), "10G", 0, 0, "default thin device size"},
         {"POOL_HIGH_WATER_PERCENT", CONFIG_INT, STR(pool_high_water_percent), "90", 1, 100,
          "refuse new unpacks above this pool data or metadata usage"},
         {"MAX_OBJECT_SIZE", CONFIG_SIZE, STR(max_object_size), "32G", 0, 0,
@@ -86,8 +84,8 @@ static const struct config_key config_keys[] = {
          "seconds one unpack may take"},
         {"DOWNLOAD_STALL_TIMEOUT", CONFIG_INT, STR(download_stall_timeout), "30", 1, 3600,
          "seconds without a byte before a download is retried"},
-        {"DOWNLOAD_PARALLEL_THRESHOLD", CONFIG_SIZE, STR(download_parallel_threshold), "64M", 0,
-         0, "objects above this size download as parallel ranged parts"},
+        {"DOWNLOAD_PARALLEL_THRESHOLD", CONFIG_SIZE, STR(download_parallel_threshold), "64M", 0, 0,
+         "objects above this size download as parallel ranged parts"},
         {"DOWNLOAD_PART_SIZE", CONFIG_SIZE, STR(download_part_size), "16M", 0, 0,
          "size of one ranged part"},
         {"DOWNLOAD_CONNECTIONS", CONFIG_INT, STR(download_connections), "4", 1, 64,
@@ -188,42 +186,52 @@ static int config_check(const struct config_key *key, const char *value, const c
                 return 0;
         case CONFIG_NONEMPTY:
                 if (value[0] == '\0')
-                        return err_set(-EINVAL, "%s='': expected a non-empty value%s",
-                                       key->name, from);
+                        return err_set(-EINVAL, "%s='': expected a non-empty value%s", key->name,
+                                       from);
                 return 0;
         case CONFIG_DB_URL:
                 opts = PQconninfoParse(value, &errmsg);
                 if (!opts) {
                         /* libpq's message may quote the input, which may hold a password. */
                         PQfreemem(errmsg);
-                        return err_set(-EINVAL, "%s: expected a PostgreSQL connection string or URI (e.g. postgresql://user@host:5432/db)%s",
-                                       key->name, from);
+                        return err_set(
+                                -EINVAL,
+                                "%s: expected a PostgreSQL connection string or URI (e.g. postgresql://user@host:5432/db)%s",
+                                key->name, from);
                 }
                 PQconninfoFree(opts);
                 return 0;
         case CONFIG_BUCKET:
                 if (request_validate_bucket(value) < 0)
-                        return err_set(-EINVAL, "%s='%s': expected an S3 bucket name (3-63 lowercase letters, digits, '-' and '.')%s",
-                                       key->name, shown, from);
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected an S3 bucket name (3-63 lowercase letters, digits, '-' and '.')%s",
+                                key->name, shown, from);
                 return 0;
         case CONFIG_NAME:
                 if (!config_is_name(value))
-                        return err_set(-EINVAL, "%s='%s': expected a name of letters, digits, '-', '_' or '.' (at most 255)%s",
-                                       key->name, shown, from);
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected a name of letters, digits, '-', '_' or '.' (at most 255)%s",
+                                key->name, shown, from);
                 return 0;
         case CONFIG_INT:
                 if (util_parse_int(value, key->min, key->max, &i) < 0) {
                         if (key->min == 1 && key->max >= 1024)
-                                return err_set(-EINVAL, "%s='%s': expected a positive integer (at most %d)%s",
-                                               key->name, shown, key->max, from);
+                                return err_set(
+                                        -EINVAL,
+                                        "%s='%s': expected a positive integer (at most %d)%s",
+                                        key->name, shown, key->max, from);
                         return err_set(-EINVAL, "%s='%s': expected an integer from %d to %d%s",
                                        key->name, shown, key->min, key->max, from);
                 }
                 return 0;
         case CONFIG_SIZE:
                 if (util_parse_size(value, &u) < 0 || u == 0)
-                        return err_set(-EINVAL, "%s='%s': expected a positive size in bytes, optionally with a K, M, G or T suffix%s",
-                                       key->name, shown, from);
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected a positive size in bytes, optionally with a K, M, G or T suffix%s",
+                                key->name, shown, from);
                 return 0;
         case CONFIG_BOOL:
                 if (util_parse_bool(value, &b) < 0)
@@ -232,8 +240,10 @@ static int config_check(const struct config_key *key, const char *value, const c
                 return 0;
         case CONFIG_LOG_LEVEL:
                 if (log_level_parse(value, &lvl) < 0)
-                        return err_set(-EINVAL, "%s='%s': expected one of debug, info, notice, warning, err%s",
-                                       key->name, shown, from);
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected one of debug, info, notice, warning, err%s",
+                                key->name, shown, from);
                 return 0;
         }
         return -EINVAL;
@@ -371,8 +381,8 @@ int config_load_file(struct config *cfg, const char *path)
                         s += 7;
                 eq = strchr(s, '=');
                 if (!eq) {
-                        r = err_set(-EINVAL, "config file '%s' line %u: expected KEY=value",
-                                    path, lineno);
+                        r = err_set(-EINVAL, "config file '%s' line %u: expected KEY=value", path,
+                                    lineno);
                         goto out;
                 }
                 *eq = '\0';
@@ -409,9 +419,13 @@ int config_validate(const struct config *cfg)
         bool has_secret = cfg->s3_secret_key[0] != '\0';
 
         if (has_key != has_secret)
-                return err_set(-EINVAL, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (set both for signed requests, neither for anonymous access)");
+                return err_set(
+                        -EINVAL,
+                        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (set both for signed requests, neither for anonymous access)");
         if (cfg->s3_session_token[0] && !has_key)
-                return err_set(-EINVAL, "AWS_SESSION_TOKEN is set but AWS_ACCESS_KEY_ID is not: temporary credentials need all three");
+                return err_set(
+                        -EINVAL,
+                        "AWS_SESSION_TOKEN is set but AWS_ACCESS_KEY_ID is not: temporary credentials need all three");
         if (cfg->retry_max_ms < cfg->retry_base_ms)
                 return err_set(-EINVAL, "RETRY_MAX_MS=%d is below RETRY_BASE_MS=%d",
                                cfg->retry_max_ms, cfg->retry_base_ms);
@@ -489,8 +503,7 @@ int config_get_display(const struct config *cfg, const char *name, char *buf, si
                 (void)snprintf(buf, size, "%s", *(const bool *)field ? "true" : "false");
                 break;
         case CONFIG_SECRET:
-                (void)snprintf(buf, size, "%s",
-                               (*(char *const *)field)[0] ? "[set]" : "[not set]");
+                (void)snprintf(buf, size, "%s", (*(char *const *)field)[0] ? "[set]" : "[not set]");
                 break;
         case CONFIG_DB_URL:
                 config_display_db_url(*(char *const *)field, buf, size);
@@ -516,7 +529,6 @@ void config_print(const struct config *cfg, FILE *out)
                 (void)config_get_display(cfg, config_keys[i].name, value, sizeof(value));
                 log_redact(value);
                 fprintf(out, "%s=%s  # %s\n", config_keys[i].name, value,
-                        source_names[cfg->sources[i] <= CONFIG_SOURCE_FLAG ? cfg->sources[i]
-                                                                           : 0]);
+                        source_names[cfg->sources[i] <= CONFIG_SOURCE_FLAG ? cfg->sources[i] : 0]);
         }
 }

@@ -54,8 +54,8 @@ static int db_error(struct db *db, const PGresult *res)
 int db_connect(const char *url, struct db **ret_db)
 {
         /* Defaults that an operator's conninfo can still override. */
-        const char *keys[] = {"connect_timeout", "application_name", "keepalives_idle",
-                              "dbname", NULL};
+        const char *keys[] = {"connect_timeout", "application_name", "keepalives_idle", "dbname",
+                              NULL};
         const char *vals[] = {"10", "flyio-image-manager", "30", url, NULL};
         struct db *db = NULL;
         int r;
@@ -200,8 +200,7 @@ retry:
                 /* Only database-level transient failures repeat the transaction. */
                 if (r != -EAGAIN && r != -ECONNRESET)
                         return r;
-                log_debug("retrying transaction", "attempt=%d sqlstate=%s", attempt,
-                          db->sqlstate);
+                log_debug("retrying transaction", "attempt=%d sqlstate=%s", attempt, db->sqlstate);
                 util_sleep_ms(20LL << attempt);
         }
         return r;
@@ -217,8 +216,7 @@ int db_schema_version(struct db *db, int *ret_version)
         PGresult *res = NULL;
         int r;
 
-        r = db_query_row(db, &res, "SELECT to_regclass('schema_migrations') IS NOT NULL", 0,
-                         NULL);
+        r = db_query_row(db, &res, "SELECT to_regclass('schema_migrations') IS NOT NULL", 0, NULL);
         if (r < 0)
                 return r;
         if (strcmp(db_get(res, 0, 0), "t") != 0) {
@@ -272,8 +270,9 @@ static int db_migrate_tx(struct db *db, void *userdata)
                         return err_wrap(r, "failed to apply migration %04d_%s", m->version,
                                         m->name);
                 (void)snprintf(version, sizeof(version), "%d", m->version);
-                r = db_exec(db, NULL, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                            2, params);
+                r = db_exec(db, NULL,
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", 2,
+                            params);
                 if (r < 0)
                         return r;
                 st->applied++;
@@ -305,11 +304,15 @@ int db_schema_check(struct db *db)
         if (r < 0)
                 return r;
         if (version < latest)
-                return err_set(-ESTALE, "database schema is at version %d but this binary needs version %d: run 'flyio-image-manager migrate'",
-                               version, latest);
+                return err_set(
+                        -ESTALE,
+                        "database schema is at version %d but this binary needs version %d: run 'flyio-image-manager migrate'",
+                        version, latest);
         if (version > latest)
-                return err_set(-ESTALE, "database schema is at version %d, newer than this binary knows (%d): upgrade flyio-image-manager",
-                               version, latest);
+                return err_set(
+                        -ESTALE,
+                        "database schema is at version %d, newer than this binary knows (%d): upgrade flyio-image-manager",
+                        version, latest);
         return 0;
 }
 

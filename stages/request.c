@@ -32,12 +32,23 @@ struct field_spec {
         bool omit_empty;
 };
 
-#define F_STR(type, field, req, omit)                                                      \
-        {#field, FIELD_STRING, offsetof(struct type, field),                              \
-         sizeof(((struct type *)0)->field), req, omit}
-#define F_INT(type, field, req, omit) {#field, FIELD_INT64, offsetof(struct type, field), 0, req, omit}
-#define F_BOOL(type, field) {#field, FIELD_BOOL, offsetof(struct type, field), 0, false, false}
-#define F_TIME(type, field, name) {name, FIELD_TIME, offsetof(struct type, field), 0, false, true}
+#define F_STR(type, field, req, omit)                                                              \
+        {                                                                                          \
+#field, FIELD_STRING, offsetof(struct type, field),                                \
+                        sizeof(((struct type *)0)->field), req, omit                               \
+        }
+#define F_INT(type, field, req, omit)                                                              \
+        {                                                                                          \
+#field, FIELD_INT64, offsetof(struct type, field), 0, req, omit                    \
+        }
+#define F_BOOL(type, field)                                                                        \
+        {                                                                                          \
+#field, FIELD_BOOL, offsetof(struct type, field), 0, false, false                  \
+        }
+#define F_TIME(type, field, name)                                                                  \
+        {                                                                                          \
+                name, FIELD_TIME, offsetof(struct type, field), 0, false, true                     \
+        }
 
 static const struct field_spec download_request_fields[] = {
         F_STR(download_request, s3_key, true, false),
@@ -110,8 +121,10 @@ int request_validate_s3_key(const char *key)
                 unsigned char c = (unsigned char)key[i];
 
                 if (!isalnum(c) && c != '-' && c != '_' && c != '.' && c != '/')
-                        return err_set(-EINVAL, "field 's3_key' has a character outside letters, digits and '-_./' at offset %zu",
-                                       i);
+                        return err_set(
+                                -EINVAL,
+                                "field 's3_key' has a character outside letters, digits and '-_./' at offset %zu",
+                                i);
         }
         if (key[0] == '/')
                 return err_set(-EINVAL, "field 's3_key' must not start with '/'");
@@ -122,7 +135,8 @@ int request_validate_s3_key(const char *key)
                 size_t n = strcspn(seg, "/");
 
                 if ((n == 1 && seg[0] == '.') || (n == 2 && seg[0] == '.' && seg[1] == '.'))
-                        return err_set(-EINVAL, "field 's3_key' must not contain '.' or '..' path segments");
+                        return err_set(-EINVAL,
+                                       "field 's3_key' must not contain '.' or '..' path segments");
         }
         return 0;
 }
@@ -140,8 +154,10 @@ int request_validate_image_id(const char *id)
                 unsigned char c = (unsigned char)id[i];
 
                 if (!isalnum(c) && c != '-' && c != '_')
-                        return err_set(-EINVAL, "field 'image_id' has a character outside letters, digits, '-' and '_' at offset %zu",
-                                       i);
+                        return err_set(
+                                -EINVAL,
+                                "field 'image_id' has a character outside letters, digits, '-' and '_' at offset %zu",
+                                i);
         }
         return 0;
 }
@@ -185,8 +201,10 @@ int request_validate_bucket(const char *bucket)
                 unsigned char c = (unsigned char)bucket[i];
 
                 if (!islower(c) && !isdigit(c) && c != '-' && c != '.')
-                        return err_set(-EINVAL, "field 'bucket' may hold only lowercase letters, digits, '-' and '.' (offset %zu)",
-                                       i);
+                        return err_set(
+                                -EINVAL,
+                                "field 'bucket' may hold only lowercase letters, digits, '-' and '.' (offset %zu)",
+                                i);
         }
         if (!isalnum((unsigned char)bucket[0]) || !isalnum((unsigned char)bucket[len - 1]))
                 return err_set(-EINVAL, "field 'bucket' must begin and end with a letter or digit");
@@ -210,7 +228,8 @@ int request_validate_bucket(const char *bucket)
 int request_validate_checksum(const char *hex)
 {
         if (!util_is_sha256_hex(hex))
-                return err_set(-EINVAL, "field 'checksum' must be a SHA-256 as 64 lowercase hex digits");
+                return err_set(-EINVAL,
+                               "field 'checksum' must be a SHA-256 as 64 lowercase hex digits");
         return 0;
 }
 
@@ -229,8 +248,10 @@ int request_validate_dm_name(const char *field, const char *name)
                 unsigned char c = (unsigned char)name[i];
 
                 if (!isalnum(c) && c != '-' && c != '_' && c != '.')
-                        return err_set(-EINVAL, "field '%s' may hold only letters, digits, '-', '_' and '.' (offset %zu)",
-                                       field, i);
+                        return err_set(
+                                -EINVAL,
+                                "field '%s' may hold only letters, digits, '-', '_' and '.' (offset %zu)",
+                                field, i);
         }
         return 0;
 }
@@ -240,8 +261,8 @@ int request_validate_device_id(const char *field, const char *id)
         uint64_t v;
 
         if (util_parse_u64(id, &v) < 0 || v > REQUEST_THIN_ID_MAX || (id[0] == '0' && id[1]))
-                return err_set(-EINVAL, "field '%s' must be a thin device id from 0 to %d",
-                               field, REQUEST_THIN_ID_MAX);
+                return err_set(-EINVAL, "field '%s' must be a thin device id from 0 to %d", field,
+                               REQUEST_THIN_ID_MAX);
         return 0;
 }
 
@@ -249,7 +270,9 @@ int request_validate_device_size(int64_t size)
 {
         /* 16 TiB is the largest thin device worth allowing from a message. */
         if (size <= 0 || size % 512 != 0 || size > (INT64_C(16) << 40))
-                return err_set(-EINVAL, "field 'device_size' must be a positive multiple of 512 bytes, at most 16 TiB");
+                return err_set(
+                        -EINVAL,
+                        "field 'device_size' must be a positive multiple of 512 bytes, at most 16 TiB");
         return 0;
 }
 
@@ -376,7 +399,8 @@ static int request_parse(const char *json, struct json_object **ret_obj)
                 goto out;
         }
         if (json_tokener_get_parse_end(tok) != len) {
-                r = err_set(-EINVAL, "message has trailing data after the JSON object at offset %zu",
+                r = err_set(-EINVAL,
+                            "message has trailing data after the JSON object at offset %zu",
                             json_tokener_get_parse_end(tok));
                 goto out;
         }
@@ -405,8 +429,8 @@ static int request_decode_field(const struct field_spec *f, struct json_object *
         switch (f->type) {
         case FIELD_STRING:
                 if (!json_object_is_type(v, json_type_string))
-                        return err_set(-EINVAL, "field '%s': expected a string, got %s",
-                                       f->name, request_type_name(v));
+                        return err_set(-EINVAL, "field '%s': expected a string, got %s", f->name,
+                                       request_type_name(v));
                 s = json_object_get_string(v);
                 len = (size_t)json_object_get_string_len(v);
                 if (strlen(s) != len)
@@ -418,8 +442,8 @@ static int request_decode_field(const struct field_spec *f, struct json_object *
                 return 0;
         case FIELD_INT64:
                 if (!json_object_is_type(v, json_type_int))
-                        return err_set(-EINVAL, "field '%s': expected an integer, got %s",
-                                       f->name, request_type_name(v));
+                        return err_set(-EINVAL, "field '%s': expected an integer, got %s", f->name,
+                                       request_type_name(v));
                 errno = 0;
                 *(int64_t *)(void *)dst = json_object_get_int64(v);
                 if (errno == EINVAL || (json_object_get_int64(v) == INT64_MAX &&
@@ -428,8 +452,8 @@ static int request_decode_field(const struct field_spec *f, struct json_object *
                 return 0;
         case FIELD_BOOL:
                 if (!json_object_is_type(v, json_type_boolean))
-                        return err_set(-EINVAL, "field '%s': expected a boolean, got %s",
-                                       f->name, request_type_name(v));
+                        return err_set(-EINVAL, "field '%s': expected a boolean, got %s", f->name,
+                                       request_type_name(v));
                 *(bool *)(void *)dst = json_object_get_boolean(v);
                 return 0;
         case FIELD_TIME:
@@ -442,8 +466,8 @@ static int request_decode_field(const struct field_spec *f, struct json_object *
         return -EINVAL;
 }
 
-static int request_decode(const char *json, const struct field_spec *fields, size_t n,
-                          void *out, size_t out_size)
+static int request_decode(const char *json, const struct field_spec *fields, size_t n, void *out,
+                          size_t out_size)
 {
         struct json_object *obj = NULL;
         int r;
@@ -458,8 +482,7 @@ static int request_decode(const char *json, const struct field_spec *fields, siz
                 /* A JSON null is the same as an absent field, as in Go. */
                 if (!json_object_object_get_ex(obj, fields[i].name, &v) || !v) {
                         if (fields[i].required) {
-                                r = err_set(-EINVAL, "missing required field '%s'",
-                                            fields[i].name);
+                                r = err_set(-EINVAL, "missing required field '%s'", fields[i].name);
                                 goto out;
                         }
                         continue;
@@ -520,23 +543,23 @@ out:
         return result;
 }
 
-#define REQUEST_CODEC(type, validate)                                                      \
-        int type##_decode(const char *json, struct type *ret)                              \
-        {                                                                                  \
-                struct type tmp;                                                           \
-                int r = request_decode(json, type##_fields, ARRAY_SIZE(type##_fields),     \
-                                       &tmp, sizeof(tmp));                                 \
-                if (r < 0)                                                                 \
-                        return r;                                                          \
-                r = validate;                                                              \
-                if (r < 0)                                                                 \
-                        return r;                                                          \
-                *ret = tmp;                                                                \
-                return 0;                                                                  \
-        }                                                                                  \
-        char *type##_encode(const struct type *in)                                         \
-        {                                                                                  \
-                return request_encode(type##_fields, ARRAY_SIZE(type##_fields), in);       \
+#define REQUEST_CODEC(type, validate)                                                              \
+        int type##_decode(const char *json, struct type *ret)                                      \
+        {                                                                                          \
+                struct type tmp;                                                                   \
+                int r = request_decode(json, type##_fields, ARRAY_SIZE(type##_fields), &tmp,       \
+                                       sizeof(tmp));                                               \
+                if (r < 0)                                                                         \
+                        return r;                                                                  \
+                r = validate;                                                                      \
+                if (r < 0)                                                                         \
+                        return r;                                                                  \
+                *ret = tmp;                                                                        \
+                return 0;                                                                          \
+        }                                                                                          \
+        char *type##_encode(const struct type *in)                                                 \
+        {                                                                                          \
+                return request_encode(type##_fields, ARRAY_SIZE(type##_fields), in);               \
         }
 
 REQUEST_CODEC(download_request, download_request_validate(&tmp))

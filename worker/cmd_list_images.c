@@ -13,9 +13,10 @@ static const char *const cmd_list_images_statuses[] = {"pending", "downloading",
 
 static const char cmd_list_images_sql[] =
         "SELECT image_id, status, size_bytes, left(checksum, 12), bucket || '/' || s3_key,"
-        " " DB_TIME("updated_at") ", error"
-        " FROM images WHERE ($1::text IS NULL OR host_id = $1) AND ($2::text IS NULL OR status = $2)"
-        " ORDER BY image_id, host_id";
+        " " DB_TIME(
+                "updated_at") ", error"
+                              " FROM images WHERE ($1::text IS NULL OR host_id = $1) AND ($2::text IS NULL OR status = $2)"
+                              " ORDER BY image_id, host_id";
 
 static const char cmd_list_images_json_sql[] =
         "SELECT coalesce(json_agg(i ORDER BY i.image_id, i.host_id), '[]') FROM (SELECT host_id,"
@@ -32,8 +33,8 @@ int cmd_list_images(int argc, char **argv)
                 {"help", no_argument, NULL, 'h'},
                 {0, 0, 0, 0},
         };
-        static const char *const headers[] = {"IMAGE_ID", "STATUS", "SIZE", "CHECKSUM",
-                                              "SOURCE", "UPDATED", "ERROR"};
+        static const char *const headers[] = {"IMAGE_ID", "STATUS",  "SIZE", "CHECKSUM",
+                                              "SOURCE",   "UPDATED", "ERROR"};
         const char *status_filter = NULL;
         bool json = false, all_hosts = false;
         struct config cfg;
@@ -73,8 +74,10 @@ int cmd_list_images(int argc, char **argv)
                 for (size_t i = 0; i < 4; i++)
                         known = known || strcmp(status_filter, cmd_list_images_statuses[i]) == 0;
                 if (!known)
-                        return cli_usage(argv[0], "--status '%s': expected pending, downloading, completed or failed",
-                                         status_filter);
+                        return cli_usage(
+                                argv[0],
+                                "--status '%s': expected pending, downloading, completed or failed",
+                                status_filter);
         }
         if (cli_config(&cfg) < 0)
                 return CMD_EXIT_FAILURE;

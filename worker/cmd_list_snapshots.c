@@ -11,9 +11,9 @@
 
 static const char cmd_list_snapshots_sql[] =
         "SELECT snapshot_name, image_id, device_id, origin_id, pool_name, state, device_path,"
-        " " DB_TIME("activated_at")
-        " FROM snapshots WHERE host_id = $1 AND (NOT $2::bool OR state = 'active')"
-        " ORDER BY snapshot_name";
+        " " DB_TIME(
+                "activated_at") " FROM snapshots WHERE host_id = $1 AND (NOT $2::bool OR state = 'active')"
+                                " ORDER BY snapshot_name";
 
 static const char cmd_list_snapshots_json_sql[] =
         "SELECT coalesce(json_agg(s ORDER BY s.snapshot_name), '[]') FROM (SELECT host_id,"
@@ -31,7 +31,7 @@ int cmd_list_snapshots(int argc, char **argv)
                 {0, 0, 0, 0},
         };
         static const char *const headers[] = {"SNAPSHOT", "IMAGE_ID", "SNAPSHOT_ID", "ORIGIN_ID",
-                                              "POOL", "STATE", "DEVICE", "ACTIVATED"};
+                                              "POOL",     "STATE",    "DEVICE",      "ACTIVATED"};
         bool active_only = true, json = false;
         struct config cfg;
         struct db *db = NULL;
@@ -42,7 +42,8 @@ int cmd_list_snapshots(int argc, char **argv)
                 switch (c) {
                 case 'a':
                         if (optarg && util_parse_bool(optarg, &active_only) < 0)
-                                return cli_usage(argv[0], "--active-only='%s': expected true or false",
+                                return cli_usage(argv[0],
+                                                 "--active-only='%s': expected true or false",
                                                  optarg);
                         if (!optarg)
                                 active_only = true;

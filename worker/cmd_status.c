@@ -13,14 +13,16 @@
 
 static const char cmd_status_run_sql[] =
         "SELECT run_id, fsm, status, state, next_transition, attempt, max_attempts, host_id,"
-        " idempotency_key, lease_owner, " DB_TIME("lease_until") ", " DB_TIME("created_at") ","
-        " " DB_TIME("updated_at") ", " DB_TIME("finished_at") ", error, error_detail, error_class,"
-        " request::text, response::text, trace_id, parent_run_id"
-        " FROM fsm_runs WHERE run_id = $1";
+        " idempotency_key, lease_owner, " DB_TIME("lease_until") ", " DB_TIME(
+                "created_at") ","
+                              " " DB_TIME("updated_at") ", " DB_TIME(
+                                      "finished_at") ", error, error_detail, error_class,"
+                                                     " request::text, response::text, trace_id, parent_run_id"
+                                                     " FROM fsm_runs WHERE run_id = $1";
 
 static const char cmd_status_events_sql[] =
         "SELECT " DB_TIME("at") ", kind, coalesce(transition, ''), attempt, coalesce(detail, '')"
-        " FROM fsm_events WHERE run_id = $1 ORDER BY id";
+                                " FROM fsm_events WHERE run_id = $1 ORDER BY id";
 
 static const char cmd_status_json_sql[] =
         "SELECT json_build_object('run', (SELECT row_to_json(r) FROM (SELECT run_id, fsm, status,"
@@ -44,10 +46,11 @@ static void cmd_status_help(void)
 static void cmd_status_print_run(const PGresult *run, const PGresult *events)
 {
         static const char *const labels[] = {
-                "run_id", "fsm", "status", "state", NULL, "attempt", NULL, "host",
-                "key", "lease_owner", "lease_until", "created", "updated", "finished",
-                "error", "error_detail", "error_class", "request", "response", "trace_id",
-                "parent_run", };
+                "run_id",   "fsm",      "status",     "state",        NULL,          "attempt",
+                NULL,       "host",     "key",        "lease_owner",  "lease_until", "created",
+                "updated",  "finished", "error",      "error_detail", "error_class", "request",
+                "response", "trace_id", "parent_run",
+        };
 
         for (int c = 0; c < (int)(sizeof(labels) / sizeof(labels[0])); c++) {
                 const char *v = db_get(run, 0, c);
@@ -55,12 +58,11 @@ static void cmd_status_print_run(const PGresult *run, const PGresult *events)
                 if (!labels[c] || !v)
                         continue;
                 if (c == 3)
-                        printf("%-13s%s (next transition #%s)\n", "state:", v,
-                               db_get(run, 0, 4));
+                        printf("%-13s%s (next transition #%s)\n", "state:", v, db_get(run, 0, 4));
                 else if (c == 5)
                         printf("%-13s%s of %s\n", "attempt:", v, db_get(run, 0, 6));
                 else
-                        printf("%-13s%s\n", labels[c], v);
+                        printf("%s:%*s%s\n", labels[c], 12 - (int)strlen(labels[c]), "", v);
         }
         printf("\nevents:\n");
         for (int i = 0; i < PQntuples(events); i++) {
@@ -105,7 +107,8 @@ int cmd_status(int argc, char **argv)
         if (!run_id)
                 return cli_usage(argv[0], "missing required flag --run-id");
         if (!ulid_is_valid(run_id))
-                return cli_usage(argv[0], "--run-id '%s' is not a ULID (26 characters of Crockford base32)",
+                return cli_usage(argv[0],
+                                 "--run-id '%s' is not a ULID (26 characters of Crockford base32)",
                                  run_id);
         if (cli_config(&cfg) < 0)
                 return CMD_EXIT_FAILURE;

@@ -64,11 +64,12 @@ static void verify_version(struct verify_report *rep)
         char dm[64] = "?";
 
         (void)dm_get_library_version(dm, sizeof(dm));
-        verify_report_add(rep, "version", true,
-                          "flyio-image-manager %s (libpq %d, librdkafka %s, libcurl %s, %s, libdevmapper %s, json-c %s)",
-                          FIM_VERSION, PQlibVersion(), rd_kafka_version_str(),
-                          curl_version_info(CURLVERSION_NOW)->version,
-                          archive_version_string(), dm, json_c_version());
+        verify_report_add(
+                rep, "version", true,
+                "flyio-image-manager %s (libpq %d, librdkafka %s, libcurl %s, %s, libdevmapper %s, json-c %s)",
+                FIM_VERSION, PQlibVersion(), rd_kafka_version_str(),
+                curl_version_info(CURLVERSION_NOW)->version, archive_version_string(), dm,
+                json_c_version());
 }
 
 static void verify_database(struct verify_report *rep, const struct config *cfg)
@@ -99,8 +100,10 @@ static void verify_local_dir(struct verify_report *rep, const struct config *cfg
         uint64_t free_bytes;
 
         if (access(cfg->local_dir, W_OK | X_OK) < 0) {
-                verify_report_add(rep, "disk", false, "LOCAL_DIR '%s' is not a writable directory: %s (create it or set LOCAL_DIR)",
-                                  cfg->local_dir, strerror(errno));
+                verify_report_add(
+                        rep, "disk", false,
+                        "LOCAL_DIR '%s' is not a writable directory: %s (create it or set LOCAL_DIR)",
+                        cfg->local_dir, strerror(errno));
                 return;
         }
         if (statvfs(cfg->local_dir, &st) < 0) {
@@ -148,8 +151,7 @@ int cmd_verify_system(int argc, char **argv)
         if (cli_config(&cfg) < 0) {
                 verify_report_add(&rep, "configuration", false, "%s", err_last());
         } else {
-                verify_report_add(&rep, "configuration", true, "valid (HOST_ID=%s)",
-                                  cfg.host_id);
+                verify_report_add(&rep, "configuration", true, "valid (HOST_ID=%s)", cfg.host_id);
                 verify_database(&rep, &cfg);
                 verify_local_dir(&rep, &cfg);
                 verify_devicemapper(&rep, &cfg);

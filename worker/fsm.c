@@ -142,8 +142,10 @@ static int fsm_event(struct db *db, const struct fsm_run *run, const char *kind,
 static int fsm_insert_run(struct db *db, struct fsm_run *run)
 {
         char max[16], lease_ms[16];
-        const char *params[10] = {run->run_id, run->def->name, run->opts->host_id, run->key,
-                                  run->request, max, run->owner, lease_ms,
+        const char *params[10] = {run->run_id,         run->def->name,
+                                  run->opts->host_id,  run->key,
+                                  run->request,        max,
+                                  run->owner,          lease_ms,
                                   run->opts->trace_id, run->opts->parent_run_id};
         int r;
 
@@ -151,8 +153,7 @@ static int fsm_insert_run(struct db *db, struct fsm_run *run)
         if (r < 0)
                 return err_set(r, "failed to make a run id");
         (void)snprintf(max, sizeof(max), "%d", run->max_attempts);
-        (void)snprintf(lease_ms, sizeof(lease_ms), "%d",
-                       lease_keeper_lease_ms(run->opts->leases));
+        (void)snprintf(lease_ms, sizeof(lease_ms), "%d", lease_keeper_lease_ms(run->opts->leases));
         return db_exec(db, NULL,
                        "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request,"
                        " state, next_transition, status, attempt, max_attempts, lease_owner,"
@@ -204,8 +205,7 @@ static int fsm_claim_new(struct db *db, struct fsm_run *run, const char *replace
         return 0;
 }
 
-static int fsm_claim_takeover(struct db *db, struct fsm_run *run, const char *run_id,
-                              bool released)
+static int fsm_claim_takeover(struct db *db, struct fsm_run *run, const char *run_id, bool released)
 {
         char lease_ms[16];
         const char *params[4] = {run_id, run->owner, lease_ms, released ? "0" : "1"};
@@ -213,8 +213,7 @@ static int fsm_claim_takeover(struct db *db, struct fsm_run *run, const char *ru
         const char *response;
         int r;
 
-        (void)snprintf(lease_ms, sizeof(lease_ms), "%d",
-                       lease_keeper_lease_ms(run->opts->leases));
+        (void)snprintf(lease_ms, sizeof(lease_ms), "%d", lease_keeper_lease_ms(run->opts->leases));
         r = db_query_row(db, &res,
                          "UPDATE fsm_runs SET lease_owner = $2, attempt = attempt + $4::int,"
                          " lease_until = now() + $3::int * interval '1 millisecond',"
@@ -335,8 +334,8 @@ static int fsm_complete_tx(struct db *db, void *userdata)
         struct fsm_complete_ctx *c = userdata;
         struct fsm_run *run = c->run;
         char next[16];
-        const char *response = json_object_to_json_string_ext(run->response,
-                                                              JSON_C_TO_STRING_PLAIN);
+        const char *response =
+                json_object_to_json_string_ext(run->response, JSON_C_TO_STRING_PLAIN);
         const char *params[5] = {run->run_id, run->owner, c->t->name, next, response};
         int r;
 
@@ -388,8 +387,8 @@ static int fsm_fail_tx(struct db *db, void *userdata)
         struct fsm_run *run = c->run;
         char detail[256];
         const char *status = c->permanent ? "aborted" : "failed";
-        const char *params[6] = {run->run_id, run->owner, status, c->text, detail,
-                                 c->permanent ? "permanent" : "transient"};
+        const char *params[6] = {run->run_id, run->owner, status,
+                                 c->text,     detail,     c->permanent ? "permanent" : "transient"};
         int r;
 
         (void)snprintf(detail, sizeof(detail), "transition '%s', %s, attempt %d of %d",
@@ -512,8 +511,8 @@ static int fsm_run_transitions(struct fsm_run *run, struct fsm_result *res)
 
         while (run->next < (int)def->transition_count) {
                 const struct fsm_transition *t = &def->transitions[run->next];
-                struct fsm_complete_ctx c = {run, t,
-                                             run->next == (int)def->transition_count - 1, false};
+                struct fsm_complete_ctx c = {run, t, run->next == (int)def->transition_count - 1,
+                                             false};
                 int step;
 
                 fsm_log_context(run);
@@ -594,8 +593,8 @@ static int fsm_claim(struct fsm_run *run)
                 if (r != -EALREADY)
                         return r;
         }
-        return err_set(-EAGAIN, "could not claim idempotency key '%s' after %d attempts",
-                       run->key, FSM_CLAIM_ATTEMPTS);
+        return err_set(-EAGAIN, "could not claim idempotency key '%s' after %d attempts", run->key,
+                       FSM_CLAIM_ATTEMPTS);
 }
 
 static int fsm_load_response(struct fsm_run *run)
@@ -618,8 +617,13 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
                 struct fsm_result *ret_result)
 {
         struct fsm_run run = {
-                .db = db, .def = def, .opts = opts, .userdata = userdata, .key = key,
-                .request = request_json, .max_attempts = opts->max_attempts,
+                .db = db,
+                .def = def,
+                .opts = opts,
+                .userdata = userdata,
+                .key = key,
+                .request = request_json,
+                .max_attempts = opts->max_attempts,
         };
         struct fsm_result res = {0};
         char token[ULID_LEN + 1];
@@ -651,23 +655,22 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
                 goto out;
         fsm_log_context(&run);
         if (run.exhausted_on_takeover) {
-                (void)snprintf(res.error_text, sizeof(res.error_text),
-                               "run was interrupted %d times (worker died or lease expired); giving up",
-                               run.max_attempts);
+                (void)snprintf(
+                        res.error_text, sizeof(res.error_text),
+                        "run was interrupted %d times (worker died or lease expired); giving up",
+                        run.max_attempts);
                 res.error = -ETIMEDOUT;
                 fsm_note_failure(&run);
-                r = fsm_fail(&run, def->transitions[run.next < (int)def->transition_count
-                                                            ? run.next
-                                                            : 0]
-                                           .name,
-                             -ETIMEDOUT, false, &res);
+                r = fsm_fail(
+                        &run,
+                        def->transitions[run.next < (int)def->transition_count ? run.next : 0].name,
+                        -ETIMEDOUT, false, &res);
         } else {
                 r = fsm_run_transitions(&run, &res);
         }
         if (r < 0)
                 goto out;
-        res.response = strdup(json_object_to_json_string_ext(run.response,
-                                                             JSON_C_TO_STRING_PLAIN));
+        res.response = strdup(json_object_to_json_string_ext(run.response, JSON_C_TO_STRING_PLAIN));
         if (!res.response) {
                 r = err_set(-ENOMEM, "out of memory");
                 goto out;

@@ -51,8 +51,8 @@ struct fsm_def {
 
 struct fsm_options {
         const char *host_id;
-        const char *worker_id;  /* shown as lease owner and in events */
-        const char *subject;    /* image id, for the log context; optional */
+        const char *worker_id; /* shown as lease owner and in events */
+        const char *subject;   /* image id, for the log context; optional */
         int max_attempts;
         int retry_base_ms;
         int retry_max_ms;

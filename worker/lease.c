@@ -45,10 +45,11 @@ static void lease_keeper_extend_all(struct lease_keeper *k)
 
                 if (atomic_load(&l->lost))
                         continue;
-                r = db_exec(k->db, &res,
-                            "UPDATE fsm_runs SET lease_until = now() + $3::int * interval '1 millisecond'"
-                            " WHERE run_id = $1 AND lease_owner = $2 AND status = 'running'",
-                            3, params);
+                r = db_exec(
+                        k->db, &res,
+                        "UPDATE fsm_runs SET lease_until = now() + $3::int * interval '1 millisecond'"
+                        " WHERE run_id = $1 AND lease_owner = $2 AND status = 'running'",
+                        3, params);
                 if (r < 0) {
                         /* The lease may still be valid; the next tick tries again. */
                         log_warning_errno(r, "failed to extend lease, will retry", "run_id=%s",

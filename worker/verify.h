@@ -8,8 +8,8 @@ struct config;
 struct verify_report;
 
 /* Add one check line: PASS or FAIL, a short name and the reason. */
-void verify_report_add(struct verify_report *rep, const char *name, bool ok, const char *fmt,
-                       ...) __attribute__((format(printf, 4, 5)));
+void verify_report_add(struct verify_report *rep, const char *name, bool ok, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
 
 /* Device-mapper: control node, pool POOL_NAME present and healthy. */
 void verify_devicemapper(struct verify_report *rep, const struct config *cfg);

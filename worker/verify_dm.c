@@ -15,9 +15,10 @@ void verify_devicemapper(struct verify_report *rep, const struct config *cfg)
         struct dm_info info;
 
         if (access("/dev/mapper/control", R_OK | W_OK) < 0) {
-                verify_report_add(rep, "devicemapper", false,
-                                  "/dev/mapper/control is not usable (%s): this kernel has no device-mapper or we lack privileges; run the worker as root on a host with dm-thin",
-                                  strerror(errno));
+                verify_report_add(
+                        rep, "devicemapper", false,
+                        "/dev/mapper/control is not usable (%s): this kernel has no device-mapper or we lack privileges; run the worker as root on a host with dm-thin",
+                        strerror(errno));
                 return;
         }
         dmt = dm_task_create(DM_DEVICE_INFO);
@@ -26,9 +27,10 @@ void verify_devicemapper(struct verify_report *rep, const struct config *cfg)
                 verify_report_add(rep, "devicemapper", false,
                                   "failed to query device-mapper for pool '%s'", cfg->pool_name);
         } else if (!info.exists) {
-                verify_report_add(rep, "devicemapper", false,
-                                  "thin pool '%s' does not exist: create it (pool-setup for development) or set POOL_NAME",
-                                  cfg->pool_name);
+                verify_report_add(
+                        rep, "devicemapper", false,
+                        "thin pool '%s' does not exist: create it (pool-setup for development) or set POOL_NAME",
+                        cfg->pool_name);
         } else {
                 verify_report_add(rep, "devicemapper", true, "thin pool '%s' present (%u:%u)",
                                   cfg->pool_name, info.major, info.minor);

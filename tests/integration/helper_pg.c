@@ -20,7 +20,8 @@ static const char *pg_test_admin_url(void)
         const char *url = getenv("FIM_PG_ADMIN_URL");
 
         if (!url || !url[0])
-                fail_msg("FIM_PG_ADMIN_URL is not set: run the tests through scripts/test.sh, which starts PostgreSQL");
+                fail_msg(
+                        "FIM_PG_ADMIN_URL is not set: run the tests through scripts/test.sh, which starts PostgreSQL");
         return url;
 }
 

@@ -106,11 +106,15 @@ static void test_db_error_mapping(void **state)
         assert_int_equal(db_exec_script(db, "SELECT * FROM no_such_table"), -EINVAL);
         assert_non_null(strstr(err_last(), "SQLSTATE 42P01"));
 
-        assert_int_equal(db_exec_script(db, "DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END $$"),
-                         -EAGAIN);
+        assert_int_equal(
+                db_exec_script(db,
+                               "DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END $$"),
+                -EAGAIN);
         assert_true(err_is_transient(-EAGAIN));
-        assert_int_equal(db_exec_script(db, "DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40P01'; END $$"),
-                         -EAGAIN);
+        assert_int_equal(
+                db_exec_script(db,
+                               "DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40P01'; END $$"),
+                -EAGAIN);
 
         /* The server ends our session: a lost connection, transient. */
         assert_int_equal(db_exec_script(db, "SELECT pg_terminate_backend(pg_backend_pid())"),
@@ -146,7 +150,8 @@ static void test_db_tx_retries_transient_failures(void **state)
 {
         char url[512];
         struct db *db;
-        struct flaky serial = {0, 2, "DO $$ BEGIN RAISE EXCEPTION 's' USING ERRCODE = '40001'; END $$"};
+        struct flaky serial = {0, 2,
+                               "DO $$ BEGIN RAISE EXCEPTION 's' USING ERRCODE = '40001'; END $$"};
         struct flaky lost = {0, 1, "SELECT pg_terminate_backend(pg_backend_pid())"};
         struct flaky bug = {0, 1, "SELECT * FROM no_such_table"};
 

@@ -34,13 +34,13 @@
 #define LEASE_MS 1200
 
 struct sample {
-        const char *hang_at;    /* step that sleeps hang_ms before returning */
-        int hang_ms;            /* < 0: forever */
-        const char *fail_at;    /* step that fails */
-        int fail_errno;         /* negative errno returned by fail_at */
-        int fail_times;         /* how many calls of fail_at fail (-1: all) */
+        const char *hang_at; /* step that sleeps hang_ms before returning */
+        int hang_ms;         /* < 0: forever */
+        const char *fail_at; /* step that fails */
+        int fail_errno;      /* negative errno returned by fail_at */
+        int fail_times;      /* how many calls of fail_at fail (-1: all) */
         int fail_calls;
-        int failures_recorded;  /* on_failure hook calls */
+        int failures_recorded; /* on_failure hook calls */
 };
 
 static int sample_step(struct fsm_run *run, void *userdata, const char *name)
@@ -66,8 +66,7 @@ static int sample_step(struct fsm_run *run, void *userdata, const char *name)
         if (s->fail_at && strcmp(s->fail_at, name) == 0) {
                 s->fail_calls++;
                 if (s->fail_times < 0 || s->fail_calls <= s->fail_times)
-                        return err_set(s->fail_errno, "sample step '%s' failed on purpose",
-                                       name);
+                        return err_set(s->fail_errno, "sample step '%s' failed on purpose", name);
         }
         json_object_object_add(fsm_run_response(run), name, json_object_new_boolean(1));
         return 0;
@@ -81,15 +80,15 @@ static int sample_commit(struct fsm_run *run, struct db *db, const char *name)
                        2, params);
 }
 
-#define SAMPLE_TRANSITION(n)                                                               \
-        static int step_##n(struct fsm_run *run, void *u)                                  \
-        {                                                                                  \
-                return sample_step(run, u, #n);                                            \
-        }                                                                                  \
-        static int commit_##n(struct fsm_run *run, struct db *db, void *u)                 \
-        {                                                                                  \
-                (void)u;                                                                   \
-                return sample_commit(run, db, #n);                                         \
+#define SAMPLE_TRANSITION(n)                                                                       \
+        static int step_##n(struct fsm_run *run, void *u)                                          \
+        {                                                                                          \
+                return sample_step(run, u, #n);                                                    \
+        }                                                                                          \
+        static int commit_##n(struct fsm_run *run, struct db *db, void *u)                         \
+        {                                                                                          \
+                (void)u;                                                                           \
+                return sample_commit(run, db, #n);                                                 \
         }
 
 SAMPLE_TRANSITION(a)
@@ -132,11 +131,11 @@ static int setup(void **state)
 
         pg_test_create(e->url, sizeof(e->url));
         e->db = pg_test_connect(e->url);
-        assert_int_equal(db_exec_script(e->db,
-                                        "CREATE TABLE sample_calls (run_id text, transition text,"
-                                        " pid int, at timestamptz DEFAULT clock_timestamp());"
-                                        "CREATE TABLE sample_effects (run_id text, transition text)"),
-                         0);
+        assert_int_equal(
+                db_exec_script(e->db, "CREATE TABLE sample_calls (run_id text, transition text,"
+                                      " pid int, at timestamptz DEFAULT clock_timestamp());"
+                                      "CREATE TABLE sample_effects (run_id text, transition text)"),
+                0);
         *state = e;
         return 0;
 }
@@ -479,12 +478,12 @@ int main(void)
                 cmocka_unit_test(test_fsm_backoff_bounds),
                 cmocka_unit_test_setup_teardown(
                         test_fsm_crash_at_every_transition_resumes_exactly_once, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_fsm_racing_processes_run_one_key_once,
-                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_racing_processes_run_one_key_once, setup,
+                                                teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_lease_expiry_takeover_fences_paused_owner,
                                                 setup, teardown),
-                cmocka_unit_test_setup_teardown(test_fsm_transient_errors_retry_with_backoff,
-                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_transient_errors_retry_with_backoff, setup,
+                                                teardown),
                 cmocka_unit_test_setup_teardown(
                         test_fsm_permanent_error_aborts_then_replay_runs_again, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_exhausts_attempts, setup, teardown),

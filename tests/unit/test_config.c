@@ -18,9 +18,9 @@
 static void clear_env(void)
 {
         static const char *const names[] = {
-                "S3_BUCKET", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "S3_BUCKET",         "AWS_REGION",   "AWS_ACCESS_KEY_ID",   "AWS_SECRET_ACCESS_KEY",
                 "AWS_SESSION_TOKEN", "DATABASE_URL", "DOWNLOAD_QUEUE_SIZE", "FIM_CONFIG",
-                "LOG_LEVEL", "HOST_ID", "POOL_NAME",
+                "LOG_LEVEL",         "HOST_ID",      "POOL_NAME",
         };
 
         for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
@@ -70,10 +70,10 @@ static void test_config_precedence_file_env_flag(void **state)
 
         setenv("DOWNLOAD_QUEUE_SIZE", "9", 1);
         assert_int_equal(config_load(&cfg, path), 0);
-        assert_string_equal(cfg.pool_name, "filepool");        /* file over default */
-        assert_int_equal(cfg.download_queue_size, 9);          /* env over file */
+        assert_string_equal(cfg.pool_name, "filepool"); /* file over default */
+        assert_int_equal(cfg.download_queue_size, 9);   /* env over file */
         assert_int_equal(config_set(&cfg, "S3_BUCKET", "flag-bucket", CONFIG_SOURCE_FLAG), 0);
-        assert_string_equal(cfg.s3_bucket, "flag-bucket");    /* flag over file */
+        assert_string_equal(cfg.s3_bucket, "flag-bucket"); /* flag over file */
         config_done(&cfg);
 
         setenv("FIM_CONFIG", path, 1);
@@ -93,7 +93,9 @@ static void test_config_invalid_values_name_variable_and_value(void **state)
         clear_env();
         setenv("DOWNLOAD_QUEUE_SIZE", "abc", 1);
         assert_int_equal(config_load(&cfg, NULL), -EINVAL);
-        assert_string_equal(err_last(), "DOWNLOAD_QUEUE_SIZE='abc': expected a positive integer (at most 1024) (from the environment)");
+        assert_string_equal(
+                err_last(),
+                "DOWNLOAD_QUEUE_SIZE='abc': expected a positive integer (at most 1024) (from the environment)");
         config_done(&cfg);
         setenv("DOWNLOAD_QUEUE_SIZE", "0", 1);
         assert_int_equal(config_load(&cfg, NULL), -EINVAL);

@@ -126,9 +126,10 @@ static void test_request_download_decode(void **state)
                 download_request_decode("{\"s3_key\":\"a\\u0000b\",\"image_id\":\"a\"}", &req),
                 -EINVAL);
         assert_non_null(strstr(err_last(), "NUL"));
-        assert_int_equal(download_request_decode(
-                                 "{\"s3_key\":\"k\",\"image_id\":\"a\",\"checksum\":\"abc\"}", &req),
-                         -EINVAL);
+        assert_int_equal(
+                download_request_decode(
+                        "{\"s3_key\":\"k\",\"image_id\":\"a\",\"checksum\":\"abc\"}", &req),
+                -EINVAL);
         assert_non_null(strstr(err_last(), "checksum"));
         assert_int_equal(download_request_decode("{\"a\":[[[[[[[[[[[[1]]]]]]]]]]]]}", &req),
                          -EINVAL);

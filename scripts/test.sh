@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine as on a developer's: installs what is missing,
+# builds twice (warnings as errors; ASan+UBSan), starts real PostgreSQL, S3Proxy and Kafka
+# on loopback, runs unit and integration tests in both builds, runs the device-mapper
+# suites inside one qemu VM boot (the host kernel has no dm-thin), and a short fuzz run of
+# the tar extractor. Stops the services on exit, also on failure.
+#
+# Usage: scripts/test.sh [--no-vm] [--no-fuzz] [--no-asan]
+#   (the flags are for quick local iterations; CI runs everything)
+# Environment: FIM_FUZZ_SECONDS (default 120), FIM_VM_DIRECT=1 to run the dm suites on this
+# host instead of a VM when its kernel has dm-thin.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+run_vm=1
+run_fuzz=1
+run_asan=1
+for arg in "$@"; do
+        case "$arg" in
+        --no-vm) run_vm=0 ;;
+        --no-fuzz) run_fuzz=0 ;;
+        --no-asan) run_asan=0 ;;
+        *) echo "usage: scripts/test.sh [--no-vm] [--no-fuzz] [--no-asan]" >&2; exit 2 ;;
+        esac
+done
+
+JOBS=$(nproc)
+SUITES_PASSED=0
+SUITES_FAILED=0
+FAILED_NAMES=()
+T0=$(date +%s)
+
+step() { printf '\n=== %s (%ds)\n' "$*" $(( $(date +%s) - T0 )); }
+
+# suite NAME COMMAND...: run one suite, record the outcome, keep going.
+suite() {
+        local name=$1
+        shift
+        step "$name"
+        if "$@"; then
+                SUITES_PASSED=$((SUITES_PASSED + 1))
+        else
+                SUITES_FAILED=$((SUITES_FAILED + 1))
+                FAILED_NAMES+=("$name")
+                echo "*** suite '$name' FAILED"
+        fi
+}
+
+step "setup: Debian packages"
+bash scripts/setup.sh
+
+suite "static checks" bash scripts/check-style.sh
+
+step "build: warnings as errors"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFIM_WERROR=ON >/dev/null
+cmake --build build -j"$JOBS"
+if [ "$run_asan" = 1 ]; then
+        step "build: ASan + UBSan"
+        cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DFIM_WERROR=ON -DFIM_SANITIZE=ON >/dev/null
+        cmake --build build-asan -j"$JOBS"
+fi
+
+step "services: PostgreSQL, S3Proxy, Kafka"
+export FIM_SERVICES_DIR=${FIM_SERVICES_DIR:-/tmp/fim-services-test}
+trap 'bash tests/infra/services.sh stop >/dev/null 2>&1 || true' EXIT
+bash tests/infra/services.sh start
+# shellcheck disable=SC1091
+source "$FIM_SERVICES_DIR/services.env"
+
+# Fail fast on sanitizer reports, and keep leak checking on (the default for ASan).
+export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
+suite "unit + integration tests" ctest --test-dir build -LE dm --output-on-failure -j"$JOBS"
+if [ "$run_asan" = 1 ]; then
+        suite "unit + integration tests (ASan+UBSan)" \
+                ctest --test-dir build-asan -LE dm --output-on-failure -j"$JOBS"
+fi
+
+if [ "$run_vm" = 1 ]; then
+        suite "device-mapper suites (qemu VM, real dm-thin)" bash tests/dm/run_in_vm.sh build
+fi
+
+if [ "$run_fuzz" = 1 ] && [ -x tests/fuzz/run.sh ]; then
+        suite "fuzz: tar extractor (${FIM_FUZZ_SECONDS:-120} s)" \
+                bash tests/fuzz/run.sh "${FIM_FUZZ_SECONDS:-120}"
+fi
+
+step "done"
+if [ "${#FAILED_NAMES[@]}" -gt 0 ]; then
+        printf 'failed suite: %s\n' "${FAILED_NAMES[@]}"
+fi
+echo "$SUITES_PASSED passed, $SUITES_FAILED failed"
+[ "$SUITES_FAILED" -eq 0 ]

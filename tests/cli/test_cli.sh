@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Every CLI command's output and exit status, against a scratch database on the real
+# PostgreSQL that scripts/test.sh starts (FIM_PG_ADMIN_URL).
+#
+# Usage: tests/cli/test_cli.sh path/to/flyio-image-manager
+set -uo pipefail
+
+BIN=${1:?usage: test_cli.sh path/to/flyio-image-manager}
+: "${FIM_PG_ADMIN_URL:?FIM_PG_ADMIN_URL is not set: run through scripts/test.sh}"
+
+passed=0
+failed=0
+DBNAME="fim_cli_$$_$RANDOM"
+WORK=$(mktemp -d /tmp/fim-cli-test.XXXXXX)
+export DATABASE_URL="${FIM_PG_ADMIN_URL%/*}/$DBNAME"
+export HOST_ID=cli-test-host
+export LOCAL_DIR="$WORK/images"
+unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN FIM_CONFIG
+mkdir -p "$LOCAL_DIR"
+
+cleanup() {
+        psql "$FIM_PG_ADMIN_URL" -qAtc "DROP DATABASE IF EXISTS $DBNAME WITH (FORCE)" >/dev/null 2>&1
+        rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+psql "$FIM_PG_ADMIN_URL" -qAtc "CREATE DATABASE $DBNAME" >/dev/null || exit 1
+sql() { psql "$DATABASE_URL" -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
+
+# run NAME EXPECTED_STATUS [PATTERN...] -- ARGS...: run the binary, check status and that
+# stdout+stderr match every extended regex PATTERN.
+run() {
+        local name=$1 want=$2
+        shift 2
+        local patterns=()
+        while [ "$1" != "--" ]; do
+                patterns+=("$1")
+                shift
+        done
+        shift
+        local out status
+        out=$("$BIN" "$@" 2>&1)
+        status=$?
+        if [ "$status" -ne "$want" ]; then
+                echo "FAIL $name: exit status $status, want $want; output:"
+                printf '%s\n' "$out" | sed 's/^/    /'
+                failed=$((failed + 1))
+                return
+        fi
+        for p in "${patterns[@]}"; do
+                if ! grep -Eq -- "$p" <<<"$out"; then
+                        echo "FAIL $name: output does not match /$p/; output:"
+                        printf '%s\n' "$out" | sed 's/^/    /'
+                        failed=$((failed + 1))
+                        return
+                fi
+        done
+        passed=$((passed + 1))
+        LAST_OUT=$out
+}
+
+# check NAME CONDITION...: a plain assertion.
+check() {
+        local name=$1
+        shift
+        if "$@"; then
+                passed=$((passed + 1))
+        else
+                echo "FAIL $name"
+                failed=$((failed + 1))
+        fi
+}
+
+not_contains() { ! grep -Fq -- "$2" <<<"$1"; }
+
+# --- help and usage errors -------------------------------------------------------------
+run "global help" 0 "Usage: flyio-image-manager" "process-image" "verify-system" -- --help
+run "version" 0 "^flyio-image-manager [0-9]" -- --version
+run "no command" 2 "Usage:" --
+run "unknown command" 2 "unknown command 'frobnicate'" -- frobnicate
+run "unknown global flag" 2 "unknown global flag" -- --bogus list-images
+for cmd in migrate list-images list-snapshots status verify-system show-config; do
+        run "$cmd --help" 0 "Usage: flyio-image-manager $cmd" -- "$cmd" --help
+        run "$cmd unknown flag" 2 "$cmd: unknown flag '--no-such-flag'" "Try 'flyio-image-manager $cmd --help'" -- "$cmd" --no-such-flag
+done
+run "status without run id" 2 "missing required flag --run-id" -- status
+run "status bad ulid" 2 "is not a ULID" -- status --run-id not-a-ulid
+run "status flag needs value" 2 "needs a value" -- status --run-id
+run "list-images bad status" 2 "expected pending, downloading, completed or failed" -- list-images --status done
+run "list-snapshots bad bool" 2 "expected true or false" -- list-snapshots --active-only=perhaps
+run "positional argument" 2 "unexpected argument 'extra'" -- list-images extra
+
+# --- configuration errors and secrets ------------------------------------------------------
+out=$(DOWNLOAD_QUEUE_SIZE=abc "$BIN" show-config 2>&1); status=$?
+check "invalid env value fails" test "$status" -eq 1
+check "invalid env value names variable" grep -Fq "DOWNLOAD_QUEUE_SIZE='abc': expected a positive integer" <<<"$out"
+out=$("$BIN" --set UNPACK_QUEUE_SIZE=-3 show-config 2>&1); status=$?
+check "invalid --set fails" test "$status" -eq 1
+check "invalid --set names flag" grep -Fq "UNPACK_QUEUE_SIZE='-3'" <<<"$out"
+printf 'POOL_NAME=from-file\nDOWNLOAD_QUEUE_SIZE=3\n' >"$WORK/conf"
+out=$(DOWNLOAD_QUEUE_SIZE=4 "$BIN" --config "$WORK/conf" --set S3_BUCKET=flag-bucket show-config 2>&1)
+check "file value applies" grep -Fq "POOL_NAME=from-file  # file" <<<"$out"
+check "env beats file" grep -Fq "DOWNLOAD_QUEUE_SIZE=4  # environment" <<<"$out"
+check "flag beats all" grep -Fq "S3_BUCKET=flag-bucket  # flag" <<<"$out"
+run "missing config file" 1 "failed to open config file" -- --config "$WORK/nope" show-config
+out=$(AWS_ACCESS_KEY_ID=AKIAEXAMPLE AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYzzSECRET \
+        AWS_SESSION_TOKEN=FwoGZXIvYXdzEXAMPLETOKEN \
+        DATABASE_URL="postgresql://u:Pa55wordXYZ@127.0.0.1:1/x" "$BIN" show-config 2>&1)
+check "secret key hidden" not_contains "$out" "wJalrXUtnFEMIK7MDENGbPxRfiCYzzSECRET"
+check "session token hidden" not_contains "$out" "FwoGZXIvYXdzEXAMPLETOKEN"
+check "db password hidden" not_contains "$out" "Pa55wordXYZ"
+check "secret shown as set" grep -Fq "AWS_SECRET_ACCESS_KEY=[set]" <<<"$out"
+out=$(DATABASE_URL="postgresql://u:Pa55wordXYZ@127.0.0.1:1/x" "$BIN" list-images 2>&1)
+check "db password hidden in connection error" not_contains "$out" "Pa55wordXYZ"
+run "half credentials" 1 "must be set together" -- --set AWS_ACCESS_KEY_ID=AKIAONLY show-config
+
+# --- migrate and the schema guard ------------------------------------------------------------
+run "list before migrate" 1 "schema is at version 0" "run 'flyio-image-manager migrate'" -- list-images
+run "migrate fresh" 0 "applied [0-9]+ migrations?, schema now at version [0-9]+" -- migrate
+run "migrate again" 0 "nothing to do" -- migrate
+run "migrate unreachable db" 1 "database unreachable" -- --set DATABASE_URL=postgresql://x@127.0.0.1:1/none migrate
+
+# --- list-images ------------------------------------------------------------------------
+run "list-images empty" 0 "^IMAGE_ID +STATUS +SIZE +CHECKSUM" -- list-images
+sql "INSERT INTO images (host_id, image_id, bucket, s3_key, status, local_path, checksum, size_bytes)
+     VALUES ('cli-test-host', 'alpine-1', 'b1', 'images/alpine.tar', 'completed', '/x/alpine-1.tar',
+             'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', 5242880),
+            ('cli-test-host', 'broken-2', 'b1', 'images/broken.tar', 'failed', NULL, NULL, NULL),
+            ('other-host', 'elsewhere-3', 'b1', 'images/x.tar', 'pending', NULL, NULL, NULL)"
+run "list-images rows" 0 "alpine-1 +completed +5242880 +e3b0c44298fc +b1/images/alpine.tar" "broken-2 +failed" -- list-images
+check "list-images only this host" not_contains "$LAST_OUT" "elsewhere-3"
+run "list-images --status" 0 "alpine-1" -- list-images --status completed
+check "status filter excludes" not_contains "$LAST_OUT" "broken-2"
+run "list-images --all-hosts" 0 "elsewhere-3" -- list-images --all-hosts
+run "list-images --json" 0 "" -- list-images --json --status completed
+check "list-images json typed" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert len(d)==1 and d[0]["image_id"]=="alpine-1" and d[0]["size_bytes"]==5242880 and d[0]["status"]=="completed"' "$LAST_OUT"
+
+# --- list-snapshots ---------------------------------------------------------------------
+sql "INSERT INTO thin_devices (host_id, pool_name, device_id, kind, state, size_bytes, checksum)
+     VALUES ('cli-test-host', 'pool', 1, 'origin', 'ready', 1073741824, 'abc'),
+            ('cli-test-host', 'pool', 2, 'snapshot', 'ready', 1073741824, NULL),
+            ('cli-test-host', 'pool', 3, 'snapshot', 'ready', 1073741824, NULL);
+     INSERT INTO snapshots (host_id, snapshot_name, image_id, pool_name, device_id, origin_id, device_path, state)
+     VALUES ('cli-test-host', 'snapshot-alpine-1', 'alpine-1', 'pool', 2, 1, '/dev/mapper/snapshot-alpine-1', 'active'),
+            ('cli-test-host', 'snapshot-old', 'alpine-1', 'pool', 3, 1, '/dev/mapper/snapshot-old', 'inactive')"
+run "list-snapshots default active only" 0 "snapshot-alpine-1 +alpine-1 +2 +1 +pool +active" -- list-snapshots
+check "inactive hidden by default" not_contains "$LAST_OUT" "snapshot-old"
+run "list-snapshots --all" 0 "snapshot-old" -- list-snapshots --all
+run "list-snapshots --active-only=false" 0 "snapshot-old" -- list-snapshots --active-only=false
+run "list-snapshots --json" 0 "" -- list-snapshots --json
+check "list-snapshots json" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert [s["snapshot_name"] for s in d]==["snapshot-alpine-1"] and d[0]["active"] is True and d[0]["snapshot_id"]==2' "$LAST_OUT"
+
+# --- status ----------------------------------------------------------------------------
+RUN=01JABCDEFGHJKMNPQRSTVWXYZ0
+sql "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request, response, state, next_transition, status, attempt, max_attempts, error, error_class)
+     VALUES ('$RUN', 'download', 'cli-test-host', 'download/k', '{\"s3_key\":\"a\",\"image_id\":\"alpine-1\"}', '{\"downloaded\":true}', 'record', 4, 'complete', 2, 5, NULL, NULL);
+     INSERT INTO fsm_events (run_id, kind, transition, attempt, detail) VALUES
+       ('$RUN', 'start', NULL, 1, NULL), ('$RUN', 'transition_start', 'fetch', 1, NULL),
+       ('$RUN', 'error', 'fetch', 1, 'connection reset'), ('$RUN', 'retry', 'fetch', 1, 'retry in 800 ms'),
+       ('$RUN', 'transition_complete', 'fetch', 2, NULL), ('$RUN', 'finish', NULL, 2, NULL)"
+run "status text" 0 "^run_id: +$RUN" "status: +complete" "attempt: +2 of 5" "error +fetch +attempt=1  connection reset" "finish" -- status --run-id "$RUN"
+run "status lowercase id" 0 "run_id" -- status --run-id "$(tr 'A-Z' 'a-z' <<<"$RUN" | tr 'a-z' 'A-Z')"
+run "status --json" 0 "" -- status --run-id "$RUN" --json
+check "status json" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["run"]["status"]=="complete" and d["run"]["request"]["image_id"]=="alpine-1" and [e["kind"] for e in d["events"]][-1]=="finish" and len(d["events"])==6' "$LAST_OUT"
+run "status unknown run" 1 "no run with id '01JABCDEFGHJKMNPQRSTVWXYZ1'" -- status --run-id 01JABCDEFGHJKMNPQRSTVWXYZ1
+
+# --- verify-system ---------------------------------------------------------------------
+out=$("$BIN" verify-system 2>&1); status=$?
+check "verify-system database pass" grep -Eq "^PASS +database" <<<"$out"
+check "verify-system schema pass" grep -Eq "^PASS +schema +version [0-9]+" <<<"$out"
+check "verify-system disk line" grep -Eq "^(PASS|FAIL) +disk +LOCAL_DIR '$LOCAL_DIR' has [0-9]+ MiB free" <<<"$out"
+if [ -w /dev/mapper/control ]; then
+        check "verify-system devicemapper line" grep -Eq "^(PASS|FAIL) +devicemapper" <<<"$out"
+else
+        check "verify-system devicemapper fails without dm" grep -Eq "^FAIL +devicemapper +/dev/mapper/control is not usable" <<<"$out"
+        check "verify-system exits 1 on failure" test "$status" -eq 1
+fi
+out=$("$BIN" --set DATABASE_URL=postgresql://x@127.0.0.1:1/none --set LOCAL_DIR=/nonexistent verify-system 2>&1); status=$?
+check "verify-system db fail" grep -Eq "^FAIL +database +failed to connect" <<<"$out"
+check "verify-system disk fail" grep -Eq "^FAIL +disk +LOCAL_DIR '/nonexistent' is not a writable directory" <<<"$out"
+check "verify-system fail status" test "$status" -eq 1
+out=$("$BIN" verify-system --json 2>/dev/null)
+check "verify-system json" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); names=[c["check"] for c in d["checks"]]; assert "database" in names and "version" in names and isinstance(d["ok"], bool)' "$out"
+
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
