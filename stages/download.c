@@ -1,0 +1,812 @@
+#include "stages/download.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+
+#include "common/err.h"
+#include "common/util.h"
+
+/*
+ * DESIGN
+ *
+ * HEAD first: it gives the size (checked against the cap and the free space) and the ETag
+ * that guards every later GET with If-Match, so bytes from two versions of an object are
+ * never mixed.
+ *
+ * Single stream (objects up to the parallel threshold): one GET from the resume offset to
+ * the end, each chunk written at its offset and fed to SHA-256 as it arrives.
+ *
+ * Parts (larger objects): ranged GETs of part_size bytes, at most max_connections in flight
+ * on the client's curl multi loop, each written with pwrite at its offset. Hashing must be
+ * in order, so whenever a part completes, the contiguous prefix of completed parts is read
+ * back from the file (page cache, 1 MiB at a time) and hashed. Memory stays at one read
+ * buffer plus curl's buffers whatever the object size.
+ *
+ * Resume: the sidecar records the ETag, the size and what is on disk: for a single stream
+ * the number of bytes written and fdatasync'ed, for parts a 0/1 flag per part. It is
+ * rewritten (write to a temporary file, fsync, rename) after an fdatasync of the data at
+ * checkpoints and whenever a transient error ends the call. A later call whose HEAD shows the
+ * same ETag and size keeps those bytes, re-hashes the kept prefix from disk and fetches the
+ * rest; anything else (no sidecar, another ETag, a damaged sidecar) starts from zero. A
+ * sidecar written in one mode is converted to the other through its contiguous prefix, so
+ * changing the threshold between attempts loses nothing before the first gap.
+ */
+
+#define DOWNLOAD_META_MAGIC "fim-download-meta 1"
+#define DOWNLOAD_META_MAX (1u << 20)
+#define DOWNLOAD_READ_BUF (1u << 20)
+#define DOWNLOAD_CHECKPOINT_BYTES (32ull << 20)
+#define DOWNLOAD_CHECKPOINT_MS 2000
+#define DOWNLOAD_PROGRESS_MS 250
+
+/* What the sidecar says is on disk. */
+struct download_meta {
+        char etag[S3_ETAG_MAX];
+        uint64_t size;
+        uint64_t part_size; /* 0: single stream */
+        uint64_t verified;  /* single stream: bytes on disk, synced */
+        char *parts;        /* parts: '0'/'1' per part, NUL-terminated */
+        size_t n_parts;
+};
+
+struct download_ctx {
+        struct s3_client *client;
+        const struct download_params *p;
+        download_progress_fn progress_cb;
+        void *userdata;
+        struct s3_limits limits;
+
+        char *part_path;
+        char *meta_path;
+        char *meta_tmp_path;
+        int fd;
+
+        struct s3_object_info info;
+        struct download_meta meta; /* the plan for this call, kept current */
+        EVP_MD_CTX *sha;
+        unsigned char *buf; /* DOWNLOAD_READ_BUF, for hashing from disk */
+        uint64_t hashed;    /* bytes fed to sha, always a prefix */
+        uint64_t written;   /* single stream: end of what was written */
+        uint64_t resumed;
+        uint64_t done_bytes; /* for progress reports */
+        uint64_t synced_at;  /* single stream: written at the last checkpoint */
+        bool planned;        /* d->meta describes this call's plan: checkpoints may save it */
+        int64_t last_checkpoint_ms;
+        int64_t last_progress_ms;
+};
+
+/* One ranged part in flight. */
+struct download_part {
+        struct download_ctx *d;
+        size_t index;
+        uint64_t offset;
+        uint64_t written;
+};
+
+static void download_meta_done(struct download_meta *m)
+{
+        free(m->parts);
+        *m = (struct download_meta){0};
+}
+
+static uint64_t download_part_len(const struct download_meta *m, size_t i)
+{
+        uint64_t off = (uint64_t)i * m->part_size;
+
+        return m->size - off < m->part_size ? m->size - off : m->part_size;
+}
+
+/* Bytes from offset 0 that are known to be on disk without a gap. */
+static uint64_t download_meta_prefix(const struct download_meta *m)
+{
+        uint64_t prefix = 0;
+
+        if (m->part_size == 0)
+                return m->verified;
+        for (size_t i = 0; i < m->n_parts && m->parts[i] == '1'; i++)
+                prefix += download_part_len(m, i);
+        return prefix;
+}
+
+static uint64_t download_meta_kept(const struct download_meta *m)
+{
+        uint64_t kept = 0;
+
+        if (m->part_size == 0)
+                return m->verified;
+        for (size_t i = 0; i < m->n_parts; i++) {
+                if (m->parts[i] == '1')
+                        kept += download_part_len(m, i);
+        }
+        return kept;
+}
+
+/* ---- Files ---------------------------------------------------------------------------- */
+
+static int download_write_all(int fd, const void *data, size_t len, uint64_t offset,
+                              const char *path)
+{
+        const unsigned char *p = data;
+
+        while (len > 0) {
+                ssize_t n = pwrite(fd, p, len, (off_t)offset);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return err_set(-errno, "failed to write '%s': %s", path, strerror(errno));
+                p += n;
+                len -= (size_t)n;
+                offset += (uint64_t)n;
+        }
+        return 0;
+}
+
+static int download_fsync_dir(const char *path)
+{
+        char *copy = strdup(path);
+        int fd, r = 0;
+
+        if (!copy)
+                return -ENOMEM;
+        fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0 || fsync(fd) < 0)
+                r = err_set(-errno, "failed to sync the directory of '%s': %s", path,
+                            strerror(errno));
+        if (fd >= 0)
+                (void)close(fd);
+        free(copy);
+        return r;
+}
+
+static void download_remove_partial(struct download_ctx *d)
+{
+        (void)unlink(d->part_path);
+        (void)unlink(d->meta_path);
+        (void)unlink(d->meta_tmp_path);
+}
+
+static int download_meta_write(struct download_ctx *d)
+{
+        const struct download_meta *m = &d->meta;
+        FILE *f = NULL;
+        int fd, r = 0;
+
+        fd = open(d->meta_tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0)
+                return err_set(-errno, "failed to create '%s': %s", d->meta_tmp_path,
+                               strerror(errno));
+        f = fdopen(fd, "w");
+        if (!f) {
+                r = err_set(-errno, "failed to open '%s': %s", d->meta_tmp_path, strerror(errno));
+                (void)close(fd);
+                return r;
+        }
+        fprintf(f,
+                "%s\netag %s\nsize %" PRIu64 "\npart_size %" PRIu64 "\nverified %" PRIu64
+                "\nparts %s\n",
+                DOWNLOAD_META_MAGIC, m->etag, m->size, m->part_size, m->verified,
+                m->parts ? m->parts : "-");
+        if (fflush(f) != 0 || fsync(fd) < 0)
+                r = err_set(-errno, "failed to write '%s': %s", d->meta_tmp_path, strerror(errno));
+        if (fclose(f) != 0 && r == 0)
+                r = err_set(-errno, "failed to write '%s': %s", d->meta_tmp_path, strerror(errno));
+        if (r == 0 && rename(d->meta_tmp_path, d->meta_path) < 0)
+                r = err_set(-errno, "failed to rename '%s': %s", d->meta_tmp_path, strerror(errno));
+        return r;
+}
+
+/* Parse one "name value" line of the sidecar. Returns false on anything unexpected. */
+static bool download_meta_line(struct download_meta *m, char *line)
+{
+        char *sp = strchr(line, ' ');
+
+        if (!sp)
+                return false;
+        *sp = '\0';
+        const char *v = sp + 1;
+
+        if (strcmp(line, "etag") == 0)
+                return util_snprintf(m->etag, sizeof(m->etag), "%s", v) == 0;
+        if (strcmp(line, "size") == 0)
+                return util_parse_u64(v, &m->size) == 0;
+        if (strcmp(line, "part_size") == 0)
+                return util_parse_u64(v, &m->part_size) == 0;
+        if (strcmp(line, "verified") == 0)
+                return util_parse_u64(v, &m->verified) == 0;
+        if (strcmp(line, "parts") == 0) {
+                if (strcmp(v, "-") == 0)
+                        return true;
+                if (strspn(v, "01") != strlen(v))
+                        return false;
+                m->parts = strdup(v);
+                m->n_parts = strlen(v);
+                return m->parts != NULL;
+        }
+        return false;
+}
+
+/* Read the sidecar. Returns true only for a complete, self-consistent one. */
+static bool download_meta_read(const char *path, struct download_meta *ret)
+{
+        struct download_meta m = {0};
+        char *text = NULL, *save = NULL;
+        bool ok = false;
+        FILE *f = fopen(path, "re");
+        size_t n;
+
+        if (!f)
+                return false;
+        text = malloc(DOWNLOAD_META_MAX + 1);
+        n = text ? fread(text, 1, DOWNLOAD_META_MAX, f) : 0;
+        fclose(f);
+        if (!text || n == 0 || n == DOWNLOAD_META_MAX)
+                goto out;
+        text[n] = '\0';
+        char *line = strtok_r(text, "\n", &save);
+
+        if (!line || strcmp(line, DOWNLOAD_META_MAGIC) != 0)
+                goto out;
+        while ((line = strtok_r(NULL, "\n", &save)) != NULL) {
+                if (!download_meta_line(&m, line))
+                        goto out;
+        }
+        if (m.part_size == 0)
+                ok = m.etag[0] && m.verified <= m.size && !m.parts;
+        else
+                ok = m.etag[0] && m.parts && m.n_parts == (m.size + m.part_size - 1) / m.part_size;
+        if (ok) {
+                *ret = m;
+                m = (struct download_meta){0};
+        }
+out:
+        download_meta_done(&m);
+        free(text);
+        return ok;
+}
+
+/* fdatasync the data, then record what is on disk. */
+static int download_checkpoint(struct download_ctx *d)
+{
+        if (fdatasync(d->fd) < 0)
+                return err_set(-errno, "failed to sync '%s': %s", d->part_path, strerror(errno));
+        if (d->meta.part_size == 0)
+                d->meta.verified = d->written;
+        d->synced_at = d->written;
+        d->last_checkpoint_ms = util_now_monotonic_ms();
+        return download_meta_write(d);
+}
+
+/* ---- Hashing ---------------------------------------------------------------------------- */
+
+static int download_hash_from_disk(struct download_ctx *d, uint64_t end)
+{
+        while (d->hashed < end) {
+                uint64_t left = end - d->hashed;
+                size_t want = left < DOWNLOAD_READ_BUF ? (size_t)left : DOWNLOAD_READ_BUF;
+                ssize_t n = pread(d->fd, d->buf, want, (off_t)d->hashed);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        return err_set(n < 0 ? -errno : -EIO, "failed to read back '%s': %s",
+                                       d->part_path, n < 0 ? strerror(errno) : "file too short");
+                if (EVP_DigestUpdate(d->sha, d->buf, (size_t)n) != 1)
+                        return err_set(-ENOMEM, "failed to hash '%s': OpenSSL error", d->part_path);
+                d->hashed += (uint64_t)n;
+        }
+        return 0;
+}
+
+int download_hash_file(const char *path, char *ret_hex, uint64_t *ret_size)
+{
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned int md_len = 0;
+        unsigned char *buf = malloc(DOWNLOAD_READ_BUF);
+        EVP_MD_CTX *sha = EVP_MD_CTX_new();
+        uint64_t size = 0;
+        int fd = -1, r = 0;
+
+        if (!buf || !sha || EVP_DigestInit_ex(sha, EVP_sha256(), NULL) != 1) {
+                r = -ENOMEM;
+                goto out;
+        }
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+                r = err_set(-errno, "failed to open '%s': %s", path, strerror(errno));
+                goto out;
+        }
+        for (;;) {
+                ssize_t n = read(fd, buf, DOWNLOAD_READ_BUF);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0) {
+                        r = err_set(-errno, "failed to read '%s': %s", path, strerror(errno));
+                        goto out;
+                }
+                if (n == 0)
+                        break;
+                if (EVP_DigestUpdate(sha, buf, (size_t)n) != 1) {
+                        r = -ENOMEM;
+                        goto out;
+                }
+                size += (uint64_t)n;
+        }
+        if (EVP_DigestFinal_ex(sha, md, &md_len) != 1) {
+                r = -ENOMEM;
+                goto out;
+        }
+        util_hex_encode(md, md_len, ret_hex);
+        *ret_size = size;
+out:
+        if (fd >= 0)
+                (void)close(fd);
+        EVP_MD_CTX_free(sha);
+        free(buf);
+        return r;
+}
+
+/* ---- Progress --------------------------------------------------------------------------- */
+
+static void download_progress(struct download_ctx *d, bool force)
+{
+        int64_t now;
+
+        if (!d->progress_cb)
+                return;
+        now = util_now_monotonic_ms();
+        if (!force && now - d->last_progress_ms < DOWNLOAD_PROGRESS_MS)
+                return;
+        d->last_progress_ms = now;
+        d->progress_cb(d->done_bytes, d->info.size, d->userdata);
+}
+
+/* ---- Single stream ------------------------------------------------------------------------ */
+
+static int download_on_stream_data(const void *data, size_t len, void *userdata)
+{
+        struct download_ctx *d = userdata;
+        int r;
+
+        r = download_write_all(d->fd, data, len, d->written, d->part_path);
+        if (r < 0)
+                return r;
+        if (EVP_DigestUpdate(d->sha, data, len) != 1)
+                return err_set(-ENOMEM, "failed to hash '%s': OpenSSL error", d->part_path);
+        d->written += len;
+        d->hashed += len;
+        d->done_bytes = d->written;
+        if (d->written - d->synced_at >= DOWNLOAD_CHECKPOINT_BYTES) {
+                r = download_checkpoint(d);
+                if (r < 0)
+                        return r;
+        }
+        download_progress(d, false);
+        return 0;
+}
+
+static int download_stream(struct download_ctx *d)
+{
+        uint64_t start = d->meta.verified;
+        int r;
+
+        if (ftruncate(d->fd, (off_t)start) < 0)
+                return err_set(-errno, "failed to truncate '%s': %s", d->part_path,
+                               strerror(errno));
+        r = download_hash_from_disk(d, start);
+        if (r < 0)
+                return r;
+        d->written = d->synced_at = d->done_bytes = start;
+        d->resumed = start;
+        if (start == d->info.size)
+                return 0;
+
+        const struct s3_get get = {
+                .bucket = d->p->bucket,
+                .key = d->p->key,
+                .offset = start,
+                .if_match = d->info.etag[0] ? d->info.etag : NULL,
+                .write_cb = download_on_stream_data,
+                .userdata = d,
+        };
+
+        return s3_client_get(d->client, &get, &d->limits, NULL);
+}
+
+/* ---- Parts ----------------------------------------------------------------------------- */
+
+static int download_on_part_data(const void *data, size_t len, void *userdata)
+{
+        struct download_part *part = userdata;
+        struct download_ctx *d = part->d;
+        int r;
+
+        r = download_write_all(d->fd, data, len, part->offset + part->written, d->part_path);
+        if (r < 0)
+                return r;
+        part->written += len;
+        d->done_bytes += len;
+        download_progress(d, false);
+        return 0;
+}
+
+/* Hash every completed part that follows the hashed prefix without a gap. */
+static int download_hash_completed_prefix(struct download_ctx *d)
+{
+        const struct download_meta *m = &d->meta;
+        size_t i = (size_t)(d->hashed / m->part_size);
+        uint64_t end = d->hashed;
+
+        while (i < m->n_parts && m->parts[i] == '1') {
+                end = (uint64_t)i * m->part_size + download_part_len(m, i);
+                i++;
+        }
+        return download_hash_from_disk(d, end);
+}
+
+/* Per-part completion, on the client's loop: record, hash what became contiguous. */
+static void download_on_part_done(size_t index, int r, void *userdata)
+{
+        struct download_part *parts = userdata;
+        struct download_ctx *d = parts[0].d;
+        int hr;
+
+        if (r < 0)
+                return;
+        d->meta.parts[parts[index].index] = '1';
+        /* A failure here is found again at the end, when the prefix must reach the size. */
+        hr = download_hash_completed_prefix(d);
+        if (hr >= 0 && util_now_monotonic_ms() - d->last_checkpoint_ms >= DOWNLOAD_CHECKPOINT_MS)
+                (void)download_checkpoint(d);
+        err_clear();
+}
+
+static int download_parts(struct download_ctx *d, unsigned max_connections)
+{
+        struct download_meta *m = &d->meta;
+        struct download_part *parts = NULL;
+        struct s3_get *gets = NULL;
+        size_t n = 0;
+        int r;
+
+        if (fallocate(d->fd, 0, 0, (off_t)m->size) < 0 && ftruncate(d->fd, (off_t)m->size) < 0)
+                return err_set(-errno, "failed to size '%s': %s", d->part_path, strerror(errno));
+        d->resumed = d->done_bytes = download_meta_kept(m);
+        r = download_hash_completed_prefix(d);
+        if (r < 0)
+                return r;
+        parts = calloc(m->n_parts, sizeof(*parts));
+        gets = calloc(m->n_parts, sizeof(*gets));
+        if (!parts || !gets) {
+                r = -ENOMEM;
+                goto out;
+        }
+        for (size_t i = 0; i < m->n_parts; i++) {
+                if (m->parts[i] == '1')
+                        continue;
+                parts[n] = (struct download_part){
+                        .d = d, .index = i, .offset = (uint64_t)i * m->part_size};
+                gets[n] = (struct s3_get){
+                        .bucket = d->p->bucket,
+                        .key = d->p->key,
+                        .offset = parts[n].offset,
+                        .length = download_part_len(m, i),
+                        .if_match = d->info.etag[0] ? d->info.etag : NULL,
+                        .write_cb = download_on_part_data,
+                        .userdata = &parts[n],
+                };
+                n++;
+        }
+        parts[0].d = d; /* download_on_part_done finds the context through parts[0] */
+        r = s3_client_get_many(d->client, gets, n, max_connections, &d->limits,
+                               download_on_part_done, parts);
+        if (r >= 0)
+                r = download_hash_completed_prefix(d);
+out:
+        free(parts);
+        free(gets);
+        return r;
+}
+
+/* ---- The whole download ------------------------------------------------------------------- */
+
+static int download_check_space(struct download_ctx *d, uint64_t kept)
+{
+        struct statvfs st;
+        char *copy = strdup(d->part_path);
+        uint64_t needed, avail;
+        int r = 0;
+
+        if (!copy)
+                return -ENOMEM;
+        if (statvfs(dirname(copy), &st) < 0) {
+                r = err_set(-errno, "failed to check free space for '%s': %s", d->p->dest_path,
+                            strerror(errno));
+                goto out;
+        }
+        avail = (uint64_t)st.f_bavail * st.f_frsize;
+        needed = d->info.size - kept + d->p->min_free_bytes;
+        if (avail < needed)
+                r = err_set(-ENOSPC,
+                            "failed to download object '%.300s' from bucket '%.100s': %" PRIu64
+                            " bytes needed (object %" PRIu64 " bytes, %" PRIu64
+                            " already on disk, reserve %" PRIu64 ") but only %" PRIu64
+                            " available under '%s'; free space or lower the reserve",
+                            d->p->key, d->p->bucket, needed, d->info.size, kept,
+                            d->p->min_free_bytes, avail, d->p->dest_path);
+out:
+        free(copy);
+        return r;
+}
+
+/* Decide what to keep from an earlier attempt and fill d->meta with this call's plan. */
+static int download_plan(struct download_ctx *d, bool parallel, uint64_t part_size)
+{
+        struct download_meta old = {0};
+        struct download_meta *m = &d->meta;
+        struct stat st;
+        uint64_t prefix = 0;
+
+        if (fstat(d->fd, &st) < 0)
+                return err_set(-errno, "failed to stat '%s': %s", d->part_path, strerror(errno));
+        if (d->info.etag[0] && download_meta_read(d->meta_path, &old) &&
+            strcmp(old.etag, d->info.etag) == 0 && old.size == d->info.size)
+                prefix = download_meta_prefix(&old);
+        prefix = prefix < (uint64_t)st.st_size ? prefix : (uint64_t)st.st_size;
+
+        download_meta_done(m);
+        memcpy(m->etag, d->info.etag, sizeof(m->etag));
+        m->size = d->info.size;
+        if (!parallel) {
+                m->verified = prefix;
+                d->written = d->synced_at = prefix;
+                download_meta_done(&old);
+                return 0;
+        }
+        m->part_size = part_size;
+        m->n_parts = (size_t)((m->size + part_size - 1) / part_size);
+        m->parts = malloc(m->n_parts + 1);
+        if (!m->parts) {
+                download_meta_done(&old);
+                return -ENOMEM;
+        }
+        for (size_t i = 0; i < m->n_parts; i++) {
+                uint64_t end = (uint64_t)i * part_size + download_part_len(m, i);
+                bool same_plan = old.part_size == part_size && old.n_parts == m->n_parts &&
+                                 old.etag[0] && strcmp(old.etag, m->etag) == 0;
+                bool kept = same_plan ? old.parts[i] == '1' : end <= prefix;
+
+                m->parts[i] = kept && end <= (uint64_t)st.st_size ? '1' : '0';
+        }
+        m->parts[m->n_parts] = '\0';
+        download_meta_done(&old);
+        return 0;
+}
+
+static int download_open_part(struct download_ctx *d)
+{
+        d->fd = open(d->part_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (d->fd < 0)
+                return err_set(-errno, "failed to open '%s': %s", d->part_path, strerror(errno));
+        if (flock(d->fd, LOCK_EX | LOCK_NB) < 0) {
+                if (errno == EWOULDBLOCK)
+                        return err_set(
+                                -EBUSY,
+                                "failed to download to '%s': another download to the same file is in progress, will retry",
+                                d->p->dest_path);
+                return err_set(-errno, "failed to lock '%s': %s", d->part_path, strerror(errno));
+        }
+        return 0;
+}
+
+static int download_finish(struct download_ctx *d, struct download_result *ret)
+{
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned int md_len = 0;
+        char hex[DOWNLOAD_SHA256_HEX_LEN + 1];
+
+        if (d->hashed != d->info.size)
+                return err_set(
+                        -EPIPE,
+                        "failed to download object '%.300s' from bucket '%.100s': got %" PRIu64
+                        " of %" PRIu64 " bytes; transient, retry later",
+                        d->p->key, d->p->bucket, d->hashed, d->info.size);
+        if (EVP_DigestFinal_ex(d->sha, md, &md_len) != 1)
+                return err_set(-ENOMEM, "failed to hash '%s': OpenSSL error", d->part_path);
+        util_hex_encode(md, md_len, hex);
+        if (d->p->expected_sha256 && strcmp(hex, d->p->expected_sha256) != 0)
+                return err_set(
+                        -EBADMSG,
+                        "failed to verify object '%.300s' from bucket '%.100s': SHA-256 is %s, expected %s; the object in S3 is not the one the request describes",
+                        d->p->key, d->p->bucket, hex, d->p->expected_sha256);
+        if (fsync(d->fd) < 0)
+                return err_set(-errno, "failed to sync '%s': %s", d->part_path, strerror(errno));
+        if (rename(d->part_path, d->p->dest_path) < 0)
+                return err_set(-errno, "failed to rename '%s' to '%s': %s", d->part_path,
+                               d->p->dest_path, strerror(errno));
+        int r = download_fsync_dir(d->p->dest_path);
+
+        if (r < 0)
+                return r;
+        (void)unlink(d->meta_path);
+        *ret = (struct download_result){
+                .size = d->info.size,
+                .resumed_from_offset = d->resumed,
+                .parts = d->meta.part_size ? (unsigned)d->meta.n_parts : 1,
+        };
+        memcpy(ret->sha256, hex, sizeof(ret->sha256));
+        memcpy(ret->etag, d->info.etag, sizeof(ret->etag));
+        return 0;
+}
+
+/* The effective part size: the requested one, grown so there are at most MAX_PARTS parts. */
+static uint64_t download_part_size(const struct download_params *p, uint64_t size)
+{
+        uint64_t ps = p->part_size ? p->part_size : DOWNLOAD_DEFAULT_PART_SIZE;
+        uint64_t min = (size + DOWNLOAD_MAX_PARTS - 1) / DOWNLOAD_MAX_PARTS;
+
+        return ps < min ? min : ps;
+}
+
+/* One attempt: HEAD, plan, transfer, verify, rename. */
+static int download_run(struct download_ctx *d, struct download_result *ret)
+{
+        const struct download_params *p = d->p;
+        bool parallel;
+        int r;
+
+        r = s3_client_head(d->client, p->bucket, p->key, &d->limits, &d->info);
+        if (r < 0)
+                return r;
+        if (p->max_object_bytes && d->info.size > p->max_object_bytes)
+                return err_set(
+                        -EFBIG,
+                        "failed to download object '%.300s' from bucket '%.100s': it has %" PRIu64
+                        " bytes, above the limit of %" PRIu64
+                        " (MAX_OBJECT_BYTES); raise the limit if the image is legitimate",
+                        p->key, p->bucket, d->info.size, p->max_object_bytes);
+        parallel = p->parallel_threshold_bytes > 0 && d->info.size > p->parallel_threshold_bytes &&
+                   p->max_connections > 1;
+        r = download_plan(d, parallel, download_part_size(p, d->info.size));
+        if (r < 0)
+                return r;
+        r = download_check_space(d, download_meta_kept(&d->meta));
+        if (r < 0)
+                return r;
+        if (EVP_DigestInit_ex(d->sha, EVP_sha256(), NULL) != 1)
+                return -ENOMEM;
+        d->hashed = 0;
+        r = download_meta_write(d);
+        if (r < 0)
+                return r;
+        d->planned = true;
+        d->last_checkpoint_ms = util_now_monotonic_ms();
+        r = parallel ? download_parts(d, p->max_connections) : download_stream(d);
+        if (r < 0)
+                return r;
+        download_progress(d, true);
+        return download_finish(d, ret);
+}
+
+static int download_ctx_init(struct download_ctx *d, struct s3_client *client,
+                             const struct download_params *p)
+{
+        size_t n = strlen(p->dest_path);
+
+        *d = (struct download_ctx){.client = client, .p = p, .fd = -1};
+        d->part_path = malloc(n + sizeof(".part"));
+        d->meta_path = malloc(n + sizeof(".part.meta"));
+        d->meta_tmp_path = malloc(n + sizeof(".part.meta.tmp"));
+        d->sha = EVP_MD_CTX_new();
+        d->buf = malloc(DOWNLOAD_READ_BUF);
+        if (!d->part_path || !d->meta_path || !d->meta_tmp_path || !d->sha || !d->buf)
+                return -ENOMEM;
+        memcpy(d->part_path, p->dest_path, n);
+        memcpy(d->part_path + n, ".part", sizeof(".part"));
+        memcpy(d->meta_path, p->dest_path, n);
+        memcpy(d->meta_path + n, ".part.meta", sizeof(".part.meta"));
+        memcpy(d->meta_tmp_path, p->dest_path, n);
+        memcpy(d->meta_tmp_path + n, ".part.meta.tmp", sizeof(".part.meta.tmp"));
+        if (p->total_timeout_ms > 0)
+                d->limits.deadline_ms = util_now_monotonic_ms() + p->total_timeout_ms;
+        d->limits.stall_timeout_ms = p->stall_timeout_ms;
+        return 0;
+}
+
+static void download_ctx_done(struct download_ctx *d)
+{
+        if (d->fd >= 0)
+                (void)close(d->fd);
+        free(d->part_path);
+        free(d->meta_path);
+        free(d->meta_tmp_path);
+        EVP_MD_CTX_free(d->sha);
+        free(d->buf);
+        download_meta_done(&d->meta);
+}
+
+static int download_check_params(const struct download_params *p)
+{
+        if (!p->bucket || !p->bucket[0] || !p->key || !p->key[0] || !p->dest_path ||
+            !p->dest_path[0])
+                return err_set(-EINVAL,
+                               "failed to download: bucket, key and destination are required");
+        if (p->expected_sha256 && !util_is_sha256_hex(p->expected_sha256))
+                return err_set(
+                        -EINVAL,
+                        "failed to download object '%.300s': expected SHA-256 '%.80s' is not 64 lower-case hex digits",
+                        p->key, p->expected_sha256);
+        return 0;
+}
+
+/* After a failed attempt: keep what is worth resuming, drop what is not. */
+static void download_settle(struct download_ctx *d, int r)
+{
+        char saved[ERR_MSG_MAX];
+        struct stat st;
+
+        (void)snprintf(saved, sizeof(saved), "%s", err_text(r));
+        if (!err_is_transient(r)) {
+                download_remove_partial(d);
+        } else if (d->planned) {
+                (void)download_checkpoint(d);
+        } else if (fstat(d->fd, &st) == 0 && st.st_size == 0 && access(d->meta_path, F_OK) < 0) {
+                /* Failed before anything was planned: no empty file left behind. */
+                (void)unlink(d->part_path);
+        }
+        (void)err_set(r, "%s", saved); /* the attempt's error is what counts */
+}
+
+int download_object(struct s3_client *client, const struct download_params *p,
+                    download_progress_fn progress_cb, void *userdata,
+                    struct download_result *ret_result)
+{
+        struct download_ctx d;
+        int r;
+
+        r = download_check_params(p);
+        if (r < 0)
+                return r;
+        r = download_ctx_init(&d, client, p);
+        if (r >= 0)
+                r = download_open_part(&d);
+        if (r < 0)
+                goto out; /* nothing of ours on disk to settle (-EBUSY: it is someone else's) */
+        d.progress_cb = progress_cb;
+        d.userdata = userdata;
+        r = download_run(&d, ret_result);
+        if (r == -ESTALE) {
+                /* The object changed under us: what is on disk is worthless. Once more. */
+                download_remove_partial(&d);
+                (void)close(d.fd);
+                d.fd = -1;
+                d.planned = false;
+                err_clear();
+                r = download_open_part(&d);
+                if (r < 0)
+                        goto out;
+                r = download_run(&d, ret_result);
+                if (r == -ESTALE)
+                        r = err_set(
+                                -EAGAIN,
+                                "failed to download object '%.300s' from bucket '%.100s': it changed twice during the download; transient, retry later",
+                                p->key, p->bucket);
+        }
+        if (r < 0)
+                download_settle(&d, r);
+out:
+        download_ctx_done(&d);
+        return r;
+}
