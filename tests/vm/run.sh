@@ -229,7 +229,7 @@ report_no_status() {
 	echo "run.sh: guest console tail:" >&2
 	# SeaBIOS writes escape sequences and \r to ttyS0; drop them for a readable tail.
 	tr -d '\r' <"$dir/console.log" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g' |
-		tail -n 40 >&2 || true
+		tail -n 60 >&2 || true
 }
 
 print_times() {
