@@ -891,6 +891,64 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
 
 /* ---- activation ---- */
 
+static int thin_pool_remove_locked(const char *name, bool deferred)
+{
+        struct dm_task *dmt = thin_pool_task(DM_DEVICE_REMOVE, name);
+        int r;
+
+        if (!dmt)
+                return thin_pool_task_failed(name);
+        if (deferred && !dm_task_deferred_remove(dmt)) {
+                dm_task_destroy(dmt);
+                return thin_pool_task_failed(name);
+        }
+        r = thin_pool_run_udev(dmt);
+        dm_task_destroy(dmt);
+        return r;
+}
+
+/*
+ * Create dm device @name with one target and make it live: create, load the table, resume.
+ * libdevmapper's create-with-table takes the same steps, but (1.02.185) does not pass the
+ * kernel's errno on, and callers classify failures by it; so we take them one by one. On
+ * failure the half-made device is removed again, so -EBUSY means either the name is taken
+ * (the device still exists) or a device in the table is busy (it does not).
+ */
+static int thin_pool_create_device_locked(const char *name, const char *uuid, uint64_t sectors,
+                                          const char *type, const char *params)
+{
+        char cause[ERR_MSG_MAX];
+        struct dm_task *dmt;
+        int r;
+
+        dmt = thin_pool_task(DM_DEVICE_CREATE, name);
+        if (!dmt || (uuid && !dm_task_set_uuid(dmt, uuid)))
+                r = thin_pool_task_failed(name);
+        else
+                r = thin_pool_run(dmt);
+        if (dmt)
+                dm_task_destroy(dmt);
+        if (r < 0)
+                return r;
+
+        dmt = thin_pool_task(DM_DEVICE_RELOAD, name);
+        if (!dmt || !dm_task_add_target(dmt, 0, sectors, type, params))
+                r = thin_pool_task_failed(name);
+        else
+                r = thin_pool_run(dmt);
+        if (dmt)
+                dm_task_destroy(dmt);
+        if (r == 0)
+                r = thin_pool_resume_locked(name);
+        if (r == 0)
+                return 0;
+        (void)snprintf(cause, sizeof(cause), "%s", err_last());
+        if (thin_pool_remove_locked(name, false) < 0)
+                log_debug("failed to remove a half-created device", "device='%s' error=\"%s\"",
+                          name, err_last());
+        return err_set(r, "%s", cause);
+}
+
 /* After a create failed with EBUSY: does @name exist, and is it already what we wanted? */
 static int thin_pool_activate_conflict_locked(const char *pool_name, dev_t pool_dev,
                                               uint32_t dev_id, const char *name, uint64_t sectors,
@@ -918,7 +976,6 @@ static int thin_pool_activate_conflict_locked(const char *pool_name, dev_t pool_
 static int thin_pool_activate_locked(const char *pool_name, uint32_t dev_id, const char *name,
                                      uint64_t sectors)
 {
-        struct dm_task *dmt = NULL;
         char params[64];
         dev_t pool_dev;
         int r;
@@ -928,14 +985,7 @@ static int thin_pool_activate_locked(const char *pool_name, uint32_t dev_id, con
                 return r;
         (void)snprintf(params, sizeof(params), "%u:%u %" PRIu32, major(pool_dev), minor(pool_dev),
                        dev_id);
-        dmt = thin_pool_task(DM_DEVICE_CREATE, name);
-        if (!dmt || !dm_task_add_target(dmt, 0, sectors, "thin", params)) {
-                if (dmt)
-                        dm_task_destroy(dmt);
-                return thin_pool_task_failed(name);
-        }
-        r = thin_pool_run_udev(dmt);
-        dm_task_destroy(dmt);
+        r = thin_pool_create_device_locked(name, NULL, sectors, "thin", params);
         if (r == -EBUSY)
                 return thin_pool_activate_conflict_locked(pool_name, pool_dev, dev_id, name,
                                                           sectors, r);
@@ -982,22 +1032,6 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
 }
 
 /* ---- deactivation ---- */
-
-static int thin_pool_remove_locked(const char *name, bool deferred)
-{
-        struct dm_task *dmt = thin_pool_task(DM_DEVICE_REMOVE, name);
-        int r;
-
-        if (!dmt)
-                return thin_pool_task_failed(name);
-        if (deferred && !dm_task_deferred_remove(dmt)) {
-                dm_task_destroy(dmt);
-                return thin_pool_task_failed(name);
-        }
-        r = thin_pool_run_udev(dmt);
-        dm_task_destroy(dmt);
-        return r;
-}
 
 /* "held by 'snap' (dm-4)" from sysfs holders, or "" when nothing is stacked on the device. */
 static void thin_pool_holder_hint(uint32_t maj, uint32_t min, char *buf, size_t size)
@@ -1245,7 +1279,6 @@ static int thin_pool_check_params(const struct thin_pool_params *p)
 int thin_pool_create(const struct thin_pool_params *p)
 {
         struct thin_pool_device_info d;
-        struct dm_task *dmt = NULL;
         char params[160];
         int r = thin_pool_check_params(p);
 
@@ -1258,21 +1291,12 @@ int thin_pool_create(const struct thin_pool_params *p)
                        p->skip_block_zeroing ? " skip_block_zeroing" : "",
                        p->error_if_no_space ? " error_if_no_space" : "");
         thin_pool_enter();
-        dmt = thin_pool_task(DM_DEVICE_CREATE, p->name);
-        if (!dmt || (p->uuid && !dm_task_set_uuid(dmt, p->uuid)) ||
-            !dm_task_add_target(dmt, 0, p->data_sectors, "thin-pool", params)) {
-                r = thin_pool_task_failed(p->name);
-                goto out;
-        }
-        r = thin_pool_run_udev(dmt);
+        r = thin_pool_create_device_locked(p->name, p->uuid, p->data_sectors, "thin-pool", params);
         if (r == -EBUSY && thin_pool_device_info_locked(p->name, &d) == 0 && d.exists)
                 r = err_set(-EEXIST, "failed to create pool '%s': a device of that name exists",
                             p->name);
         else if (r < 0)
                 r = err_wrap(r, "failed to create pool '%s' (table '%s')", p->name, params);
-out:
-        if (dmt)
-                dm_task_destroy(dmt);
         thin_pool_leave();
         return r;
 }
@@ -1447,7 +1471,7 @@ static int thin_pool_reserve_snap_locked(const char *pool_name)
 {
         int r = thin_pool_message_locked(pool_name, "reserve_metadata_snap");
 
-        if (r != -EBUSY && r != -EEXIST && r != -EINVAL)
+        if (r != -EBUSY) /* the kernel's answer while a snapshot is held */
                 return r;
         log_debug("releasing a stale metadata snapshot", "pool='%s'", pool_name);
         r = thin_pool_message_locked(pool_name, "release_metadata_snap");
