@@ -16,9 +16,9 @@
 # Usage: tests/vm/prepare.sh [-f]     (-f: throw the cache away and rebuild everything)
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
-readonly cache="$repo/.cache/vm"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo cache="$repo/.cache/vm"
 
 # Modules the guest needs: virtio PCI transport and 9p for the host root and the share (loaded
 # first, in order, because every mount needs them), then overlay for the writable-root option,
@@ -264,8 +264,9 @@ main() {
 	for tool in apt-cache apt-get dpkg depmod modprobe python3 cpio flock; do
 		command -v "$tool" >/dev/null || die "$tool not found; run scripts/setup.sh"
 	done
-	[ -x /bin/busybox ] && /bin/busybox --list | grep -qx nc ||
+	if ! [ -x /bin/busybox ] || ! /bin/busybox --list | grep -qx nc; then
 		die "/bin/busybox missing or not the full static build; run scripts/setup.sh"
+	fi
 	mkdir -p "$cache"
 	# Several run.sh may call us at once (parallel test jobs, other developers in the same
 	# tree); one builds, the others wait and then find everything up to date.

@@ -21,8 +21,9 @@
 # FIM_VM_TIMES=1 prints boot and command timings to stderr.
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly cache="$here/../../.cache/vm"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cache="$(cd "$here/../.." && pwd)/.cache/vm"
+readonly here cache
 # The guest-side address of the forwarded ports. Inside qemu's 10.0.2.0/24 user network, but
 # not the gateway (10.0.2.2), which restrict=on makes unreachable anyway.
 readonly host_addr=10.0.2.100
@@ -65,10 +66,10 @@ parse_args() {
 		case "$opt" in
 		t) [[ "$OPTARG" =~ ^[1-9][0-9]*$ ]] || die "-t wants seconds, got '$OPTARG'"
 		   timeout_s="$OPTARG" ;;
-		m) [[ "$OPTARG" =~ ^[1-9][0-9]*$ ]] && [ "$OPTARG" -ge 256 ] ||
+		m) [[ "$OPTARG" =~ ^[1-9][0-9]{2,5}$ ]] && [ "$OPTARG" -ge 256 ] ||
 			die "-m wants megabytes >= 256, got '$OPTARG'"
 		   mem_mb="$OPTARG" ;;
-		p) [[ "$OPTARG" =~ ^[1-9][0-9]*$ ]] && [ "$OPTARG" -le 65535 ] ||
+		p) [[ "$OPTARG" =~ ^[1-9][0-9]{0,4}$ ]] && [ "$OPTARG" -le 65535 ] ||
 			die "-p wants a TCP port, got '$OPTARG'"
 		   ports+=("$OPTARG") ;;
 		e) [[ "$OPTARG" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
@@ -82,7 +83,7 @@ parse_args() {
 	done
 	shift $((OPTIND - 1))
 	[ "$#" -gt 0 ] || usage
-	command=("$@")
+	cmd_argv=("$@")
 }
 
 # Run "$@" in the background under timeout(1) and wait for it, staying responsive to signals
@@ -123,7 +124,7 @@ run_direct() {
 
 	[ "$overlay" -eq 0 ] || die "-w (throwaway writable root) has no direct-mode equivalent"
 	[ "${#ports[@]}" -eq 0 ] || env_args+=(FIM_VM_HOST_ADDR=127.0.0.1)
-	run_with_timeout env "${env_args[@]}" "${envs[@]}" "${command[@]}"
+	run_with_timeout env "${env_args[@]}" "${envs[@]}" "${cmd_argv[@]}"
 	if [ "$timed_out" -eq 1 ]; then
 		echo "run.sh: command timed out after ${timeout_s}s" >&2
 		exit 125
@@ -156,7 +157,7 @@ write_share() {
 		# 125: the harness, not the command, failed (as env(1) and chroot(1) use it).
 		printf 'cd -- %q || exit 125\n' "$cwd"
 		printf 'exec'
-		printf ' %q' "${command[@]}"
+		printf ' %q' "${cmd_argv[@]}"
 		printf '\n'
 	} >"$share/cmd.sh"
 	printf '%s' "$cwd" >"$share/cwd"
@@ -186,7 +187,7 @@ build_qemu_cmd() {
 		append+=" quiet loglevel=1"
 	fi
 
-	# shellcheck disable=SC2207 # accel_args prints plain words
+	# shellcheck disable=SC2207,SC2054 # accel_args prints plain words; commas are qemu's
 	qemu=(qemu-system-x86_64 $(accel_args) -M q35 -m "$mem_mb" -smp "$smp"
 		-nodefaults -no-user-config -nographic -no-reboot
 		# ttyS0: kernel console and init messages, to a file; ttyS1: the command's output,
@@ -210,6 +211,7 @@ build_qemu_cmd() {
 		netdev+=",guestfwd=tcp:$host_addr:$port-cmd:/bin/busybox nc 127.0.0.1 $port"
 	done
 	# romfile= skips loading the iPXE option ROM: we never boot from the network.
+	# shellcheck disable=SC2054 # commas are qemu's
 	qemu+=(-netdev "$netdev" -device virtio-net-pci,netdev=n0,romfile=)
 }
 

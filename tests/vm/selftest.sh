@@ -13,9 +13,9 @@
 # Ends with "N passed, N failed"; exit status 0 only if nothing failed.
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
-readonly run="$here/run.sh"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo run="$here/run.sh"
 
 tmp=
 http_pid=
@@ -59,11 +59,11 @@ make_blob() {
 
 # Start a loopback-only HTTP server on a port the kernel picks, and print that port.
 start_http() {
-	local dir="$1" log="$2" i port
+	local dir="$1" log="$2" port
 
 	python3 -u -m http.server 0 --bind 127.0.0.1 --directory "$dir" >"$log" 2>&1 &
 	http_pid=$!
-	for i in $(seq 100); do
+	for _ in $(seq 100); do
 		port="$(sed -n 's/^Serving HTTP on 127\.0\.0\.1 port \([0-9]*\).*/\1/p' "$log")"
 		if [ -n "$port" ]; then
 			echo "$port"
@@ -139,6 +139,7 @@ vm_suite() {
 direct_suite() {
 	local rc=0 out
 
+	# shellcheck disable=SC2016 # expanded by the inner sh
 	out="$(FIM_VM_DIRECT=1 "$run" -e FIMVM_X='a b' -- sh -c 'echo "$FIMVM_X|$(pwd)"; exit 3')" ||
 		rc=$?
 	if [ "$rc" -eq 3 ] && [ "$out" = "a b|$repo" ]; then
