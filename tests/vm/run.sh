@@ -17,7 +17,7 @@
 # the guest console tail then goes to stderr.
 #
 # Environment: FIM_VM_DIRECT=1 runs COMMAND on this host instead (for hosts whose kernel has
-# dm-thin; -w is refused there). FIM_VM_DEBUG=1 traces the guest init and prints the console.
+# dm-thin; -w then writes to the real root). FIM_VM_DEBUG=1 traces the guest init and prints the console.
 # FIM_VM_TIMES=1 prints boot and command timings to stderr.
 set -euo pipefail
 
@@ -122,7 +122,9 @@ run_with_timeout() {
 run_direct() {
 	local -a env_args=()
 
-	[ "$overlay" -eq 0 ] || die "-w (throwaway writable root) has no direct-mode equivalent"
+	# -w asks for a writable root; the host's already is. Nothing is thrown away afterwards,
+	# which callers like tests/dm/run_in_vm.sh (-w only so that ctest can write its logs) accept.
+	[ "$overlay" -eq 0 ] || echo "run.sh: FIM_VM_DIRECT=1: -w writes go to the real host root" >&2
 	[ "${#ports[@]}" -eq 0 ] || env_args+=(FIM_VM_HOST_ADDR=127.0.0.1)
 	run_with_timeout env "${env_args[@]}" "${envs[@]}" "${cmd_argv[@]}"
 	if [ "$timed_out" -eq 1 ]; then
