@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by s3put.sh, s3get.sh and s3mb.sh: signing and addressing shared by
 # the small S3 helpers that seed and inspect the test S3Proxy.
 #

@@ -3,6 +3,7 @@
 #   tests/infra/s3get.sh BUCKET KEY [OUT]
 set -euo pipefail
 [ $# -eq 2 ] || [ $# -eq 3 ] || { echo "usage: $0 BUCKET KEY [OUT]" >&2; exit 2; }
+# shellcheck source=s3common.sh source-path=SCRIPTDIR
 . "$(dirname "${BASH_SOURCE[0]}")/s3common.sh"
 
 out=$(mktemp)

@@ -4,6 +4,7 @@
 #   tests/infra/s3mb.sh BUCKET
 set -euo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 BUCKET" >&2; exit 2; }
+# shellcheck source=s3common.sh source-path=SCRIPTDIR
 . "$(dirname "${BASH_SOURCE[0]}")/s3common.sh"
 
 resp=$(mktemp)

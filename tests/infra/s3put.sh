@@ -5,6 +5,7 @@
 set -euo pipefail
 [ $# -eq 3 ] || { echo "usage: $0 BUCKET KEY FILE" >&2; exit 2; }
 [ -f "$3" ] || { echo "$0: $3: no such file" >&2; exit 1; }
+# shellcheck source=s3common.sh source-path=SCRIPTDIR
 . "$(dirname "${BASH_SOURCE[0]}")/s3common.sh"
 
 resp=$(mktemp)

@@ -152,10 +152,11 @@ launch() {
         local name=$1 log=$2
         shift 2
         rm -f "$STATE/$name.pid"
+        # shellcheck disable=SC2016 # expanded by the inner bash, on purpose
         setsid bash -c 'echo $$ >"$0"; exec "$@"' "$STATE/$name.pid" "$@" \
                 </dev/null >"$log" 2>&1 9>&- &
-        local i
-        for i in $(seq 1 100); do
+        local _
+        for _ in $(seq 1 100); do
                 [ -s "$STATE/$name.pid" ] && return 0
                 sleep 0.05
         done
@@ -244,8 +245,10 @@ cds_opts() {
 cds_keep() {
         local name=$1 lib=$2
         [ -s "$STATE/$name.jsa" ] && [ -d "$lib" ] && [ ! -e "$lib/$name.jsa" ] || return 0
-        cp "$STATE/$name.jsa" "$lib/.$name.jsa.$$" && mv "$lib/.$name.jsa.$$" "$lib/$name.jsa" ||
+        if ! { cp "$STATE/$name.jsa" "$lib/.$name.jsa.$$" &&
+                mv "$lib/.$name.jsa.$$" "$lib/$name.jsa"; }; then
                 rm -f "$lib/.$name.jsa.$$"
+        fi
 }
 
 # ------------------------------------------------------------- PostgreSQL --
@@ -273,11 +276,13 @@ start_pg() {
         else
                 # After a crash the old postmaster may linger as a zombie for
                 # a moment; postgres would take it for a live server.
-                local old i
+                local old _
                 old=$(head -n 1 "$data/postmaster.pid" 2>/dev/null || true)
                 if [[ $old =~ ^[0-9]+$ ]]; then
-                        for i in $(seq 1 100); do
-                                [ -e "/proc/$old" ] && ! running "$old" || break
+                        for _ in $(seq 1 100); do
+                                if [ ! -e "/proc/$old" ] || running "$old"; then
+                                        break
+                                fi
                                 sleep 0.1
                         done
                 fi
@@ -486,10 +491,10 @@ EOF
 # after TIMEOUT so a wedged JVM cannot hang the caller's cleanup. With LIB,
 # a class-data archive the JVM wrote on its way out is kept there.
 stop_pid() {
-        local name=$1 timeout=$2 lib=${3-} pid i
+        local name=$1 timeout=$2 lib=${3-} pid _
         pid=$(live_pid "$name") || { rm -f "$STATE/$name.pid"; return 0; }
         kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 1 $(( timeout * 10 ))); do
+        for _ in $(seq 1 $(( timeout * 10 ))); do
                 running "$pid" || break
                 sleep 0.1
         done
@@ -526,13 +531,17 @@ take_lock() {
 }
 
 cmd_start() {
-        local names=("$@") name
-        [ "${#names[@]}" -gt 0 ] || names=("${ALL_SERVICES[@]}")
-        for name in "${names[@]}"; do
+        local names=() name
+        local -A seen=()
+        [ $# -gt 0 ] || set -- "${ALL_SERVICES[@]}"
+        for name in "$@"; do
                 case $name in
                 pg | s3 | kafka) ;;
                 *) die "unknown service '$name' (expected: ${ALL_SERVICES[*]})" ;;
                 esac
+                # Twice the same name would start two racing copies.
+                [ -n "${seen[$name]-}" ] || names+=("$name")
+                seen[$name]=1
         done
         check_tools
         take_lock
