@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Download benchmark: our S3 client (single stream and parallel ranged parts) against
+# `curl --aws-sigv4` on the local S3Proxy, plus our peak RSS for a 512 MiB and a 64 MiB
+# object to show that memory does not grow with the object.
+#
+#   tests/bench/download_bench.sh [ROUNDS]          # default 3 rounds
+#
+# Environment:
+#   FIM_BUILD_DIR     build tree with flyio-image-manager and libfim_core.a (default: build)
+#   FIM_BENCH_DIR     where the source objects and downloads go (default: /tmp/fim-bench)
+#   FIM_BENCH_PARALLEL / FIM_BENCH_PART_SIZE   parallel settings (default 4 and 8M)
+#   FIM_SERVICES_DIR, FIM_S3_PORT              passed to tests/infra/services.sh
+#
+# S3Proxy is started through tests/infra/services.sh when services.env is missing. The
+# objects are generated and uploaded once and reused by later runs (checked with a HEAD).
+# Ours hashes (SHA-256) and fsyncs what it downloads; curl only writes. A "curl+sha256sum"
+# column adds a separate hashing pass so the comparison can be read both ways.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+ROUNDS=${1:-3}
+BUILD=${FIM_BUILD_DIR:-$ROOT/build}
+case $BUILD in /*) ;; *) BUILD=$ROOT/$BUILD ;; esac
+WORK=${FIM_BENCH_DIR:-/tmp/fim-bench}
+PARALLEL=${FIM_BENCH_PARALLEL:-4}
+PART_SIZE=${FIM_BENCH_PART_SIZE:-8M}
+BUCKET=fim-bench
+SERVICES_ENV=${FIM_SERVICES_DIR:-/tmp/fim-services}/services.env
+
+die() {
+        echo "download_bench: $*" >&2
+        exit 1
+}
+
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
+[ -x /usr/bin/time ] || die "/usr/bin/time is missing (apt-get install time)"
+mkdir -p "$WORK"
+
+# ---- S3 ---------------------------------------------------------------------------------
+if [ ! -f "$SERVICES_ENV" ] || ! bash "$ROOT/tests/infra/services.sh" status 2>/dev/null |
+        grep -q '^s3 *up'; then
+        bash "$ROOT/tests/infra/services.sh" start s3 >&2
+fi
+# shellcheck source=/dev/null
+. "$SERVICES_ENV"
+
+SIG=(--aws-sigv4 "aws:amz:${AWS_REGION:-us-east-1}:s3" -u "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY"
+        -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD')
+
+# ---- the download command ---------------------------------------------------------------
+# `flyio-image-manager download` once the CLI dispatches it; until then a three-line driver
+# linked against the same libfim_core.a runs the same cmd_download().
+FIM=("$BUILD/flyio-image-manager" download)
+if ! "${FIM[@]}" --help 2>/dev/null | grep -q -- '--part-size'; then
+        [ -f "$BUILD/libfim_core.a" ] || die "no $BUILD/libfim_core.a: build first (cmake --build $BUILD)"
+        drv=$WORK/fim-download-driver
+        printf '%s\n' '#include "worker/commands.h"' \
+                'int main(int argc, char **argv) { return cmd_download(argc - 1, argv + 1); }' \
+                >"$WORK/driver.c"
+        # shellcheck disable=SC2046
+        cc -std=c17 -O2 -I"$ROOT" "$WORK/driver.c" "$BUILD/libfim_core.a" \
+                $(pkg-config --libs libcurl libcrypto json-c rdkafka libpq libarchive devmapper) \
+                -lpthread -o "$drv"
+        FIM=("$drv" download)
+        echo "note: using a driver around cmd_download() ('download' is not dispatched by the CLI yet)" >&2
+fi
+
+# ---- objects ----------------------------------------------------------------------------
+object_exists() {
+        [ "$(curl -s -o /dev/null -w '%{http_code}' -I "${SIG[@]}" "$S3_ENDPOINT/$BUCKET/$1")" = 200 ]
+}
+
+ensure_object() { # NAME MIB
+        local name=$1 mib=$2 src=$WORK/$1.src
+        object_exists "$name" && [ -f "$src" ] && return 0
+        echo "uploading $name ($mib MiB, once)" >&2
+        head -c "$((mib * 1024 * 1024))" /dev/urandom >"$src"
+        curl -sf "${SIG[@]}" -X PUT "$S3_ENDPOINT/$BUCKET" -o /dev/null || true # exists: fine
+        curl -sSf "${SIG[@]}" -T "$src" "$S3_ENDPOINT/$BUCKET/$name" -o /dev/null
+}
+
+ensure_object big.bin 512
+ensure_object small.bin 64
+
+# ---- runs -------------------------------------------------------------------------------
+# Each run prints "SECONDS RSS_KIB" on stdout; the output file is removed afterwards.
+run_ours() { # KEY PARALLEL
+        local out=$WORK/out.bin stats=$WORK/time.txt
+        rm -f "$out" "$out.part" "$out.part.meta"
+        /usr/bin/time -f '%e %M' -o "$stats" "${FIM[@]}" --bucket "$BUCKET" --key "$1" \
+                --output "$out" --parallel "$2" --part-size "$PART_SIZE" >"$WORK/ours.txt"
+        sha=$(sed -n 's/.* sha256=\([0-9a-f]*\).*/\1/p' "$WORK/ours.txt")
+        [ "$sha" = "$(cat "$WORK/${1%.bin}.sha")" ] || die "wrong SHA-256 from our download of $1"
+        rm -f "$out"
+        cat "$stats"
+}
+
+run_curl() { # KEY [hash]
+        local out=$WORK/out.bin stats=$WORK/time.txt
+        rm -f "$out"
+        if [ "${2:-}" = hash ]; then
+                /usr/bin/time -f '%e %M' -o "$stats" bash -c \
+                        'curl -sSf "${@:3}" -o "$1" "$2" && sha256sum "$1" >/dev/null' _ \
+                        "$out" "$S3_ENDPOINT/$BUCKET/$1" "${SIG[@]}"
+        else
+                /usr/bin/time -f '%e %M' -o "$stats" curl -sSf "${SIG[@]}" -o "$out" \
+                        "$S3_ENDPOINT/$BUCKET/$1"
+        fi
+        rm -f "$out"
+        cat "$stats"
+}
+
+median() {
+        sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+for name in big small; do
+        [ -f "$WORK/$name.sha" ] && [ "$WORK/$name.sha" -nt "$WORK/$name.bin.src" ] ||
+                sha256sum "$WORK/$name.bin.src" | cut -d' ' -f1 >"$WORK/$name.sha"
+done
+
+declare -A times rss
+for round in $(seq 1 "$ROUNDS"); do
+        echo "round $round/$ROUNDS" >&2
+        for name in big small; do
+                read -r t m < <(run_ours "$name.bin" 1)
+                times[$name.single]+="$t "; rss[$name.single]+="$m "
+                read -r t m < <(run_ours "$name.bin" "$PARALLEL")
+                times[$name.parallel]+="$t "; rss[$name.parallel]+="$m "
+                read -r t m < <(run_curl "$name.bin")
+                times[$name.curl]+="$t "; rss[$name.curl]+="$m "
+                read -r t m < <(run_curl "$name.bin" hash)
+                times[$name.curlhash]+="$t "
+        done
+done
+
+# ---- report -----------------------------------------------------------------------------
+printf '\nS3Proxy at %s, %s round(s), parallel=%s part-size=%s\n' "$S3_ENDPOINT" "$ROUNDS" \
+        "$PARALLEL" "$PART_SIZE"
+printf '%-8s %-22s %10s %10s %12s %14s\n' object client median_s MiB/s vs_curl peak_rss_KiB
+for name in big small; do
+        mib=$([ $name = big ] && echo 512 || echo 64)
+        curl_med=$(tr ' ' '\n' <<<"${times[$name.curl]}" | grep . | median)
+        for kind in single parallel curl curlhash; do
+                med=$(tr ' ' '\n' <<<"${times[$name.$kind]}" | grep . | median)
+                peak=-
+                [ -n "${rss[$name.$kind]:-}" ] && peak=$(tr ' ' '\n' <<<"${rss[$name.$kind]}" | grep . | sort -n | tail -1)
+                label=$kind
+                case $kind in
+                single) label="ours, 1 stream" ;;
+                parallel) label="ours, $PARALLEL parts" ;;
+                curl) label="curl --aws-sigv4" ;;
+                curlhash) label="curl + sha256sum" ;;
+                esac
+                awk -v n="$name" -v l="$label" -v m="$med" -v c="$curl_med" -v s="$mib" -v p="$peak" \
+                        'BEGIN { printf "%-8s %-22s %10.2f %10.1f %11.2fx %14s\n", n "(" s "M)", l, m, (m > 0 ? s / m : 0), (m > 0 ? c / m : 0), p }'
+        done
+done
+echo "vs_curl > 1 means faster than plain curl (which neither hashes nor fsyncs)."
