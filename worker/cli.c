@@ -39,6 +39,9 @@ static const struct cli_command cli_commands[] = {
         {"verify-system", cmd_verify_system, "check configuration, database, pool, S3, disk"},
         {"migrate", cmd_migrate, "apply database migrations"},
         {"show-config", cmd_show_config, "print the effective configuration (no secrets)"},
+        {"extract", cmd_extract, "extract a tarball safely into a directory (no thin pool)"},
+        {"download", cmd_download, "download one S3 object (developer and benchmark aid)"},
+        {"pool-setup", cmd_pool_setup, "create or tear down a loop-backed thin pool (dev/test)"},
 };
 
 static void cli_print_help(FILE *out)

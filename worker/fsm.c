@@ -59,6 +59,7 @@ struct fsm_run {
         bool claimed;
         char *stored_response;
         bool exhausted_on_takeover;
+        const char *error_text; /* set while a failure is being recorded */
 };
 
 const char *fsm_outcome_name(enum fsm_outcome outcome)
@@ -112,6 +113,11 @@ struct db *fsm_run_db(struct fsm_run *run)
 struct json_object *fsm_run_response(struct fsm_run *run)
 {
         return run->response;
+}
+
+const char *fsm_run_error(const struct fsm_run *run)
+{
+        return run->error_text ? run->error_text : "";
 }
 
 bool fsm_run_should_stop(const struct fsm_run *run)
@@ -489,7 +495,9 @@ static int fsm_fail(struct fsm_run *run, const char *transition, int error, bool
         struct fsm_fail_ctx c = {run, transition, error, permanent, res->error_text, false};
         int r;
 
+        run->error_text = res->error_text;
         r = db_tx(run->db, fsm_fail_tx, &c);
+        run->error_text = NULL;
         if (c.fenced_out) {
                 res->outcome = FSM_OUTCOME_INTERRUPTED;
                 return 0;

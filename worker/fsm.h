@@ -104,6 +104,9 @@ struct db *fsm_run_db(struct fsm_run *run);
 /* The response object: steps add or change fields; it is saved with each completion. */
 struct json_object *fsm_run_response(struct fsm_run *run);
 
+/* The error text of the failure being recorded (for on_failure hooks), else "". */
+const char *fsm_run_error(const struct fsm_run *run);
+
 /* Whether the step should give up early: shutdown requested or the lease was lost. */
 bool fsm_run_should_stop(const struct fsm_run *run);
 

@@ -207,11 +207,16 @@ static bool response_has(const char *json, const char *field)
         return yes;
 }
 
-static long count_where(struct db *db, const char *fmt, const char *a, const char *b)
+static long count_where(struct db *db, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static long count_where(struct db *db, const char *fmt, ...)
 {
         char sql[512];
+        va_list ap;
 
-        (void)snprintf(sql, sizeof(sql), fmt, a, b);
+        va_start(ap, fmt);
+        (void)vsnprintf(sql, sizeof(sql), fmt, ap);
+        va_end(ap);
         return pg_test_scalar(db, sql);
 }
 

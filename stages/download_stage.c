@@ -1,0 +1,425 @@
+/*
+ * The download stage's FSM: check_exists -> fetch -> verify -> record.
+ *
+ *   check_exists  looks up the image (FOR UPDATE). A completed download of the same source
+ *                 whose file is still there ends the work (downloaded=false). A completed
+ *                 download of a different source for the same image id is refused: image ids
+ *                 name content, and silently replacing an image under a VM is worse than a
+ *                 failed job. Otherwise the image row becomes 'downloading'.
+ *   fetch         streams the object into LOCAL_DIR/<image_id>.tar.part with SHA-256, resuming
+ *                 an earlier partial download, then renames it into place (stages/download.c).
+ *                 Its commit hook records size, checksum and ETag on the image row.
+ *   verify        after a resume in another process, re-hashes the file on disk and compares
+ *                 it with what fetch recorded; a file changed under us is deleted and refetched.
+ *   record        marks the image completed and, in the same transaction, writes the unpack
+ *                 request to the outbox.
+ *
+ * A failed run marks the image 'failed' with the error. Every step is safe to repeat.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "config/config.h"
+#include "db/db.h"
+#include "stages/download.h"
+#include "stages/request.h"
+#include "stages/s3_client.h"
+#include "worker/stage.h"
+
+struct download_job {
+        const struct stage_ctx *ctx;
+        struct download_request req;
+        char bucket[REQUEST_BUCKET_MAX + 1];
+        char dest[PATH_MAX];
+        bool skip;         /* check_exists found the finished download */
+        bool fetched_here; /* fetch ran in this process: the in-stream hash is fresh */
+        char etag[S3_ETAG_MAX];
+};
+
+static void download_progress(uint64_t done, uint64_t total, void *userdata)
+{
+        struct download_job *job = userdata;
+
+        if (job->ctx->progress)
+                job->ctx->progress("download", done, total, job->ctx->progress_userdata);
+}
+
+/* Fill the response from an images row: image_id, local_path, checksum, size, time. */
+static void download_response_set(struct json_object *resp, const char *image_id, const char *path,
+                                  const char *checksum, int64_t size, bool downloaded,
+                                  const char *downloaded_at)
+{
+        json_object_object_add(resp, "image_id", json_object_new_string(image_id));
+        json_object_object_add(resp, "local_path", json_object_new_string(path));
+        json_object_object_add(resp, "checksum", json_object_new_string(checksum));
+        json_object_object_add(resp, "size_bytes", json_object_new_int64(size));
+        json_object_object_add(resp, "downloaded", json_object_new_boolean(downloaded));
+        if (downloaded_at)
+                json_object_object_add(resp, "downloaded_at",
+                                       json_object_new_string(downloaded_at));
+}
+
+struct download_check {
+        struct download_job *job;
+        struct fsm_run *run;
+};
+
+static int download_check_tx(struct db *db, void *userdata)
+{
+        struct download_check *c = userdata;
+        struct download_job *job = c->job;
+        const char *host = job->ctx->cfg->host_id;
+        PGresult *res = NULL;
+        int r;
+
+        job->skip = false;
+        r = db_query_row(
+                db, &res,
+                "SELECT status, bucket, s3_key, checksum, size_bytes, local_path, " DB_TIME(
+                        "downloaded_at") " FROM images"
+                                         " WHERE host_id = $1 AND image_id = $2 FOR UPDATE",
+                2, (const char *const[]){host, job->req.image_id});
+        if (r < 0)
+                return r;
+        if (r > 0 && strcmp(db_get(res, 0, 0), "completed") == 0) {
+                bool same = strcmp(db_get(res, 0, 1), job->bucket) == 0 &&
+                            strcmp(db_get(res, 0, 2), job->req.s3_key) == 0;
+                const char *path = db_get(res, 0, 5);
+                struct stat st;
+
+                if (!same) {
+                        r = err_set(
+                                -EEXIST,
+                                "image '%s' was already downloaded from 's3://%s/%s'; refusing 's3://%s/%s' for the same image id (use a new image id, or gc the old image first)",
+                                job->req.image_id, db_get(res, 0, 1), db_get(res, 0, 2),
+                                job->bucket, job->req.s3_key);
+                        PQclear(res);
+                        return r;
+                }
+                if (path && stat(path, &st) == 0 && st.st_size == db_get_i64(res, 0, 4)) {
+                        download_response_set(fsm_run_response(c->run), job->req.image_id, path,
+                                              db_get(res, 0, 3), db_get_i64(res, 0, 4), false,
+                                              db_get(res, 0, 6));
+                        job->skip = true;
+                        PQclear(res);
+                        return 0;
+                }
+                /* Recorded as complete but the file is gone or changed: download again. */
+        }
+        PQclear(res);
+        return db_exec(db, NULL,
+                       "INSERT INTO images (host_id, image_id, bucket, s3_key, status, local_path,"
+                       " run_id) VALUES ($1, $2, $3, $4, 'downloading', $5, $6)"
+                       " ON CONFLICT (host_id, image_id) DO UPDATE SET status = 'downloading',"
+                       " bucket = $3, s3_key = $4, local_path = $5, run_id = $6, error = NULL,"
+                       " checksum = NULL, size_bytes = NULL, etag = NULL, downloaded_at = NULL,"
+                       " updated_at = now()",
+                       6,
+                       (const char *const[]){host, job->req.image_id, job->bucket, job->req.s3_key,
+                                             job->dest, fsm_run_id(c->run)});
+}
+
+static int download_check_exists(struct fsm_run *run, void *userdata)
+{
+        struct download_check c = {userdata, run};
+
+        return db_tx(fsm_run_db(run), download_check_tx, &c);
+}
+
+static int download_s3_client(const struct config *cfg, struct s3_client **ret)
+{
+        struct s3_client_options o = {
+                .endpoint = cfg->s3_endpoint,
+                .region = cfg->s3_region,
+                .access_key_id = cfg->s3_access_key,
+                .secret_access_key = cfg->s3_secret_key,
+                .session_token = cfg->s3_session_token[0] ? cfg->s3_session_token : NULL,
+                .force_path_style = cfg->s3_force_path_style,
+        };
+
+        return s3_client_new(&o, ret);
+}
+
+/* Whether the response already says the file is in place (skip, or fetch done). */
+static bool download_response_done(struct fsm_run *run)
+{
+        struct json_object *v = NULL;
+
+        return json_object_object_get_ex(fsm_run_response(run), "checksum", &v);
+}
+
+static int download_fetch(struct fsm_run *run, void *userdata)
+{
+        struct download_job *job = userdata;
+        const struct config *cfg = job->ctx->cfg;
+        struct s3_client *client = NULL;
+        struct download_result result = {0};
+        struct download_params p = {
+                .bucket = job->bucket,
+                .key = job->req.s3_key,
+                .dest_path = job->dest,
+                .max_object_bytes = cfg->max_object_size,
+                .parallel_threshold_bytes = cfg->download_parallel_threshold,
+                .part_size = cfg->download_part_size,
+                .max_connections = (unsigned)cfg->download_connections,
+                .total_timeout_ms = (int64_t)cfg->download_timeout * 1000,
+                .stall_timeout_ms = (int64_t)cfg->download_stall_timeout * 1000,
+                .expected_sha256 = job->req.checksum[0] ? job->req.checksum : NULL,
+        };
+        int r;
+
+        if (job->skip)
+                return 0;
+        r = download_s3_client(cfg, &client);
+        if (r < 0)
+                return r;
+        r = download_object(client, &p, download_progress, job, &result);
+        s3_client_free(client);
+        if (r < 0)
+                return r;
+        job->fetched_here = true;
+        (void)snprintf(job->etag, sizeof(job->etag), "%s", result.etag);
+        download_response_set(fsm_run_response(run), job->req.image_id, job->dest, result.sha256,
+                              (int64_t)result.size, true, NULL);
+        log_info("object downloaded",
+                 "bucket=%s key='%s' bytes=%" PRIu64 " sha256=%s resumed_from=%" PRIu64 " parts=%u",
+                 job->bucket, job->req.s3_key, result.size, result.sha256,
+                 result.resumed_from_offset, result.parts);
+        return 0;
+}
+
+static const char *download_response_str(struct fsm_run *run, const char *field)
+{
+        struct json_object *v = NULL;
+
+        if (!json_object_object_get_ex(fsm_run_response(run), field, &v))
+                return NULL;
+        return json_object_get_string(v);
+}
+
+static int64_t download_response_i64(struct fsm_run *run, const char *field)
+{
+        struct json_object *v = NULL;
+
+        if (!json_object_object_get_ex(fsm_run_response(run), field, &v))
+                return -1;
+        return json_object_get_int64(v);
+}
+
+static int download_fetch_commit(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct download_job *job = userdata;
+        char size[24];
+
+        if (job->skip)
+                return 0;
+        (void)snprintf(size, sizeof(size), "%" PRId64, download_response_i64(run, "size_bytes"));
+        return db_exec(db, NULL,
+                       "UPDATE images SET checksum = $3, size_bytes = $4, etag = $5,"
+                       " updated_at = now() WHERE host_id = $1 AND image_id = $2",
+                       5,
+                       (const char *const[]){job->ctx->cfg->host_id, job->req.image_id,
+                                             download_response_str(run, "checksum"), size,
+                                             job->etag[0] ? job->etag : NULL});
+}
+
+static int download_verify(struct fsm_run *run, void *userdata)
+{
+        struct download_job *job = userdata;
+        const char *want = download_response_str(run, "checksum");
+        int64_t want_size = download_response_i64(run, "size_bytes");
+        char have[DOWNLOAD_SHA256_HEX_LEN + 1];
+        uint64_t size;
+        int r;
+
+        if (!want || !download_response_done(run))
+                return err_set(-EIO, "no checksum recorded for image '%s' before verify",
+                               job->req.image_id);
+        /* The stream hash is fresh when fetch ran here; after a resume, read the file again. */
+        if (job->skip || job->fetched_here)
+                return 0;
+        r = download_hash_file(job->dest, have, &size);
+        if (r == -ENOENT)
+                return err_set(
+                        -EAGAIN,
+                        "downloaded file '%s' disappeared before verification; will download again",
+                        job->dest);
+        if (r < 0)
+                return r;
+        if (strcmp(have, want) != 0 || (int64_t)size != want_size) {
+                (void)unlink(job->dest);
+                json_object_object_del(fsm_run_response(run), "checksum");
+                return err_set(
+                        -EAGAIN,
+                        "file '%s' changed after download (sha256 %s, expected %s); deleted, will download again",
+                        job->dest, have, want);
+        }
+        return 0;
+}
+
+static int download_record(struct fsm_run *run, void *userdata)
+{
+        char now[40];
+
+        (void)userdata;
+        if (!download_response_str(run, "downloaded_at")) {
+                util_format_time(util_now_realtime_ms(), now, sizeof(now));
+                json_object_object_add(fsm_run_response(run), "downloaded_at",
+                                       json_object_new_string(now));
+        }
+        return 0;
+}
+
+static int download_record_commit(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct download_job *job = userdata;
+        struct unpack_request next = {0};
+        char size[24];
+        char *payload = NULL;
+        int r;
+
+        (void)snprintf(size, sizeof(size), "%" PRId64, download_response_i64(run, "size_bytes"));
+        r = db_exec(db, NULL,
+                    "UPDATE images SET status = 'completed', local_path = $3, checksum = $4,"
+                    " size_bytes = $5, run_id = $6, error = NULL,"
+                    " downloaded_at = coalesce(downloaded_at, now()), updated_at = now()"
+                    " WHERE host_id = $1 AND image_id = $2",
+                    6,
+                    (const char *const[]){job->ctx->cfg->host_id, job->req.image_id, job->dest,
+                                          download_response_str(run, "checksum"), size,
+                                          fsm_run_id(run)});
+        if (r < 0 || !job->ctx->handoff)
+                return r;
+        (void)snprintf(next.image_id, sizeof(next.image_id), "%s", job->req.image_id);
+        (void)snprintf(next.local_path, sizeof(next.local_path), "%s", job->dest);
+        (void)snprintf(next.checksum, sizeof(next.checksum), "%s",
+                       download_response_str(run, "checksum"));
+        payload = unpack_request_encode(&next);
+        if (!payload)
+                return err_set(-ENOMEM, "out of memory");
+        r = stage_outbox_insert(db, job->ctx, fsm_run_id(run), STAGE_UNPACK, job->req.image_id,
+                                payload);
+        free(payload);
+        return r;
+}
+
+static int download_on_failure(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct download_job *job = userdata;
+        const char *error = fsm_run_error(run);
+
+        return db_exec(db, NULL,
+                       "UPDATE images SET status = 'failed', error = $4, updated_at = now()"
+                       " WHERE host_id = $1 AND image_id = $2 AND run_id = $3",
+                       4,
+                       (const char *const[]){job->ctx->cfg->host_id, job->req.image_id,
+                                             fsm_run_id(run), error});
+}
+
+static const struct fsm_transition download_transitions[] = {
+        {"check_exists", download_check_exists, NULL},
+        {"fetch", download_fetch, download_fetch_commit},
+        {"verify", download_verify, NULL},
+        {"record", download_record, download_record_commit},
+};
+
+static const struct fsm_def download_fsm = {
+        .name = "download",
+        .transitions = download_transitions,
+        .transition_count = ARRAY_SIZE(download_transitions),
+        .on_failure = download_on_failure,
+};
+
+/* Mark a stored response as coming from an earlier run. */
+static void download_mark_already(struct stage_result *res)
+{
+        struct json_object *o;
+
+        if (!res->response)
+                return;
+        o = json_tokener_parse(res->response);
+        if (!o)
+                return;
+        json_object_object_add(o, "downloaded", json_object_new_boolean(0));
+        json_object_object_add(o, "already_exist", json_object_new_boolean(1));
+        free(res->response);
+        res->response = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+        json_object_put(o);
+}
+
+static int download_handle(const struct stage_ctx *ctx, const char *request_json,
+                           struct stage_result *ret)
+{
+        struct download_job job = {.ctx = ctx};
+        struct fsm_options opts = {
+                .host_id = ctx->cfg->host_id,
+                .worker_id = ctx->worker_id,
+                .max_attempts = ctx->cfg->max_attempts,
+                .retry_base_ms = ctx->cfg->retry_base_ms,
+                .retry_max_ms = ctx->cfg->retry_max_ms,
+                .leases = ctx->leases,
+                .stop = ctx->stop,
+                .trace_id = ctx->trace_id,
+                .parent_run_id = ctx->parent_run_id,
+        };
+        struct fsm_result fres = {0};
+        char key[2048];
+        char *canonical = NULL;
+        int r;
+
+        memset(ret, 0, sizeof(*ret));
+        r = download_request_decode(request_json, &job.req);
+        if (r < 0) {
+                ret->outcome = FSM_OUTCOME_FAILED;
+                ret->error = r;
+                ret->error_class = STAGE_ERROR_INVALID_REQUEST;
+                (void)snprintf(ret->error_text, sizeof(ret->error_text),
+                               "invalid download request: %s", err_last());
+                return 0;
+        }
+        (void)snprintf(ret->image_id, sizeof(ret->image_id), "%s", job.req.image_id);
+        (void)snprintf(job.bucket, sizeof(job.bucket), "%s",
+                       job.req.bucket[0] ? job.req.bucket : ctx->cfg->s3_bucket);
+        r = util_snprintf(job.dest, sizeof(job.dest), "%s/%s.tar", ctx->cfg->local_dir,
+                          job.req.image_id);
+        if (r < 0)
+                return err_set(r, "LOCAL_DIR is too long");
+        r = util_snprintf(key, sizeof(key), "download/%s/%s/s3://%s/%s/%s", ctx->cfg->host_id,
+                          job.req.image_id, job.bucket, job.req.s3_key,
+                          job.req.checksum[0] ? job.req.checksum : "-");
+        if (r < 0)
+                return err_set(r, "idempotency key too long");
+
+        /* Store the request as understood, with the bucket default applied. */
+        (void)snprintf(job.req.bucket, sizeof(job.req.bucket), "%s", job.bucket);
+        canonical = download_request_encode(&job.req);
+        if (!canonical)
+                return err_set(-ENOMEM, "out of memory");
+        opts.subject = job.req.image_id;
+        r = fsm_execute(ctx->db, &download_fsm, &opts, key, canonical, &job, &fres);
+        free(canonical);
+        if (r < 0)
+                return r;
+        stage_result_from_fsm(ret, &fres);
+        fsm_result_done(&fres);
+        if (ret->outcome == FSM_OUTCOME_ALREADY_COMPLETE)
+                download_mark_already(ret);
+        return 0;
+}
+
+const struct stage stage_download = {
+        .id = STAGE_DOWNLOAD,
+        .name = "download",
+        .handle = download_handle,
+};
