@@ -497,8 +497,11 @@ static int download_parts(struct download_ctx *d, unsigned max_connections)
         size_t n = 0;
         int r;
 
-        if (fallocate(d->fd, 0, 0, (off_t)m->size) < 0 && ftruncate(d->fd, (off_t)m->size) < 0)
+        /* Exactly the object's size (a leftover of another version may be longer), with the
+         * blocks reserved up front where the filesystem can. */
+        if (ftruncate(d->fd, (off_t)m->size) < 0)
                 return err_set(-errno, "failed to size '%s': %s", d->part_path, strerror(errno));
+        (void)fallocate(d->fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)m->size);
         d->resumed = d->done_bytes = download_meta_kept(m);
         r = download_hash_completed_prefix(d);
         if (r < 0)

@@ -47,9 +47,10 @@ static struct object objects[] = {
         {.name = "odd-size", .size = 2 * MIB + MIB / 2 + 17, .seed = 3},
         {.name = "large", .size = 5 * MIB + 123, .seed = 4},
         {.name = "resume", .size = 3 * MIB + 5, .seed = 5},
+        {.name = "changing", .size = 4 * MIB + 3, .seed = 6},
 };
 
-enum { OBJ_EMPTY, OBJ_ONE, OBJ_ODD, OBJ_LARGE, OBJ_RESUME };
+enum { OBJ_EMPTY, OBJ_ONE, OBJ_ODD, OBJ_LARGE, OBJ_RESUME, OBJ_CHANGING };
 
 struct proxy {
         pid_t pid;
@@ -435,6 +436,17 @@ static void test_download_unknown_access_key(void **state)
         s3_client_free(c);
 }
 
+/* Without credentials requests go unsigned; this S3Proxy refuses them. */
+static void test_download_anonymous_is_refused(void **state)
+{
+        struct s3_client *c = NULL;
+
+        (void)state;
+        assert_int_equal(client_from_env(getenv("S3_ENDPOINT"), NULL, NULL, &c), 0);
+        expect_failure(c, TEST_BUCKET, objects[OBJ_ONE].key, -EACCES, "AccessDenied");
+        s3_client_free(c);
+}
+
 static void test_download_missing_key_and_bucket(void **state)
 {
         char key[256];
@@ -598,6 +610,36 @@ static void test_download_restarts_when_object_changed(void **state)
         assert_int_equal(unlink(dest), 0);
 }
 
+/* Parts from one version, then a shorter version: nothing of the old file survives. */
+static void test_download_parallel_restarts_when_object_shrank(void **state)
+{
+        struct object *o = &objects[OBJ_CHANGING];
+        struct download_result res;
+        struct download_params p;
+        char dest[512];
+        int r;
+
+        (void)state;
+        dest_path("changing", dest, sizeof(dest));
+        p = params(o, dest);
+        p.max_connections = 2;
+        proxy_command("cut 200000 GET 2");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_true(r < 0 && err_is_transient(r));
+        assert_true(exists(dest, ".part.meta"));
+
+        o->size = 2 * MIB + 9;
+        upload(o, o->seed + 100);
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        if (r < 0)
+                fail_msg("download after change failed: %s", err_text(r));
+        assert_int_equal(res.resumed_from_offset, 0);
+        assert_int_equal(res.parts, 3);
+        assert_string_equal(res.sha256, o->sha256);
+        assert_file_is(dest, o); /* exactly the new size: no tail of the old version */
+        assert_int_equal(unlink(dest), 0);
+}
+
 static void test_download_parallel_resume_keeps_done_parts(void **state)
 {
         const struct object *o = &objects[OBJ_LARGE];
@@ -728,12 +770,14 @@ int main(void)
                 cmocka_unit_test(test_download_progress_reports),
                 cmocka_unit_test(test_download_wrong_secret),
                 cmocka_unit_test(test_download_unknown_access_key),
+                cmocka_unit_test(test_download_anonymous_is_refused),
                 cmocka_unit_test(test_download_missing_key_and_bucket),
                 cmocka_unit_test(test_download_checksum_mismatch),
                 cmocka_unit_test(test_download_size_and_space_limits),
                 cmocka_unit_test(test_download_client_if_match_and_range),
                 cmocka_unit_test(test_download_resumes_after_cut),
                 cmocka_unit_test(test_download_restarts_when_object_changed),
+                cmocka_unit_test(test_download_parallel_restarts_when_object_shrank),
                 cmocka_unit_test(test_download_parallel_resume_keeps_done_parts),
                 cmocka_unit_test(test_download_slowdown_is_transient),
                 cmocka_unit_test(test_download_stall_times_out),
