@@ -660,13 +660,58 @@ static int sigv4_add_headers(const struct sigv4_signer *signer, const char *payl
         return 0;
 }
 
+/* "20150830/us-east-1/service/aws4_request" */
+static void sigv4_append_scope(struct sigv4_buf *b, const struct sigv4_signer *signer,
+                               const char *date)
+{
+        sigv4_buf_append(b, date);
+        sigv4_buf_append_char(b, '/');
+        sigv4_buf_append(b, signer->region);
+        sigv4_buf_append_char(b, '/');
+        sigv4_buf_append(b, signer->service);
+        sigv4_buf_append(b, "/aws4_request");
+}
+
+/* The string to sign: algorithm, time, scope and the hash of the canonical request. */
+static int sigv4_append_string_to_sign(struct sigv4_buf *b, const char *amz_date, const char *scope,
+                                       const struct sigv4_buf *canonical)
+{
+        char creq_hash[SIGV4_HEX_LEN + 1];
+        int r;
+
+        r = sigv4_sha256_hex(canonical->p, canonical->len, creq_hash);
+        if (r < 0)
+                return r;
+        sigv4_buf_append(b, SIGV4_ALGORITHM "\n");
+        sigv4_buf_append(b, amz_date);
+        sigv4_buf_append_char(b, '\n');
+        sigv4_buf_append(b, scope);
+        sigv4_buf_append_char(b, '\n');
+        sigv4_buf_append(b, creq_hash);
+        return b->oom ? -ENOMEM : 0;
+}
+
+static void sigv4_append_authorization(struct sigv4_buf *b, const struct sigv4_signer *signer,
+                                       const char *scope, const char *signed_list,
+                                       const char *signature)
+{
+        sigv4_buf_append(b, SIGV4_ALGORITHM " Credential=");
+        sigv4_buf_append(b, signer->access_key_id);
+        sigv4_buf_append_char(b, '/');
+        sigv4_buf_append(b, scope);
+        sigv4_buf_append(b, ", SignedHeaders=");
+        sigv4_buf_append(b, signed_list);
+        sigv4_buf_append(b, ", Signature=");
+        sigv4_buf_append(b, signature);
+}
+
 int sigv4_sign(const struct sigv4_signer *signer, const struct sigv4_request *req, time_t now,
                struct sigv4_signed *ret)
 {
         struct sigv4_signed s = {0};
-        struct sigv4_buf canonical = {0}, signed_list = {0}, sts = {0}, auth = {0};
+        struct sigv4_buf canonical = {0}, signed_list = {0}, scope = {0}, sts = {0}, auth = {0};
         const char *payload_hash = req->payload_hash ? req->payload_hash : SIGV4_EMPTY_SHA256;
-        char date[sizeof("20150830")], scope_hash[SIGV4_HEX_LEN + 1];
+        char date[sizeof("20150830")];
         struct tm tm;
         int r;
 
@@ -680,46 +725,16 @@ int sigv4_sign(const struct sigv4_signer *signer, const struct sigv4_request *re
         r = sigv4_build_canonical(signer, req, s.amz_date, payload_hash, &canonical, &signed_list);
         if (r < 0)
                 goto out;
-        r = sigv4_sha256_hex(canonical.p, canonical.len, scope_hash);
+        sigv4_append_scope(&scope, signer, date);
+        r = scope.oom ? -ENOMEM
+                      : sigv4_append_string_to_sign(&sts, s.amz_date, scope.p, &canonical);
         if (r < 0)
                 goto out;
-
-        sigv4_buf_append(&sts, SIGV4_ALGORITHM "\n");
-        sigv4_buf_append(&sts, s.amz_date);
-        sigv4_buf_append_char(&sts, '\n');
-        const size_t scope_start = sts.len;
-
-        sigv4_buf_append(&sts, date);
-        sigv4_buf_append_char(&sts, '/');
-        sigv4_buf_append(&sts, signer->region);
-        sigv4_buf_append_char(&sts, '/');
-        sigv4_buf_append(&sts, signer->service);
-        sigv4_buf_append(&sts, "/aws4_request");
-        const size_t scope_end = sts.len;
-
-        sigv4_buf_append_char(&sts, '\n');
-        sigv4_buf_append(&sts, scope_hash);
-        if (sts.oom) {
-                r = -ENOMEM;
-                goto out;
-        }
         r = sigv4_signature(signer, date, sts.p, s.signature);
         if (r < 0)
                 goto out;
-
-        sigv4_buf_append(&auth, SIGV4_ALGORITHM " Credential=");
-        sigv4_buf_append(&auth, signer->access_key_id);
-        sigv4_buf_append_char(&auth, '/');
-        sigv4_buf_append_n(&auth, sts.p + scope_start, scope_end - scope_start);
-        sigv4_buf_append(&auth, ", SignedHeaders=");
-        sigv4_buf_append(&auth, signed_list.p);
-        sigv4_buf_append(&auth, ", Signature=");
-        sigv4_buf_append(&auth, s.signature);
-        if (auth.oom) {
-                r = -ENOMEM;
-                goto out;
-        }
-        r = sigv4_add_headers(signer, payload_hash, auth.p, &s);
+        sigv4_append_authorization(&auth, signer, scope.p, signed_list.p, s.signature);
+        r = auth.oom ? -ENOMEM : sigv4_add_headers(signer, payload_hash, auth.p, &s);
         if (r < 0)
                 goto out;
         s.canonical_request = sigv4_buf_steal(&canonical);
@@ -730,7 +745,10 @@ out:
         sigv4_signed_done(&s);
         sigv4_buf_done(&canonical);
         sigv4_buf_done(&signed_list);
+        sigv4_buf_done(&scope);
         sigv4_buf_done(&sts);
+        if (auth.p)
+                OPENSSL_cleanse(auth.p, auth.len);
         sigv4_buf_done(&auth);
         return r;
 }
