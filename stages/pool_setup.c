@@ -476,14 +476,64 @@ static int pool_setup_load(const struct pool_setup_opts *o, const struct pool_se
         return thin_pool_create(&params);
 }
 
+/* Fresh files for a new pool. On failure, the ones made here are removed again. */
+static int pool_setup_new_files(const struct pool_setup_opts *o, const struct pool_setup_paths *p,
+                                struct pool_setup_result *res)
+{
+        int r;
+
+        res->data_size = o->data_size;
+        res->metadata_size = o->metadata_size
+                                     ? o->metadata_size
+                                     : pool_setup_metadata_size(o->data_size, o->block_size);
+        if (mkdir(o->dir, 0755) < 0 && errno != EEXIST)
+                return err_set(-errno, "failed to create directory '%s': %s", o->dir,
+                               strerror(errno));
+        r = pool_setup_create_file(p->data, res->data_size);
+        if (r < 0)
+                return r;
+        r = pool_setup_create_file(p->meta, res->metadata_size);
+        if (r < 0)
+                (void)unlink(p->data);
+        return r;
+}
+
+/* Attach both files (reusing attached loops) and load the pool; undo our attaches on failure. */
+static int pool_setup_attach_and_load(const struct pool_setup_opts *o,
+                                      const struct pool_setup_paths *p, bool fresh,
+                                      struct pool_setup_result *res)
+{
+        struct pool_setup_loop meta = {.path = p->meta}, data = {.path = p->data};
+        char cause[ERR_MSG_MAX];
+        int r;
+
+        r = pool_setup_loop_get(&meta);
+        if (r == 0)
+                r = pool_setup_loop_get(&data);
+        if (r == 0 && fresh)
+                r = pool_setup_zero_head(meta.node);
+        if (r == 0)
+                r = pool_setup_load(o, p, &meta, &data, res->data_size);
+        if (r == 0) {
+                (void)snprintf(res->data_loop, sizeof(res->data_loop), "%s", data.node);
+                (void)snprintf(res->metadata_loop, sizeof(res->metadata_loop), "%s", meta.node);
+                return 0;
+        }
+        (void)snprintf(cause, sizeof(cause), "%s", err_last());
+        if (data.attached_here)
+                (void)pool_setup_loop_detach(data.node);
+        if (meta.attached_here)
+                (void)pool_setup_loop_detach(meta.node);
+        return err_set(r, "%s", cause);
+}
+
 int pool_setup_create(const struct pool_setup_opts *opts, struct pool_setup_result *ret_result)
 {
         struct pool_setup_result res = {0};
-        struct pool_setup_paths p;
-        struct pool_setup_loop meta = {0}, data = {0};
         struct thin_pool_device_info info;
         struct thin_pool_table tb;
-        bool reattach = false, created_files = false;
+        struct pool_setup_paths p;
+        bool reattach = false;
         int r;
 
         r = pool_setup_paths_init(opts->name, opts->dir, &p);
@@ -491,9 +541,7 @@ int pool_setup_create(const struct pool_setup_opts *opts, struct pool_setup_resu
                 r = pool_setup_check_sizes(opts);
         if (r == 0)
                 r = thin_pool_device_info(opts->name, &info);
-        if (r < 0)
-                return r;
-        if (info.exists) {
+        if (r == 0 && info.exists) {
                 r = pool_setup_check_owned(opts->name, &p, &tb);
                 if (r < 0)
                         return r;
@@ -501,66 +549,34 @@ int pool_setup_create(const struct pool_setup_opts *opts, struct pool_setup_resu
                 r = POOL_SETUP_EXISTED;
                 goto done;
         }
-
-        r = pool_setup_file_state(&p, &reattach);
+        if (r == 0)
+                r = pool_setup_file_state(&p, &reattach);
         if (r < 0)
                 return r;
+
         res.block_size = opts->block_size;
         res.reattached = reattach;
-        if (reattach) {
+        if (reattach)
                 r = pool_setup_existing_sizes(&p, opts->block_size, &res.data_size,
                                               &res.metadata_size);
-                if (r < 0)
-                        return r;
-        } else {
-                res.data_size = opts->data_size;
-                res.metadata_size =
-                        opts->metadata_size
-                                ? opts->metadata_size
-                                : pool_setup_metadata_size(opts->data_size, opts->block_size);
-                if (mkdir(opts->dir, 0755) < 0 && errno != EEXIST)
-                        return err_set(-errno, "failed to create directory '%s': %s", opts->dir,
-                                       strerror(errno));
-                created_files = true;
-                r = pool_setup_create_file(p.data, res.data_size);
-                if (r == 0)
-                        r = pool_setup_create_file(p.meta, res.metadata_size);
-                if (r < 0)
-                        goto fail;
-        }
-
-        meta.path = p.meta;
-        data.path = p.data;
-        r = pool_setup_loop_get(&meta);
-        if (r == 0)
-                r = pool_setup_loop_get(&data);
-        if (r == 0 && !reattach)
-                r = pool_setup_zero_head(meta.node);
-        if (r == 0)
-                r = pool_setup_load(opts, &p, &meta, &data, res.data_size);
-        if (r < 0 && reattach)
-                r = err_wrap(
-                        r,
-                        "failed to load pool '%s' from the existing files in '%s' (was it made with another block size?)",
-                        opts->name, opts->dir);
+        else
+                r = pool_setup_new_files(opts, &p, &res);
         if (r < 0)
-                goto fail;
-        (void)snprintf(res.data_loop, sizeof(res.data_loop), "%s", data.node);
-        (void)snprintf(res.metadata_loop, sizeof(res.metadata_loop), "%s", meta.node);
+                return r;
+        r = pool_setup_attach_and_load(opts, &p, !reattach, &res);
+        if (r < 0 && reattach)
+                return err_wrap(
+                        r,
+                        "failed to load pool '%s' from the existing files in '%s' (made with another block size?)",
+                        opts->name, opts->dir);
+        if (r < 0) { /* the files are ours: made just now */
+                (void)unlink(p.data);
+                (void)unlink(p.meta);
+                return r;
+        }
 done:
         if (ret_result)
                 *ret_result = res;
-        return r;
-fail:
-        /* Undo in reverse; keep the first error's message. */
-        if (data.attached_here)
-                (void)pool_setup_loop_detach(data.node);
-        if (meta.attached_here)
-                (void)pool_setup_loop_detach(meta.node);
-        if (created_files) {
-                (void)unlink(p.data);
-                (void)unlink(p.meta);
-        }
         return r;
 }
 

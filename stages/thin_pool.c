@@ -625,6 +625,7 @@ static int thin_pool_list_locked(dev_t pool_dev, struct thin_pool_active_thin **
                 }
                 devs[n].dev_id = d.thin_dev_id;
                 devs[n].size_bytes = d.size_sectors * THIN_POOL_SECTOR;
+                devs[n].suspended = d.suspended;
                 (void)snprintf(devs[n].name, sizeof(devs[n].name), "%s", names->name);
                 n++;
         } while (next);
@@ -809,13 +810,18 @@ static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, 
 {
         struct thin_pool_active_thin *devs = NULL;
         struct thin_pool_device_info d;
-        size_t n = 0;
+        size_t n = 0, kept = 0;
         int r;
 
         if (!named) {
                 r = thin_pool_list_locked(pool_dev, &devs, &n);
                 if (r < 0)
                         return r;
+                for (size_t i = 0; i < n; i++) {
+                        if (devs[i].dev_id == origin_id && !devs[i].suspended)
+                                devs[kept++] = devs[i];
+                }
+                n = kept;
         } else {
                 r = thin_pool_device_info_locked(named, &d);
                 if (r < 0)
@@ -831,7 +837,7 @@ static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, 
                         return err_set(-ENOMEM, "out of memory");
                 devs[0].dev_id = origin_id;
                 (void)snprintf(devs[0].name, sizeof(devs[0].name), "%s", named);
-                n = 1;
+                n = d.suspended ? 0 : 1;
         }
         *ret_devs = devs;
         *ret_count = n;

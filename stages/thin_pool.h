@@ -131,6 +131,7 @@ struct thin_pool_device_info {
 struct thin_pool_active_thin {
         uint32_t dev_id;
         uint64_t size_bytes;
+        bool suspended;
         char name[THIN_POOL_NAME_MAX + 1];
 };
 
@@ -191,8 +192,10 @@ int thin_pool_create_thin(const char *pool_name, uint32_t dev_id);
  * suspended meanwhile: when @origin_active_name is given, that device must map @origin_id on
  * this pool (else -EINVAL) and is suspended (with a flush and a filesystem freeze) around the
  * message; when it is NULL, every active device mapping @origin_id on this pool is found and
- * suspended. Suspended devices are always resumed, also when the message failed. -EEXIST when
- * @snap_id is taken, -ENODATA when @origin_id does not exist.
+ * suspended. The devices suspended here are always resumed, also when the message failed; one
+ * that somebody else had suspended is left alone. -EEXIST when @snap_id is taken, -ENODATA when
+ * @origin_id does not exist. When a resume fails its error is returned, whatever happened to
+ * the message: the device stays suspended and needs attention.
  */
 int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t origin_id,
                           const char *origin_active_name);

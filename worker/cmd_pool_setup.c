@@ -51,8 +51,7 @@ static int cmd_pool_setup_usage_error(const char *fmt, ...)
         va_start(ap, fmt);
         vfprintf(stderr, fmt, ap);
         va_end(ap);
-        fputs("\n", stderr);
-        fputs(cmd_pool_setup_usage, stderr);
+        fputs("\nTry 'flyio-image-manager pool-setup --help'.\n", stderr);
         return CMD_EXIT_USAGE;
 }
 
@@ -133,8 +132,8 @@ static int cmd_pool_setup_parse(int argc, char **argv, struct cmd_pool_setup_arg
                 case 'h':
                         fputs(cmd_pool_setup_usage, stdout);
                         return -1;
-                default:
-                        fputs(cmd_pool_setup_usage, stderr);
+                default: /* getopt has said what is wrong */
+                        fputs("Try 'flyio-image-manager pool-setup --help'.\n", stderr);
                         return CMD_EXIT_USAGE;
                 }
         }

@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/loop.h>
 #include <setjmp.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -18,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -142,6 +144,15 @@ static void umount_dir(const char *dir)
                 fail_msg("umount %s: %s", dir, strerror(errno));
 }
 
+static void detach_loop(const char *node)
+{
+        int fd = open(node, O_RDONLY | O_CLOEXEC);
+
+        assert_true(fd >= 0);
+        assert_int_equal(ioctl(fd, LOOP_CLR_FD, 0), 0);
+        (void)close(fd);
+}
+
 static int run_cli(int argc, const char *const *argv)
 {
         char *copy[16];
@@ -239,6 +250,8 @@ static void test_thin_pool_setup_cli(void **state)
                                         POOL_CLI,     "--dir",      T.dir};
         const char *const foreign[] = {"pool-setup", "--teardown", "--name",
                                        POOL,         "--dir",      T.other};
+        struct pool_setup_opts o = POOL_SETUP_OPTS_INIT;
+        struct pool_setup_result res;
         struct thin_pool_status s;
         struct thin_pool_device_info info;
         char path[128];
@@ -252,6 +265,30 @@ static void test_thin_pool_setup_cli(void **state)
         assert_int_equal(s.low_water_mark, 512 / 10);
 
         assert_int_equal(run_cli(6, foreign), CMD_EXIT_FAILURE);
+
+        /*
+         * After a reboot (no pool, no loops, the files remain) setup attaches the files again
+         * and formats nothing: thin id 7 made before is still there. A wrong block size is
+         * refused with a hint, and leaves no loop attached behind.
+         */
+        o.name = POOL_CLI;
+        o.dir = T.dir;
+        o.block_size = 128 << 10;
+        assert_ok(thin_pool_create_thin(POOL_CLI, 7));
+        assert_rc(pool_setup_create(&o, &res), POOL_SETUP_EXISTED);
+        assert_rc(thin_pool_deactivate(POOL_CLI, NULL), 0);
+        detach_loop(res.data_loop);
+        detach_loop(res.metadata_loop);
+        o.block_size = 64 << 10;
+        assert_true(pool_setup_create(&o, NULL) < 0);
+        assert_err_contains("another block size");
+        o.block_size = 128 << 10;
+        assert_rc(pool_setup_create(&o, &res), 0);
+        assert_true(res.reattached);
+        assert_int_equal(res.data_size, 64 * MiB);
+        assert_ok(thin_pool_activate(POOL_CLI, 7, "fimt-cli7", 4 * MiB, NULL));
+        assert_rc(thin_pool_deactivate("fimt-cli7", NULL), 0);
+
         assert_int_equal(run_cli(6, teardown), CMD_EXIT_OK);
         assert_ok(thin_pool_device_info(POOL_CLI, &info));
         assert_false(info.exists);
@@ -355,6 +392,18 @@ static void test_thin_pool_snapshot_of_mounted_origin(void **state)
         assert_false(info.suspended);
         write_file(T.mnt1, "after3.txt", "after3");
 
+        /* Only the origin's users are touched, and one suspended by somebody else stays so. */
+        assert_ok(thin_pool_suspend(SNAP2));
+        assert_ok(thin_pool_create_snap(POOL, 5, 1, NULL));
+        assert_ok(thin_pool_device_info(SNAP2, &info));
+        assert_true(info.suspended);
+        assert_ok(thin_pool_resume(SNAP2));
+        assert_ok(thin_pool_suspend(THIN1));
+        assert_ok(thin_pool_create_snap(POOL, 6, 1, THIN1));
+        assert_ok(thin_pool_device_info(THIN1, &info));
+        assert_true(info.suspended);
+        assert_ok(thin_pool_resume(THIN1));
+
         assert_rc(thin_pool_create_snap(POOL, 4, 1, SNAP2), -EINVAL); /* SNAP2 maps id 2 */
         assert_rc(thin_pool_create_snap(POOL, 2, 1, THIN1), -EEXIST);
         assert_ok(thin_pool_device_info(THIN1, &info));
@@ -404,6 +453,8 @@ static void test_thin_pool_delete(void **state)
 {
         (void)state;
         assert_rc(thin_pool_delete(POOL, 2), 0);
+        assert_rc(thin_pool_delete(POOL, 5), 0);
+        assert_rc(thin_pool_delete(POOL, 6), 0);
         assert_rc(thin_pool_delete(POOL, 2), THIN_POOL_ALREADY);
         assert_rc(thin_pool_delete(POOL, 12345), THIN_POOL_ALREADY);
 
