@@ -1,0 +1,1872 @@
+#include "stages/extract.h"
+
+/*
+ * Safe extraction of image tarballs.
+ *
+ * THREAT MODEL
+ *
+ * We run as root and the tarball comes from whoever pushed the image: every byte is chosen
+ * by an attacker (names, link targets, types, owners, modes, sizes, sparse maps, pax
+ * records, the compression). What we defend:
+ *   1. nothing outside the root is created, modified or followed: no write through a
+ *      symlink, no hardlink to an inode outside the tree, no '..' walk, no absolute path;
+ *   2. resources stay bounded: entries, file bytes, path length and depth, the size of the
+ *      decompressed stream, and memory;
+ *   3. corrupt or ambiguous input fails with a permanent error that names the member;
+ *   4. nothing the host itself would honour is created: no device nodes, and setuid bits
+ *      and file capabilities only when ownership is preserved too.
+ * What the image does when it runs is not our business: its setuid programs are its own.
+ *
+ * READING
+ *
+ * Two libarchive readers are chained. The outer one only decompresses (gzip, zstd, xz or
+ * none, detected from the content; "raw" format). The inner one parses tar (ustar, pax,
+ * GNU) from the outer one's output through extract_stream_read(), which therefore sees
+ * every decompressed byte. That lets it cap the stream size (a bomb made of data that is
+ * skipped rather than written), report progress during long skips, and scan the stream
+ * for names that libarchive would silently cut at an embedded NUL byte: "a\0../../x" in a
+ * ustar name field, a GNU long name or a pax path/linkpath record. Other tar readers see
+ * the whole name, so such an archive means different things to different tools; we refuse
+ * it. The scan looks at every 512-byte block with a valid header checksum, so no framing
+ * trick can hide a header from it, and remembers suspects by offset; once libarchive has
+ * parsed a member, the suspects inside that member's header blocks (from the header
+ * position to the start of its data) are fatal and the ones inside file data are dropped.
+ * It also remembers which blocks were all zeros, to insist on the end-of-archive marker:
+ * libarchive takes a stream that stops between two members for a complete archive, and
+ * that is what a truncated download looks like. libarchive warnings other than "name not
+ * convertible to the locale" are errors: they mean it ignored part of a header.
+ *
+ * NAMES
+ *
+ * Member names and hardlink targets are normalised: empty and "." components are dropped
+ * ("./etc/passwd" is "etc/passwd"; "./" and "." are the root itself), absolute names are
+ * refused (nothing is stripped silently), and so is every ".." component, even in "a/../b"
+ * which would stay inside: GNU tar and bsdtar refuse those too, and a lexical reading could
+ * disagree with the kernel's once symlinks exist. A "." directory entry applies its owner,
+ * mode and times to the root; any other type named "." is refused.
+ *
+ * RESOLUTION
+ *
+ * Every path is resolved from the root fd. The parent directory of a member is opened with
+ * openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): one syscall, and the kernel refuses any
+ * symlink and any escape. When that fails (a component is missing, a symlink or not a
+ * directory) or openat2 is unavailable (ENOSYS, seccomp), we walk component by component
+ * with openat(O_NOFOLLOW | O_DIRECTORY), creating missing directories (mode 0755) and
+ * naming the offending component in the error. Either way a symlink anywhere in a parent
+ * path is an error, even one that points inside the root ("a -> ." then "a/x"), and even
+ * one an earlier member planted. The last parent opened stays cached, because members
+ * usually come grouped by directory; nothing we do can change what a cached path means,
+ * since a directory is only ever removed when a member replaces it, and the cache then
+ * holds that member's parent.
+ *
+ * The last component is never followed either. Files are created with O_CREAT | O_EXCL |
+ * O_NOFOLLOW after unlinking any non-directory in the way (duplicate members: the later
+ * wins, and writing "f" after "f -> /etc/passwd" replaces the symlink); an empty directory
+ * is removed to make room, a non-empty one is an error. Symlink targets are stored
+ * verbatim and never followed while extracting (absolute targets are relative to the
+ * image root at run time); their owner and times are set with AT_SYMLINK_NOFOLLOW.
+ * Hardlink targets are normalised and resolved the same way, must be regular files, and
+ * must have been created by this extraction, which keeps a set of the inodes it created:
+ * a hardlink cannot reach a file that was in the root before, nor a later member. linkat()
+ * gets no AT_SYMLINK_FOLLOW.
+ *
+ * METADATA
+ *
+ * Regular files get their data, then chown (which clears setuid bits and capabilities),
+ * then xattrs, then chmod, then times. Kept xattrs: user.* and security.capability.
+ * trusted.*, security.selinux and everything else would change how the host, not the
+ * image, treats the files; they are counted and skipped, as are POSIX ACLs and xattrs on
+ * symlinks. Numeric uid/gid are used, never names. Directories are created 0700 and get
+ * their owner, mode and times at the end, deepest first, from a deferred list (creating
+ * their contents would change their mtime, and a 0555 directory could not be filled by a
+ * caller without CAP_DAC_OVERRIDE); each is re-resolved safely, and one that a later
+ * member replaced is dropped.
+ *
+ * SKIPPED
+ *
+ * Character and block devices and FIFOs are counted and never created: a device node in
+ * the image would hand host devices to whoever can read the mounted tree, and the VM makes
+ * its own /dev. Sockets and unknown types are counted as "other".
+ *
+ * MEMORY AND SPEED
+ *
+ * Data is streamed: memory does not grow with file sizes. What grows with the archive is
+ * the deferred list (one path and metadata per directory member) and the inode set (16
+ * bytes per regular file at worst), both bounded through max_entries. Reads use 1 MiB
+ * blocks; data goes from libarchive's buffer to pwrite() with no copy; sparse holes are
+ * pwrite() offsets plus a final ftruncate(); nothing is fsynced; chown and chmod are
+ * skipped when a new file already has the wanted owner and mode.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <locale.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <linux/openat2.h>
+
+#include <archive.h>
+#include <archive_entry.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/util.h"
+
+#define EXTRACT_READ_BLOCK ((size_t)1 << 20)
+#define EXTRACT_TAR_BLOCK 512u
+/* libarchive refuses GNU long names and pax headers larger than this. */
+#define EXTRACT_META_MAX ((size_t)1 << 20)
+/* Header bodies being collected at the same time by the NUL scan (see extract_scan_block). */
+#define EXTRACT_SCAN_SLOTS 16
+/* Suspect header blocks remembered at once, and the bytes of each name kept for messages. */
+#define EXTRACT_MAX_SUSPECTS 4096u
+#define EXTRACT_SUSPECT_NAME 100
+/* Longest member name shown in a message, in bytes of the original. */
+#define EXTRACT_NAME_SHOWN 160
+/* Slack on the decompressed stream for headers and padding, per entry and in total. */
+#define EXTRACT_STREAM_SLACK_PER_ENTRY UINT64_C(4096)
+#define EXTRACT_STREAM_SLACK (UINT64_C(64) << 20)
+#define EXTRACT_MAX_PATH_LENGTH_LIMIT (1u << 20)
+/*
+ * Blocks remembered for the end-of-archive check: more than the scan can run ahead of
+ * libarchive (one handed-out chunk plus one special header).
+ */
+#define EXTRACT_ZERO_RING 16384u
+/* What extract_pax_nul_field() found. */
+#define EXTRACT_NUL_NAME 1
+#define EXTRACT_NUL_LINK 2
+
+/* A directory whose owner, mode and times are applied at the end. */
+struct extract_dir {
+        char *path; /* normalised, relative to the root; "" is the root */
+        unsigned depth;
+        size_t order;
+        mode_t mode;
+        uid_t uid;
+        gid_t gid;
+        struct timespec times[2];
+};
+
+/* Open-addressing set of inode numbers; 0 marks a free slot, so inode 0 is kept aside. */
+struct extract_inodes {
+        uint64_t *slots;
+        size_t cap; /* a power of two, or 0 */
+        size_t len;
+        bool has_zero;
+};
+
+/* A GNU long name or pax header body being collected by the NUL scan. */
+struct extract_scan_slot {
+        unsigned char *buf; /* NULL when the slot is free */
+        size_t len;
+        size_t want;
+        char type;
+        uint64_t offset; /* of its header block */
+};
+
+/* A header-looking block whose name field or body holds a name cut at a NUL byte. */
+struct extract_suspect {
+        uint64_t offset; /* of the header block */
+        int kind;        /* EXTRACT_NUL_NAME or EXTRACT_NUL_LINK */
+        const char *where;
+        char name[EXTRACT_SUSPECT_NAME + 1]; /* up to the NUL */
+};
+
+struct extract_scan {
+        unsigned char carry[EXTRACT_TAR_BLOCK];
+        size_t carry_len;
+        uint64_t offset; /* stream offset of the next whole block */
+        struct extract_scan_slot slots[EXTRACT_SCAN_SLOTS];
+        /* Which of the last EXTRACT_ZERO_RING blocks were all zeros, by block number. */
+        uint64_t zero_bits[EXTRACT_ZERO_RING / 64];
+};
+
+struct extract_ctx {
+        int root_fd;
+        dev_t root_dev;
+        struct extract_options opts;
+        struct extract_result res;
+
+        struct archive *outer; /* decompression only */
+        struct archive *inner; /* tar parsing, fed by extract_stream_read() */
+        int stream_r;          /* error raised inside the read callback */
+        uint64_t stream_bytes;
+        uint64_t stream_limit;
+        const unsigned char *pending; /* rest of the outer reader's block, not handed out */
+        size_t pending_len;
+        struct extract_scan scan;
+        struct extract_suspect *suspects;
+        size_t n_suspects;
+        size_t cap_suspects;
+
+        bool have_openat2;
+        int cache_fd; /* parent directory of the previous member, or -1 */
+        char *cache_path;
+        size_t cache_len;
+
+        char *path;      /* normalised name of the current member */
+        char *link_path; /* normalised hardlink target */
+        char *scratch;   /* NUL-terminated prefixes of the above */
+        size_t path_size;
+
+        struct extract_dir *dirs;
+        size_t n_dirs;
+        size_t cap_dirs;
+        struct extract_inodes inodes;
+
+        /* Quoted name of the current (or, between headers, the previous) member. */
+        char last_member[EXTRACT_NAME_SHOWN * 4 + 8];
+        uint64_t entries;
+        uint64_t bytes; /* file data written */
+        int64_t next_progress_ms;
+};
+
+/* Tests set this to exercise the component-by-component walk on kernels with openat2. */
+FIM_TESTABLE bool extract_disable_openat2;
+
+void extract_options_init(struct extract_options *opts)
+{
+        *opts = (struct extract_options){
+                .max_total_bytes = EXTRACT_DEFAULT_MAX_TOTAL_BYTES,
+                .max_entries = EXTRACT_DEFAULT_MAX_ENTRIES,
+                .max_path_depth = EXTRACT_DEFAULT_MAX_PATH_DEPTH,
+                .max_path_length = EXTRACT_DEFAULT_MAX_PATH_LENGTH,
+                .preserve_owner = true,
+                .progress_interval_ms = EXTRACT_DEFAULT_PROGRESS_INTERVAL_MS,
+        };
+}
+
+/*
+ * Copy @s for a message: control bytes, quotes and backslashes become \xNN, and names longer
+ * than EXTRACT_NAME_SHOWN are cut with "...". @out holds at least EXTRACT_NAME_SHOWN*4+8.
+ */
+FIM_TESTABLE void extract_quote(const char *s, char *out, size_t size)
+{
+        static const char hex[] = "0123456789abcdef";
+        size_t o = 0;
+
+        for (size_t i = 0; s[i] != '\0'; i++) {
+                unsigned char ch = (unsigned char)s[i];
+
+                if (i == EXTRACT_NAME_SHOWN || o + 8 >= size) {
+                        memcpy(out + o, "...", 3);
+                        o += 3;
+                        break;
+                }
+                if (ch < 0x20 || ch == 0x7f || ch == '\'' || ch == '\\') {
+                        out[o++] = '\\';
+                        out[o++] = 'x';
+                        out[o++] = hex[ch >> 4];
+                        out[o++] = hex[ch & 0xf];
+                } else {
+                        out[o++] = (char)ch;
+                }
+        }
+        out[o] = '\0';
+}
+
+/* Set the last error to "failed to extract '<member>': <what>" and return @r. */
+static int extract_fail(struct extract_ctx *c, int r, const char *fmt, ...)
+        __attribute__((format(printf, 3, 4)));
+
+static int extract_fail(struct extract_ctx *c, int r, const char *fmt, ...)
+{
+        char what[ERR_MSG_MAX];
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void)vsnprintf(what, sizeof(what), fmt, ap);
+        va_end(ap);
+        return err_set(r, "failed to extract '%s': %s", c->last_member, what);
+}
+
+/* Like extract_fail() for a failed syscall: ENOSPC and EDQUOT say the filesystem is full. */
+static int extract_fail_errno(struct extract_ctx *c, int errnum, const char *what)
+{
+        if (errnum == ENOSPC || errnum == EDQUOT)
+                return extract_fail(c, -ENOSPC,
+                                    "target filesystem is full (%s) after writing %llu bytes",
+                                    errnum == EDQUOT ? "quota exceeded" : "no space left",
+                                    (unsigned long long)c->bytes);
+        return extract_fail(c, -errnum, "failed to %s: %s", what, strerror(errnum));
+}
+
+/*
+ * Normalise a member name or link target into @out: drop empty and "." components, refuse
+ * absolute names (-EPERM), ".." components (-EPERM), empty names (-EBADMSG) and components
+ * longer than NAME_MAX (-ENAMETOOLONG). The root itself comes out as "" with depth 0.
+ */
+FIM_TESTABLE int extract_normalize(const char *name, char *out, size_t out_size,
+                                   unsigned *ret_depth)
+{
+        const char *p = name;
+        unsigned depth = 0;
+        size_t o = 0;
+
+        if (name[0] == '\0')
+                return -EBADMSG;
+        if (name[0] == '/')
+                return -EPERM;
+        while (*p != '\0') {
+                const char *start = p;
+                size_t n;
+
+                while (*p != '\0' && *p != '/')
+                        p++;
+                n = (size_t)(p - start);
+                while (*p == '/')
+                        p++;
+                if (n == 0 || (n == 1 && start[0] == '.'))
+                        continue;
+                if (n == 2 && start[0] == '.' && start[1] == '.')
+                        return -EPERM;
+                if (n > NAME_MAX)
+                        return -ENAMETOOLONG;
+                if (o + n + 2 > out_size)
+                        return -ENAMETOOLONG;
+                if (o > 0)
+                        out[o++] = '/';
+                memcpy(out + o, start, n);
+                o += n;
+                depth++;
+        }
+        out[o] = '\0';
+        *ret_depth = depth;
+        return 0;
+}
+
+/* Check and normalise the current member's name into c->path. */
+static int extract_check_name(struct extract_ctx *c, const char *name, unsigned *ret_depth)
+{
+        size_t len = name ? strlen(name) : 0;
+        unsigned depth;
+        int r;
+
+        if (len == 0)
+                return extract_fail(c, -EBADMSG, "empty member name");
+        if (len > c->opts.max_path_length)
+                return extract_fail(c, -ENAMETOOLONG,
+                                    "name is %zu bytes long, more than the limit of %u", len,
+                                    c->opts.max_path_length);
+        r = extract_normalize(name, c->path, c->path_size, &depth);
+        if (r == -EPERM && name[0] == '/')
+                return extract_fail(c, r, "absolute member path");
+        if (r == -EPERM)
+                return extract_fail(c, r, "path has a '..' component");
+        if (r == -ENAMETOOLONG)
+                return extract_fail(c, r, "a path component is longer than %d bytes", NAME_MAX);
+        if (r < 0)
+                return extract_fail(c, r, "invalid member name");
+        if (depth > c->opts.max_path_depth)
+                return extract_fail(c, -ENAMETOOLONG,
+                                    "path is %u levels deep, more than the limit of %u", depth,
+                                    c->opts.max_path_depth);
+        *ret_depth = depth;
+        return 0;
+}
+
+static uint64_t extract_inode_hash(uint64_t ino, size_t cap)
+{
+        return (ino * UINT64_C(0x9e3779b97f4a7c15)) & (cap - 1);
+}
+
+static bool extract_inodes_has(const struct extract_inodes *s, uint64_t ino)
+{
+        if (ino == 0)
+                return s->has_zero;
+        if (s->cap == 0)
+                return false;
+        for (uint64_t i = extract_inode_hash(ino, s->cap);; i = (i + 1) & (s->cap - 1)) {
+                if (s->slots[i] == ino)
+                        return true;
+                if (s->slots[i] == 0)
+                        return false;
+        }
+}
+
+static int extract_inodes_add(struct extract_inodes *s, uint64_t ino)
+{
+        if (ino == 0) {
+                s->has_zero = true;
+                return 0;
+        }
+        if ((s->len + 1) * 2 > s->cap) {
+                size_t cap = s->cap ? s->cap * 2 : 1024;
+                uint64_t *slots = calloc(cap, sizeof(*slots));
+
+                if (!slots)
+                        return -ENOMEM;
+                for (size_t j = 0; j < s->cap; j++) {
+                        uint64_t v = s->slots[j];
+                        uint64_t i;
+
+                        if (v == 0)
+                                continue;
+                        for (i = extract_inode_hash(v, cap); slots[i] != 0; i = (i + 1) & (cap - 1))
+                                ;
+                        slots[i] = v;
+                }
+                free(s->slots);
+                s->slots = slots;
+                s->cap = cap;
+        }
+        for (uint64_t i = extract_inode_hash(ino, s->cap);; i = (i + 1) & (s->cap - 1)) {
+                if (s->slots[i] == ino)
+                        return 0;
+                if (s->slots[i] == 0) {
+                        s->slots[i] = ino;
+                        s->len++;
+                        return 0;
+                }
+        }
+}
+
+static int extract_progress(struct extract_ctx *c, bool force)
+{
+        int64_t now;
+        int r;
+
+        if (!c->opts.progress)
+                return 0;
+        now = util_now_monotonic_ms();
+        if (!force && now < c->next_progress_ms)
+                return 0;
+        c->next_progress_ms = now + (int64_t)c->opts.progress_interval_ms;
+        r = c->opts.progress(c->entries, c->bytes, c->opts.userdata);
+        if (r < 0)
+                return err_set(r, "extraction stopped by the caller after %llu entries",
+                               (unsigned long long)c->entries);
+        return 0;
+}
+
+/* --- The NUL scan over the decompressed stream (see READING above) --- */
+
+/* Parse a tar numeric field (octal, or base-256 when the top bit is set). -1 if invalid. */
+static int64_t extract_tar_number(const unsigned char *p, size_t n)
+{
+        uint64_t v = 0;
+        size_t i = 0;
+
+        if (p[0] & 0x80) {
+                if (p[0] == 0xff)
+                        return -1; /* negative */
+                v = p[0] & 0x7f;
+                for (i = 1; i < n; i++) {
+                        if (v > (UINT64_C(1) << 55))
+                                return -1;
+                        v = (v << 8) | p[i];
+                }
+                return (int64_t)v;
+        }
+        while (i < n && (p[i] == ' ' || p[i] == '\0'))
+                i++;
+        for (; i < n && p[i] >= '0' && p[i] <= '7'; i++) {
+                if (v > (UINT64_C(1) << 60))
+                        return -1;
+                v = v * 8 + (uint64_t)(p[i] - '0');
+        }
+        return (int64_t)v;
+}
+
+/* Whether a 512-byte block has a valid tar header checksum (as libarchive judges it). */
+FIM_TESTABLE bool extract_block_is_header(const unsigned char *b)
+{
+        int64_t want;
+        long usum = 0;
+        long ssum = 0;
+
+        for (size_t i = 148; i < 156; i++) {
+                if (b[i] != ' ' && b[i] != '\0' && (b[i] < '0' || b[i] > '7'))
+                        return false;
+        }
+        want = extract_tar_number(b + 148, 8);
+        for (size_t i = 0; i < EXTRACT_TAR_BLOCK; i++) {
+                unsigned char ch = (i >= 148 && i < 156) ? ' ' : b[i];
+
+                usum += ch;
+                ssum += (signed char)ch;
+        }
+        return want == usum || want == ssum;
+}
+
+/* Whether a NUL-padded field has anything but NULs after its first NUL. */
+static bool extract_field_has_nul(const unsigned char *f, size_t n)
+{
+        const unsigned char *nul = memchr(f, '\0', n);
+
+        if (!nul)
+                return false;
+        for (const unsigned char *p = nul; p < f + n; p++) {
+                if (*p != '\0')
+                        return true;
+        }
+        return false;
+}
+
+/*
+ * Find a path, linkpath or GNU.sparse.name record whose value holds a NUL byte in a pax
+ * header body. Returns 0 when there is none, else EXTRACT_NUL_NAME or EXTRACT_NUL_LINK with
+ * the value's offset in @ret_value. Malformed bodies are left to libarchive, which refuses
+ * them.
+ */
+FIM_TESTABLE int extract_pax_nul_field(const unsigned char *d, size_t n, size_t *ret_value)
+{
+        static const struct {
+                const char *key;
+                int kind;
+        } keys[] = {
+                {"path", EXTRACT_NUL_NAME},
+                {"GNU.sparse.name", EXTRACT_NUL_NAME},
+                {"linkpath", EXTRACT_NUL_LINK},
+        };
+        size_t pos = 0;
+
+        while (pos < n) {
+                size_t len = 0;
+                size_t i = pos;
+                const unsigned char *key;
+                const unsigned char *eq;
+                const unsigned char *end;
+
+                while (i < n && d[i] >= '0' && d[i] <= '9' && len <= n) {
+                        len = len * 10 + (size_t)(d[i] - '0');
+                        i++;
+                }
+                if (i >= n || d[i] != ' ' || len == 0 || len > n - pos || pos + len <= i + 1)
+                        return 0;
+                key = d + i + 1;
+                end = d + pos + len - 1; /* the record's '\n' */
+                eq = memchr(key, '=', (size_t)(end - key));
+                for (size_t k = 0; eq && k < ARRAY_SIZE(keys); k++) {
+                        size_t kl = strlen(keys[k].key);
+
+                        if ((size_t)(eq - key) == kl && memcmp(key, keys[k].key, kl) == 0 &&
+                            memchr(eq + 1, '\0', (size_t)(end - eq - 1))) {
+                                *ret_value = (size_t)(eq + 1 - d);
+                                return keys[k].kind;
+                        }
+                }
+                pos += len;
+        }
+        return 0;
+}
+
+/*
+ * Remember that the header block at @offset holds a name cut at a NUL byte; @name (up to @n
+ * bytes) is the field. Whether the block is a header libarchive uses, rather than file data
+ * that happens to look like one, is only known later (extract_check_suspects).
+ */
+static int extract_scan_suspect(struct extract_ctx *c, const unsigned char *name, size_t n,
+                                int kind, const char *where, uint64_t offset)
+{
+        struct extract_suspect *s;
+
+        if (c->n_suspects == c->cap_suspects) {
+                size_t cap = c->cap_suspects ? c->cap_suspects * 2 : 16;
+                struct extract_suspect *v;
+
+                if (cap > EXTRACT_MAX_SUSPECTS)
+                        return err_set(
+                                -EBADMSG,
+                                "failed to read archive: too many header blocks with NUL bytes in names near offset %llu",
+                                (unsigned long long)offset);
+                v = realloc(c->suspects, cap * sizeof(*v));
+                if (!v)
+                        return err_set(-ENOMEM, "out of memory");
+                c->suspects = v;
+                c->cap_suspects = cap;
+        }
+        s = &c->suspects[c->n_suspects++];
+        s->offset = offset;
+        s->kind = kind;
+        s->where = where;
+        n = strnlen((const char *)name, n < EXTRACT_SUSPECT_NAME ? n : EXTRACT_SUSPECT_NAME);
+        memcpy(s->name, name, n);
+        s->name[n] = '\0';
+        return 0;
+}
+
+static int extract_scan_finish_slot(struct extract_ctx *c, struct extract_scan_slot *s)
+{
+        size_t value = 0;
+        int kind;
+        int r = 0;
+
+        if (s->type == 'L' || s->type == 'K') {
+                if (extract_field_has_nul(s->buf, s->len))
+                        r = extract_scan_suspect(c, s->buf, s->len,
+                                                 s->type == 'L' ? EXTRACT_NUL_NAME
+                                                                : EXTRACT_NUL_LINK,
+                                                 "GNU long name header", s->offset);
+        } else {
+                kind = extract_pax_nul_field(s->buf, s->len, &value);
+                if (kind != 0)
+                        r = extract_scan_suspect(c, s->buf + value, s->len - value, kind,
+                                                 "pax header", s->offset);
+        }
+        free(s->buf);
+        *s = (struct extract_scan_slot){0};
+        return r;
+}
+
+/*
+ * After libarchive parsed a member's headers: refuse the archive when one of the blocks it
+ * used (from the header position to the start of the data) was a suspect; forget suspects
+ * that turned out to be file data.
+ */
+static int extract_check_suspects(struct extract_ctx *c, struct archive_entry *e)
+{
+        uint64_t start = (uint64_t)archive_read_header_position(c->inner);
+        uint64_t end = (uint64_t)archive_filter_bytes(c->inner, 0);
+        size_t keep = 0;
+
+        for (size_t i = 0; i < c->n_suspects; i++) {
+                const struct extract_suspect *s = &c->suspects[i];
+                char shown[EXTRACT_NAME_SHOWN * 4 + 8];
+
+                if (s->offset >= end) {
+                        c->suspects[keep++] = *s;
+                        continue;
+                }
+                if (s->offset < start)
+                        continue;
+                extract_quote(s->name, shown, sizeof(shown));
+                if (s->kind == EXTRACT_NUL_LINK) {
+                        const char *name = archive_entry_pathname(e);
+
+                        extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));
+                        return err_set(
+                                -EBADMSG,
+                                "failed to extract '%s': link target '%s' has an embedded NUL byte (%s at offset %llu)",
+                                c->last_member, shown, s->where, (unsigned long long)s->offset);
+                }
+                return err_set(
+                        -EBADMSG,
+                        "failed to extract '%s': name has an embedded NUL byte (%s at offset %llu)",
+                        shown, s->where, (unsigned long long)s->offset);
+        }
+        c->n_suspects = keep;
+        return 0;
+}
+
+static void extract_scan_mark_zero(struct extract_scan *scan, uint64_t offset, bool zero)
+{
+        uint64_t bit = (offset / EXTRACT_TAR_BLOCK) % EXTRACT_ZERO_RING;
+
+        if (zero)
+                scan->zero_bits[bit / 64] |= UINT64_C(1) << (bit % 64);
+        else
+                scan->zero_bits[bit / 64] &= ~(UINT64_C(1) << (bit % 64));
+}
+
+/*
+ * Whether the block at @offset was all zeros: 1 yes, 0 no, -1 when it is no longer (or not
+ * yet) remembered.
+ */
+static int extract_scan_was_zero(const struct extract_scan *scan, uint64_t offset)
+{
+        uint64_t bit = (offset / EXTRACT_TAR_BLOCK) % EXTRACT_ZERO_RING;
+
+        if (offset % EXTRACT_TAR_BLOCK != 0 || offset >= scan->offset ||
+            scan->offset - offset > (uint64_t)EXTRACT_ZERO_RING * EXTRACT_TAR_BLOCK)
+                return -1;
+        return (scan->zero_bits[bit / 64] >> (bit % 64)) & 1;
+}
+
+/*
+ * Look at one aligned block: feed it to the header bodies being collected, then, if it has
+ * a valid header checksum, check its name fields and start collecting its body when it is
+ * a GNU long name or pax header. Every such block counts, not only those libarchive will
+ * use, so no framing trick can hide a header from the scan; extract_check_suspects() later
+ * keeps only the findings in blocks libarchive did use. Bodies are collected in parallel
+ * because a block that merely looks like a header must not hide a real one behind it; more
+ * than EXTRACT_SCAN_SLOTS overlapping bodies only happen in crafted input, which is refused.
+ */
+static int extract_scan_block(struct extract_ctx *c, const unsigned char *b)
+{
+        struct extract_scan *scan = &c->scan;
+        uint64_t offset = scan->offset;
+        int64_t size;
+        char type;
+        int r;
+
+        scan->offset += EXTRACT_TAR_BLOCK;
+        extract_scan_mark_zero(scan, offset,
+                               b[0] == 0 && memcmp(b, b + 1, EXTRACT_TAR_BLOCK - 1) == 0);
+        for (size_t i = 0; i < EXTRACT_SCAN_SLOTS; i++) {
+                struct extract_scan_slot *s = &scan->slots[i];
+                size_t n;
+
+                if (!s->buf)
+                        continue;
+                n = s->want - s->len < EXTRACT_TAR_BLOCK ? s->want - s->len : EXTRACT_TAR_BLOCK;
+                memcpy(s->buf + s->len, b, n);
+                s->len += n;
+                if (s->len == s->want) {
+                        r = extract_scan_finish_slot(c, s);
+                        if (r < 0)
+                                return r;
+                }
+        }
+        if (!extract_block_is_header(b))
+                return 0;
+        type = (char)b[156];
+        r = 0;
+        if (extract_field_has_nul(b, 100))
+                r = extract_scan_suspect(c, b, 100, EXTRACT_NUL_NAME, "ustar name field", offset);
+        else if ((type == '1' || type == '2') && extract_field_has_nul(b + 157, 100))
+                r = extract_scan_suspect(c, b + 157, 100, EXTRACT_NUL_LINK, "ustar link field",
+                                         offset);
+        else if (memcmp(b + 257, "ustar\0", 6) == 0 && extract_field_has_nul(b + 345, 155))
+                r = extract_scan_suspect(c, b + 345, 155, EXTRACT_NUL_NAME, "ustar prefix field",
+                                         offset);
+        if (r < 0)
+                return r;
+
+        if (type != 'x' && type != 'X' && type != 'g' && type != 'L' && type != 'K')
+                return 0;
+        size = extract_tar_number(b + 124, 12);
+        if (size <= 0 || (uint64_t)size > EXTRACT_META_MAX)
+                return 0; /* libarchive refuses these itself */
+        for (size_t i = 0; i < EXTRACT_SCAN_SLOTS; i++) {
+                struct extract_scan_slot *s = &scan->slots[i];
+
+                if (s->buf)
+                        continue;
+                s->buf = malloc((size_t)size);
+                if (!s->buf)
+                        return err_set(-ENOMEM, "failed to allocate %lld bytes", (long long)size);
+                s->want = (size_t)size;
+                s->len = 0;
+                s->type = type;
+                s->offset = offset;
+                return 0;
+        }
+        return err_set(
+                -EBADMSG,
+                "failed to read archive: too many overlapping extension headers at offset %llu",
+                (unsigned long long)offset);
+}
+
+static int extract_scan_feed(struct extract_ctx *c, const unsigned char *p, size_t len)
+{
+        struct extract_scan *scan = &c->scan;
+        int r;
+
+        if (scan->carry_len > 0) {
+                size_t n = EXTRACT_TAR_BLOCK - scan->carry_len;
+
+                if (n > len)
+                        n = len;
+                memcpy(scan->carry + scan->carry_len, p, n);
+                scan->carry_len += n;
+                p += n;
+                len -= n;
+                if (scan->carry_len < EXTRACT_TAR_BLOCK)
+                        return 0;
+                scan->carry_len = 0;
+                r = extract_scan_block(c, scan->carry);
+                if (r < 0)
+                        return r;
+        }
+        for (; len >= EXTRACT_TAR_BLOCK; p += EXTRACT_TAR_BLOCK, len -= EXTRACT_TAR_BLOCK) {
+                r = extract_scan_block(c, p);
+                if (r < 0)
+                        return r;
+        }
+        memcpy(scan->carry, p, len);
+        scan->carry_len = len;
+        return 0;
+}
+
+static void extract_scan_done(struct extract_scan *scan)
+{
+        for (size_t i = 0; i < EXTRACT_SCAN_SLOTS; i++) {
+                free(scan->slots[i].buf);
+                scan->slots[i] = (struct extract_scan_slot){0};
+        }
+}
+
+/* The inner reader's read callback: decompressed bytes from the outer reader. */
+static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const void **ret_buf)
+{
+        struct extract_ctx *c = userdata;
+        const unsigned char *buf;
+        size_t len;
+        la_int64_t offset;
+        int r;
+
+        if (c->stream_r < 0)
+                return -1;
+        while (c->pending_len == 0) {
+                const void *block = NULL;
+                size_t size = 0;
+
+                r = archive_read_data_block(c->outer, &block, &size, &offset);
+                if (r == ARCHIVE_EOF)
+                        return 0;
+                if (r != ARCHIVE_OK) {
+                        r = archive_errno(c->outer) == ENOMEM ? -ENOMEM : -EBADMSG;
+                        c->stream_r = err_set(r, "failed to decompress archive: %s",
+                                              archive_error_string(c->outer));
+                        goto fail;
+                }
+                c->pending = block;
+                c->pending_len = size;
+        }
+        /* Hand out bounded chunks so that the scan stays close to what libarchive parses. */
+        buf = c->pending;
+        len = c->pending_len < EXTRACT_READ_BLOCK ? c->pending_len : EXTRACT_READ_BLOCK;
+        c->pending += len;
+        c->pending_len -= len;
+
+        c->stream_bytes += len;
+        if (c->stream_bytes > c->stream_limit) {
+                c->stream_r = err_set(
+                        -EFBIG, "failed to read archive: more than %llu bytes after decompression",
+                        (unsigned long long)c->stream_limit);
+                goto fail;
+        }
+        r = extract_scan_feed(c, buf, len);
+        if (r == 0)
+                r = extract_progress(c, false);
+        if (r < 0) {
+                c->stream_r = r;
+                goto fail;
+        }
+        *ret_buf = buf;
+        return (la_ssize_t)len;
+fail:
+        archive_set_error(a, EIO, "%s", err_last());
+        return -1;
+}
+
+/*
+ * Turn a libarchive failure on the inner reader into an errno. Errors raised by our read
+ * callback win; anything else means corrupt or truncated input. The message names the
+ * member being read, or the last one read when the next header is broken.
+ */
+static int extract_archive_error(struct extract_ctx *c, const char *what)
+{
+        const char *msg = archive_error_string(c->inner);
+
+        if (c->stream_r < 0)
+                return c->stream_r;
+        if (!msg)
+                msg = "unknown error";
+        if (archive_errno(c->inner) == ENOMEM)
+                return err_set(-ENOMEM, "failed to read archive: %s", msg);
+        if (c->entries == 0)
+                return err_set(-EBADMSG, "failed to read archive: %s", msg);
+        return err_set(-EBADMSG, "failed to read archive at or after member '%s': %s: %s",
+                       c->last_member, what, msg);
+}
+
+/*
+ * Whether a warning from archive_read_next_header() is only about a name that cannot be
+ * converted to the locale: libarchive then keeps the original bytes, which is what we want.
+ */
+static bool extract_warning_is_charset(struct extract_ctx *c)
+{
+        const char *msg = archive_error_string(c->inner);
+
+        return msg && strstr(msg, "can't be converted") != NULL;
+}
+
+/* --- Safe path resolution (see RESOLUTION above) --- */
+
+/* openat2() beneath the root with no symlinks; -ENOSYS when the kernel has none. */
+static int extract_openat2_dir(struct extract_ctx *c, const char *path)
+{
+        struct open_how how = {
+                .flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+        };
+        long fd = syscall(SYS_openat2, c->root_fd, path, &how, sizeof(how));
+
+        if (fd < 0)
+                return -errno;
+        return (int)fd;
+}
+
+/*
+ * Open the directory @name in @dirfd without following it, creating it (mode 0755, whatever
+ * the umask) when missing and @create. -ELOOP when it is a symlink, -ENOTDIR when it is
+ * something else that is not a directory.
+ */
+static int extract_open_component(int dirfd, const char *name, bool create, int *ret_fd)
+{
+        const int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+        bool made = false;
+        struct stat st;
+        int fd;
+        int r;
+
+        fd = openat(dirfd, name, flags);
+        if (fd < 0 && errno == ENOENT && create) {
+                made = mkdirat(dirfd, name, 0755) == 0;
+                if (!made && errno != EEXIST)
+                        return errno == ELOOP ? -EIO : -errno;
+                fd = openat(dirfd, name, flags);
+        }
+        if (fd < 0) {
+                r = -errno;
+                if ((r == -ELOOP || r == -ENOTDIR) &&
+                    fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0)
+                        r = S_ISLNK(st.st_mode) ? -ELOOP : -ENOTDIR;
+                return r;
+        }
+        if (made && fchmod(fd, 0755) < 0) {
+                r = -errno;
+                (void)close(fd);
+                return r;
+        }
+        *ret_fd = fd;
+        return 0;
+}
+
+/* The message for a failed extract_open_component() on the path prefix @prefix. */
+static int extract_component_error(struct extract_ctx *c, int r, const char *prefix)
+{
+        switch (r) {
+        case -ELOOP:
+                return err_set(-EPERM, "parent '%s' is a symlink", prefix);
+        case -ENOTDIR:
+                return err_set(r, "parent '%s' is not a directory", prefix);
+        case -ENOENT:
+                return err_set(r, "parent '%s' does not exist", prefix);
+        case -ENOSPC:
+        case -EDQUOT:
+                return err_set(-ENOSPC, "target filesystem is full after writing %llu bytes",
+                               (unsigned long long)c->bytes);
+        default:
+                return err_set(r, "failed to open parent '%s': %s", prefix, strerror(-r));
+        }
+}
+
+/*
+ * Open the directory at the normalised path @dir (@len bytes, "" for the root) beneath the
+ * root, never following symlinks, creating missing components when @create. Errors set a
+ * message that names the component ("parent 'a' is a symlink"), for the caller to wrap.
+ */
+static int extract_open_dir(struct extract_ctx *c, const char *dir, size_t len, bool create,
+                            int *ret_fd)
+{
+        char *buf = c->scratch;
+        int fd = -1;
+        int r;
+
+        memcpy(buf, dir, len);
+        buf[len] = '\0';
+        if (len > 0 && c->have_openat2) {
+                r = extract_openat2_dir(c, buf);
+                if (r >= 0) {
+                        *ret_fd = r;
+                        return 0;
+                }
+                if (r == -ENOSYS || r == -EPERM) {
+                        log_debug("openat2 unavailable, walking paths instead", "errno=%s",
+                                  err_name(r));
+                        c->have_openat2 = false;
+                }
+                /* Anything else: walk to create what is missing or to name the culprit. */
+        }
+
+        fd = fcntl(c->root_fd, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0)
+                return err_set(-errno, "failed to duplicate the root fd: %s", strerror(errno));
+        for (size_t pos = 0; pos < len;) {
+                size_t end = pos;
+                int next = -1;
+
+                while (end < len && buf[end] != '/')
+                        end++;
+                buf[end] = '\0';
+                r = extract_open_component(fd, buf + pos, create, &next);
+                (void)close(fd);
+                if (r < 0)
+                        return extract_component_error(c, r, buf);
+                fd = next;
+                if (end < len)
+                        buf[end] = '/';
+                pos = end + 1;
+        }
+        *ret_fd = fd;
+        return 0;
+}
+
+/* Forget the cached parent directory. */
+static void extract_cache_drop(struct extract_ctx *c)
+{
+        if (c->cache_fd >= 0)
+                (void)close(c->cache_fd);
+        c->cache_fd = -1;
+        c->cache_len = 0;
+}
+
+/*
+ * Find the parent directory of the normalised path @path (depth >= 1). Returns a borrowed
+ * fd (the root or the cached parent) and the last component in @ret_leaf.
+ */
+static int extract_parent(struct extract_ctx *c, const char *path, int *ret_dirfd,
+                          const char **ret_leaf)
+{
+        const char *slash = strrchr(path, '/');
+        size_t len;
+        int fd;
+        int r;
+
+        if (!slash) {
+                *ret_dirfd = c->root_fd;
+                *ret_leaf = path;
+                return 0;
+        }
+        len = (size_t)(slash - path);
+        if (c->cache_fd >= 0 && c->cache_len == len && memcmp(c->cache_path, path, len) == 0) {
+                *ret_dirfd = c->cache_fd;
+                *ret_leaf = slash + 1;
+                return 0;
+        }
+        extract_cache_drop(c);
+        r = extract_open_dir(c, path, len, true, &fd);
+        if (r < 0)
+                return r;
+        memcpy(c->cache_path, path, len);
+        c->cache_len = len;
+        c->cache_fd = fd;
+        *ret_dirfd = fd;
+        *ret_leaf = slash + 1;
+        return 0;
+}
+
+/*
+ * Make room for a new entry named @leaf in @dirfd: unlink a non-directory, remove an empty
+ * directory, refuse a non-empty one (-EEXIST).
+ */
+static int extract_make_room(struct extract_ctx *c, int dirfd, const char *leaf)
+{
+        if (unlinkat(dirfd, leaf, 0) == 0 || errno == ENOENT)
+                return 0;
+        if (errno != EISDIR)
+                return extract_fail_errno(c, errno, "remove the existing entry");
+        if (unlinkat(dirfd, leaf, AT_REMOVEDIR) == 0) {
+                /*
+                 * The cache holds the parent of the member being extracted (c->path), so it
+                 * can never be the directory just removed, nor anything below it.
+                 */
+                size_t len = strlen(c->path);
+
+                FIM_ASSERT(c->cache_fd < 0 || c->cache_len < len ||
+                           memcmp(c->cache_path, c->path, len) != 0 ||
+                           (c->cache_len > len && c->cache_path[len] != '/'));
+                return 0;
+        }
+        if (errno == ENOTEMPTY || errno == EEXIST)
+                return extract_fail(c, -EEXIST, "would replace a non-empty directory");
+        return extract_fail_errno(c, errno, "remove the existing directory");
+}
+
+/* --- Metadata --- */
+
+static int extract_owner(struct extract_ctx *c, struct archive_entry *e, uid_t *ret_uid,
+                         gid_t *ret_gid)
+{
+        la_int64_t uid = archive_entry_uid(e);
+        la_int64_t gid = archive_entry_gid(e);
+
+        /* (uid_t)-1 means "unchanged" to chown(), so it is not a valid owner either. */
+        if (uid < 0 || uid >= (la_int64_t)UINT32_MAX || gid < 0 || gid >= (la_int64_t)UINT32_MAX)
+                return extract_fail(c, -EBADMSG, "invalid owner %lld:%lld", (long long)uid,
+                                    (long long)gid);
+        *ret_uid = (uid_t)uid;
+        *ret_gid = (gid_t)gid;
+        return 0;
+}
+
+static mode_t extract_mode(struct extract_ctx *c, struct archive_entry *e)
+{
+        mode_t mode = archive_entry_perm(e) & 07777;
+
+        if (!c->opts.preserve_owner)
+                mode &= (mode_t) ~(S_ISUID | S_ISGID);
+        return mode;
+}
+
+/* The entry's times for futimens()/utimensat(); atime is left alone when absent. */
+static int extract_times(struct extract_ctx *c, struct archive_entry *e, struct timespec ts[2])
+{
+        ts[0] = (struct timespec){.tv_nsec = UTIME_OMIT};
+        ts[1] = (struct timespec){.tv_nsec = UTIME_OMIT};
+        if (archive_entry_atime_is_set(e)) {
+                ts[0].tv_sec = (time_t)archive_entry_atime(e);
+                ts[0].tv_nsec = archive_entry_atime_nsec(e);
+        }
+        if (archive_entry_mtime_is_set(e)) {
+                ts[1].tv_sec = (time_t)archive_entry_mtime(e);
+                ts[1].tv_nsec = archive_entry_mtime_nsec(e);
+        }
+        for (size_t i = 0; i < 2; i++) {
+                if (ts[i].tv_nsec != UTIME_OMIT && (ts[i].tv_nsec < 0 || ts[i].tv_nsec > 999999999))
+                        return extract_fail(c, -EBADMSG, "invalid timestamp");
+        }
+        return 0;
+}
+
+static bool extract_xattr_allowed(struct extract_ctx *c, const char *name)
+{
+        if (strncmp(name, "user.", 5) == 0 && name[5] != '\0')
+                return true;
+        return c->opts.preserve_owner && strcmp(name, "security.capability") == 0;
+}
+
+/* Apply the allowed xattrs to @fd (or count them all as skipped when @fd < 0). */
+static int extract_xattrs(struct extract_ctx *c, struct archive_entry *e, int fd)
+{
+        const char *name;
+        const void *value;
+        size_t size;
+
+        if (archive_entry_acl_types(e) != 0)
+                c->res.skipped_xattrs++;
+        if (archive_entry_xattr_reset(e) == 0)
+                return 0;
+        while (archive_entry_xattr_next(e, &name, &value, &size) == ARCHIVE_OK) {
+                if (fd < 0 || !name || !extract_xattr_allowed(c, name)) {
+                        c->res.skipped_xattrs++;
+                        continue;
+                }
+                if (fsetxattr(fd, name, value, size, 0) == 0)
+                        continue;
+                /* Values the filesystem or kernel refuse are the image's problem, not ours. */
+                if (errno == ENOTSUP || errno == EINVAL || errno == ERANGE || errno == E2BIG ||
+                    errno == EPERM) {
+                        c->res.skipped_xattrs++;
+                        continue;
+                }
+                return extract_fail_errno(c, errno, "set an extended attribute");
+        }
+        return 0;
+}
+
+/*
+ * Owner, xattrs, mode and times of a regular file we just created and filled, in that
+ * order: chown clears setuid bits and capabilities. @st is the new file's fstat().
+ */
+static int extract_file_meta(struct extract_ctx *c, struct archive_entry *e, int fd,
+                             const struct stat *st)
+{
+        struct timespec ts[2];
+        mode_t mode = extract_mode(c, e);
+        bool chowned = false;
+        uid_t uid;
+        gid_t gid;
+        int r;
+
+        r = extract_owner(c, e, &uid, &gid);
+        if (r < 0)
+                return r;
+        r = extract_times(c, e, ts);
+        if (r < 0)
+                return r;
+        if (c->opts.preserve_owner && (st->st_uid != uid || st->st_gid != gid)) {
+                if (fchown(fd, uid, gid) < 0)
+                        return extract_fail_errno(c, errno, "set the owner");
+                chowned = true;
+        }
+        r = extract_xattrs(c, e, fd);
+        if (r < 0)
+                return r;
+        if ((st->st_mode & 07777) != mode || (chowned && (mode & (S_ISUID | S_ISGID)))) {
+                if (fchmod(fd, mode) < 0)
+                        return extract_fail_errno(c, errno, "set the mode");
+        }
+        if (futimens(fd, ts) < 0)
+                return extract_fail_errno(c, errno, "set the times");
+        return 0;
+}
+
+/* --- Members --- */
+
+/* Write all of @buf at @offset; @ret_done counts what was written, also on failure. */
+static int extract_pwrite_all(int fd, const unsigned char *buf, size_t len, off_t offset,
+                              size_t *ret_done)
+{
+        *ret_done = 0;
+        while (len > 0) {
+                ssize_t n = pwrite(fd, buf, len, offset);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return -errno;
+                if (n == 0)
+                        return -EIO;
+                buf += n;
+                len -= (size_t)n;
+                offset += n;
+                *ret_done += (size_t)n;
+        }
+        return 0;
+}
+
+/* Copy the current member's data into @fd, leaving holes where the sparse map says so. */
+static int extract_file_data(struct extract_ctx *c, int fd, int64_t size, uint64_t *ret_written)
+{
+        uint64_t written = 0;
+        int64_t end = 0;
+        int r;
+
+        for (;;) {
+                const void *buf;
+                size_t len;
+                size_t done;
+                la_int64_t offset;
+
+                r = archive_read_data_block(c->inner, &buf, &len, &offset);
+                if (r == ARCHIVE_EOF)
+                        break;
+                if (r != ARCHIVE_OK)
+                        return extract_archive_error(c, "bad file data");
+                if (offset < 0 || len > (uint64_t)INT64_MAX || offset > INT64_MAX - (int64_t)len)
+                        return extract_fail(c, -EBADMSG, "invalid sparse map");
+                if (len > c->opts.max_total_bytes - c->bytes)
+                        return extract_fail(c, -EFBIG,
+                                            "archive holds more than %llu bytes of file data",
+                                            (unsigned long long)c->opts.max_total_bytes);
+                r = extract_pwrite_all(fd, buf, len, (off_t)offset, &done);
+                c->bytes += done;
+                written += done;
+                if (r < 0)
+                        return extract_fail_errno(c, -r, "write");
+                if ((int64_t)(offset + (la_int64_t)len) > end)
+                        end = (int64_t)offset + (int64_t)len;
+                r = extract_progress(c, false);
+                if (r < 0)
+                        return r;
+        }
+        if (size > end && ftruncate(fd, (off_t)size) < 0)
+                return extract_fail_errno(c, errno, "set the file size");
+        *ret_written = written;
+        return 0;
+}
+
+static int extract_regular(struct extract_ctx *c, struct archive_entry *e, int dirfd,
+                           const char *leaf)
+{
+        int64_t size = archive_entry_size(e);
+        mode_t create_mode = extract_mode(c, e) & 0777;
+        uint64_t written = 0;
+        struct stat st;
+        int fd = -1;
+        int r;
+
+        if (size < 0)
+                return extract_fail(c, -EBADMSG, "negative file size");
+        if (archive_entry_sparse_count(e) == 0 &&
+            (uint64_t)size > c->opts.max_total_bytes - c->bytes)
+                return extract_fail(c, -EFBIG, "archive holds more than %llu bytes of file data",
+                                    (unsigned long long)c->opts.max_total_bytes);
+
+        for (int attempt = 0; fd < 0; attempt++) {
+                fd = openat(dirfd, leaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                            create_mode);
+                if (fd >= 0)
+                        break;
+                if (errno != EEXIST || attempt > 0)
+                        return extract_fail_errno(c, errno, "create the file");
+                r = extract_make_room(c, dirfd, leaf);
+                if (r < 0)
+                        return r;
+        }
+
+        r = extract_file_data(c, fd, size, &written);
+        if (r < 0)
+                goto out;
+        if (fstat(fd, &st) < 0) {
+                r = extract_fail_errno(c, errno, "stat the new file");
+                goto out;
+        }
+        if (st.st_dev == c->root_dev) {
+                r = extract_inodes_add(&c->inodes, (uint64_t)st.st_ino);
+                if (r < 0) {
+                        r = extract_fail(c, r, "out of memory");
+                        goto out;
+                }
+        }
+        r = extract_file_meta(c, e, fd, &st);
+        if (r < 0)
+                goto out;
+        r = close(fd);
+        fd = -1;
+        if (r < 0) {
+                r = extract_fail_errno(c, errno, "close the file");
+                goto out;
+        }
+        c->res.file_count++;
+        c->res.size_bytes += written;
+out:
+        if (fd >= 0)
+                (void)close(fd);
+        return r;
+}
+
+static int extract_symlink(struct extract_ctx *c, struct archive_entry *e, int dirfd,
+                           const char *leaf)
+{
+        const char *target = archive_entry_symlink(e);
+        struct timespec ts[2];
+        uid_t uid;
+        gid_t gid;
+        int r;
+
+        if (!target || target[0] == '\0')
+                return extract_fail(c, -EBADMSG, "symlink has an empty target");
+        if (strlen(target) > c->opts.max_path_length)
+                return extract_fail(c, -ENAMETOOLONG,
+                                    "symlink target is longer than the limit of %u bytes",
+                                    c->opts.max_path_length);
+        r = extract_owner(c, e, &uid, &gid);
+        if (r < 0)
+                return r;
+        r = extract_times(c, e, ts);
+        if (r < 0)
+                return r;
+
+        if (symlinkat(target, dirfd, leaf) < 0) {
+                if (errno != EEXIST)
+                        return extract_fail_errno(c, errno, "create the symlink");
+                r = extract_make_room(c, dirfd, leaf);
+                if (r < 0)
+                        return r;
+                if (symlinkat(target, dirfd, leaf) < 0)
+                        return extract_fail_errno(c, errno, "create the symlink");
+        }
+        if (c->opts.preserve_owner && fchownat(dirfd, leaf, uid, gid, AT_SYMLINK_NOFOLLOW) < 0)
+                return extract_fail_errno(c, errno, "set the owner of the symlink");
+        if (utimensat(dirfd, leaf, ts, AT_SYMLINK_NOFOLLOW) < 0)
+                return extract_fail_errno(c, errno, "set the times of the symlink");
+        r = extract_xattrs(c, e, -1);
+        if (r < 0)
+                return r;
+        c->res.symlink_count++;
+        c->res.file_count++;
+        return 0;
+}
+
+/* Remember a directory's owner, mode and times for the end. */
+static int extract_defer_dir(struct extract_ctx *c, struct archive_entry *e, unsigned depth)
+{
+        struct extract_dir *d;
+        uid_t uid;
+        gid_t gid;
+        int r;
+
+        r = extract_owner(c, e, &uid, &gid);
+        if (r < 0)
+                return r;
+        if (c->n_dirs == c->cap_dirs) {
+                size_t cap = c->cap_dirs ? c->cap_dirs * 2 : 64;
+                struct extract_dir *dirs = realloc(c->dirs, cap * sizeof(*dirs));
+
+                if (!dirs)
+                        return extract_fail(c, -ENOMEM, "out of memory");
+                c->dirs = dirs;
+                c->cap_dirs = cap;
+        }
+        d = &c->dirs[c->n_dirs];
+        *d = (struct extract_dir){
+                .depth = depth,
+                .order = c->n_dirs,
+                .mode = extract_mode(c, e),
+                .uid = uid,
+                .gid = gid,
+        };
+        r = extract_times(c, e, d->times);
+        if (r < 0)
+                return r;
+        d->path = strdup(c->path);
+        if (!d->path)
+                return extract_fail(c, -ENOMEM, "out of memory");
+        c->n_dirs++;
+        return 0;
+}
+
+static int extract_directory(struct extract_ctx *c, struct archive_entry *e, unsigned depth)
+{
+        const char *leaf = "";
+        int dirfd = c->root_fd;
+        int fd = -1;
+        int r;
+
+        if (depth > 0) {
+                r = extract_parent(c, c->path, &dirfd, &leaf);
+                if (r < 0)
+                        return err_wrap(r, "failed to extract '%s'", c->last_member);
+                if (mkdirat(dirfd, leaf, 0700) < 0) {
+                        struct stat st;
+
+                        if (errno != EEXIST)
+                                return extract_fail_errno(c, errno, "create the directory");
+                        if (fstatat(dirfd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                                return extract_fail_errno(c, errno, "stat the existing entry");
+                        if (!S_ISDIR(st.st_mode)) {
+                                r = extract_make_room(c, dirfd, leaf);
+                                if (r < 0)
+                                        return r;
+                                if (mkdirat(dirfd, leaf, 0700) < 0)
+                                        return extract_fail_errno(c, errno, "create the directory");
+                        }
+                }
+        }
+
+        if (archive_entry_xattr_count(e) > 0) {
+                fd = depth > 0
+                             ? openat(dirfd, leaf, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                             : fcntl(c->root_fd, F_DUPFD_CLOEXEC, 3);
+                if (fd < 0)
+                        return extract_fail_errno(c, errno, "open the directory");
+                r = extract_xattrs(c, e, fd);
+                (void)close(fd);
+        } else {
+                r = extract_xattrs(c, e, -1);
+        }
+        if (r < 0)
+                return r;
+        r = extract_defer_dir(c, e, depth);
+        if (r < 0)
+                return r;
+        c->res.dir_count++;
+        return 0;
+}
+
+static int extract_hardlink(struct extract_ctx *c, const char *target)
+{
+        char shown[EXTRACT_NAME_SHOWN * 4 + 8];
+        const char *slash;
+        const char *tleaf;
+        const char *leaf;
+        unsigned depth;
+        struct stat st;
+        int tfd = -1;
+        int dirfd;
+        int r;
+
+        extract_quote(target ? target : "", shown, sizeof(shown));
+        if (!target || target[0] == '\0')
+                return extract_fail(c, -EBADMSG, "hardlink has an empty target");
+        if (strlen(target) > c->opts.max_path_length)
+                return extract_fail(c, -ENAMETOOLONG,
+                                    "hardlink target is longer than the limit of %u bytes",
+                                    c->opts.max_path_length);
+        r = extract_normalize(target, c->link_path, c->path_size, &depth);
+        if (r == -EPERM && target[0] == '/')
+                return extract_fail(c, r, "hardlink target '%s' is an absolute path", shown);
+        if (r == -EPERM)
+                return extract_fail(c, r, "hardlink target '%s' has a '..' component", shown);
+        if (r < 0)
+                return extract_fail(c, r, "invalid hardlink target '%s'", shown);
+        if (depth == 0)
+                return extract_fail(c, -EPERM, "hardlink target '%s' is the root directory", shown);
+        if (strcmp(c->link_path, c->path) == 0) {
+                c->res.skipped_other++;
+                return 0;
+        }
+
+        slash = strrchr(c->link_path, '/');
+        tleaf = slash ? slash + 1 : c->link_path;
+        r = extract_open_dir(c, c->link_path, slash ? (size_t)(slash - c->link_path) : 0, false,
+                             &tfd);
+        if (r == -ENOENT)
+                return err_wrap(
+                        r, "failed to extract '%s': hardlink target '%s' has not been extracted",
+                        c->last_member, shown);
+        if (r < 0)
+                return err_wrap(r, "failed to extract '%s': hardlink target '%s'", c->last_member,
+                                shown);
+        if (fstatat(tfd, tleaf, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                r = -errno;
+                if (r == -ENOENT)
+                        r = extract_fail(c, r, "hardlink target '%s' has not been extracted",
+                                         shown);
+                else
+                        r = extract_fail_errno(c, -r, "stat the hardlink target");
+                goto out;
+        }
+        if (!S_ISREG(st.st_mode)) {
+                r = extract_fail(c, -EPERM, "hardlink target '%s' is not a regular file", shown);
+                goto out;
+        }
+        if (st.st_dev != c->root_dev || !extract_inodes_has(&c->inodes, (uint64_t)st.st_ino)) {
+                r = extract_fail(c, -EPERM,
+                                 "hardlink target '%s' was not extracted from this archive", shown);
+                goto out;
+        }
+
+        r = extract_parent(c, c->path, &dirfd, &leaf);
+        if (r < 0) {
+                r = err_wrap(r, "failed to extract '%s'", c->last_member);
+                goto out;
+        }
+        if (linkat(tfd, tleaf, dirfd, leaf, 0) < 0) {
+                if (errno != EEXIST) {
+                        r = extract_fail_errno(c, errno, "create the hardlink");
+                        goto out;
+                }
+                r = extract_make_room(c, dirfd, leaf);
+                if (r < 0)
+                        goto out;
+                if (linkat(tfd, tleaf, dirfd, leaf, 0) < 0) {
+                        r = extract_fail_errno(c, errno, "create the hardlink");
+                        goto out;
+                }
+        }
+        c->res.hardlink_count++;
+        c->res.file_count++;
+        r = 0;
+out:
+        (void)close(tfd);
+        return r;
+}
+
+static int extract_entry(struct extract_ctx *c, struct archive_entry *e)
+{
+        const char *name = archive_entry_pathname(e);
+        const char *hardlink = archive_entry_hardlink(e);
+        mode_t type = archive_entry_filetype(e);
+        const char *leaf;
+        unsigned depth = 0;
+        int dirfd;
+        int r;
+
+        extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));
+        if (++c->entries > c->opts.max_entries)
+                return extract_fail(c, -E2BIG, "archive has more than %llu entries",
+                                    (unsigned long long)c->opts.max_entries);
+        r = extract_check_name(c, name, &depth);
+        if (r < 0)
+                return r;
+        if (depth == 0 && (hardlink || type != AE_IFDIR))
+                return extract_fail(c, -EPERM, "only a directory may stand for the root");
+
+        if (hardlink)
+                return extract_hardlink(c, hardlink);
+        switch (type) {
+        case AE_IFDIR:
+                return extract_directory(c, e, depth);
+        case AE_IFREG:
+        case AE_IFLNK:
+                break;
+        case AE_IFCHR:
+        case AE_IFBLK:
+        case AE_IFIFO:
+                c->res.skipped_devices++;
+                return 0;
+        default:
+                c->res.skipped_other++;
+                return 0;
+        }
+
+        r = extract_parent(c, c->path, &dirfd, &leaf);
+        if (r < 0)
+                return err_wrap(r, "failed to extract '%s'", c->last_member);
+        if (type == AE_IFLNK)
+                return extract_symlink(c, e, dirfd, leaf);
+        return extract_regular(c, e, dirfd, leaf);
+}
+
+static int extract_dir_cmp(const void *a, const void *b)
+{
+        const struct extract_dir *x = a;
+        const struct extract_dir *y = b;
+
+        if (x->depth != y->depth)
+                return x->depth > y->depth ? -1 : 1;
+        return x->order < y->order ? -1 : x->order > y->order;
+}
+
+/* Apply the deferred directory metadata, deepest first (see METADATA above). */
+static int extract_apply_dirs(struct extract_ctx *c)
+{
+        if (c->n_dirs > 1)
+                qsort(c->dirs, c->n_dirs, sizeof(*c->dirs), extract_dir_cmp);
+        for (size_t i = 0; i < c->n_dirs; i++) {
+                struct extract_dir *d = &c->dirs[i];
+                int fd;
+                int r;
+
+                extract_quote(d->path[0] ? d->path : ".", c->last_member, sizeof(c->last_member));
+                r = extract_open_dir(c, d->path, strlen(d->path), false, &fd);
+                if (r == -ENOENT || r == -ENOTDIR || r == -EPERM) {
+                        /* A later member replaced this directory. */
+                        err_clear();
+                        continue;
+                }
+                if (r < 0)
+                        return err_wrap(r, "failed to extract '%s'", c->last_member);
+                if (c->opts.preserve_owner && fchown(fd, d->uid, d->gid) < 0)
+                        r = extract_fail_errno(c, errno, "set the owner of the directory");
+                else if (fchmod(fd, d->mode) < 0)
+                        r = extract_fail_errno(c, errno, "set the mode of the directory");
+                else if (futimens(fd, d->times) < 0)
+                        r = extract_fail_errno(c, errno, "set the times of the directory");
+                (void)close(fd);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+/*
+ * libarchive also reports the end of the archive when the stream simply stops between two
+ * members, which is what a truncated download looks like. Insist that the last block it
+ * read was the all-zero end-of-archive marker.
+ */
+static int extract_check_end(struct extract_ctx *c)
+{
+        la_int64_t consumed = archive_filter_bytes(c->inner, 0);
+
+        if (consumed < (la_int64_t)EXTRACT_TAR_BLOCK)
+                return err_set(-EBADMSG, "failed to read archive: it is empty");
+        if (extract_scan_was_zero(&c->scan, (uint64_t)consumed - EXTRACT_TAR_BLOCK) == 0) {
+                if (c->entries == 0)
+                        return err_set(-EBADMSG, "failed to read archive: it is truncated");
+                return err_set(
+                        -EBADMSG,
+                        "failed to read archive: it is truncated after member '%s' (no end-of-archive marker)",
+                        c->last_member);
+        }
+        return 0;
+}
+
+static int extract_loop(struct extract_ctx *c)
+{
+        struct archive_entry *e;
+        int r;
+
+        for (;;) {
+                r = archive_read_next_header(c->inner, &e);
+                if (r == ARCHIVE_EOF)
+                        break;
+                if (r == ARCHIVE_WARN && extract_warning_is_charset(c)) {
+                        log_debug("keeping a member name as raw bytes", "warning='%s'",
+                                  archive_error_string(c->inner));
+                } else if (r == ARCHIVE_WARN) {
+                        const char *name = archive_entry_pathname(e);
+
+                        extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));
+                        return extract_fail(c, -EBADMSG, "bad header: %s",
+                                            archive_error_string(c->inner));
+                } else if (r != ARCHIVE_OK) {
+                        return extract_archive_error(c, "bad header");
+                }
+                r = extract_check_suspects(c, e);
+                if (r < 0)
+                        return r;
+                r = extract_entry(c, e);
+                if (r < 0)
+                        return r;
+                r = extract_progress(c, false);
+                if (r < 0)
+                        return r;
+        }
+        if (c->stream_r < 0)
+                return c->stream_r;
+        r = extract_check_end(c);
+        if (r < 0)
+                return r;
+        r = extract_apply_dirs(c);
+        if (r < 0)
+                return r;
+        return extract_progress(c, true);
+}
+
+static void extract_ctx_done(struct extract_ctx *c)
+{
+        if (c->inner)
+                archive_read_free(c->inner);
+        if (c->outer)
+                archive_read_free(c->outer);
+        extract_scan_done(&c->scan);
+        free(c->suspects);
+        extract_cache_drop(c);
+        for (size_t i = 0; i < c->n_dirs; i++)
+                free(c->dirs[i].path);
+        free(c->dirs);
+        free(c->inodes.slots);
+        free(c->cache_path);
+        free(c->path);
+        free(c->link_path);
+        free(c->scratch);
+}
+
+static int extract_ctx_init(struct extract_ctx *c, int root_fd, const struct extract_options *opts)
+{
+        struct stat st;
+
+        *c = (struct extract_ctx){
+                .root_fd = root_fd,
+                .cache_fd = -1,
+                .have_openat2 = !extract_disable_openat2,
+        };
+        if (opts)
+                c->opts = *opts;
+        else
+                extract_options_init(&c->opts);
+        if (c->opts.max_path_length == 0 || c->opts.max_path_length > EXTRACT_MAX_PATH_LENGTH_LIMIT)
+                return err_set(-EINVAL, "invalid maximum path length %u", c->opts.max_path_length);
+        if (fstat(root_fd, &st) < 0)
+                return err_set(-errno, "failed to stat the extraction root: %s", strerror(errno));
+        if (!S_ISDIR(st.st_mode))
+                return err_set(-ENOTDIR, "extraction root is not a directory");
+        c->root_dev = st.st_dev;
+
+        c->path_size = (size_t)c->opts.max_path_length + 2;
+        c->path = malloc(c->path_size);
+        c->link_path = malloc(c->path_size);
+        c->scratch = malloc(c->path_size);
+        c->cache_path = malloc(c->path_size);
+        if (!c->path || !c->link_path || !c->scratch || !c->cache_path)
+                return err_set(-ENOMEM, "out of memory");
+
+        /* Decompressed stream: file data plus headers and padding, generously. */
+        c->stream_limit = UINT64_MAX;
+        if (c->opts.max_total_bytes < UINT64_MAX / 2 && c->opts.max_entries < (UINT64_C(1) << 40))
+                c->stream_limit = c->opts.max_total_bytes + EXTRACT_STREAM_SLACK +
+                                  c->opts.max_entries * EXTRACT_STREAM_SLACK_PER_ENTRY;
+        c->next_progress_ms = util_now_monotonic_ms() + (int64_t)c->opts.progress_interval_ms;
+
+        c->outer = archive_read_new();
+        c->inner = archive_read_new();
+        if (!c->outer || !c->inner)
+                return err_set(-ENOMEM, "out of memory");
+        /* ARCHIVE_WARN here means "through an external program", which still works. */
+        if (archive_read_support_filter_gzip(c->outer) < ARCHIVE_WARN ||
+            archive_read_support_filter_zstd(c->outer) < ARCHIVE_WARN ||
+            archive_read_support_filter_xz(c->outer) < ARCHIVE_WARN ||
+            archive_read_support_format_raw(c->outer) != ARCHIVE_OK ||
+            archive_read_support_format_tar(c->inner) != ARCHIVE_OK)
+                return err_set(-ENOMEM, "failed to set up libarchive: %s",
+                               archive_error_string(c->outer));
+        return 0;
+}
+
+/* Open the outer reader's only entry and start the inner reader on it. */
+static int extract_start(struct extract_ctx *c)
+{
+        struct archive_entry *e;
+
+        if (archive_read_next_header(c->outer, &e) != ARCHIVE_OK)
+                return err_set(-EBADMSG, "failed to read archive: %s",
+                               archive_error_string(c->outer));
+        if (archive_read_set_read_callback(c->inner, extract_stream_read) != ARCHIVE_OK ||
+            archive_read_set_callback_data(c->inner, c) != ARCHIVE_OK)
+                return err_set(-ENOMEM, "failed to set up libarchive: %s",
+                               archive_error_string(c->inner));
+        if (archive_read_open1(c->inner) != ARCHIVE_OK) {
+                if (c->stream_r < 0)
+                        return c->stream_r;
+                return err_set(-EBADMSG, "failed to read archive: not a tar archive (%s)",
+                               archive_error_string(c->inner));
+        }
+        return 0;
+}
+
+/* Common body of the extract_*() entry points; @open_outer opens c->outer on the input. */
+static int extract_run(int root_fd, const struct extract_options *opts, int tar_fd,
+                       const void *data, size_t size, struct extract_result *ret_result)
+{
+        struct extract_ctx c;
+        locale_t loc = (locale_t)0;
+        locale_t old = (locale_t)0;
+        int r;
+
+        err_clear();
+        /*
+         * libarchive converts pax names from UTF-8 to the locale's charset. C.UTF-8 keeps
+         * valid UTF-8 names as they are; for the rest it warns and keeps the raw bytes.
+         * The thread's locale changes only for the duration of this call.
+         */
+        loc = newlocale(LC_CTYPE_MASK, "C.UTF-8", (locale_t)0);
+        if (loc != (locale_t)0)
+                old = uselocale(loc);
+
+        r = extract_ctx_init(&c, root_fd, opts);
+        if (r < 0)
+                goto out;
+        if (tar_fd >= 0) {
+                (void)posix_fadvise(tar_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+                r = archive_read_open_fd(c.outer, tar_fd, EXTRACT_READ_BLOCK);
+        } else {
+                r = archive_read_open_memory(c.outer, data, size);
+        }
+        if (r != ARCHIVE_OK) {
+                r = err_set(-EBADMSG, "failed to read archive: %s", archive_error_string(c.outer));
+                goto out;
+        }
+        r = extract_start(&c);
+        if (r < 0)
+                goto out;
+        r = extract_loop(&c);
+        if (r < 0)
+                goto out;
+        log_debug("extracted archive", "entries=%llu bytes=%llu dirs=%llu",
+                  (unsigned long long)c.entries, (unsigned long long)c.bytes,
+                  (unsigned long long)c.res.dir_count);
+        if (ret_result)
+                *ret_result = c.res;
+out:
+        extract_ctx_done(&c);
+        if (loc != (locale_t)0) {
+                (void)uselocale(old);
+                freelocale(loc);
+        }
+        return r;
+}
+
+int extract_fd(int root_fd, int tar_fd, const struct extract_options *opts,
+               struct extract_result *ret_result)
+{
+        FIM_ASSERT(tar_fd >= 0);
+        return extract_run(root_fd, opts, tar_fd, NULL, 0, ret_result);
+}
+
+int extract_memory(int root_fd, const void *data, size_t size, const struct extract_options *opts,
+                   struct extract_result *ret_result)
+{
+        return extract_run(root_fd, opts, -1, data, size, ret_result);
+}
+
+int extract_file(int root_fd, const char *tar_path, const struct extract_options *opts,
+                 struct extract_result *ret_result)
+{
+        int fd = open(tar_path, O_RDONLY | O_CLOEXEC);
+        int r;
+
+        if (fd < 0)
+                return err_set(-errno, "failed to open '%s': %s", tar_path, strerror(errno));
+        r = extract_fd(root_fd, fd, opts, ret_result);
+        (void)close(fd);
+        return r;
+}
+
+int extract_path(const char *root_path, const char *tar_path, const struct extract_options *opts,
+                 struct extract_result *ret_result)
+{
+        int root_fd = open(root_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        int r;
+
+        if (root_fd < 0)
+                return err_set(-errno, "failed to open extraction root '%s': %s", root_path,
+                               strerror(errno));
+        r = extract_file(root_fd, tar_path, opts, ret_result);
+        (void)close(root_fd);
+        return r;
+}

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Generate hostile, broken and valid tarballs for the extractor's tests and fuzzer seeds.
+
+Usage: make_corpus.py OUTDIR [--sentinel DIR] [--canary NAME]
+
+Every file is generated at test time (nothing is committed). Attacks aim at --sentinel, an
+absolute directory the test places beside the extraction root and snapshots, so that a
+broken extractor damages the sentinel rather than the host. The few members that aim at
+the real /etc only ever create a new file named --canary, which the test looks for.
+
+The C test (tests/unit/test_extract.c) knows what each file must produce; the file names
+here are its keys. Files ending in .tar/.gz/.zst/.xz/.bz2/.zip/.bin are all archives.
+"""
+
+import argparse
+import bz2
+import gzip
+import io
+import lzma
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+
+T0 = 1_600_000_000  # a fixed, old mtime: anything "now" would mean it was not applied
+CAP_NET_BIND = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")
+
+
+class Tar:
+    """A tarball built member by member with tarfile, in memory."""
+
+    def __init__(self, fmt=tarfile.PAX_FORMAT):
+        self.buf = io.BytesIO()
+        self.tf = tarfile.open(fileobj=self.buf, mode="w", format=fmt)
+
+    def add(self, name, kind=tarfile.REGTYPE, data=b"", mode=None, uid=0, gid=0,
+            mtime=T0, link="", pax=None, devmajor=0, devminor=0):
+        ti = tarfile.TarInfo(name)
+        ti.type = kind
+        ti.size = len(data) if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+        ti.mode = mode if mode is not None else (0o755 if kind == tarfile.DIRTYPE else 0o644)
+        ti.uid, ti.gid, ti.mtime = uid, gid, mtime
+        ti.uname = ti.gname = ""
+        ti.linkname = link
+        ti.devmajor, ti.devminor = devmajor, devminor
+        if pax:
+            ti.pax_headers = dict(pax)
+        self.tf.addfile(ti, io.BytesIO(data) if ti.size else None)
+        return self
+
+    def dir(self, name, **kw):
+        return self.add(name, tarfile.DIRTYPE, **kw)
+
+    def symlink(self, name, target, **kw):
+        return self.add(name, tarfile.SYMTYPE, link=target, **kw)
+
+    def hardlink(self, name, target, **kw):
+        return self.add(name, tarfile.LNKTYPE, link=target, **kw)
+
+    def bytes(self):
+        self.tf.close()
+        return self.buf.getvalue()
+
+
+def raw_header(name, kind=b"0", size=0, link=b"", mode=0o644, magic=b"ustar\x0000",
+               prefix=b""):
+    """One 512-byte ustar header with a correct checksum; byte fields are taken verbatim."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"%07o\x00" % mode
+    h[108:116] = b"%07o\x00" % 0
+    h[116:124] = b"%07o\x00" % 0
+    h[124:136] = b"%011o\x00" % size
+    h[136:148] = b"%011o\x00" % T0
+    h[156:157] = kind
+    h[157:157 + len(link)] = link
+    h[257:265] = magic
+    h[345:345 + len(prefix)] = prefix
+    fix_checksum(h)
+    return bytes(h)
+
+
+def fix_checksum(h):
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\x00 " % sum(h)
+
+
+def pad(data):
+    return data + b"\x00" * (-len(data) % 512)
+
+
+def raw_tar(*members):
+    """Concatenate (header, data) pairs and the end-of-archive marker."""
+    out = b""
+    for header, data in members:
+        out += header + pad(data)
+    return out + b"\x00" * 1024
+
+
+def pax_record(key, value):
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n).encode()) + len(body) != n:
+        n = len(str(n).encode()) + len(body)
+    return str(n).encode() + body
+
+
+def hostile(sent, canary):
+    """name -> bytes: archives that must be refused."""
+    out = {}
+    out["dotdot.tar"] = Tar().add("../sentinel/pwned", data=b"x").bytes()
+    out["dotdot_deep.tar"] = Tar().dir("a").add("a/../../pwned", data=b"x").bytes()
+    out["dotdot_inside.tar"] = Tar().dir("a").add("a/../b", data=b"x").bytes()
+    out["absolute.tar"] = Tar().add(sent + "/pwned", data=b"x").bytes()
+    out["symlink_escape_abs.tar"] = (
+        Tar().symlink("a", sent + "/etc").add("a/passwd", data=b"pwned\n").bytes())
+    out["symlink_escape_etc.tar"] = (
+        Tar().symlink("a", "/etc").add("a/" + canary, data=b"pwned\n").bytes())
+    out["symlink_escape_rel.tar"] = (
+        Tar().symlink("a", "../sentinel/etc").add("a/passwd", data=b"pwned\n").bytes())
+    out["symlink_dot.tar"] = Tar().symlink("a", ".").add("a/x", data=b"x").bytes()
+    out["symlink_dotdot.tar"] = (
+        Tar().symlink("a", "..").add("a/sentinel/pwned", data=b"x").bytes())
+    out["symlink_chain.tar"] = (
+        Tar().symlink("l1", "l2").symlink("l2", sent).add("l1/pwned", data=b"x").bytes())
+    out["symlink_deep_parent.tar"] = (
+        Tar().dir("d").symlink("d/s", "/").add("d/s/tmp/" + canary, data=b"x").bytes())
+    out["symlink_dir_member.tar"] = Tar().symlink("a", sent).dir("a/newdir").bytes()
+    out["hardlink_abs.tar"] = Tar().hardlink("h", sent + "/etc/passwd").bytes()
+    out["hardlink_escape.tar"] = Tar().hardlink("h", "../sentinel/etc/passwd").bytes()
+    out["hardlink_symlink_parent.tar"] = (
+        Tar().symlink("s", sent + "/etc").hardlink("h", "s/passwd").bytes())
+    out["hardlink_to_symlink.tar"] = (
+        Tar().symlink("s", sent + "/etc/passwd").hardlink("h", "s").bytes())
+    out["hardlink_forward.tar"] = (
+        Tar().hardlink("h", "later").add("later", data=b"x").bytes())
+    out["hardlink_dir.tar"] = Tar().dir("d").hardlink("h", "d").bytes()
+    out["hardlink_root.tar"] = Tar().hardlink("h", "./").bytes()
+    out["hardlink_preexisting.tar"] = Tar().hardlink("h", "pre").bytes()
+    out["preexisting_symlink.tar"] = Tar().add("link/pwned", data=b"x").bytes()
+    out["dir_replaced_by_symlink.tar"] = (
+        Tar().dir("d").symlink("d", sent).add("d/pwned", data=b"x").bytes())
+    out["dir_nonempty_replaced.tar"] = (
+        Tar().dir("d").add("d/f", data=b"x").symlink("d", sent).bytes())
+    out["root_symlink.tar"] = Tar().symlink(".", sent).bytes()
+    out["root_file.tar"] = Tar().add(".", data=b"").bytes()
+    out["file_parent.tar"] = Tar().add("f", data=b"x").add("f/g", data=b"y").bytes()
+    out["huge_uid.tar"] = Tar().add("f", data=b"x", pax={"uid": "4294967296"}).bytes()
+    out["symlink_empty_target.tar"] = raw_tar((raw_header(b"s", b"2"), b""))
+    out["empty_name.tar"] = raw_tar((raw_header(b"", b"0", 1), b"x"))
+    out["nul_pax_path.tar"] = Tar().add("ok", data=b"x",
+                                        pax={"path": "safe\x00../../pwned"}).bytes()
+    out["nul_pax_linkpath.tar"] = Tar().add("f", data=b"x").symlink(
+        "s", "f", pax={"linkpath": "f\x00/etc/shadow"}).bytes()
+    name = b"safe\x00../../pwned"
+    out["nul_ustar_name.tar"] = raw_tar((raw_header(name, b"0", 1), b"x"))
+    out["nul_ustar_prefix.tar"] = raw_tar(
+        (raw_header(b"file", b"0", 1, prefix=b"dir\x00../.."), b"x"))
+    longname = b"safe\x00" + b"x" * 120 + b"\x00"
+    out["nul_gnu_longname.tar"] = raw_tar(
+        (raw_header(b"././@LongLink", b"L", len(longname), magic=b"ustar  \x00"), longname),
+        (raw_header(b"trunc", b"0", 1, magic=b"ustar  \x00"), b"x"))
+    bad_pax = b"99 path=nope\n"
+    out["malformed_pax.tar"] = raw_tar((raw_header(b"PaxHeader/f", b"x", len(bad_pax)),
+                                        bad_pax), (raw_header(b"f", b"0", 1), b"x"))
+    out["component_too_long.tar"] = Tar().add("d/" + "c" * 300, data=b"x").bytes()
+
+    # Limits; the test lowers max_entries to 100 and max_total_bytes to 1 MiB for these.
+    t = Tar()
+    for i in range(101):
+        t.add("f%03d" % i, data=b"x")
+    out["too_many_entries.tar"] = t.bytes()
+    out["too_many_bytes.tar"] = (Tar().add("a", data=b"a" * (600 << 10))
+                                 .add("b", data=b"b" * (600 << 10)).bytes())
+    out["too_deep.tar"] = Tar().add("/".join(["d"] * 65) + "/f", data=b"x").bytes()
+    out["too_long.tar"] = Tar().add("/".join(["n" * 200] * 21), data=b"x").bytes()
+    out["symlink_target_too_long.tar"] = Tar().symlink("s", "t" * 5000).bytes()
+
+    # Broken streams.
+    good = Tar().add("a", data=b"A" * 5000).add("b", data=b"B" * 5000).bytes()
+    out["truncated_data.tar"] = good[:512 + 2048]
+    out["truncated_header.tar"] = good[:512 + 5120 + 300]
+    bad = bytearray(good)
+    bad[5632 + 148] ^= 0x01  # checksum of the second header
+    out["bad_checksum.tar"] = bytes(bad)
+    out["garbage.bin"] = random.Random(42).randbytes(8192)
+    out["empty_file.bin"] = b""
+    out["zip_archive.zip"] = make_zip()
+    out["truncated_at_member.tar"] = good[:512 + 5120]
+    out["truncated_at_member.tar.gz"] = gzip.compress(good[:512 + 5120], mtime=0)
+    # Random data does not compress, so cutting the gzip stream cuts the tar stream.
+    noisy = Tar().add("r", data=random.Random(3).randbytes(64 << 10)).bytes()
+    out["truncated.tar.gz"] = gzip.compress(noisy, mtime=0)[:30000]
+    out["garbage_after_gzip_magic.tar.gz"] = b"\x1f\x8b\x08\x00" + random.Random(7).randbytes(2048)
+    return out
+
+
+def make_zip():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.txt", "hello")
+    return buf.getvalue()
+
+
+def valid(sent):
+    """name -> bytes: archives that must extract."""
+    out = {}
+    t = Tar()
+    t.dir("./", mode=0o750, mtime=T0 + 1)
+    t.dir("./etc/", mtime=T0 + 3)
+    t.add("./etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n",
+          pax={"mtime": "1600000010.123456789"})
+    t.add("./etc/shadow", data=b"root:*:1::::::\n", mode=0o640, gid=42)
+    t.dir("./bin/")
+    t.add("./bin/su", data=b"\x7fELF-su", mode=0o4755)
+    t.add("./bin/wall", data=b"\x7fELF-wall", mode=0o2755, gid=5)
+    t.hardlink("./bin/su-hard", "./bin/su")
+    t.hardlink("./etc/passwd-link", "etc/passwd")
+    t.dir("./tmp/", mode=0o1777)
+    t.dir("./home/user/", mode=0o700, uid=1234, gid=5678)
+    t.add("./home/user/notes", data=b"n", mode=0o600, uid=1234, gid=5678)
+    t.dir("./ro/", mode=0o555)
+    t.add("./ro/a", data=b"a", mode=0o444)
+    t.dir("./ro/sub/", mode=0o500)
+    t.add("./ro/sub/b", data=b"b")
+    t.symlink("./abs", "/etc/passwd", uid=1234, gid=5678, mtime=T0 + 2)
+    t.symlink("./rel", "etc/passwd")
+    t.symlink("./dangling", "nowhere/at/all")
+    t.symlink("./loop", "loop")
+    t.symlink("./up", "../../../../etc/shadow")
+    t.add("./empty", data=b"")
+    t.add("./big", data=bytes(range(256)) * (3 << 12))  # 3 MiB
+    t.add("usr/lib/deep/file", data=b"implicit parents")
+    out["basic.tar"] = t.bytes()
+
+    out["setuid.tar"] = Tar().add("su", data=b"x", mode=0o6755, uid=0, gid=0).bytes()
+    out["specials.tar"] = (Tar().dir("dev").add("dev/null", tarfile.CHRTYPE, devmajor=1,
+                                                devminor=3)
+                           .add("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0)
+                           .add("dev/fifo", tarfile.FIFOTYPE).bytes())
+    for fmt, tag in ((tarfile.GNU_FORMAT, "gnu"), (tarfile.PAX_FORMAT, "pax")):
+        long_dir = "long/" + "d" * 150
+        long_file = long_dir + "/" + "f" * 200
+        out["longname_%s.tar" % tag] = (
+            Tar(fmt).dir(long_dir).add(long_file, data=b"long")
+            .symlink(long_dir + "/s", "t" * 180)
+            .hardlink(long_dir + "/h", long_file).bytes())
+    out["ustar_prefix.tar"] = (Tar(tarfile.USTAR_FORMAT)
+                               .add("p" * 90 + "/" + "q" * 90 + "/file", data=b"prefix")
+                               .bytes())
+    cap = CAP_NET_BIND.decode("utf-8", "surrogateescape")
+    out["xattrs.tar"] = (
+        Tar().dir("d", pax={"SCHILY.xattr.user.d": "dir"})
+        .add("f", data=b"x", pax={
+            "SCHILY.xattr.user.x": "hello",
+            "SCHILY.xattr.trusted.x": "no",
+            "SCHILY.xattr.security.selinux": "system_u:object_r:bin_t:s0",
+            "SCHILY.xattr.security.capability": cap,
+            "LIBARCHIVE.xattr.user.y": "d29ybGQ=",  # base64 "world"
+        })
+        .symlink("s", "f", pax={"SCHILY.xattr.user.s": "on-a-symlink"}).bytes())
+    latin = b"latin\xe9".decode("utf-8", "surrogateescape")
+    out["utf8.tar"] = (Tar().add("caf\u00e9/na\u00efve.txt", data=b"utf8").bytes())
+    out["latin1_gnu.tar"] = Tar(tarfile.GNU_FORMAT).add(latin, data=b"latin1").bytes()
+    out["duplicates.tar"] = (
+        Tar().add("f", data=b"one").symlink("f", sent + "/etc/passwd")
+        .add("f", data=b"two")
+        .dir("d").add("d", data=b"file-now")
+        .hardlink("h", "f").add("h", data=b"three")
+        .symlink("x", "y").dir("x")
+        .dir("e", mode=0o700).dir("e", mode=0o751)
+        .symlink("s", sent + "/etc/passwd").bytes())
+    out["preexisting_replace.tar"] = Tar().add("s", data=b"mine").bytes()
+    out["hardlink_self.tar"] = Tar().add("f", data=b"x").hardlink("f", "f").bytes()
+    out["empty_archive.tar"] = b"\x00" * 10240
+    out["many_hardlinks.tar"] = many_hardlinks()
+    out["gnu_format.tar"] = (Tar(tarfile.GNU_FORMAT).dir("d").add("d/f", data=b"gnu")
+                             .symlink("d/s", "f").bytes())
+    return out
+
+
+def many_hardlinks():
+    """Enough files to make the extractor's inode set grow several times."""
+    t = Tar()
+    for i in range(3000):
+        t.add("f%04d" % i, data=b"%d" % i)
+    for i in range(0, 3000, 7):
+        t.hardlink("h%04d" % i, "f%04d" % i)
+    return t.bytes()
+
+
+def sparse(out):
+    """GNU tar writes the sparse maps (tarfile cannot): old GNU and pax 1.0 flavours."""
+    tar = shutil.which("tar")
+    if not tar:
+        sys.exit("make_corpus: GNU tar is needed for the sparse archives")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "sparse")
+        with open(path, "wb") as f:
+            f.truncate(4 << 20)
+            f.seek(1 << 20)
+            f.write(b"D" * 4096)
+            f.seek(3 << 20)
+            f.write(b"E" * 4096)
+        os.utime(path, (T0, T0))
+        for fmt, extra in (("gnu", []), ("pax", ["--sparse-version=1.0"])):
+            dest = os.path.join(out, "sparse_%s.tar" % fmt)
+            subprocess.run([tar, "--sparse", "--format=" + fmt, *extra, "--numeric-owner",
+                            "-C", d, "-cf", dest, "sparse"], check=True)
+
+
+def compress(out, name, data):
+    base = os.path.join(out, name)
+    write(base + ".gz", gzip.compress(data, mtime=0))
+    write(base + ".xz", lzma.compress(data))
+    write(base + ".bz2", bz2.compress(data))
+    zstd = shutil.which("zstd")
+    if not zstd:
+        sys.exit("make_corpus: the zstd CLI is needed")
+    subprocess.run([zstd, "-q", "-f", "-19", "-o", base + ".zst"], input=data, check=True)
+
+
+def write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir")
+    ap.add_argument("--sentinel", default="/nonexistent/fim-sentinel")
+    ap.add_argument("--canary", default="fim-extract-canary")
+    args = ap.parse_args()
+    sent = os.path.abspath(args.sentinel)
+    os.makedirs(args.outdir, exist_ok=True)
+
+    files = hostile(sent, args.canary)
+    files.update(valid(sent))
+    for name, data in files.items():
+        write(os.path.join(args.outdir, name), data)
+    sparse(args.outdir)
+    compress(args.outdir, "basic.tar", files["basic.tar"])
+    compress(args.outdir, "symlink_escape_abs.tar", files["symlink_escape_abs.tar"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1184 @@
+/*
+ * Unit tests for stages/extract: every hostile archive from tests/extract/make_corpus.py
+ * must fail with its exact errno and a message naming the member, and must leave
+ * everything outside the root unchanged; valid archives must come out with the right
+ * types, modes, owners, times, link targets, xattrs, holes and counts.
+ *
+ * Layout under a temporary directory:
+ *   corpus/          the generated archives
+ *   work/root/       the extraction root, recreated for each test
+ *   work/sentinel/   a tree beside the root, the target of the attacks, snapshotted
+ * Members that aim at the real /etc (and /tmp) only ever create a file named after the
+ * canary; the tests check that it does not exist.
+ *
+ * Runs as root (owners, security.capability, the ENOSPC test's tmpfs mount).
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "common/err.h"
+#include "common/util.h"
+#include "stages/extract.h"
+
+#define T0 1600000000
+
+static char base[PATH_MAX];
+static char corpus[PATH_MAX];
+static char work[PATH_MAX];
+static char rootdir[PATH_MAX];
+static char sentinel[PATH_MAX];
+static char canary[64];
+
+/* --- helpers --- */
+
+static void xsnprintf(char *buf, size_t size, const char *fmt, ...)
+        __attribute__((format(printf, 3, 4)));
+
+static void xsnprintf(char *buf, size_t size, const char *fmt, ...)
+{
+        va_list ap;
+        int n;
+
+        va_start(ap, fmt);
+        n = vsnprintf(buf, size, fmt, ap);
+        va_end(ap);
+        assert_true(n >= 0 && (size_t)n < size);
+}
+
+static int run_argv(const char *const argv[])
+{
+        int status;
+        pid_t pid = fork();
+
+        if (pid == 0) {
+                execvp(argv[0], (char *const *)argv);
+                _exit(127);
+        }
+        if (pid < 0 || waitpid(pid, &status, 0) < 0)
+                return -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void rm_rf(const char *path)
+{
+        const char *const argv[] = {"rm", "-rf", path, NULL};
+
+        assert_int_equal(run_argv(argv), 0);
+}
+
+static void write_file(const char *path, const char *data, mode_t mode)
+{
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, data, strlen(data)), (ssize_t)strlen(data));
+        assert_int_equal(fchmod(fd, mode), 0);
+        assert_int_equal(close(fd), 0);
+}
+
+static char *read_file(const char *path, size_t *ret_len)
+{
+        struct stat st;
+        char *buf;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+        assert_true(fd >= 0);
+        assert_int_equal(fstat(fd, &st), 0);
+        buf = malloc((size_t)st.st_size + 1);
+        assert_non_null(buf);
+        assert_int_equal(read(fd, buf, (size_t)st.st_size), st.st_size);
+        buf[st.st_size] = '\0';
+        (void)close(fd);
+        if (ret_len)
+                *ret_len = (size_t)st.st_size;
+        return buf;
+}
+
+static void rootpath(char *buf, size_t size, const char *rel)
+{
+        xsnprintf(buf, size, "%s/%s", rootdir, rel);
+}
+
+static struct stat lstat_root(const char *rel)
+{
+        char path[PATH_MAX];
+        struct stat st;
+
+        rootpath(path, sizeof(path), rel);
+        if (lstat(path, &st) < 0)
+                fail_msg("lstat '%s': %s", path, strerror(errno));
+        return st;
+}
+
+static bool exists_root(const char *rel)
+{
+        char path[PATH_MAX];
+        struct stat st;
+
+        rootpath(path, sizeof(path), rel);
+        return lstat(path, &st) == 0;
+}
+
+static void assert_root_content(const char *rel, const char *want)
+{
+        char path[PATH_MAX];
+        char *got;
+
+        rootpath(path, sizeof(path), rel);
+        got = read_file(path, NULL);
+        assert_string_equal(got, want);
+        free(got);
+}
+
+static void assert_root_link(const char *rel, const char *want)
+{
+        char path[PATH_MAX];
+        char got[PATH_MAX];
+        ssize_t n;
+
+        rootpath(path, sizeof(path), rel);
+        n = readlink(path, got, sizeof(got) - 1);
+        assert_true(n >= 0);
+        got[n] = '\0';
+        assert_string_equal(got, want);
+}
+
+/* --- snapshots of everything outside the root --- */
+
+struct snap {
+        char **lines;
+        size_t n;
+        size_t cap;
+};
+
+static uint64_t fnv1a(const char *data, size_t len)
+{
+        uint64_t h = UINT64_C(0xcbf29ce484222325);
+
+        for (size_t i = 0; i < len; i++) {
+                h ^= (unsigned char)data[i];
+                h *= UINT64_C(0x100000001b3);
+        }
+        return h;
+}
+
+static void snap_add(struct snap *s, const char *line)
+{
+        if (s->n == s->cap) {
+                s->cap = s->cap ? s->cap * 2 : 64;
+                s->lines = realloc(s->lines, s->cap * sizeof(*s->lines));
+                assert_non_null(s->lines);
+        }
+        s->lines[s->n] = strdup(line);
+        assert_non_null(s->lines[s->n]);
+        s->n++;
+}
+
+/* One line per path: type, mode, owner, size, mtime, content hash or link target. */
+static void snap_walk(struct snap *s, const char *dir, const char *rel, const char *skip)
+{
+        char path[PATH_MAX];
+        char line[PATH_MAX + 256];
+        char target[PATH_MAX] = "";
+        uint64_t hash = 0;
+        struct stat st;
+        DIR *d;
+
+        xsnprintf(path, sizeof(path), "%s%s%s", dir, rel[0] ? "/" : "", rel);
+        assert_int_equal(lstat(path, &st), 0);
+        if (S_ISREG(st.st_mode)) {
+                size_t len;
+                char *data = read_file(path, &len);
+
+                hash = fnv1a(data, len);
+                free(data);
+        } else if (S_ISLNK(st.st_mode)) {
+                ssize_t n = readlink(path, target, sizeof(target) - 1);
+
+                assert_true(n >= 0);
+                target[n] = '\0';
+        }
+        xsnprintf(line, sizeof(line), "%s %o %u:%u %lld %lld.%09ld %016llx %s", rel[0] ? rel : ".",
+                  (unsigned)st.st_mode, (unsigned)st.st_uid, (unsigned)st.st_gid,
+                  S_ISDIR(st.st_mode) ? 0LL : (long long)st.st_size, (long long)st.st_mtim.tv_sec,
+                  st.st_mtim.tv_nsec, (unsigned long long)hash, target);
+        snap_add(s, line);
+        if (!S_ISDIR(st.st_mode))
+                return;
+        d = opendir(path);
+        assert_non_null(d);
+        for (struct dirent *de; (de = readdir(d));) {
+                char child[PATH_MAX];
+
+                if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+                        continue;
+                xsnprintf(child, sizeof(child), "%s%s%s", rel, rel[0] ? "/" : "", de->d_name);
+                if (strcmp(child, skip) == 0)
+                        continue;
+                snap_walk(s, dir, child, skip);
+        }
+        (void)closedir(d);
+}
+
+static int snap_cmp(const void *a, const void *b)
+{
+        return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static char *snapshot(void)
+{
+        struct snap s = {0};
+        size_t total = 1;
+        size_t o = 0;
+        char *out;
+
+        snap_walk(&s, work, "", "root");
+        qsort(s.lines, s.n, sizeof(*s.lines), snap_cmp);
+        for (size_t i = 0; i < s.n; i++)
+                total += strlen(s.lines[i]) + 1;
+        out = malloc(total);
+        assert_non_null(out);
+        for (size_t i = 0; i < s.n; i++) {
+                size_t len = strlen(s.lines[i]);
+
+                memcpy(out + o, s.lines[i], len);
+                out[o + len] = '\n';
+                o += len + 1;
+                free(s.lines[i]);
+        }
+        out[o] = '\0';
+        free(s.lines);
+        return out;
+}
+
+static void assert_no_canary(void)
+{
+        char path[PATH_MAX];
+        struct stat st;
+
+        xsnprintf(path, sizeof(path), "/etc/%s", canary);
+        assert_int_not_equal(lstat(path, &st), 0);
+        xsnprintf(path, sizeof(path), "/tmp/%s", canary);
+        assert_int_not_equal(lstat(path, &st), 0);
+}
+
+/* Recreate work/ with an empty root and the sentinel tree beside it. */
+static void prepare(bool preexisting)
+{
+        char path[PATH_MAX];
+        struct timespec ts[2] = {{.tv_sec = T0}, {.tv_sec = T0}};
+
+        rm_rf(work);
+        assert_int_equal(mkdir(work, 0755), 0);
+        assert_int_equal(mkdir(rootdir, 0755), 0);
+        assert_int_equal(mkdir(sentinel, 0755), 0);
+        xsnprintf(path, sizeof(path), "%s/etc", sentinel);
+        assert_int_equal(mkdir(path, 0755), 0);
+        xsnprintf(path, sizeof(path), "%s/etc/passwd", sentinel);
+        write_file(path, "sentinel:x:0:0::/:/bin/false\n", 0644);
+        xsnprintf(path, sizeof(path), "%s/etc/shadow", sentinel);
+        write_file(path, "sentinel:*:1::::::\n", 0600);
+        xsnprintf(path, sizeof(path), "%s/dir", sentinel);
+        assert_int_equal(mkdir(path, 0700), 0);
+        xsnprintf(path, sizeof(path), "%s/dir/file", sentinel);
+        write_file(path, "data\n", 0640);
+        xsnprintf(path, sizeof(path), "%s/link", sentinel);
+        assert_int_equal(symlink("etc/passwd", path), 0);
+        xsnprintf(path, sizeof(path), "%s/exec", sentinel);
+        write_file(path, "#!/bin/sh\n", 0755);
+        assert_int_equal(utimensat(AT_FDCWD, path, ts, 0), 0);
+        if (!preexisting)
+                return;
+        /* Entries a careless extractor might reuse: not ours, or pointing outside. */
+        rootpath(path, sizeof(path), "pre");
+        write_file(path, "pre-existing\n", 0644);
+        rootpath(path, sizeof(path), "link");
+        assert_int_equal(symlink("../sentinel", path), 0);
+        rootpath(path, sizeof(path), "s");
+        assert_int_equal(symlink("../sentinel/etc/passwd", path), 0);
+}
+
+static int extract_corpus(const char *name, const struct extract_options *opts,
+                          struct extract_result *ret)
+{
+        char path[PATH_MAX];
+        int root_fd = open(rootdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        int r;
+
+        assert_true(root_fd >= 0);
+        xsnprintf(path, sizeof(path), "%s/%s", corpus, name);
+        r = extract_file(root_fd, path, opts, ret);
+        (void)close(root_fd);
+        return r;
+}
+
+/* --- setup --- */
+
+static int group_setup(void **state)
+{
+        char script[PATH_MAX];
+        char sent_arg[PATH_MAX];
+
+        (void)state;
+        xsnprintf(base, sizeof(base), "/tmp/fim-test-extract-XXXXXX");
+        if (!mkdtemp(base))
+                return -1;
+        xsnprintf(corpus, sizeof(corpus), "%s/corpus", base);
+        xsnprintf(work, sizeof(work), "%s/work", base);
+        xsnprintf(rootdir, sizeof(rootdir), "%s/root", work);
+        xsnprintf(sentinel, sizeof(sentinel), "%s/sentinel", work);
+        xsnprintf(canary, sizeof(canary), "fim-extract-canary-%d", (int)getpid());
+        xsnprintf(script, sizeof(script), "%s/tests/extract/make_corpus.py", FIM_SOURCE_DIR);
+        xsnprintf(sent_arg, sizeof(sent_arg), "%s", sentinel);
+
+        const char *const argv[] = {"python3", script,     corpus, "--sentinel",
+                                    sent_arg,  "--canary", canary, NULL};
+
+        if (run_argv(argv) != 0) {
+                fprintf(stderr, "make_corpus.py failed\n");
+                return -1;
+        }
+        return 0;
+}
+
+static int group_teardown(void **state)
+{
+        const char *const argv[] = {"rm", "-rf", base, NULL};
+
+        (void)state;
+        return run_argv(argv) == 0 ? 0 : -1;
+}
+
+/* --- hostile and broken archives --- */
+
+enum {
+        CASE_LIMITS = 1 << 0,      /* max_entries 100, max_total_bytes 1 MiB */
+        CASE_PREEXISTING = 1 << 1, /* root holds "pre", "link" and "s" beforehand */
+        CASE_WALK = 1 << 2,        /* resolve without openat2 */
+};
+
+struct hostile_case {
+        const char *file;
+        int err;
+        /* Must appear in the message: "@" stands for the sentinel path, "#" for the canary. */
+        const char *member;
+        unsigned flags;
+};
+
+static const struct hostile_case hostile_cases[] = {
+        {"dotdot.tar", -EPERM, "'../sentinel/pwned'", 0},
+        {"dotdot_deep.tar", -EPERM, "'a/../../pwned'", 0},
+        {"dotdot_inside.tar", -EPERM, "'a/../b'", 0},
+        {"absolute.tar", -EPERM, "'@/pwned'", 0},
+        {"symlink_escape_abs.tar", -EPERM, "'a/passwd'", 0},
+        {"symlink_escape_etc.tar", -EPERM, "'a/#'", 0},
+        {"symlink_escape_rel.tar", -EPERM, "'a/passwd'", 0},
+        {"symlink_dot.tar", -EPERM, "'a/x'", 0},
+        {"symlink_dotdot.tar", -EPERM, "'a/sentinel/pwned'", 0},
+        {"symlink_chain.tar", -EPERM, "'l1/pwned'", 0},
+        {"symlink_deep_parent.tar", -EPERM, "'d/s/tmp/#'", 0},
+        {"symlink_dir_member.tar", -EPERM, "'a/newdir/'", 0},
+        {"hardlink_abs.tar", -EPERM, "'h'", 0},
+        {"hardlink_escape.tar", -EPERM, "'h'", 0},
+        {"hardlink_symlink_parent.tar", -EPERM, "'h'", 0},
+        {"hardlink_to_symlink.tar", -EPERM, "'h'", 0},
+        {"hardlink_forward.tar", -ENOENT, "'h'", 0},
+        {"hardlink_dir.tar", -EPERM, "'h'", 0},
+        {"hardlink_root.tar", -EPERM, "'h'", 0},
+        {"hardlink_preexisting.tar", -EPERM, "'h'", CASE_PREEXISTING},
+        {"preexisting_symlink.tar", -EPERM, "'link/pwned'", CASE_PREEXISTING},
+        {"dir_replaced_by_symlink.tar", -EPERM, "'d/pwned'", 0},
+        {"dir_nonempty_replaced.tar", -EEXIST, "'d'", 0},
+        {"root_symlink.tar", -EPERM, "'.'", 0},
+        {"root_file.tar", -EPERM, "'.'", 0},
+        {"file_parent.tar", -ENOTDIR, "'f/g'", 0},
+        {"huge_uid.tar", -EBADMSG, "'f'", 0},
+        {"symlink_empty_target.tar", -EBADMSG, "'s'", 0},
+        {"empty_name.tar", -EBADMSG, "''", 0},
+        {"nul_pax_path.tar", -EBADMSG, "'safe'", 0},
+        {"nul_pax_linkpath.tar", -EBADMSG, "link target 'f'", 0},
+        {"nul_ustar_name.tar", -EBADMSG, "'safe'", 0},
+        {"nul_ustar_prefix.tar", -EBADMSG, "'dir'", 0},
+        {"nul_gnu_longname.tar", -EBADMSG, "'safe'", 0},
+        {"malformed_pax.tar", -EBADMSG, "'f'", 0},
+        {"component_too_long.tar", -ENAMETOOLONG, "'d/cccccccccc", 0},
+        {"too_many_entries.tar", -E2BIG, "'f100'", CASE_LIMITS},
+        {"too_many_bytes.tar", -EFBIG, "'b'", CASE_LIMITS},
+        {"too_deep.tar", -ENAMETOOLONG, "'d/d/d/d", 0},
+        {"too_long.tar", -ENAMETOOLONG, "'nnnnnnnnnn", 0},
+        {"symlink_target_too_long.tar", -ENAMETOOLONG, "'s'", 0},
+        {"truncated_data.tar", -EBADMSG, "'a'", 0},
+        {"truncated_header.tar", -EBADMSG, "'a'", 0},
+        {"bad_checksum.tar", -EBADMSG, "'a'", 0},
+        {"truncated_at_member.tar", -EBADMSG, "after member 'a'", 0},
+        {"truncated_at_member.tar.gz", -EBADMSG, "after member 'a'", 0},
+        {"garbage.bin", -EBADMSG, "failed to read archive", 0},
+        {"empty_file.bin", -EBADMSG, "failed to read archive", 0},
+        {"zip_archive.zip", -EBADMSG, "failed to read archive", 0},
+        {"truncated.tar.gz", -EBADMSG, "failed to", 0},
+        {"garbage_after_gzip_magic.tar.gz", -EBADMSG, "failed to", 0},
+        {"basic.tar.bz2", -EBADMSG, "failed to read archive", 0},
+        {"symlink_escape_abs.tar.bz2", -EBADMSG, "failed to read archive", 0},
+        {"symlink_escape_abs.tar.gz", -EPERM, "'a/passwd'", 0},
+        {"symlink_escape_abs.tar.zst", -EPERM, "'a/passwd'", 0},
+        {"symlink_escape_abs.tar.xz", -EPERM, "'a/passwd'", 0},
+};
+
+/* Expand "@" to the sentinel path and "#" to the canary name. */
+static void expand_member(const char *in, char *out, size_t size)
+{
+        size_t o = 0;
+
+        for (; *in; in++) {
+                const char *sub = *in == '@' ? sentinel : *in == '#' ? canary : NULL;
+                size_t n = sub ? strlen(sub) : 1;
+
+                assert_true(o + n < size);
+                memcpy(out + o, sub ? sub : in, n);
+                o += n;
+        }
+        out[o] = '\0';
+}
+
+static void test_extract_hostile(void **state)
+{
+        const struct hostile_case *tc = *state;
+        char member[PATH_MAX];
+        struct extract_options opts;
+        struct extract_result res = {.file_count = 12345};
+        char *before;
+        char *after;
+        int r;
+
+        extract_options_init(&opts);
+        if (tc->flags & CASE_LIMITS) {
+                opts.max_entries = 100;
+                opts.max_total_bytes = 1 << 20;
+        }
+        extract_disable_openat2 = (tc->flags & CASE_WALK) != 0;
+        prepare(tc->flags & CASE_PREEXISTING);
+        assert_no_canary();
+        before = snapshot();
+
+        r = extract_corpus(tc->file, &opts, &res);
+        extract_disable_openat2 = false;
+
+        expand_member(tc->member, member, sizeof(member));
+        if (r != tc->err || !strstr(err_last(), member))
+                fail_msg("%s: got %s (%d) '%s', want %s with \"%s\"", tc->file, err_name(r), r,
+                         err_last(), err_name(tc->err), member);
+        assert_int_equal(res.file_count, 12345); /* not written on failure */
+        after = snapshot();
+        if (strcmp(before, after) != 0)
+                fail_msg("%s changed things outside the root:\n--- before\n%s--- after\n%s",
+                         tc->file, before, after);
+        assert_no_canary();
+        free(before);
+        free(after);
+}
+
+/* --- valid archives --- */
+
+static struct extract_result extract_ok(const char *name, const struct extract_options *opts)
+{
+        struct extract_result res;
+        int r = extract_corpus(name, opts, &res);
+
+        if (r < 0)
+                fail_msg("%s: %s (%s)", name, err_last(), err_name(r));
+        return res;
+}
+
+static void assert_mode(const char *rel, mode_t type, mode_t perm, uid_t uid, gid_t gid)
+{
+        struct stat st = lstat_root(rel);
+
+        if ((st.st_mode & S_IFMT) != type || (st.st_mode & 07777) != perm || st.st_uid != uid ||
+            st.st_gid != gid)
+                fail_msg("'%s': mode %o %u:%u, want %o %u:%u", rel, (unsigned)st.st_mode,
+                         (unsigned)st.st_uid, (unsigned)st.st_gid, (unsigned)(type | perm),
+                         (unsigned)uid, (unsigned)gid);
+}
+
+static void assert_mtime(const char *rel, time_t sec, long nsec)
+{
+        struct stat st = lstat_root(rel);
+
+        if (st.st_mtim.tv_sec != sec || st.st_mtim.tv_nsec != nsec)
+                fail_msg("'%s': mtime %lld.%09ld, want %lld.%09ld", rel,
+                         (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec, (long long)sec, nsec);
+}
+
+static void check_basic(const struct extract_result *res)
+{
+        struct stat a;
+        struct stat b;
+        uint64_t bytes = 0;
+        static const char *const regular[] = {
+                "etc/passwd", "etc/shadow", "bin/su", "bin/wall", "home/user/notes",
+                "ro/a",       "ro/sub/b",   "empty",  "big",      "usr/lib/deep/file",
+        };
+
+        assert_int_equal(res->dir_count, 7);
+        assert_int_equal(res->symlink_count, 5);
+        assert_int_equal(res->hardlink_count, 2);
+        assert_int_equal(res->file_count, 10 + 5 + 2);
+        assert_int_equal(res->skipped_devices, 0);
+        assert_int_equal(res->skipped_xattrs, 0);
+        assert_int_equal(res->skipped_other, 0);
+        for (size_t i = 0; i < ARRAY_SIZE(regular); i++)
+                bytes += (uint64_t)lstat_root(regular[i]).st_size;
+        assert_int_equal(res->size_bytes, bytes);
+
+        /* "./" applies to the root itself, after its contents. */
+        assert_mode(".", S_IFDIR, 0750, 0, 0);
+        assert_mtime(".", T0 + 1, 0);
+        assert_mode("etc", S_IFDIR, 0755, 0, 0);
+        assert_mtime("etc", T0 + 3, 0);
+        assert_mode("etc/passwd", S_IFREG, 0644, 0, 0);
+        assert_mtime("etc/passwd", 1600000010, 123456789);
+        assert_root_content("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n");
+        assert_mode("etc/shadow", S_IFREG, 0640, 0, 42);
+        assert_mode("bin/su", S_IFREG, 04755, 0, 0);
+        assert_mode("bin/wall", S_IFREG, 02755, 0, 5);
+        assert_mode("tmp", S_IFDIR, 01777, 0, 0);
+        assert_mode("home/user", S_IFDIR, 0700, 1234, 5678);
+        assert_mode("home/user/notes", S_IFREG, 0600, 1234, 5678);
+        assert_mode("home", S_IFDIR, 0755, 0, 0); /* implicit */
+        assert_mode("ro", S_IFDIR, 0555, 0, 0);
+        assert_mode("ro/a", S_IFREG, 0444, 0, 0);
+        assert_mode("ro/sub", S_IFDIR, 0500, 0, 0);
+        assert_root_content("ro/sub/b", "b");
+        assert_mode("empty", S_IFREG, 0644, 0, 0);
+        assert_int_equal(lstat_root("empty").st_size, 0);
+        assert_mode("usr/lib/deep", S_IFDIR, 0755, 0, 0);
+        assert_root_content("usr/lib/deep/file", "implicit parents");
+
+        /* Symlink targets verbatim, owner and times on the link itself. */
+        assert_root_link("abs", "/etc/passwd");
+        assert_mode("abs", S_IFLNK, 0777, 1234, 5678);
+        assert_mtime("abs", T0 + 2, 0);
+        assert_root_link("rel", "etc/passwd");
+        assert_root_link("dangling", "nowhere/at/all");
+        assert_root_link("loop", "loop");
+        assert_root_link("up", "../../../../etc/shadow");
+
+        /* Hardlinks share the inode. */
+        a = lstat_root("bin/su");
+        b = lstat_root("bin/su-hard");
+        assert_int_equal(a.st_ino, b.st_ino);
+        assert_int_equal(a.st_nlink, 2);
+        a = lstat_root("etc/passwd");
+        b = lstat_root("etc/passwd-link");
+        assert_int_equal(a.st_ino, b.st_ino);
+
+        /* 3 MiB of a repeating pattern. */
+        {
+                char path[PATH_MAX];
+                size_t len;
+                char *data;
+
+                rootpath(path, sizeof(path), "big");
+                data = read_file(path, &len);
+                assert_int_equal(len, 3u << 20);
+                for (size_t i = 0; i < len; i++) {
+                        if ((unsigned char)data[i] != (i & 0xff))
+                                fail_msg("big: byte %zu is %u", i, (unsigned char)data[i]);
+                }
+                free(data);
+        }
+}
+
+static void test_extract_basic(void **state)
+{
+        const char *file = *state;
+        struct extract_result res;
+
+        prepare(false);
+        res = extract_ok(file, NULL);
+        check_basic(&res);
+}
+
+static void test_extract_basic_walk(void **state)
+{
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        extract_disable_openat2 = true;
+        res = extract_ok("basic.tar", NULL);
+        extract_disable_openat2 = false;
+        check_basic(&res);
+}
+
+static void test_extract_basic_from_memory(void **state)
+{
+        char path[PATH_MAX];
+        struct extract_result res;
+        size_t len;
+        char *data;
+        int root_fd;
+
+        (void)state;
+        prepare(false);
+        xsnprintf(path, sizeof(path), "%s/basic.tar", corpus);
+        data = read_file(path, &len);
+        root_fd = open(rootdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_true(root_fd >= 0);
+        assert_int_equal(extract_memory(root_fd, data, len, NULL, &res), 0);
+        (void)close(root_fd);
+        free(data);
+        check_basic(&res);
+}
+
+static void test_extract_no_same_owner(void **state)
+{
+        struct extract_options opts;
+        struct extract_result res;
+
+        (void)state;
+        extract_options_init(&opts);
+        opts.preserve_owner = false;
+        prepare(false);
+        res = extract_ok("basic.tar", &opts);
+        assert_int_equal(res.file_count, 17);
+        assert_mode("bin/su", S_IFREG, 0755, 0, 0); /* setuid dropped */
+        assert_mode("bin/wall", S_IFREG, 0755, 0, 0);
+        assert_mode("home/user/notes", S_IFREG, 0600, 0, 0);
+        assert_mode("abs", S_IFLNK, 0777, 0, 0);
+
+        prepare(false);
+        res = extract_ok("xattrs.tar", &opts);
+        assert_int_equal(res.skipped_xattrs, 4); /* the capability too, without owners */
+        {
+                char path[PATH_MAX];
+
+                rootpath(path, sizeof(path), "f");
+                assert_int_equal(getxattr(path, "security.capability", NULL, 0), -1);
+                assert_true(getxattr(path, "user.x", NULL, 0) > 0);
+        }
+}
+
+static void test_extract_setuid(void **state)
+{
+        (void)state;
+        prepare(false);
+        (void)extract_ok("setuid.tar", NULL);
+        assert_mode("su", S_IFREG, 06755, 0, 0);
+}
+
+static void test_extract_specials_skipped(void **state)
+{
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("specials.tar", NULL);
+        assert_int_equal(res.skipped_devices, 3);
+        assert_int_equal(res.dir_count, 1);
+        assert_int_equal(res.file_count, 0);
+        assert_true(exists_root("dev"));
+        assert_false(exists_root("dev/null"));
+        assert_false(exists_root("dev/sda"));
+        assert_false(exists_root("dev/fifo"));
+}
+
+static void test_extract_sparse(void **state)
+{
+        const char *file = *state;
+        struct extract_result res;
+        char path[PATH_MAX];
+        struct stat st;
+        size_t len;
+        char *data;
+
+        prepare(false);
+        res = extract_ok(file, NULL);
+        assert_int_equal(res.size_bytes, 8192);
+        st = lstat_root("sparse");
+        assert_int_equal(st.st_size, 4 << 20);
+        if ((uint64_t)st.st_blocks * 512 >= (1u << 20))
+                fail_msg("%s: %lld blocks allocated, the holes were filled", file,
+                         (long long)st.st_blocks);
+        rootpath(path, sizeof(path), "sparse");
+        data = read_file(path, &len);
+        for (size_t i = 0; i < len; i++) {
+                char want = 0;
+
+                if (i >= (1u << 20) && i < (1u << 20) + 4096)
+                        want = 'D';
+                else if (i >= (3u << 20) && i < (3u << 20) + 4096)
+                        want = 'E';
+                if (data[i] != want)
+                        fail_msg("%s: byte %zu is %d, want %d", file, i, data[i], want);
+        }
+        free(data);
+        assert_mtime("sparse", T0, 0);
+}
+
+static void test_extract_long_names(void **state)
+{
+        const char *file = *state;
+        char dir[512];
+        char name[512];
+        char link[512];
+        char target[256];
+        struct extract_result res;
+
+        prepare(false);
+        res = extract_ok(file, NULL);
+        assert_int_equal(res.file_count, 3);
+        memset(target, 't', 180);
+        target[180] = '\0';
+        xsnprintf(dir, sizeof(dir), "long/%0150d", 0);
+        memset(dir + 5, 'd', 150);
+        xsnprintf(name, sizeof(name), "%s/%0200d", dir, 0);
+        memset(name + strlen(dir) + 1, 'f', 200);
+        assert_root_content(name, "long");
+        xsnprintf(link, sizeof(link), "%s/s", dir);
+        assert_root_link(link, target);
+        xsnprintf(link, sizeof(link), "%s/h", dir);
+        assert_int_equal(lstat_root(link).st_ino, lstat_root(name).st_ino);
+}
+
+static void test_extract_ustar_prefix(void **state)
+{
+        char name[256];
+
+        (void)state;
+        prepare(false);
+        (void)extract_ok("ustar_prefix.tar", NULL);
+        memset(name, 'p', 90);
+        name[90] = '/';
+        memset(name + 91, 'q', 90);
+        xsnprintf(name + 181, sizeof(name) - 181, "/file");
+        assert_root_content(name, "prefix");
+}
+
+static void test_extract_xattrs(void **state)
+{
+        static const unsigned char cap[] = {1, 0, 0, 2, 0, 4, 0, 0, 0, 0,
+                                            0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+        char path[PATH_MAX];
+        char value[64];
+        struct extract_result res;
+        ssize_t n;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("xattrs.tar", NULL);
+        /* trusted.x, security.selinux and the symlink's user.s */
+        assert_int_equal(res.skipped_xattrs, 3);
+        rootpath(path, sizeof(path), "f");
+        n = getxattr(path, "user.x", value, sizeof(value));
+        assert_int_equal(n, 5);
+        assert_memory_equal(value, "hello", 5);
+        n = getxattr(path, "user.y", value, sizeof(value));
+        assert_int_equal(n, 5);
+        assert_memory_equal(value, "world", 5);
+        n = getxattr(path, "security.capability", value, sizeof(value));
+        assert_int_equal(n, sizeof(cap));
+        assert_memory_equal(value, cap, sizeof(cap));
+        assert_int_equal(getxattr(path, "trusted.x", value, sizeof(value)), -1);
+        assert_int_equal(errno, ENODATA);
+        assert_int_equal(getxattr(path, "security.selinux", value, sizeof(value)), -1);
+        rootpath(path, sizeof(path), "d");
+        n = getxattr(path, "user.d", value, sizeof(value));
+        assert_int_equal(n, 3);
+        assert_memory_equal(value, "dir", 3);
+}
+
+static void test_extract_names_kept_as_bytes(void **state)
+{
+        (void)state;
+        prepare(false);
+        (void)extract_ok("utf8.tar", NULL);
+        assert_root_content("caf\xc3\xa9/na\xc3\xafve.txt", "utf8");
+        prepare(false);
+        (void)extract_ok("latin1_gnu.tar", NULL);
+        assert_root_content("latin\xe9", "latin1");
+}
+
+static void test_extract_duplicates_later_wins(void **state)
+{
+        char *before;
+        char *after;
+        char target[PATH_MAX];
+
+        (void)state;
+        prepare(false);
+        before = snapshot();
+        (void)extract_ok("duplicates.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        assert_mode("f", S_IFREG, 0644, 0, 0);
+        assert_root_content("f", "two");
+        assert_int_equal(lstat_root("f").st_nlink, 1);
+        assert_mode("d", S_IFREG, 0644, 0, 0);
+        assert_root_content("d", "file-now");
+        assert_root_content("h", "three");
+        assert_mode("x", S_IFDIR, 0755, 0, 0);
+        assert_mode("e", S_IFDIR, 0751, 0, 0);
+        xsnprintf(target, sizeof(target), "%s/etc/passwd", sentinel);
+        assert_root_link("s", target);
+}
+
+static void test_extract_replaces_preexisting_symlink(void **state)
+{
+        char *before;
+        char *after;
+
+        (void)state;
+        prepare(true);
+        before = snapshot();
+        (void)extract_ok("preexisting_replace.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        assert_mode("s", S_IFREG, 0644, 0, 0);
+        assert_root_content("s", "mine");
+}
+
+static void test_extract_hardlink_to_itself(void **state)
+{
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("hardlink_self.tar", NULL);
+        assert_int_equal(res.skipped_other, 1);
+        assert_int_equal(res.file_count, 1);
+        assert_root_content("f", "x");
+}
+
+static void test_extract_empty_archive(void **state)
+{
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("empty_archive.tar", NULL);
+        assert_int_equal(res.file_count + res.dir_count + res.size_bytes, 0);
+}
+
+static void test_extract_many_hardlinks(void **state)
+{
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("many_hardlinks.tar", NULL);
+        assert_int_equal(res.hardlink_count, 429);
+        assert_int_equal(res.file_count, 3000 + 429);
+        assert_int_equal(lstat_root("f2996").st_ino, lstat_root("h2996").st_ino);
+        assert_int_equal(lstat_root("f0000").st_ino, lstat_root("h0000").st_ino);
+        assert_root_content("h1001", "1001");
+}
+
+static void test_extract_gnu_format(void **state)
+{
+        (void)state;
+        prepare(false);
+        (void)extract_ok("gnu_format.tar", NULL);
+        assert_root_content("d/f", "gnu");
+        assert_root_link("d/s", "f");
+}
+
+struct progress_log {
+        unsigned calls;
+        uint64_t entries;
+        uint64_t bytes;
+        int stop_with;
+};
+
+static int progress_cb(uint64_t entries, uint64_t bytes, void *userdata)
+{
+        struct progress_log *log = userdata;
+
+        log->calls++;
+        assert_true(entries >= log->entries);
+        assert_true(bytes >= log->bytes);
+        log->entries = entries;
+        log->bytes = bytes;
+        return log->stop_with;
+}
+
+static void test_extract_progress(void **state)
+{
+        struct progress_log log = {0};
+        struct extract_options opts;
+        struct extract_result res;
+
+        (void)state;
+        extract_options_init(&opts);
+        opts.progress = progress_cb;
+        opts.userdata = &log;
+        opts.progress_interval_ms = 0;
+        prepare(false);
+        res = extract_ok("basic.tar", &opts);
+        assert_true(log.calls >= 24);
+        assert_int_equal(log.entries, 24);
+        assert_int_equal(log.bytes, res.size_bytes);
+
+        log = (struct progress_log){.stop_with = -ECANCELED};
+        prepare(false);
+        assert_int_equal(extract_corpus("basic.tar", &opts, &res), -ECANCELED);
+        assert_int_equal(log.calls, 1);
+        assert_non_null(strstr(err_last(), "stopped"));
+}
+
+static void test_extract_disk_full(void **state)
+{
+        char mnt[PATH_MAX];
+        char path[PATH_MAX];
+        int root_fd;
+        int r;
+
+        (void)state;
+        prepare(false);
+        xsnprintf(mnt, sizeof(mnt), "%s/small", work);
+        assert_int_equal(mkdir(mnt, 0755), 0);
+        if (mount("tmpfs", mnt, "tmpfs", 0, "size=1m") < 0)
+                skip();
+        root_fd = open(mnt, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_true(root_fd >= 0);
+        xsnprintf(path, sizeof(path), "%s/basic.tar", corpus);
+        r = extract_file(root_fd, path, NULL, NULL);
+        (void)close(root_fd);
+        (void)umount(mnt);
+        assert_int_equal(r, -ENOSPC);
+        assert_non_null(strstr(err_last(), "'./big'"));
+        assert_non_null(strstr(err_last(), "target filesystem is full"));
+        assert_non_null(strstr(err_last(), "after writing"));
+}
+
+static void test_extract_bad_arguments(void **state)
+{
+        char path[PATH_MAX];
+        struct extract_options opts;
+        int fd;
+
+        (void)state;
+        prepare(false);
+        xsnprintf(path, sizeof(path), "%s/basic.tar", corpus);
+        assert_int_equal(extract_path(rootdir, "/nonexistent/x.tar", NULL, NULL), -ENOENT);
+        assert_non_null(strstr(err_last(), "'/nonexistent/x.tar'"));
+        assert_int_equal(extract_path("/nonexistent/root", path, NULL, NULL), -ENOENT);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        assert_true(fd >= 0);
+        assert_int_equal(extract_file(fd, path, NULL, NULL), -ENOTDIR);
+        (void)close(fd);
+        extract_options_init(&opts);
+        opts.max_path_length = 0;
+        assert_int_equal(extract_path(rootdir, path, &opts, NULL), -EINVAL);
+        assert_int_equal(extract_path(rootdir, path, NULL, NULL), 0);
+}
+
+/* --- internals --- */
+
+static void test_extract_normalize(void **state)
+{
+        static const struct {
+                const char *in;
+                int r;
+                const char *out;
+                unsigned depth;
+        } cases[] = {
+                {"a", 0, "a", 1},
+                {"./a/b/", 0, "a/b", 2},
+                {"././a//b/./c", 0, "a/b/c", 3},
+                {".", 0, "", 0},
+                {"./", 0, "", 0},
+                {".//.", 0, "", 0},
+                {"...", 0, "...", 1},
+                {"a/..b", 0, "a/..b", 2},
+                {"", -EBADMSG, NULL, 0},
+                {"/etc", -EPERM, NULL, 0},
+                {"..", -EPERM, NULL, 0},
+                {"a/../b", -EPERM, NULL, 0},
+                {"a/..", -EPERM, NULL, 0},
+                {"./../x", -EPERM, NULL, 0},
+        };
+        char out[64];
+        char big[300];
+        unsigned depth;
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+                int r = extract_normalize(cases[i].in, out, sizeof(out), &depth);
+
+                if (r != cases[i].r)
+                        fail_msg("'%s': %d, want %d", cases[i].in, r, cases[i].r);
+                if (r == 0) {
+                        assert_string_equal(out, cases[i].out);
+                        assert_int_equal(depth, cases[i].depth);
+                }
+        }
+        memset(big, 'x', 256);
+        big[256] = '\0';
+        assert_int_equal(extract_normalize(big, out, sizeof(out), &depth), -ENAMETOOLONG);
+        big[40] = '\0';
+        assert_int_equal(extract_normalize(big, out, 40, &depth), -ENAMETOOLONG);
+        assert_int_equal(extract_normalize(big, out, 42, &depth), 0);
+}
+
+static void test_extract_quote(void **state)
+{
+        char out[EXTRACT_DEFAULT_MAX_PATH_LENGTH];
+        char big[400];
+
+        (void)state;
+        extract_quote("a'b\\c\n\x7f", out, sizeof(out));
+        assert_string_equal(out, "a\\x27b\\x5cc\\x0a\\x7f");
+        memset(big, 'y', sizeof(big) - 1);
+        big[sizeof(big) - 1] = '\0';
+        extract_quote(big, out, sizeof(out));
+        assert_true(strlen(out) < 200);
+        assert_non_null(strstr(out, "..."));
+}
+
+static void test_extract_pax_nul_field(void **state)
+{
+        static const char ok[] = "18 path=some/name\n19 linkpath=target\n";
+        static const char bad_path[] = "11 mtime=1\n17 path=ab\0cdefg\n";
+        static const char bad_link[] = "16 linkpath=a\0b\n";
+        static const char bad_sparse[] = "24 GNU.sparse.name=a\0bc\n";
+        static const char other[] = "24 SCHILY.xattr.user=\0\1\n";
+        static const char malformed[] = "99 path=a\0b\n";
+        size_t off = 0;
+
+        (void)state;
+        assert_int_equal(extract_pax_nul_field((const unsigned char *)ok, sizeof(ok) - 1, &off), 0);
+        assert_int_equal(
+                extract_pax_nul_field((const unsigned char *)bad_path, sizeof(bad_path) - 1, &off),
+                1);
+        assert_int_equal(off, 11 + 8);
+        assert_int_equal(
+                extract_pax_nul_field((const unsigned char *)bad_link, sizeof(bad_link) - 1, &off),
+                2);
+        assert_int_equal(extract_pax_nul_field((const unsigned char *)bad_sparse,
+                                               sizeof(bad_sparse) - 1, &off),
+                         1);
+        assert_int_equal(
+                extract_pax_nul_field((const unsigned char *)other, sizeof(other) - 1, &off), 0);
+        assert_int_equal(extract_pax_nul_field((const unsigned char *)malformed,
+                                               sizeof(malformed) - 1, &off),
+                         0);
+}
+
+static void test_extract_block_is_header(void **state)
+{
+        unsigned char b[512] = {0};
+        unsigned sum = 0;
+
+        (void)state;
+        assert_false(extract_block_is_header(b));
+        memcpy(b, "name", 4);
+        memcpy(b + 257, "ustar", 6);
+        memcpy(b + 263, "00", 2);
+        b[156] = '0';
+        memset(b + 148, ' ', 8);
+        for (size_t i = 0; i < sizeof(b); i++)
+                sum += b[i];
+        (void)snprintf((char *)b + 148, 8, "%06o", sum);
+        assert_true(extract_block_is_header(b));
+        b[0] = 'N';
+        assert_false(extract_block_is_header(b));
+}
+
+#define HOSTILE_MAX (ARRAY_SIZE(hostile_cases) * 2)
+
+int main(void)
+{
+        static struct hostile_case walk_cases[ARRAY_SIZE(hostile_cases)];
+        static char names[HOSTILE_MAX + 16][96];
+        static const char *const basic_files[] = {"basic.tar", "basic.tar.gz", "basic.tar.zst",
+                                                  "basic.tar.xz"};
+        static const char *const sparse_files[] = {"sparse_gnu.tar", "sparse_pax.tar"};
+        static const char *const long_files[] = {"longname_gnu.tar", "longname_pax.tar"};
+        static const struct CMUnitTest fixed[] = {
+                cmocka_unit_test(test_extract_basic_walk),
+                cmocka_unit_test(test_extract_basic_from_memory),
+                cmocka_unit_test(test_extract_no_same_owner),
+                cmocka_unit_test(test_extract_setuid),
+                cmocka_unit_test(test_extract_specials_skipped),
+                cmocka_unit_test(test_extract_ustar_prefix),
+                cmocka_unit_test(test_extract_xattrs),
+                cmocka_unit_test(test_extract_names_kept_as_bytes),
+                cmocka_unit_test(test_extract_duplicates_later_wins),
+                cmocka_unit_test(test_extract_replaces_preexisting_symlink),
+                cmocka_unit_test(test_extract_hardlink_to_itself),
+                cmocka_unit_test(test_extract_empty_archive),
+                cmocka_unit_test(test_extract_many_hardlinks),
+                cmocka_unit_test(test_extract_gnu_format),
+                cmocka_unit_test(test_extract_progress),
+                cmocka_unit_test(test_extract_disk_full),
+                cmocka_unit_test(test_extract_bad_arguments),
+                cmocka_unit_test(test_extract_normalize),
+                cmocka_unit_test(test_extract_quote),
+                cmocka_unit_test(test_extract_pax_nul_field),
+                cmocka_unit_test(test_extract_block_is_header),
+        };
+        static struct CMUnitTest tests[HOSTILE_MAX + ARRAY_SIZE(fixed) + 8];
+        size_t n = 0;
+
+        for (size_t i = 0; i < ARRAY_SIZE(hostile_cases); i++) {
+                walk_cases[i] = hostile_cases[i];
+                walk_cases[i].flags |= CASE_WALK;
+                for (int walk = 0; walk < 2; walk++) {
+                        char *name = names[2 * i + (size_t)walk];
+
+                        (void)snprintf(name, sizeof(names[0]), "test_extract_refuses_%s%s",
+                                       hostile_cases[i].file, walk ? "_walk" : "");
+                        tests[n++] = (struct CMUnitTest){
+                                .name = name,
+                                .test_func = test_extract_hostile,
+                                .initial_state =
+                                        walk ? (void *)&walk_cases[i] : (void *)&hostile_cases[i],
+                        };
+                }
+        }
+        for (size_t i = 0;
+             i < ARRAY_SIZE(basic_files) + ARRAY_SIZE(sparse_files) + ARRAY_SIZE(long_files); i++) {
+                size_t j = i;
+                const char *file;
+                void (*fn)(void **);
+                char *name = names[HOSTILE_MAX + i];
+
+                if (j < ARRAY_SIZE(basic_files)) {
+                        file = basic_files[j];
+                        fn = test_extract_basic;
+                } else if ((j -= ARRAY_SIZE(basic_files)) < ARRAY_SIZE(sparse_files)) {
+                        file = sparse_files[j];
+                        fn = test_extract_sparse;
+                } else {
+                        file = long_files[j - ARRAY_SIZE(sparse_files)];
+                        fn = test_extract_long_names;
+                }
+                (void)snprintf(name, sizeof(names[0]), "test_extract_valid_%s", file);
+                tests[n++] = (struct CMUnitTest){
+                        .name = name, .test_func = fn, .initial_state = (void *)file};
+        }
+        for (size_t i = 0; i < ARRAY_SIZE(fixed); i++)
+                tests[n++] = fixed[i];
+        return _cmocka_run_group_tests("extract", tests, n, group_setup, group_teardown);
+}
