@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Extract a realistic root filesystem tarball with our extractor and with GNU tar, and
+# compare the two trees exactly: paths, types, modes, owners, link targets, contents,
+# mtimes, xattrs and hardlink groups. Device nodes and FIFOs, which we skip on purpose, are
+# left out of the comparison (and must be absent from our tree).
+#
+# Usage: rootfs_compare.sh FLYIO_IMAGE_MANAGER [WORKDIR]
+#
+# The tarball is built at run time from parts of this host (/etc, /usr/sbin, the small
+# programs of /usr/bin, a few libraries) plus the awkward cases a real image has: setuid
+# programs, absolute symlinks, hardlinks, a file capability, user xattrs, a sparse file,
+# read-only and sticky directories, other owners, long and UTF-8 names, devices, a FIFO.
+# Needs root (owners, mknod, setcap) and GNU tar; takes a few seconds.
+set -euo pipefail
+
+bin=${1:?usage: rootfs_compare.sh FLYIO_IMAGE_MANAGER [WORKDIR]}
+work=${2:-}
+
+if [ "$(id -u)" -ne 0 ]; then
+        echo "rootfs_compare: must run as root (owners, device nodes, capabilities)" >&2
+        exit 1
+fi
+if ! "$bin" extract --help >/dev/null 2>&1; then
+        echo "rootfs_compare: '$bin extract --help' failed: is the extract command wired into the CLI?" >&2
+        exit 1
+fi
+
+if [ -z "$work" ]; then
+        work=$(mktemp -d "${TMPDIR:-/tmp}/fim-rootfs-compare.XXXXXX")
+        trap 'rm -rf "$work"' EXIT
+fi
+src=$work/src
+rm -rf "$src" "$work/ours" "$work/gnu" "$work/rootfs.tar"
+mkdir -p "$src/usr/bin" "$src/usr/lib/x86_64-linux-gnu" "$work/ours" "$work/gnu"
+
+# --- the source tree -------------------------------------------------------------------
+
+cp -a /etc "$src/etc"
+cp -a /usr/sbin "$src/usr/sbin"
+(cd /usr/bin && find . -maxdepth 1 \( -type l -o \( -type f -size -100k \) \) -print0 |
+        cpio -0 -pdm --quiet "$src/usr/bin")
+for f in passwd su mount umount chsh newgrp gpasswd; do
+        [ -e "/usr/bin/$f" ] && cp -a "/usr/bin/$f" "$src/usr/bin/"
+done
+(cd /usr/lib/x86_64-linux-gnu &&
+        ls -d libc.so* ld-linux* libz.so* libm.so* libarchive.so* libacl.so* libattr.so* \
+                libselinux.so* libpcre2-8.so* libzstd.so* liblzma.so* 2>/dev/null |
+        cpio -pdm --quiet "$src/usr/lib/x86_64-linux-gnu")
+ln -s usr/bin "$src/bin"
+ln -s usr/sbin "$src/sbin"
+ln -s usr/lib "$src/lib"
+ln -s /usr/lib/x86_64-linux-gnu/libc.so.6 "$src/abs-libc"
+ln -s ../../nowhere "$src/usr/dangling"
+
+mkdir -m 1777 "$src/tmp"
+mkdir -p "$src/home/user/.config" "$src/var/lib/ro/inner" "$src/dev" "$src/run"
+echo "settings" >"$src/home/user/.config/app.conf"
+chown -R 1234:5678 "$src/home/user"
+chmod 0700 "$src/home/user"
+echo "inner" >"$src/var/lib/ro/inner/file"
+chmod 0500 "$src/var/lib/ro/inner"
+chmod 0555 "$src/var/lib/ro"
+
+# Hardlinks, one group of three across directories.
+echo "shared" >"$src/var/lib/shared"
+ln "$src/var/lib/shared" "$src/var/lib/shared2"
+ln "$src/var/lib/shared" "$src/home/shared3"
+[ -e "$src/usr/bin/passwd" ] && ln "$src/usr/bin/passwd" "$src/usr/bin/passwd-hard"
+
+# A file capability and user xattrs.
+cp /usr/bin/true "$src/usr/bin/with-cap"
+setcap cap_net_bind_service=+ep "$src/usr/bin/with-cap"
+python3 - "$src" <<'EOF'
+import os, sys
+root = sys.argv[1]
+os.setxattr(os.path.join(root, "var/lib/shared"), "user.origin", b"rootfs_compare")
+os.setxattr(os.path.join(root, "home/user/.config"), "user.dir", b"yes")
+EOF
+
+# A sparse file, a long name, UTF-8 names, setgid and odd modes.
+truncate -s 8M "$src/var/lib/sparse"
+printf 'middle' | dd of="$src/var/lib/sparse" bs=1 seek=$((4 << 20)) conv=notrunc status=none
+long=$src/var/lib/$(printf 'L%.0s' $(seq 1 120))/$(printf 'f%.0s' $(seq 1 150))
+mkdir -p "$(dirname "$long")"
+echo long >"$long"
+mkdir -p "$src/srv/café"
+echo "naïve" >"$src/srv/café/naïve.txt"
+install -m 2755 -g 5 /dev/null "$src/usr/bin/setgid-tool"
+install -m 0000 /dev/null "$src/var/lib/no-perms"
+
+# What we skip: devices and a FIFO.
+mknod "$src/dev/null" c 1 3
+mknod "$src/dev/sda" b 8 0
+mkfifo "$src/run/fifo"
+
+# Fixed times on a few directories (GNU tar and we must both restore them after contents).
+touch -h -d '2020-02-02 02:02:02.123456789' "$src/var/lib" "$src/usr/dangling" "$src/home"
+touch -d '2001-01-01 00:00:00' "$src"
+chmod 0751 "$src"
+
+# --- extract both ways ------------------------------------------------------------------
+
+tar --numeric-owner --xattrs --xattrs-include='*' --format=pax --sparse -C "$src" \
+        -cf "$work/rootfs.tar" .
+"$bin" extract --tar "$work/rootfs.tar" --root "$work/ours" --json >"$work/ours.json"
+tar --numeric-owner --same-owner -p --xattrs --xattrs-include='user.*' \
+        --xattrs-include='security.capability' -C "$work/gnu" -xf "$work/rootfs.tar"
+
+# --- compare ----------------------------------------------------------------------------
+
+python3 - "$work/ours" "$work/gnu" "$work/ours.json" <<'EOF'
+import hashlib, json, os, stat, sys
+
+ours_root, gnu_root, counts_path = sys.argv[1:4]
+KEPT_XATTRS = ("user.", "security.capability")
+SKIPPED = (stat.S_ISCHR, stat.S_ISBLK, stat.S_ISFIFO, stat.S_ISSOCK)
+
+
+def xattrs(path):
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    return {n: os.getxattr(path, n, follow_symlinks=False)
+            for n in names if n.startswith(KEPT_XATTRS)}
+
+
+def describe(root):
+    tree, inodes, skipped = {}, {}, 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [""] + dirnames + filenames if dirpath == root else dirnames + filenames:
+            path = os.path.join(dirpath, name) if name else dirpath
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            if any(f(st.st_mode) for f in SKIPPED):
+                skipped += 1
+                continue
+            d = {"mode": oct(st.st_mode), "owner": (st.st_uid, st.st_gid),
+                 "mtime": st.st_mtime_ns, "xattrs": xattrs(path)}
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    d["sha256"] = hashlib.sha256(f.read()).hexdigest()
+                d["size"] = st.st_size
+                inodes.setdefault(st.st_ino, []).append(rel)
+            elif stat.S_ISLNK(st.st_mode):
+                d["target"] = os.readlink(path)
+            tree[rel] = d
+    groups = sorted(sorted(g) for g in inodes.values() if len(g) > 1)
+    return tree, groups, skipped
+
+
+ours, ours_groups, ours_skipped = describe(ours_root)
+gnu, gnu_groups, gnu_skipped = describe(gnu_root)
+diffs = []
+for rel in sorted(set(ours) | set(gnu)):
+    if rel not in ours:
+        diffs.append("missing in ours: %s" % rel)
+    elif rel not in gnu:
+        diffs.append("only in ours: %s" % rel)
+    else:
+        for key in sorted(set(ours[rel]) | set(gnu[rel])):
+            if ours[rel].get(key) != gnu[rel].get(key):
+                diffs.append("%s: %s ours=%r gnu=%r" % (rel, key, ours[rel].get(key),
+                                                       gnu[rel].get(key)))
+if ours_groups != gnu_groups:
+    diffs.append("hardlink groups differ: ours=%r gnu=%r" % (ours_groups, gnu_groups))
+if ours_skipped != 0:
+    diffs.append("our tree has %d device nodes or FIFOs" % ours_skipped)
+
+counts = json.load(open(counts_path))
+if counts["skipped_devices"] != gnu_skipped:
+    diffs.append("skipped_devices=%d, GNU tar created %d" % (counts["skipped_devices"],
+                                                             gnu_skipped))
+sparse = os.lstat(os.path.join(ours_root, "var/lib/sparse"))
+if sparse.st_blocks * 512 >= 1 << 20:
+    diffs.append("var/lib/sparse: holes were filled (%d blocks)" % sparse.st_blocks)
+
+if diffs:
+    print("rootfs_compare: %d differences" % len(diffs))
+    for d in diffs[:40]:
+        print("  " + d)
+    sys.exit(1)
+print("rootfs_compare: identical: %d paths, %d hardlink groups, %d skipped devices; counts %s"
+      % (len(ours), len(ours_groups), gnu_skipped, json.dumps(counts)))
+EOF
