@@ -32,7 +32,8 @@ CREATE TABLE thin_devices (
     host_id         text        NOT NULL,
     pool_name       text        NOT NULL,
     device_id       integer     NOT NULL CHECK (device_id BETWEEN 0 AND 16777215),
-    kind            text        NOT NULL CHECK (kind IN ('origin', 'snapshot')),
+    -- 'unknown': an id found in the pool that no run of ours made; reserved, never reused.
+    kind            text        NOT NULL CHECK (kind IN ('origin', 'snapshot', 'unknown')),
     state           text        NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
     size_bytes      bigint      NOT NULL,
     checksum        text,       -- origin: SHA-256 of the tarball it was made from

@@ -12,9 +12,13 @@
 #include "db/db.h"
 
 extern const struct stage stage_download;
+extern const struct stage stage_unpack;
+extern const struct stage stage_activate;
 
 static const struct stage *const stages[STAGE_COUNT] = {
         [STAGE_DOWNLOAD] = &stage_download,
+        [STAGE_UNPACK] = &stage_unpack,
+        [STAGE_ACTIVATE] = &stage_activate,
 };
 
 static const char *const stage_names[STAGE_COUNT] = {

@@ -1,0 +1,335 @@
+#include "stages/thin_registry.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "db/db.h"
+#include "stages/thin_pool.h"
+
+#define THIN_ROW_COLUMNS                                                                           \
+        "device_id, kind, state, size_bytes, coalesce(checksum, ''),"                              \
+        " coalesce(origin_id, -1), coalesce(run_id, ''), coalesce(file_count, 0),"                 \
+        " coalesce(extracted_bytes, 0)"
+
+void thin_registry_origin_name(uint32_t id, char *buf, unsigned long size)
+{
+        (void)snprintf(buf, size, "thin-%" PRIu32, id);
+}
+
+static void thin_row_from(const PGresult *res, int row, struct thin_row *ret)
+{
+        memset(ret, 0, sizeof(*ret));
+        ret->device_id = (uint32_t)db_get_i64(res, row, 0);
+        (void)snprintf(ret->kind, sizeof(ret->kind), "%s", db_get(res, row, 1));
+        (void)snprintf(ret->state, sizeof(ret->state), "%s", db_get(res, row, 2));
+        ret->size_bytes = (uint64_t)db_get_i64(res, row, 3);
+        (void)snprintf(ret->checksum, sizeof(ret->checksum), "%s", db_get(res, row, 4));
+        ret->origin_id = db_get_i64(res, row, 5);
+        (void)snprintf(ret->run_id, sizeof(ret->run_id), "%s", db_get(res, row, 6));
+        ret->file_count = db_get_i64(res, row, 7);
+        ret->extracted_bytes = db_get_i64(res, row, 8);
+}
+
+static int thin_registry_query_one(struct db *db, const char *sql, int n, const char *const *params,
+                                   struct thin_row *ret)
+{
+        PGresult *res = NULL;
+        int r = db_query_row(db, &res, sql, n, params);
+
+        if (r <= 0)
+                return r;
+        thin_row_from(res, 0, ret);
+        PQclear(res);
+        return 1;
+}
+
+int thin_registry_alloc(struct db *db, const char *host, const char *pool, const char *kind,
+                        uint64_t size_bytes, const char *checksum, int64_t origin_id,
+                        const char *run_id, uint32_t *ret_id)
+{
+        char size[24], origin[24];
+        const char *lock[2] = {host, pool};
+        PGresult *res = NULL;
+        uint32_t id;
+        int r;
+
+        /* One allocator at a time per pool: the lowest free id is then really free. */
+        r = db_exec(db, NULL, "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))", 2, lock);
+        if (r < 0)
+                return r;
+        r = db_query_row(db, &res,
+                         "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM thin_devices WHERE"
+                         " host_id = $1 AND pool_name = $2 AND device_id = 0) THEN 0 ELSE"
+                         " (SELECT min(t.device_id) + 1 FROM thin_devices t WHERE"
+                         " t.host_id = $1 AND t.pool_name = $2 AND NOT EXISTS (SELECT 1 FROM"
+                         " thin_devices u WHERE u.host_id = $1 AND u.pool_name = $2 AND"
+                         " u.device_id = t.device_id + 1)) END",
+                         2, lock);
+        if (r < 0)
+                return r;
+        id = (uint32_t)db_get_i64(res, 0, 0);
+        PQclear(res);
+        if (id > THIN_POOL_DEV_ID_MAX)
+                return err_set(-ENOSPC, "all thin device ids of pool '%s' are in use", pool);
+        (void)snprintf(size, sizeof(size), "%" PRIu64, size_bytes);
+        (void)snprintf(origin, sizeof(origin), "%" PRId64, origin_id);
+        {
+                char idbuf[16];
+                const char *params[8] = {
+                        host,  pool, idbuf, kind, size, checksum, origin_id >= 0 ? origin : NULL,
+                        run_id};
+
+                (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+                r = db_exec(db, NULL,
+                            "INSERT INTO thin_devices (host_id, pool_name, device_id, kind, state,"
+                            " size_bytes, checksum, origin_id, run_id)"
+                            " VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $8)",
+                            8, params);
+        }
+        if (r < 0)
+                return r;
+        *ret_id = id;
+        return 0;
+}
+
+int thin_registry_get(struct db *db, const char *host, const char *pool, uint32_t id,
+                      struct thin_row *ret)
+{
+        char idbuf[16];
+
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        return thin_registry_query_one(db,
+                                       "SELECT " THIN_ROW_COLUMNS " FROM thin_devices WHERE"
+                                       " host_id = $1 AND pool_name = $2 AND device_id = $3",
+                                       3, (const char *const[]){host, pool, idbuf}, ret);
+}
+
+int thin_registry_find_by_run(struct db *db, const char *host, const char *pool, const char *kind,
+                              const char *run_id, struct thin_row *ret)
+{
+        return thin_registry_query_one(db,
+                                       "SELECT " THIN_ROW_COLUMNS " FROM thin_devices WHERE"
+                                       " host_id = $1 AND pool_name = $2 AND kind = $3 AND"
+                                       " run_id = $4 ORDER BY device_id LIMIT 1",
+                                       4, (const char *const[]){host, pool, kind, run_id}, ret);
+}
+
+int thin_registry_find_origin(struct db *db, const char *host, const char *pool,
+                              const char *checksum, struct thin_row *ret)
+{
+        return thin_registry_query_one(db,
+                                       "SELECT " THIN_ROW_COLUMNS " FROM thin_devices WHERE"
+                                       " host_id = $1 AND pool_name = $2 AND kind = 'origin'"
+                                       " AND checksum = $3 AND state <> 'deleting'",
+                                       3, (const char *const[]){host, pool, checksum}, ret);
+}
+
+int thin_registry_set_state(struct db *db, const char *host, const char *pool, uint32_t id,
+                            const char *state)
+{
+        char idbuf[16];
+
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        return db_exec(db, NULL,
+                       "UPDATE thin_devices SET state = $4, updated_at = now() WHERE"
+                       " host_id = $1 AND pool_name = $2 AND device_id = $3",
+                       4, (const char *const[]){host, pool, idbuf, state});
+}
+
+/* Deactivate every active device that maps @id on @pool. */
+static int thin_registry_deactivate_id(const char *pool, uint32_t id)
+{
+        struct thin_pool_active_thin *devs = NULL;
+        size_t n = 0;
+        int r;
+
+        r = thin_pool_list_thin_ids(pool, &devs, &n);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < n && r >= 0; i++) {
+                if (devs[i].dev_id != id)
+                        continue;
+                r = thin_pool_deactivate(devs[i].name, NULL);
+                if (r > 0)
+                        r = 0;
+        }
+        free(devs);
+        return r < 0 ? r : 0;
+}
+
+int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id)
+{
+        char idbuf[16];
+        const char *params[3] = {host, pool, idbuf};
+        int r;
+
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        r = thin_registry_set_state(db, host, pool, id, "deleting");
+        if (r < 0)
+                return r;
+        r = thin_registry_deactivate_id(pool, id);
+        if (r < 0)
+                return err_wrap(r, "failed to deactivate thin device %" PRIu32 " of pool '%s'", id,
+                                pool);
+        r = thin_pool_delete(pool, id);
+        if (r < 0)
+                return err_wrap(r, "failed to delete thin device %" PRIu32 " of pool '%s'", id,
+                                pool);
+        return db_exec(db, NULL,
+                       "WITH s AS (DELETE FROM snapshots WHERE host_id = $1 AND pool_name = $2"
+                       " AND device_id = $3), u AS (DELETE FROM unpacked_images WHERE"
+                       " host_id = $1 AND pool_name = $2 AND device_id = $3)"
+                       " DELETE FROM thin_devices WHERE host_id = $1 AND pool_name = $2 AND"
+                       " device_id = $3",
+                       3, params);
+}
+
+static void thin_reconcile_report(thin_reconcile_fn cb, void *userdata,
+                                  enum thin_reconcile_finding what, uint32_t id, const char *fmt,
+                                  ...) __attribute__((format(printf, 5, 6)));
+
+static void thin_reconcile_report(thin_reconcile_fn cb, void *userdata,
+                                  enum thin_reconcile_finding what, uint32_t id, const char *fmt,
+                                  ...)
+{
+        char detail[512];
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void)vsnprintf(detail, sizeof(detail), fmt, ap);
+        va_end(ap);
+        log_debug("reconcile finding", "id=%" PRIu32 " detail=\"%s\"", id, detail);
+        if (cb)
+                cb(what, id, detail, userdata);
+}
+
+static bool thin_ids_contain(const uint32_t *ids, size_t n, uint32_t id)
+{
+        size_t lo = 0, hi = n;
+
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+
+                if (ids[mid] == id)
+                        return true;
+                if (ids[mid] < id)
+                        lo = mid + 1;
+                else
+                        hi = mid;
+        }
+        return false;
+}
+
+int thin_registry_reconcile(struct db *db, const char *host, const char *pool, bool repair,
+                            thin_reconcile_fn cb, void *userdata)
+{
+        uint32_t *ids = NULL;
+        size_t nids = 0;
+        PGresult *rows = NULL;
+        int unrepaired = 0;
+        int r;
+
+        r = thin_pool_metadata_thin_ids(pool, &ids, &nids);
+        if (r < 0)
+                return r;
+        /* A run counts as live while it is running and its lease has not lapsed long ago. */
+        r = db_exec(db, &rows,
+                    "SELECT d.device_id, d.kind, d.state, coalesce(r.status, 'gone'),"
+                    " coalesce(r.status = 'running' AND (r.lease_until IS NULL OR"
+                    " r.lease_until > now() - interval '10 minutes'), false)"
+                    " FROM thin_devices d LEFT JOIN fsm_runs r ON r.run_id = d.run_id"
+                    " WHERE d.host_id = $1 AND d.pool_name = $2 ORDER BY d.device_id",
+                    2, (const char *const[]){host, pool});
+        if (r < 0)
+                goto out;
+        for (int i = 0; i < PQntuples(rows); i++) {
+                uint32_t id = (uint32_t)db_get_i64(rows, i, 0);
+                const char *state = db_get(rows, i, 2);
+                const char *run_status = db_get(rows, i, 3);
+                bool live = strcmp(db_get(rows, i, 4), "t") == 0;
+                bool in_pool = thin_ids_contain(ids, nids, id);
+
+                if (strcmp(state, "creating") == 0 && live) {
+                        thin_reconcile_report(
+                                cb, userdata, THIN_RECONCILE_IN_PROGRESS, id,
+                                "thin id %" PRIu32 " is being created by a running job", id);
+                } else if (strcmp(state, "creating") == 0 || strcmp(state, "deleting") == 0) {
+                        bool creating = state[0] == 'c';
+
+                        if (!repair) {
+                                unrepaired++;
+                                thin_reconcile_report(
+                                        cb, userdata,
+                                        creating ? THIN_RECONCILE_REMOVED_HALF_MADE
+                                                 : THIN_RECONCILE_FINISHED_DELETE,
+                                        id, "thin id %" PRIu32 " was left %s (run %s)%s", id, state,
+                                        run_status, in_pool ? "" : ", not in the pool");
+                                continue;
+                        }
+                        r = thin_registry_destroy(db, host, pool, id);
+                        if (r < 0) {
+                                unrepaired++;
+                                thin_reconcile_report(
+                                        cb, userdata, THIN_RECONCILE_REMOVED_HALF_MADE, id,
+                                        "could not remove thin id %" PRIu32 ": %s", id, err_last());
+                                continue;
+                        }
+                        thin_reconcile_report(cb, userdata,
+                                              creating ? THIN_RECONCILE_REMOVED_HALF_MADE
+                                                       : THIN_RECONCILE_FINISHED_DELETE,
+                                              id,
+                                              "thin id %" PRIu32 " left %s by a %s run: removed",
+                                              id, state, run_status);
+                } else if (!in_pool && strcmp(db_get(rows, i, 1), "unknown") != 0) {
+                        unrepaired++;
+                        thin_reconcile_report(
+                                cb, userdata, THIN_RECONCILE_MISSING_IN_POOL, id,
+                                "thin id %" PRIu32
+                                " is recorded as %s but the pool does not have it (was the pool recreated?)",
+                                id, state);
+                }
+        }
+        /* Ids in the pool that no row describes. */
+        for (size_t i = 0; i < nids; i++) {
+                bool known = false;
+                char idbuf[16];
+
+                for (int j = 0; j < PQntuples(rows) && !known; j++)
+                        known = (uint32_t)db_get_i64(rows, j, 0) == ids[i];
+                if (known)
+                        continue;
+                if (!repair) {
+                        unrepaired++;
+                        thin_reconcile_report(cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, ids[i],
+                                              "thin id %" PRIu32
+                                              " is in the pool but not in the database",
+                                              ids[i]);
+                        continue;
+                }
+                (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, ids[i]);
+                r = db_exec(db, NULL,
+                            "INSERT INTO thin_devices (host_id, pool_name, device_id, kind, state,"
+                            " size_bytes) VALUES ($1, $2, $3, 'unknown', 'ready', 0)"
+                            " ON CONFLICT DO NOTHING",
+                            3, (const char *const[]){host, pool, idbuf});
+                if (r < 0)
+                        goto out;
+                thin_reconcile_report(
+                        cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, ids[i],
+                        "thin id %" PRIu32
+                        " is in the pool but not in the database: reserved, not deleted (remove it by hand if it is not an operator's)",
+                        ids[i]);
+        }
+        r = unrepaired;
+out:
+        PQclear(rows);
+        free(ids);
+        return r;
+}

@@ -1,0 +1,83 @@
+#pragma once
+
+/*
+ * Thin device ids in PostgreSQL, per (host, pool), and the repair of what a crash leaves.
+ *
+ * Ids are allocated lowest-free-first under a transaction-scoped advisory lock per (host,
+ * pool). Like containerd's devmapper snapshotter, every row records its intent before the dm
+ * message that acts on it: 'creating' before create_thin/create_snap, 'deleting' before
+ * delete, 'ready' once the device is complete. A crash between intent and result leaves a
+ * row that says what to check: reconciliation compares rows with the pool's metadata and
+ * finishes or undoes the step.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct db;
+
+struct thin_row {
+        uint32_t device_id;
+        char kind[16];  /* origin, snapshot, unknown */
+        char state[16]; /* creating, ready, deleting */
+        uint64_t size_bytes;
+        char checksum[65];
+        int64_t origin_id; /* -1 when none */
+        char run_id[32];
+        int64_t file_count;
+        int64_t extracted_bytes;
+};
+
+/*
+ * Allocate the lowest free id and insert its row in state 'creating'. Must run inside a
+ * transaction (db_tx). -EEXIST when @kind is origin and a live origin for @checksum exists
+ * (the unique index); -ENOSPC when all 2^24 ids are taken.
+ */
+int thin_registry_alloc(struct db *db, const char *host, const char *pool, const char *kind,
+                        uint64_t size_bytes, const char *checksum, int64_t origin_id,
+                        const char *run_id, uint32_t *ret_id);
+
+/* Look up rows. Return 1 when found (and fill @ret), 0 when not, or a negative errno. */
+int thin_registry_get(struct db *db, const char *host, const char *pool, uint32_t id,
+                      struct thin_row *ret);
+int thin_registry_find_by_run(struct db *db, const char *host, const char *pool, const char *kind,
+                              const char *run_id, struct thin_row *ret);
+int thin_registry_find_origin(struct db *db, const char *host, const char *pool,
+                              const char *checksum, struct thin_row *ret);
+
+/* Set a row's state. */
+int thin_registry_set_state(struct db *db, const char *host, const char *pool, uint32_t id,
+                            const char *state);
+
+/*
+ * Remove a thin device for good: mark the row 'deleting', deactivate every active device that
+ * maps the id, delete the id from the pool (an id the pool no longer has counts as deleted),
+ * then delete the row and any snapshot row naming it. Each step is safe to repeat.
+ */
+int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id);
+
+/* What reconciliation found about one id. */
+enum thin_reconcile_finding {
+        THIN_RECONCILE_REMOVED_HALF_MADE, /* 'creating' row of a dead or failed run: undone */
+        THIN_RECONCILE_FINISHED_DELETE,   /* 'deleting' row: the delete was completed */
+        THIN_RECONCILE_RESERVED_UNKNOWN,  /* id in the pool, not in the database: reserved */
+        THIN_RECONCILE_MISSING_IN_POOL,   /* 'ready' row whose id the pool does not have */
+        THIN_RECONCILE_IN_PROGRESS,       /* 'creating' row of a live run: left alone */
+};
+
+typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id, const char *detail,
+                                  void *userdata);
+
+/*
+ * Compare the rows of (@host, @pool) with the ids in the pool's metadata and, when @repair,
+ * fix what is safe to fix: undo half-made devices of runs that are no longer running (failed,
+ * aborted, or gone), finish interrupted deletes, and reserve ids the pool has but the database
+ * does not (they may belong to an operator: never deleted automatically). Rows whose id the
+ * pool lacks are only reported. @cb (may be NULL) hears every finding. Returns the number of
+ * problems left unrepaired (0 = consistent), or a negative errno.
+ */
+int thin_registry_reconcile(struct db *db, const char *host, const char *pool, bool repair,
+                            thin_reconcile_fn cb, void *userdata);
+
+/* "thin-<id>" */
+void thin_registry_origin_name(uint32_t id, char *buf, unsigned long size);

@@ -1,0 +1,760 @@
+/*
+ * The unpack stage's FSM:
+ *   check_unpacked -> create_device -> make_fs -> extract -> verify_layout -> record
+ *
+ *   check_unpacked  checks the tarball (inside LOCAL_DIR, checksum as recorded or re-hashed),
+ *                   finds an image already unpacked (unpacked=false) or an origin that holds
+ *                   the same content (dedup: the image is mapped to it, unpacked=false), and
+ *                   refuses new work on a pool above POOL_HIGH_WATER_PERCENT.
+ *   create_device   allocates the lowest free thin id in PostgreSQL ('creating'), sends
+ *                   create_thin and activates it as thin-<id>. After a crash it finds its own
+ *                   row by run id and continues with the same id.
+ *   make_fs         mkfs.ext4 on the device.
+ *   extract         mounts it privately and extracts the tarball with the safe extractor,
+ *                   then syncs and unmounts. Leftovers of an interrupted extraction are wiped
+ *                   by making the filesystem again. A hostile or corrupt tarball deletes the
+ *                   half-made device and frees its id at once.
+ *   verify_layout   mounts it read-only and checks that it holds a tree.
+ *   record          marks the origin ready, maps the image to it and, in the same
+ *                   transaction, writes the activate request to the outbox.
+ *
+ * The origin stays active so that its device path in the response is usable; snapshots are
+ * taken from it by the activate stage.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/spawn.h"
+#include "common/util.h"
+#include "config/config.h"
+#include "db/db.h"
+#include "stages/download.h"
+#include "stages/extract.h"
+#include "stages/request.h"
+#include "stages/thin_pool.h"
+#include "stages/thin_registry.h"
+#include "worker/stage.h"
+
+#define UNPACK_MOUNT_BASE "/run/flyio-image-manager"
+
+struct unpack_job {
+        const struct stage_ctx *ctx;
+        struct unpack_request req;
+        char pool[REQUEST_DM_NAME_MAX + 1];
+        uint64_t size;
+        bool skip;
+        bool have_device;
+        uint32_t device_id;
+        char device_name[32];
+        char device_path[64];
+        int64_t deadline_ms;
+};
+
+static const char *unpack_host(const struct unpack_job *job)
+{
+        return job->ctx->cfg->host_id;
+}
+
+/* Fill the response for an origin row. */
+static void unpack_response_set(struct fsm_run *run, const struct unpack_job *job, uint32_t id,
+                                int64_t size_bytes, int64_t file_count, bool unpacked)
+{
+        struct json_object *resp = fsm_run_response(run);
+        char buf[32];
+
+        json_object_object_add(resp, "image_id", json_object_new_string(job->req.image_id));
+        (void)snprintf(buf, sizeof(buf), "%" PRIu32, id);
+        json_object_object_add(resp, "device_id", json_object_new_string(buf));
+        thin_registry_origin_name(id, buf, sizeof(buf));
+        json_object_object_add(resp, "device_name", json_object_new_string(buf));
+        {
+                char path[64];
+
+                (void)snprintf(path, sizeof(path), "/dev/mapper/%s", buf);
+                json_object_object_add(resp, "device_path", json_object_new_string(path));
+        }
+        json_object_object_add(resp, "size_bytes", json_object_new_int64(size_bytes));
+        json_object_object_add(resp, "file_count", json_object_new_int64(file_count));
+        json_object_object_add(resp, "unpacked", json_object_new_boolean(unpacked));
+}
+
+/* The tarball must lie inside LOCAL_DIR: a message must not make us read any file. */
+static int unpack_check_tarball(struct unpack_job *job)
+{
+        char real_dir[PATH_MAX], real_tar[PATH_MAX];
+        size_t n;
+
+        if (!realpath(job->ctx->cfg->local_dir, real_dir))
+                return err_set(-ENOENT, "LOCAL_DIR '%s' is not accessible: %s",
+                               job->ctx->cfg->local_dir, strerror(errno));
+        if (!realpath(job->req.local_path, real_tar)) {
+                if (errno == ENOENT)
+                        return err_set(
+                                -ENOENT,
+                                "tarball '%s' of image '%s' does not exist on this host: was it downloaded here (HOST_ID '%s')?",
+                                job->req.local_path, job->req.image_id, unpack_host(job));
+                return err_set(-errno, "tarball '%s': %s", job->req.local_path, strerror(errno));
+        }
+        n = strlen(real_dir);
+        if (strncmp(real_tar, real_dir, n) != 0 || real_tar[n] != '/')
+                return err_set(-EPERM,
+                               "tarball '%s' is outside LOCAL_DIR '%s': refusing to unpack it",
+                               job->req.local_path, job->ctx->cfg->local_dir);
+        return 0;
+}
+
+/* Trust the download stage's record of the checksum; hash the file when there is none. */
+static int unpack_check_checksum(struct db *db, struct unpack_job *job)
+{
+        char have[DOWNLOAD_SHA256_HEX_LEN + 1];
+        struct stat st;
+        PGresult *res = NULL;
+        uint64_t size;
+        int r;
+
+        if (stat(job->req.local_path, &st) < 0)
+                return err_set(-errno, "tarball '%s': %s", job->req.local_path, strerror(errno));
+        {
+                char sizebuf[24];
+
+                (void)snprintf(sizebuf, sizeof(sizebuf), "%lld", (long long)st.st_size);
+                r = db_query_row(db, &res,
+                                 "SELECT 1 FROM images WHERE host_id = $1 AND image_id = $2 AND"
+                                 " status = 'completed' AND checksum = $3 AND local_path = $4"
+                                 " AND size_bytes = $5",
+                                 5,
+                                 (const char *const[]){unpack_host(job), job->req.image_id,
+                                                       job->req.checksum, job->req.local_path,
+                                                       sizebuf});
+        }
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                PQclear(res);
+                return 0;
+        }
+        r = download_hash_file(job->req.local_path, have, &size);
+        if (r < 0)
+                return err_wrap(r, "failed to hash tarball '%s'", job->req.local_path);
+        if (strcmp(have, job->req.checksum) != 0)
+                return err_set(
+                        -EBADMSG,
+                        "tarball '%s' has SHA-256 %s, but the request says %s: refusing to unpack it under the wrong content id",
+                        job->req.local_path, have, job->req.checksum);
+        return 0;
+}
+
+static int unpack_map_image_tx(struct db *db, const struct unpack_job *job, uint32_t id,
+                               const char *run_id)
+{
+        char idbuf[16];
+
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        return db_exec(db, NULL,
+                       "INSERT INTO unpacked_images (host_id, image_id, pool_name, device_id,"
+                       " checksum, run_id) VALUES ($1, $2, $3, $4, $5, $6)"
+                       " ON CONFLICT (host_id, image_id) DO NOTHING",
+                       6,
+                       (const char *const[]){unpack_host(job), job->req.image_id, job->pool, idbuf,
+                                             job->req.checksum, run_id});
+}
+
+/* Make sure the origin is active, so the device path we answer with exists. */
+static int unpack_ensure_active(const struct unpack_job *job, uint32_t id, uint64_t size)
+{
+        char name[32];
+        int r;
+
+        thin_registry_origin_name(id, name, sizeof(name));
+        r = thin_pool_activate(job->pool, id, name, size, NULL);
+        return r < 0 ? r : 0;
+}
+
+static int unpack_check_unpacked(struct fsm_run *run, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        struct db *db = fsm_run_db(run);
+        struct thin_row origin;
+        struct thin_pool_status st;
+        PGresult *res = NULL;
+        int r;
+
+        job->skip = false;
+        r = unpack_check_tarball(job);
+        if (r < 0)
+                return r;
+
+        /* Already unpacked: answer from the origin it is mapped to. */
+        r = db_query_row(db, &res,
+                         "SELECT device_id FROM unpacked_images WHERE host_id = $1 AND"
+                         " image_id = $2 AND pool_name = $3",
+                         3, (const char *const[]){unpack_host(job), job->req.image_id, job->pool});
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                uint32_t id = (uint32_t)db_get_i64(res, 0, 0);
+
+                PQclear(res);
+                r = thin_registry_get(db, unpack_host(job), job->pool, id, &origin);
+                if (r < 0)
+                        return r;
+                if (r > 0 && strcmp(origin.state, "ready") == 0) {
+                        r = unpack_ensure_active(job, id, origin.size_bytes);
+                        if (r < 0)
+                                return r;
+                        unpack_response_set(run, job, id, origin.extracted_bytes, origin.file_count,
+                                            false);
+                        job->skip = true;
+                        return 0;
+                }
+        }
+
+        r = unpack_check_checksum(db, job);
+        if (r < 0)
+                return r;
+
+        /* Same content already unpacked for another image: share its origin. */
+        r = thin_registry_find_origin(db, unpack_host(job), job->pool, job->req.checksum, &origin);
+        if (r < 0)
+                return r;
+        if (r > 0 && strcmp(origin.state, "ready") == 0) {
+                r = unpack_ensure_active(job, origin.device_id, origin.size_bytes);
+                if (r < 0)
+                        return r;
+                r = unpack_map_image_tx(db, job, origin.device_id, fsm_run_id(run));
+                if (r < 0)
+                        return r;
+                unpack_response_set(run, job, origin.device_id, origin.extracted_bytes,
+                                    origin.file_count, false);
+                log_info("image shares an existing origin", "device_id=%" PRIu32 " checksum=%s",
+                         origin.device_id, job->req.checksum);
+                job->skip = true;
+                return 0;
+        }
+
+        r = thin_pool_check_space(job->pool, job->ctx->cfg->pool_high_water_percent, &st);
+        if (r == -ENOSPC)
+                return err_set(
+                        -ENOSPC,
+                        "thin pool '%s' is above its high-water mark (data %.1f%%, metadata %.1f%%, limit %d%%): refusing to unpack image '%s'; free space with 'flyio-image-manager gc' or grow the pool",
+                        job->pool, st.data_used_percent, st.metadata_used_percent,
+                        job->ctx->cfg->pool_high_water_percent, job->req.image_id);
+        if (r < 0)
+                return err_wrap(r, "thin pool '%s' cannot take new devices", job->pool);
+        return 0;
+}
+
+struct unpack_alloc {
+        struct unpack_job *job;
+        const char *run_id;
+        int dedup; /* 1: an origin for the checksum exists and is ready */
+        uint32_t dedup_id;
+};
+
+static int unpack_alloc_tx(struct db *db, void *userdata)
+{
+        struct unpack_alloc *a = userdata;
+        struct unpack_job *job = a->job;
+        struct thin_row origin;
+        int r;
+
+        a->dedup = 0;
+        r = thin_registry_find_origin(db, unpack_host(job), job->pool, job->req.checksum, &origin);
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                if (strcmp(origin.state, "ready") != 0)
+                        return err_set(-EAGAIN,
+                                       "another job is unpacking the same content (thin id %" PRIu32
+                                       "); will retry",
+                                       origin.device_id);
+                a->dedup = 1;
+                a->dedup_id = origin.device_id;
+                return unpack_map_image_tx(db, job, origin.device_id, a->run_id);
+        }
+        return thin_registry_alloc(db, unpack_host(job), job->pool, "origin", job->size,
+                                   job->req.checksum, -1, a->run_id, &job->device_id);
+}
+
+static int unpack_create_device(struct fsm_run *run, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        struct db *db = fsm_run_db(run);
+        struct thin_row row;
+        bool resumed = false;
+        char *path = NULL;
+        int r;
+
+        if (job->skip)
+                return 0;
+        r = thin_registry_find_by_run(db, unpack_host(job), job->pool, "origin", fsm_run_id(run),
+                                      &row);
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                job->device_id = row.device_id;
+                resumed = true;
+        } else {
+                struct unpack_alloc a = {.job = job, .run_id = fsm_run_id(run)};
+
+                r = db_tx(db, unpack_alloc_tx, &a);
+                if (r < 0)
+                        return r;
+                if (a.dedup) {
+                        thin_registry_get(db, unpack_host(job), job->pool, a.dedup_id, &row);
+                        unpack_response_set(run, job, a.dedup_id, row.extracted_bytes,
+                                            row.file_count, false);
+                        job->skip = true;
+                        return 0;
+                }
+        }
+        job->have_device = true;
+        thin_registry_origin_name(job->device_id, job->device_name, sizeof(job->device_name));
+        r = thin_pool_create_thin(job->pool, job->device_id);
+        if (r == -EEXIST && !resumed) {
+                /* The pool has an id we did not know: keep it reserved, take another. */
+                (void)db_exec(db, NULL,
+                              "UPDATE thin_devices SET kind = 'unknown', state = 'ready',"
+                              " checksum = NULL, run_id = NULL WHERE host_id = $1 AND"
+                              " pool_name = $2 AND run_id = $3 AND kind = 'origin'",
+                              3,
+                              (const char *const[]){unpack_host(job), job->pool, fsm_run_id(run)});
+                job->have_device = false;
+                return err_set(
+                        -EAGAIN,
+                        "thin id %" PRIu32
+                        " already exists in pool '%s' but not in the database; reserved it, will retry with another id",
+                        job->device_id, job->pool);
+        }
+        if (r < 0 && r != -EEXIST)
+                return err_wrap(r, "failed to create thin device %" PRIu32 " in pool '%s'",
+                                job->device_id, job->pool);
+        r = thin_pool_activate(job->pool, job->device_id, job->device_name, job->size, &path);
+        if (r < 0)
+                return err_wrap(r, "failed to activate thin device %" PRIu32, job->device_id);
+        (void)snprintf(job->device_path, sizeof(job->device_path), "%s", path);
+        free(path);
+        return 0;
+}
+
+/* Find our device again after a resume in another process. */
+static int unpack_load_device(struct fsm_run *run, struct unpack_job *job)
+{
+        struct thin_row row;
+        int r;
+
+        if (job->have_device)
+                return 0;
+        r = thin_registry_find_by_run(fsm_run_db(run), unpack_host(job), job->pool, "origin",
+                                      fsm_run_id(run), &row);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return err_set(-EIO, "run %s has no thin device recorded", fsm_run_id(run));
+        job->device_id = row.device_id;
+        job->have_device = true;
+        thin_registry_origin_name(job->device_id, job->device_name, sizeof(job->device_name));
+        (void)snprintf(job->device_path, sizeof(job->device_path), "/dev/mapper/%s",
+                       job->device_name);
+        r = thin_pool_activate(job->pool, job->device_id, job->device_name, job->size, NULL);
+        return r < 0 ? r : 0;
+}
+
+static int unpack_mkfs(const struct unpack_job *job)
+{
+        const char *argv[] = {"mkfs.ext4",
+                              "-q",
+                              "-F",
+                              "-m",
+                              "0",
+                              "-E",
+                              "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+                              job->device_path,
+                              NULL};
+        int r = spawn_run(argv, NULL, 0);
+
+        if (r < 0)
+                return err_wrap(-EIO, "failed to make a filesystem on '%s'", job->device_path);
+        return 0;
+}
+
+static int unpack_make_fs(struct fsm_run *run, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        int r;
+
+        if (job->skip)
+                return 0;
+        r = unpack_load_device(run, job);
+        if (r < 0)
+                return r;
+        return unpack_mkfs(job);
+}
+
+/* Mount the device at a private directory of our own; returns the directory. */
+static int unpack_mount(const struct unpack_job *job, const char *run_id, bool read_only, char *dir,
+                        size_t size)
+{
+        int r;
+
+        (void)mkdir(UNPACK_MOUNT_BASE, 0700);
+        r = util_snprintf(dir, size, "%s/mnt-%s", UNPACK_MOUNT_BASE, run_id);
+        if (r < 0)
+                return r;
+        /* A crashed earlier attempt may have left it mounted. */
+        (void)umount2(dir, MNT_DETACH);
+        if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+                return err_set(-errno, "failed to create mount point '%s': %s", dir,
+                               strerror(errno));
+        if (mount(job->device_path, dir, "ext4",
+                  MS_NOATIME | MS_NODEV | MS_NOSUID | (read_only ? MS_RDONLY : 0), NULL) < 0)
+                return err_set(-errno, "failed to mount '%s' at '%s': %s", job->device_path, dir,
+                               strerror(errno));
+        /* Keep the mount out of other mount namespaces' view. */
+        (void)mount(NULL, dir, NULL, MS_PRIVATE, NULL);
+        return 0;
+}
+
+static void unpack_umount(const char *dir)
+{
+        if (umount2(dir, 0) < 0)
+                (void)umount2(dir, MNT_DETACH);
+        (void)rmdir(dir);
+}
+
+/* Whether a freshly made filesystem holds anything besides lost+found. */
+static int unpack_root_entries(int root_fd)
+{
+        int fd = dup(root_fd);
+        DIR *d;
+        struct dirent *de;
+        int n = 0;
+
+        if (fd < 0)
+                return -errno;
+        d = fdopendir(fd);
+        if (!d) {
+                close(fd);
+                return -errno;
+        }
+        while ((de = readdir(d)) != NULL) {
+                if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..") &&
+                    strcmp(de->d_name, "lost+found"))
+                        n++;
+        }
+        closedir(d);
+        return n;
+}
+
+struct unpack_progress {
+        struct unpack_job *job;
+        struct fsm_run *run;
+};
+
+static int unpack_progress_cb(uint64_t entries, uint64_t bytes, void *userdata)
+{
+        struct unpack_progress *p = userdata;
+
+        if (p->job->ctx->progress)
+                p->job->ctx->progress("unpack", entries, bytes, p->job->ctx->progress_userdata);
+        if (fsm_run_should_stop(p->run))
+                return err_set(-ECANCELED, "unpack interrupted: worker shutting down");
+        if (util_now_monotonic_ms() > p->job->deadline_ms)
+                return err_set(-ETIMEDOUT, "unpack of image '%s' exceeded UNPACK_TIMEOUT (%d s)",
+                               p->job->req.image_id, p->job->ctx->cfg->unpack_timeout);
+        return 0;
+}
+
+static int unpack_extract(struct fsm_run *run, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        struct unpack_progress prog = {job, run};
+        struct extract_options opts;
+        struct extract_result result;
+        char dir[PATH_MAX];
+        int root_fd = -1;
+        int r;
+
+        if (job->skip)
+                return 0;
+        r = unpack_load_device(run, job);
+        if (r < 0)
+                return r;
+        r = unpack_mount(job, fsm_run_id(run), false, dir, sizeof(dir));
+        if (r < 0)
+                return r;
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (root_fd < 0) {
+                r = err_set(-errno, "failed to open '%s': %s", dir, strerror(errno));
+                goto out;
+        }
+        if (unpack_root_entries(root_fd) > 0) {
+                /* An interrupted extraction left files: start from an empty filesystem. */
+                close(root_fd);
+                root_fd = -1;
+                unpack_umount(dir);
+                r = unpack_mkfs(job);
+                if (r < 0)
+                        return r;
+                r = unpack_mount(job, fsm_run_id(run), false, dir, sizeof(dir));
+                if (r < 0)
+                        return r;
+                root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                if (root_fd < 0) {
+                        r = err_set(-errno, "failed to open '%s': %s", dir, strerror(errno));
+                        goto out;
+                }
+        }
+        extract_options_init(&opts);
+        opts.max_total_bytes = job->size;
+        opts.progress = unpack_progress_cb;
+        opts.userdata = &prog;
+        job->deadline_ms = util_now_monotonic_ms() + (int64_t)job->ctx->cfg->unpack_timeout * 1000;
+        r = extract_file(root_fd, job->req.local_path, &opts, &result);
+        if (r < 0) {
+                r = err_wrap(r, "failed to unpack image '%s'", job->req.image_id);
+                goto out;
+        }
+        if (syncfs(root_fd) < 0) {
+                r = err_set(-errno, "failed to sync the filesystem of image '%s': %s",
+                            job->req.image_id, strerror(errno));
+                goto out;
+        }
+        unpack_response_set(run, job, job->device_id, (int64_t)result.size_bytes,
+                            (int64_t)result.file_count, true);
+        log_info("image extracted",
+                 "device_id=%" PRIu32 " files=%" PRIu64 " bytes=%" PRIu64 " dirs=%" PRIu64
+                 " skipped_devices=%" PRIu64,
+                 job->device_id, result.file_count, result.size_bytes, result.dir_count,
+                 result.skipped_devices);
+out:
+        if (root_fd >= 0)
+                close(root_fd);
+        unpack_umount(dir);
+        /* A hostile or corrupt tarball never gets better: give the pool back now. */
+        if (r < 0 && !err_is_transient(r) && r != -ECANCELED) {
+                char saved[ERR_MSG_MAX];
+
+                (void)snprintf(saved, sizeof(saved), "%s", err_last());
+                if (thin_registry_destroy(fsm_run_db(run), unpack_host(job), job->pool,
+                                          job->device_id) == 0)
+                        job->have_device = false;
+                (void)err_set(r, "%s", saved);
+        }
+        return r;
+}
+
+static int unpack_verify_layout(struct fsm_run *run, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        char dir[PATH_MAX];
+        int root_fd, n, r;
+
+        if (job->skip)
+                return 0;
+        r = unpack_load_device(run, job);
+        if (r < 0)
+                return r;
+        r = unpack_mount(job, fsm_run_id(run), true, dir, sizeof(dir));
+        if (r < 0)
+                return r;
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        n = root_fd < 0 ? -errno : unpack_root_entries(root_fd);
+        if (root_fd >= 0)
+                close(root_fd);
+        unpack_umount(dir);
+        if (n < 0)
+                return err_set(n, "failed to read the root of image '%s': %s", job->req.image_id,
+                               strerror(-n));
+        if (n == 0)
+                return err_set(-EBADMSG, "tarball of image '%s' holds no files: nothing to boot",
+                               job->req.image_id);
+        return 0;
+}
+
+static int unpack_record(struct fsm_run *run, void *userdata)
+{
+        char now[40];
+
+        (void)userdata;
+        util_format_time(util_now_realtime_ms(), now, sizeof(now));
+        json_object_object_add(fsm_run_response(run), "unpacked_at", json_object_new_string(now));
+        return 0;
+}
+
+static int64_t unpack_response_i64(struct fsm_run *run, const char *field)
+{
+        struct json_object *v = NULL;
+
+        return json_object_object_get_ex(fsm_run_response(run), field, &v)
+                       ? json_object_get_int64(v)
+                       : 0;
+}
+
+static int unpack_record_commit(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        struct activate_request next = {0};
+        struct json_object *v = NULL;
+        char files[24], bytes[24], idbuf[16];
+        char *payload;
+        uint32_t id;
+        int r;
+
+        if (!json_object_object_get_ex(fsm_run_response(run), "device_id", &v))
+                return err_set(-EIO, "run %s finished without a device", fsm_run_id(run));
+        (void)snprintf(idbuf, sizeof(idbuf), "%s", json_object_get_string(v));
+        id = (uint32_t)strtoul(idbuf, NULL, 10);
+        if (!job->skip) {
+                (void)snprintf(files, sizeof(files), "%" PRId64,
+                               unpack_response_i64(run, "file_count"));
+                (void)snprintf(bytes, sizeof(bytes), "%" PRId64,
+                               unpack_response_i64(run, "size_bytes"));
+                r = db_exec(
+                        db, NULL,
+                        "UPDATE thin_devices SET state = 'ready', file_count = $4,"
+                        " extracted_bytes = $5, updated_at = now() WHERE host_id = $1 AND"
+                        " pool_name = $2 AND device_id = $3",
+                        5, (const char *const[]){unpack_host(job), job->pool, idbuf, files, bytes});
+                if (r < 0)
+                        return r;
+                r = unpack_map_image_tx(db, job, id, fsm_run_id(run));
+                if (r < 0)
+                        return r;
+        }
+        if (!job->ctx->handoff)
+                return 0;
+        (void)snprintf(next.image_id, sizeof(next.image_id), "%s", job->req.image_id);
+        (void)snprintf(next.device_id, sizeof(next.device_id), "%s", idbuf);
+        thin_registry_origin_name(id, next.device_name, sizeof(next.device_name));
+        (void)snprintf(next.pool_name, sizeof(next.pool_name), "%s", job->pool);
+        payload = activate_request_encode(&next);
+        if (!payload)
+                return err_set(-ENOMEM, "out of memory");
+        r = stage_outbox_insert(db, job->ctx, fsm_run_id(run), STAGE_ACTIVATE, job->req.image_id,
+                                payload);
+        free(payload);
+        return r;
+}
+
+static int unpack_on_failure(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        struct thin_row row;
+        int r;
+
+        /* Leave no half-made device: reconciliation finishes this if it fails here. */
+        r = thin_registry_find_by_run(db, unpack_host(job), job->pool, "origin", fsm_run_id(run),
+                                      &row);
+        if (r > 0 && strcmp(row.state, "ready") != 0) {
+                r = thin_registry_destroy(db, unpack_host(job), job->pool, row.device_id);
+                if (r < 0)
+                        log_warning_errno(
+                                r, "failed to remove a half-made device, reconciliation will retry",
+                                "device_id=%" PRIu32, row.device_id);
+        }
+        return 0;
+}
+
+static const struct fsm_transition unpack_transitions[] = {
+        {"check_unpacked", unpack_check_unpacked, NULL},
+        {"create_device", unpack_create_device, NULL},
+        {"make_fs", unpack_make_fs, NULL},
+        {"extract", unpack_extract, NULL},
+        {"verify_layout", unpack_verify_layout, NULL},
+        {"record", unpack_record, unpack_record_commit},
+};
+
+static const struct fsm_def unpack_fsm = {
+        .name = "unpack",
+        .transitions = unpack_transitions,
+        .transition_count = ARRAY_SIZE(unpack_transitions),
+        .on_failure = unpack_on_failure,
+};
+
+static void unpack_mark_already(struct stage_result *res)
+{
+        struct json_object *o = res->response ? json_tokener_parse(res->response) : NULL;
+
+        if (!o)
+                return;
+        json_object_object_add(o, "unpacked", json_object_new_boolean(0));
+        json_object_object_add(o, "already_exist", json_object_new_boolean(1));
+        free(res->response);
+        res->response = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+        json_object_put(o);
+}
+
+static int unpack_handle(const struct stage_ctx *ctx, const char *request_json,
+                         struct stage_result *ret)
+{
+        struct unpack_job job = {.ctx = ctx};
+        struct fsm_options opts = {
+                .host_id = ctx->cfg->host_id,
+                .worker_id = ctx->worker_id,
+                .max_attempts = ctx->cfg->max_attempts,
+                .retry_base_ms = ctx->cfg->retry_base_ms,
+                .retry_max_ms = ctx->cfg->retry_max_ms,
+                .leases = ctx->leases,
+                .stop = ctx->stop,
+                .trace_id = ctx->trace_id,
+                .parent_run_id = ctx->parent_run_id,
+        };
+        struct fsm_result fres = {0};
+        char key[1024];
+        char *canonical;
+        int r;
+
+        memset(ret, 0, sizeof(*ret));
+        r = unpack_request_decode(request_json, &job.req);
+        if (r < 0) {
+                ret->outcome = FSM_OUTCOME_FAILED;
+                ret->error = r;
+                ret->error_class = STAGE_ERROR_INVALID_REQUEST;
+                (void)snprintf(ret->error_text, sizeof(ret->error_text),
+                               "invalid unpack request: %s", err_last());
+                return 0;
+        }
+        (void)snprintf(ret->image_id, sizeof(ret->image_id), "%s", job.req.image_id);
+        (void)snprintf(job.pool, sizeof(job.pool), "%s",
+                       job.req.pool_name[0] ? job.req.pool_name : ctx->cfg->pool_name);
+        job.size = job.req.device_size ? (uint64_t)job.req.device_size : ctx->cfg->device_size;
+        job.req.device_size = (int64_t)job.size;
+        (void)snprintf(job.req.pool_name, sizeof(job.req.pool_name), "%s", job.pool);
+        r = util_snprintf(key, sizeof(key), "unpack/%s/%s/%s/%s", ctx->cfg->host_id, job.pool,
+                          job.req.image_id, job.req.checksum);
+        if (r < 0)
+                return err_set(r, "idempotency key too long");
+        canonical = unpack_request_encode(&job.req);
+        if (!canonical)
+                return err_set(-ENOMEM, "out of memory");
+        opts.subject = job.req.image_id;
+        r = fsm_execute(ctx->db, &unpack_fsm, &opts, key, canonical, &job, &fres);
+        free(canonical);
+        if (r < 0)
+                return r;
+        stage_result_from_fsm(ret, &fres);
+        fsm_result_done(&fres);
+        if (ret->outcome == FSM_OUTCOME_ALREADY_COMPLETE)
+                unpack_mark_already(ret);
+        return 0;
+}
+
+const struct stage stage_unpack = {
+        .id = STAGE_UNPACK,
+        .name = "unpack",
+        .handle = unpack_handle,
+};
