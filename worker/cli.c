@@ -41,7 +41,11 @@ static const struct cli_command cli_commands[] = {
         {"show-config", cmd_show_config, "print the effective configuration (no secrets)"},
         {"extract", cmd_extract, "extract a tarball safely into a directory (no thin pool)"},
         {"download", cmd_download, "download one S3 object (developer and benchmark aid)"},
+        {"gc", cmd_gc, "remove an image's snapshots, origin and tarball"},
         {"pool-setup", cmd_pool_setup, "create or tear down a loop-backed thin pool (dev/test)"},
+        {"worker", cmd_worker, "consume stage requests from Kafka and run them"},
+        {"enqueue", cmd_enqueue, "produce a download request to Kafka"},
+        {"replay-dlq", cmd_replay_dlq, "re-publish dead-lettered requests to their stage topic"},
 };
 
 static void cli_print_help(FILE *out)
