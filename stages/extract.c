@@ -1447,19 +1447,15 @@ static int extract_directory(struct extract_ctx *c, struct archive_entry *e, uns
         return 0;
 }
 
-static int extract_hardlink(struct extract_ctx *c, const char *target)
+/*
+ * Normalise a hardlink target into c->link_path and refuse the unacceptable ones. Returns 1
+ * for a link to the member itself, which is a no-op.
+ */
+static int extract_hardlink_target(struct extract_ctx *c, const char *target, const char *shown)
 {
-        char shown[EXTRACT_NAME_SHOWN * 4 + 8];
-        const char *slash;
-        const char *tleaf;
-        const char *leaf;
         unsigned depth;
-        struct stat st;
-        int tfd = -1;
-        int dirfd;
         int r;
 
-        extract_quote(target ? target : "", shown, sizeof(shown));
         if (!target || target[0] == '\0')
                 return extract_fail(c, -EBADMSG, "hardlink has an empty target");
         if (strlen(target) > c->opts.max_path_length)
@@ -1475,15 +1471,24 @@ static int extract_hardlink(struct extract_ctx *c, const char *target)
                 return extract_fail(c, r, "invalid hardlink target '%s'", shown);
         if (depth == 0)
                 return extract_fail(c, -EPERM, "hardlink target '%s' is the root directory", shown);
-        if (strcmp(c->link_path, c->path) == 0) {
-                c->res.skipped_other++;
-                return 0;
-        }
+        return strcmp(c->link_path, c->path) == 0;
+}
 
-        slash = strrchr(c->link_path, '/');
-        tleaf = slash ? slash + 1 : c->link_path;
+/*
+ * Resolve c->link_path safely: its parent directory in @ret_fd (owned) and its last
+ * component in @ret_leaf. It must be a regular file this extraction created.
+ */
+static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int *ret_fd,
+                                   const char **ret_leaf)
+{
+        const char *slash = strrchr(c->link_path, '/');
+        const char *leaf = slash ? slash + 1 : c->link_path;
+        struct stat st;
+        int fd = -1;
+        int r;
+
         r = extract_open_dir(c, c->link_path, slash ? (size_t)(slash - c->link_path) : 0, false,
-                             &tfd);
+                             &fd);
         if (r == -ENOENT)
                 return err_wrap(
                         r, "failed to extract '%s': hardlink target '%s' has not been extracted",
@@ -1491,24 +1496,47 @@ static int extract_hardlink(struct extract_ctx *c, const char *target)
         if (r < 0)
                 return err_wrap(r, "failed to extract '%s': hardlink target '%s'", c->last_member,
                                 shown);
-        if (fstatat(tfd, tleaf, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                r = -errno;
-                if (r == -ENOENT)
-                        r = extract_fail(c, r, "hardlink target '%s' has not been extracted",
+        if (fstatat(fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                if (errno == ENOENT)
+                        r = extract_fail(c, -ENOENT, "hardlink target '%s' has not been extracted",
                                          shown);
                 else
-                        r = extract_fail_errno(c, -r, "stat the hardlink target");
-                goto out;
-        }
-        if (!S_ISREG(st.st_mode)) {
+                        r = extract_fail_errno(c, errno, "stat the hardlink target");
+        } else if (!S_ISREG(st.st_mode)) {
                 r = extract_fail(c, -EPERM, "hardlink target '%s' is not a regular file", shown);
-                goto out;
-        }
-        if (st.st_dev != c->root_dev || !extract_inodes_has(&c->inodes, (uint64_t)st.st_ino)) {
+        } else if (st.st_dev != c->root_dev ||
+                   !extract_inodes_has(&c->inodes, (uint64_t)st.st_ino)) {
                 r = extract_fail(c, -EPERM,
                                  "hardlink target '%s' was not extracted from this archive", shown);
-                goto out;
         }
+        if (r < 0) {
+                (void)close(fd);
+                return r;
+        }
+        *ret_fd = fd;
+        *ret_leaf = leaf;
+        return 0;
+}
+
+static int extract_hardlink(struct extract_ctx *c, const char *target)
+{
+        char shown[EXTRACT_NAME_SHOWN * 4 + 8];
+        const char *tleaf = NULL;
+        const char *leaf = NULL;
+        int tfd = -1;
+        int dirfd = -1;
+        int r;
+
+        extract_quote(target ? target : "", shown, sizeof(shown));
+        r = extract_hardlink_target(c, target, shown);
+        if (r != 0) {
+                if (r > 0)
+                        c->res.skipped_other++;
+                return r < 0 ? r : 0;
+        }
+        r = extract_hardlink_source(c, shown, &tfd, &tleaf);
+        if (r < 0)
+                return r;
 
         r = extract_parent(c, c->path, &dirfd, &leaf);
         if (r < 0) {
@@ -1530,7 +1558,6 @@ static int extract_hardlink(struct extract_ctx *c, const char *target)
         }
         c->res.hardlink_count++;
         c->res.file_count++;
-        r = 0;
 out:
         (void)close(tfd);
         return r;

@@ -276,6 +276,10 @@ def valid(sent):
         .symlink("s", sent + "/etc/passwd").bytes())
     out["preexisting_replace.tar"] = Tar().add("s", data=b"mine").bytes()
     out["hardlink_self.tar"] = Tar().add("f", data=b"x").hardlink("f", "f").bytes()
+    # Member data that holds tar headers with NUL-cut names is just data.
+    inner = (raw_tar((raw_header(b"safe\x00../../pwned", b"0", 1), b"x")) +
+             Tar().add("ok", data=b"x", pax={"path": "safe\x00../x"}).bytes())
+    out["embedded_tar.tar"] = Tar().add("inner.tar", data=inner).add("after", data=b"y").bytes()
     out["empty_archive.tar"] = b"\x00" * 10240
     out["many_hardlinks.tar"] = many_hardlinks()
     out["gnu_format.tar"] = (Tar(tarfile.GNU_FORMAT).dir("d").add("d/f", data=b"gnu")

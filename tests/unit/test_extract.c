@@ -870,6 +870,29 @@ static void test_extract_hardlink_to_itself(void **state)
         assert_root_content("f", "x");
 }
 
+static void test_extract_embedded_tar_is_data(void **state)
+{
+        char path[PATH_MAX];
+        char inner[PATH_MAX];
+        size_t want_len;
+        size_t got_len;
+        char *want;
+        char *got;
+
+        (void)state;
+        prepare(false);
+        (void)extract_ok("embedded_tar.tar", NULL);
+        assert_root_content("after", "y");
+        xsnprintf(path, sizeof(path), "%s/embedded_tar.tar", corpus);
+        want = read_file(path, &want_len);
+        rootpath(inner, sizeof(inner), "inner.tar");
+        got = read_file(inner, &got_len);
+        assert_true(got_len > 1024 && got_len < want_len);
+        assert_int_equal(memcmp(got, want + 512, got_len), 0); /* right after its header */
+        free(want);
+        free(got);
+}
+
 static void test_extract_empty_archive(void **state)
 {
         struct extract_result res;
@@ -1128,6 +1151,7 @@ int main(void)
                 cmocka_unit_test(test_extract_replaces_preexisting_symlink),
                 cmocka_unit_test(test_extract_hardlink_to_itself),
                 cmocka_unit_test(test_extract_empty_archive),
+                cmocka_unit_test(test_extract_embedded_tar_is_data),
                 cmocka_unit_test(test_extract_many_hardlinks),
                 cmocka_unit_test(test_extract_gnu_format),
                 cmocka_unit_test(test_extract_progress),
