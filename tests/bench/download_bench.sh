@@ -100,6 +100,7 @@ run_curl() { # KEY [hash]
         local out=$WORK/out.bin stats=$WORK/time.txt
         rm -f "$out"
         if [ "${2:-}" = hash ]; then
+                # shellcheck disable=SC2016 # expanded by the inner bash
                 /usr/bin/time -f '%e %M' -o "$stats" bash -c \
                         'curl -sSf "${@:3}" -o "$1" "$2" && sha256sum "$1" >/dev/null' _ \
                         "$out" "$S3_ENDPOINT/$BUCKET/$1" "${SIG[@]}"
@@ -116,8 +117,9 @@ median() {
 }
 
 for name in big small; do
-        [ -f "$WORK/$name.sha" ] && [ "$WORK/$name.sha" -nt "$WORK/$name.bin.src" ] ||
+        if [ ! "$WORK/$name.sha" -nt "$WORK/$name.bin.src" ]; then
                 sha256sum "$WORK/$name.bin.src" | cut -d' ' -f1 >"$WORK/$name.sha"
+        fi
 done
 
 declare -A times rss
