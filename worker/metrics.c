@@ -169,6 +169,16 @@ void metrics_retry(enum stage_id stage)
         metrics_add(metrics.retries[stage], 1);
 }
 
+void metrics_retry_by_name(const char *stage)
+{
+        for (size_t s = 0; s < STAGE_COUNT; s++) {
+                if (strcmp(stage, stage_name((enum stage_id)s)) == 0) {
+                        metrics_add(metrics.retries[s], 1);
+                        return;
+                }
+        }
+}
+
 void metrics_dlq(enum stage_id stage, const char *error_class)
 {
         size_t c = 0;

@@ -78,6 +78,12 @@ void metrics_add_bytes_extracted(uint64_t n);
 void metrics_retry(enum stage_id stage);
 
 /*
+ * metrics_retry() for code that knows the stage by name only (the FSM engine knows its
+ * definition's name, "download", ...). Names that are not a stage are ignored.
+ */
+void metrics_retry_by_name(const char *stage);
+
+/*
  * One message of @stage was published to the dead-letter topic. @error_class is one of
  * STAGE_ERROR_*; anything else (or NULL) counts as "other", which keeps the label set fixed.
  */

@@ -241,6 +241,8 @@ static void test_metrics_counters_move(void **state)
         metrics_retry(STAGE_UNPACK);
         metrics_retry(STAGE_UNPACK);
         metrics_retry(STAGE_DOWNLOAD);
+        metrics_retry_by_name("activate");
+        metrics_retry_by_name("test-fsm"); /* not a stage: ignored */
         metrics_dlq(STAGE_UNPACK, STAGE_ERROR_PERMANENT);
         metrics_dlq(STAGE_UNPACK, STAGE_ERROR_EXHAUSTED);
         metrics_dlq(STAGE_UNPACK, "made-up");
@@ -261,7 +263,8 @@ static void test_metrics_counters_move(void **state)
         assert_sample(text, "fim_extracted_bytes_total", "1099511627776");
         assert_sample(text, "fim_retries_total{stage=\"unpack\"}", "2");
         assert_sample(text, "fim_retries_total{stage=\"download\"}", "1");
-        assert_sample(text, "fim_retries_total{stage=\"activate\"}", "0");
+        assert_sample(text, "fim_retries_total{stage=\"activate\"}", "1");
+        assert_null(strstr(text, "test-fsm"));
         assert_sample(text, "fim_dlq_messages_total{stage=\"unpack\",error_class=\"permanent\"}",
                       "1");
         assert_sample(text, "fim_dlq_messages_total{stage=\"unpack\",error_class=\"exhausted\"}",
