@@ -1,0 +1,231 @@
+#include "worker/kafka_worker.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "config/config.h"
+#include "db/db.h"
+#include "worker/kafka_producer.h"
+#include "worker/lease.h"
+#include "worker/outbox_publisher.h"
+#include "worker/pool.h"
+#include "worker/stage.h"
+
+#define KAFKA_WORKER_MAX_STAGES 8
+
+/* Set by the first SIGTERM/SIGINT (to its number) or by a fatal failure (to -1). */
+static volatile sig_atomic_t kafka_worker_stop;
+
+static void kafka_worker_on_signal(int signo)
+{
+        if (kafka_worker_stop)
+                _exit(128 + signo);
+        kafka_worker_stop = signo;
+}
+
+static int kafka_worker_signals(void)
+{
+        struct sigaction sa;
+
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = kafka_worker_on_signal;
+        sa.sa_flags = SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGINT, &sa, NULL) < 0)
+                return err_set(-errno, "failed to install signal handlers: %s", strerror(errno));
+        return 0;
+}
+
+int kafka_worker_threads(const struct config *cfg, const struct stage *stage)
+{
+        switch (stage->id) {
+        case STAGE_DOWNLOAD:
+                return cfg->download_queue_size;
+        case STAGE_UNPACK:
+                return cfg->unpack_queue_size;
+        case STAGE_ACTIVATE:
+                return cfg->activate_queue_size;
+        case STAGE_COUNT:
+        default:
+                return 1;
+        }
+}
+
+struct kafka_worker {
+        const struct kafka_worker_options *opts;
+        struct lease_keeper *leases;
+        struct kafka_producer *producer;
+        struct outbox_publisher *publisher;
+        struct pool *pools[KAFKA_WORKER_MAX_STAGES];
+        size_t npools;
+};
+
+static int kafka_worker_check_schema(const struct config *cfg)
+{
+        struct db *db = NULL;
+        int r;
+
+        r = db_connect(cfg->database_url, &db);
+        if (r < 0)
+                return err_wrap(r, "database unreachable (DATABASE_URL)");
+        r = db_schema_check(db);
+        db_free(db);
+        return r;
+}
+
+static int kafka_worker_start(struct kafka_worker *w)
+{
+        const struct config *cfg = w->opts->cfg;
+        int r;
+
+        r = kafka_worker_check_schema(cfg);
+        if (r < 0)
+                return r;
+        r = lease_keeper_new(cfg->database_url, cfg->lease_seconds * 1000, &w->leases);
+        if (r < 0)
+                return r;
+        /* Long enough to ride out a broker restart, short enough that a publisher holding
+         * outbox rows or a worker holding a dead letter gets an answer. */
+        r = kafka_producer_new(cfg, "producer", 60000, &w->producer);
+        if (r < 0)
+                return r;
+        r = outbox_publisher_new(cfg, w->producer, &w->publisher);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < w->opts->nstages; i++) {
+                struct pool_options po = {
+                        .cfg = cfg,
+                        .stage = w->opts->stages[i],
+                        .threads = kafka_worker_threads(cfg, w->opts->stages[i]),
+                        .leases = w->leases,
+                        .producer = w->producer,
+                        .publisher = w->publisher,
+                        .stop = &kafka_worker_stop,
+                };
+
+                r = pool_new(&po, &w->pools[w->npools]);
+                if (r < 0)
+                        return err_wrap(r, "failed to start the '%s' pool",
+                                        w->opts->stages[i]->name);
+                w->npools++;
+                log_info("pool started", "stage=%s threads=%d", po.stage->name, po.threads);
+        }
+        return 0;
+}
+
+/* Whether a component failed in a way that needs a restart. */
+static bool kafka_worker_failed(const struct kafka_worker *w)
+{
+        if (w->producer && kafka_producer_failed(w->producer))
+                return true;
+        for (size_t i = 0; i < w->npools; i++) {
+                if (pool_failed(w->pools[i]))
+                        return true;
+        }
+        return false;
+}
+
+/* Stop everything by @deadline_ms; returns whether every thread finished (safe to free). */
+static bool kafka_worker_stop_all(struct kafka_worker *w, int64_t deadline_ms)
+{
+        bool finished = true;
+        int64_t left;
+
+        for (size_t i = 0; i < w->npools; i++)
+                pool_stop(w->pools[i], deadline_ms);
+        for (size_t i = 0; i < w->npools; i++)
+                finished &= pool_wait(w->pools[i]);
+        /* Handoffs of runs that completed during shutdown go out now, not at next start. */
+        outbox_publisher_free(w->publisher, deadline_ms);
+        w->publisher = NULL;
+        left = deadline_ms - util_now_monotonic_ms();
+        if (!finished) {
+                /* Stuck workers may still use the producer: flush it, keep it. */
+                if (w->producer)
+                        (void)rd_kafka_flush(kafka_producer_handle(w->producer),
+                                             left > 1000 ? (int)left : 1000);
+                return false;
+        }
+        kafka_producer_free(w->producer, left > 1000 ? (int)left : 1000);
+        w->producer = NULL;
+        return true;
+}
+
+static void kafka_worker_free(struct kafka_worker *w)
+{
+        for (size_t i = 0; i < w->npools; i++)
+                pool_free(w->pools[i]);
+        outbox_publisher_free(w->publisher, 0);
+        kafka_producer_free(w->producer, 0);
+        lease_keeper_free(w->leases);
+}
+
+static void kafka_worker_log_totals(const struct kafka_worker *w)
+{
+        for (size_t i = 0; i < w->npools; i++) {
+                struct pool_stats st;
+
+                pool_get_stats(w->pools[i], &st);
+                log_info("pool totals",
+                         "stage=%s completed=%" PRIu64 " already_complete=%" PRIu64
+                         " dead_lettered=%" PRIu64 " retried=%" PRIu64 " abandoned=%" PRIu64,
+                         pool_stage_name(w->pools[i]), st.completed, st.already_complete,
+                         st.dead_lettered, st.retried, st.abandoned);
+        }
+}
+
+int kafka_worker_run(const struct kafka_worker_options *opts)
+{
+        struct kafka_worker w = {.opts = opts};
+        const struct config *cfg = opts->cfg;
+        bool failed = false;
+        int64_t deadline;
+        int r;
+
+        FIM_ASSERT(opts->nstages > 0 && opts->nstages <= KAFKA_WORKER_MAX_STAGES);
+        kafka_worker_stop = 0;
+        r = kafka_worker_signals();
+        if (r < 0) {
+                log_err_errno(r, "worker failed to start", "");
+                return 1;
+        }
+        r = kafka_worker_start(&w);
+        if (r < 0) {
+                log_err_errno(r, "worker failed to start", "");
+                kafka_worker_stop = -1;
+                (void)kafka_worker_stop_all(&w, util_now_monotonic_ms());
+                kafka_worker_free(&w);
+                return 1;
+        }
+        log_info("worker started", "host=%s prefix=%s brokers=%s stages=%zu", cfg->host_id,
+                 cfg->kafka_topic_prefix, cfg->kafka_brokers, w.npools);
+        while (!kafka_worker_stop) {
+                if (kafka_worker_failed(&w)) {
+                        failed = true;
+                        kafka_worker_stop = -1;
+                        break;
+                }
+                util_sleep_ms(100);
+        }
+        log_notice("worker shutting down", "signal=%d timeout_s=%d", (int)kafka_worker_stop,
+                   cfg->shutdown_timeout);
+        deadline = util_now_monotonic_ms() + (int64_t)cfg->shutdown_timeout * 1000;
+        if (!kafka_worker_stop_all(&w, deadline)) {
+                kafka_worker_log_totals(&w);
+                log_warning("worker stopped with runs still going; their leases will expire", "");
+                return failed ? 1 : 0;
+        }
+        kafka_worker_log_totals(&w);
+        kafka_worker_free(&w);
+        log_notice("worker stopped", "");
+        return failed ? 1 : 0;
+}

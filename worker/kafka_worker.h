@@ -1,0 +1,33 @@
+#pragma once
+
+/*
+ * The `worker` process: a pool per stage (pool.h), one outbox publisher, one lease keeper and
+ * one idempotent producer, until SIGTERM or SIGINT.
+ *
+ * Shutdown: the first signal stops consuming and sets the FSM engine's stop flag, so running
+ * runs finish their current transition and release their lease; after SHUTDOWN_TIMEOUT
+ * seconds at most, finished work is committed, the consumers close, the publisher sends what
+ * is left and the producer is flushed; the process exits 0. A second signal exits at once
+ * with status 128 + signal number (leases let another worker resume).
+ */
+
+#include <stddef.h>
+
+struct config;
+struct stage;
+
+struct kafka_worker_options {
+        const struct config *cfg;
+        const struct stage *const *stages; /* one pool each */
+        size_t nstages;
+};
+
+/*
+ * Install the signal handlers, run until SIGTERM or SIGINT (or a fatal Kafka error), and shut
+ * down. Returns the process exit status: 0 after a clean shutdown, 1 when start-up failed or
+ * a component failed fatally.
+ */
+int kafka_worker_run(const struct kafka_worker_options *opts);
+
+/* Threads for a stage's pool: DOWNLOAD_QUEUE_SIZE, UNPACK_QUEUE_SIZE or ACTIVATE_QUEUE_SIZE. */
+int kafka_worker_threads(const struct config *cfg, const struct stage *stage);
