@@ -13,3 +13,6 @@ void verify_report_add(struct verify_report *rep, const char *name, bool ok, con
 
 /* Device-mapper: control node, pool POOL_NAME present and healthy. */
 void verify_devicemapper(struct verify_report *rep, const struct config *cfg);
+
+/* Kafka: brokers reachable, stage and dead-letter topics exist, lag of each stage's group. */
+void verify_kafka(struct verify_report *rep, const struct config *cfg);
