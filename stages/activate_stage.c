@@ -47,6 +47,38 @@ static const char *activate_host(const struct activate_job *job)
         return job->ctx->cfg->host_id;
 }
 
+/* The origin's size, read again when a run resumes past check_active in another process. */
+static int activate_load_origin(struct fsm_run *run, struct activate_job *job)
+{
+        struct thin_row origin;
+        int r;
+
+        if (job->size)
+                return 0;
+        r = thin_registry_get(fsm_run_db(run), activate_host(job), job->pool, job->origin_id,
+                              &origin);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return err_set(-ENOENT, "origin thin device %" PRIu32 " vanished", job->origin_id);
+        job->size = origin.size_bytes;
+        return 0;
+}
+
+/*
+ * check_active fills snapshot_id when the snapshot already exists; that answer is saved with
+ * the run, so a resume after check_active still skips creating another one.
+ */
+static bool activate_skipping(struct fsm_run *run, struct activate_job *job)
+{
+        struct json_object *v = NULL;
+
+        if (!job->skip && !job->have_snap &&
+            json_object_object_get_ex(fsm_run_response(run), "snapshot_id", &v))
+                job->skip = true;
+        return job->skip;
+}
+
 static void activate_response_set(struct fsm_run *run, const struct activate_job *job,
                                   uint32_t snap_id, bool activated)
 {
@@ -193,12 +225,15 @@ static int activate_create_snapshot(struct fsm_run *run, void *userdata)
         bool resumed;
         int r;
 
-        if (job->skip)
-                return 0;
         r = activate_find_snapshot(run, job);
         if (r < 0)
                 return r;
         resumed = r > 0;
+        if (!resumed && activate_skipping(run, job))
+                return 0;
+        r = activate_load_origin(run, job);
+        if (r < 0)
+                return r;
         if (!resumed) {
                 struct activate_alloc a = {job, fsm_run_id(run)};
 
@@ -222,12 +257,17 @@ static int activate_activate(struct fsm_run *run, void *userdata)
         struct activate_job *job = userdata;
         int r;
 
-        if (job->skip)
-                return 0;
         r = activate_find_snapshot(run, job);
-        if (r <= 0)
-                return r < 0 ? r
-                             : err_set(-EIO, "run %s has no snapshot recorded", fsm_run_id(run));
+        if (r < 0)
+                return r;
+        if (r == 0) {
+                if (activate_skipping(run, job))
+                        return 0;
+                return err_set(-EIO, "run %s has no snapshot recorded", fsm_run_id(run));
+        }
+        r = activate_load_origin(run, job);
+        if (r < 0)
+                return r;
         r = thin_pool_activate(job->pool, job->snap_id, job->req.snapshot_name, job->size, NULL);
         if (r < 0)
                 return err_wrap(r, "failed to activate snapshot '%s'", job->req.snapshot_name);
@@ -248,8 +288,10 @@ static int activate_record_commit(struct fsm_run *run, struct db *db, void *user
         char idbuf[16];
         int r;
 
-        if (job->skip)
-                return 0;
+        /* Only a run that made a snapshot has one to mark active. */
+        r = activate_find_snapshot(run, job);
+        if (r <= 0)
+                return r;
         (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, job->snap_id);
         r = thin_registry_set_state(db, activate_host(job), job->pool, job->snap_id, "ready");
         if (r < 0)

@@ -60,18 +60,21 @@ int thin_registry_alloc(struct db *db, const char *host, const char *pool, const
         uint32_t id;
         int r;
 
-        /* One allocator at a time per pool: the lowest free id is then really free. */
-        r = db_exec(db, NULL, "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))", 2, lock);
+        /*
+         * One allocator at a time per host, and the lowest id free on the whole host: the
+         * seed names origins thin-<id>, and dm names are per host, so two pools on one host
+         * must never hand out the same id.
+         */
+        r = db_exec(db, NULL, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, lock);
         if (r < 0)
                 return r;
         r = db_query_row(db, &res,
                          "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM thin_devices WHERE"
-                         " host_id = $1 AND pool_name = $2 AND device_id = 0) THEN 0 ELSE"
+                         " host_id = $1 AND device_id = 0) THEN 0 ELSE"
                          " (SELECT min(t.device_id) + 1 FROM thin_devices t WHERE"
-                         " t.host_id = $1 AND t.pool_name = $2 AND NOT EXISTS (SELECT 1 FROM"
-                         " thin_devices u WHERE u.host_id = $1 AND u.pool_name = $2 AND"
-                         " u.device_id = t.device_id + 1)) END",
-                         2, lock);
+                         " t.host_id = $1 AND NOT EXISTS (SELECT 1 FROM thin_devices u WHERE"
+                         " u.host_id = $1 AND u.device_id = t.device_id + 1)) END",
+                         1, lock);
         if (r < 0)
                 return r;
         id = (uint32_t)db_get_i64(res, 0, 0);

@@ -3,12 +3,13 @@
 /*
  * Thin device ids in PostgreSQL, per (host, pool), and the repair of what a crash leaves.
  *
- * Ids are allocated lowest-free-first under a transaction-scoped advisory lock per (host,
- * pool). Like containerd's devmapper snapshotter, every row records its intent before the dm
- * message that acts on it: 'creating' before create_thin/create_snap, 'deleting' before
- * delete, 'ready' once the device is complete. A crash between intent and result leaves a
- * row that says what to check: reconciliation compares rows with the pool's metadata and
- * finishes or undoes the step.
+ * Ids are allocated lowest-free-first under a transaction-scoped advisory lock per host. An
+ * id is unique on its host, not only in its pool, because origins are named thin-<id> (the
+ * seed's names) and device-mapper names are per host. Like containerd's devmapper snapshotter,
+ * every row records its intent before the dm message that acts on it: 'creating' before
+ * create_thin/create_snap, 'deleting' before delete, 'ready' once the device is complete. A crash
+ * between intent and result leaves a row that says what to check: reconciliation compares rows with
+ * the pool's metadata and finishes or undoes the step.
  */
 
 #include <stdbool.h>

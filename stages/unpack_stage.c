@@ -91,6 +91,21 @@ static void unpack_response_set(struct fsm_run *run, const struct unpack_job *jo
         json_object_object_add(resp, "unpacked", json_object_new_boolean(unpacked));
 }
 
+/*
+ * check_unpacked answers "unpacked": false when the image needs no work (already unpacked, or
+ * sharing an origin). The flag lives in the saved response, so a run resumed in another
+ * process after check_unpacked still knows to skip the device steps.
+ */
+static bool unpack_skipping(struct fsm_run *run, struct unpack_job *job)
+{
+        struct json_object *v = NULL;
+
+        if (!job->skip && json_object_object_get_ex(fsm_run_response(run), "unpacked", &v) &&
+            !json_object_get_boolean(v))
+                job->skip = true;
+        return job->skip;
+}
+
 /* The tarball must lie inside LOCAL_DIR: a message must not make us read any file. */
 static int unpack_check_tarball(struct unpack_job *job)
 {
@@ -298,7 +313,7 @@ static int unpack_create_device(struct fsm_run *run, void *userdata)
         char *path = NULL;
         int r;
 
-        if (job->skip)
+        if (unpack_skipping(run, job))
                 return 0;
         r = thin_registry_find_by_run(db, unpack_host(job), job->pool, "origin", fsm_run_id(run),
                                       &row);
@@ -396,7 +411,7 @@ static int unpack_make_fs(struct fsm_run *run, void *userdata)
         struct unpack_job *job = userdata;
         int r;
 
-        if (job->skip)
+        if (unpack_skipping(run, job))
                 return 0;
         r = unpack_load_device(run, job);
         if (r < 0)
@@ -459,6 +474,25 @@ static int unpack_root_entries(int root_fd)
         return n;
 }
 
+/*
+ * A full pool shows up as I/O errors in the filesystem: when the pool is out of data space,
+ * say so instead of passing the EIO on.
+ */
+static int unpack_explain_failure(const struct unpack_job *job, int r)
+{
+        struct thin_pool_status st;
+
+        if (thin_pool_status(job->pool, &st) == 0 && st.mode == THIN_POOL_MODE_OUT_OF_DATA_SPACE)
+                return err_set(
+                        -ENOSPC,
+                        "thin pool '%s' ran out of data space while unpacking image '%s' (%" PRIu64
+                        " of %" PRIu64
+                        " MiB used): free space with 'flyio-image-manager gc' or grow the pool",
+                        job->pool, job->req.image_id, st.data_used_bytes >> 20,
+                        st.data_total_bytes >> 20);
+        return r;
+}
+
 struct unpack_progress {
         struct unpack_job *job;
         struct fsm_run *run;
@@ -488,7 +522,7 @@ static int unpack_extract(struct fsm_run *run, void *userdata)
         int root_fd = -1;
         int r;
 
-        if (job->skip)
+        if (unpack_skipping(run, job))
                 return 0;
         r = unpack_load_device(run, job);
         if (r < 0)
@@ -525,12 +559,14 @@ static int unpack_extract(struct fsm_run *run, void *userdata)
         job->deadline_ms = util_now_monotonic_ms() + (int64_t)job->ctx->cfg->unpack_timeout * 1000;
         r = extract_file(root_fd, job->req.local_path, &opts, &result);
         if (r < 0) {
-                r = err_wrap(r, "failed to unpack image '%s'", job->req.image_id);
+                r = unpack_explain_failure(
+                        job, err_wrap(r, "failed to unpack image '%s'", job->req.image_id));
                 goto out;
         }
         if (syncfs(root_fd) < 0) {
-                r = err_set(-errno, "failed to sync the filesystem of image '%s': %s",
-                            job->req.image_id, strerror(errno));
+                r = unpack_explain_failure(
+                        job, err_set(-errno, "failed to sync the filesystem of image '%s': %s",
+                                     job->req.image_id, strerror(errno)));
                 goto out;
         }
         unpack_response_set(run, job, job->device_id, (int64_t)result.size_bytes,
@@ -563,7 +599,7 @@ static int unpack_verify_layout(struct fsm_run *run, void *userdata)
         char dir[PATH_MAX];
         int root_fd, n, r;
 
-        if (job->skip)
+        if (unpack_skipping(run, job))
                 return 0;
         r = unpack_load_device(run, job);
         if (r < 0)
@@ -618,7 +654,7 @@ static int unpack_record_commit(struct fsm_run *run, struct db *db, void *userda
                 return err_set(-EIO, "run %s finished without a device", fsm_run_id(run));
         (void)snprintf(idbuf, sizeof(idbuf), "%s", json_object_get_string(v));
         id = (uint32_t)strtoul(idbuf, NULL, 10);
-        if (!job->skip) {
+        if (!unpack_skipping(run, job)) {
                 (void)snprintf(files, sizeof(files), "%" PRId64,
                                unpack_response_i64(run, "file_count"));
                 (void)snprintf(bytes, sizeof(bytes), "%" PRId64,
