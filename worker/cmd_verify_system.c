@@ -155,6 +155,8 @@ int cmd_verify_system(int argc, char **argv)
                 verify_database(&rep, &cfg);
                 verify_local_dir(&rep, &cfg);
                 verify_devicemapper(&rep, &cfg);
+                verify_s3(&rep, &cfg);
+                verify_kafka(&rep, &cfg);
         }
         config_done(&cfg);
         if (rep.json) {

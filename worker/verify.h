@@ -16,3 +16,6 @@ void verify_devicemapper(struct verify_report *rep, const struct config *cfg);
 
 /* Kafka: brokers reachable, stage and dead-letter topics exist, lag of each stage's group. */
 void verify_kafka(struct verify_report *rep, const struct config *cfg);
+
+/* S3: endpoint reachable with the configured credentials, bucket S3_BUCKET present. */
+void verify_s3(struct verify_report *rep, const struct config *cfg);
