@@ -1,0 +1,469 @@
+/*
+ * Whole worker processes against the real Kafka broker and PostgreSQL: a job flows through
+ * the three (sample) stages with headers carried along; 100 copies of one request make one
+ * run per stage and one handoff each; a worker killed mid-run is taken over and the job
+ * completes once; poison messages land in the dead-letter topic with the right headers while
+ * the next message is processed; replay-dlq --dry-run changes nothing and replay-dlq makes the
+ * job run; SIGTERM leaves no finished work uncommitted; two processes share the partitions.
+ *
+ * The worker processes are this binary re-executed with argv[1] = "worker" (helper_worker.h);
+ * enqueue and replay-dlq run the real flyio-image-manager binary.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "common/util.h"
+#include "helper_worker.h"
+#include "stages/request.h"
+#include "worker/dlq.h"
+
+static int setup(void **state)
+{
+        struct wt_env *e = calloc(1, sizeof(*e));
+
+        assert_non_null(e);
+        wt_setup(e, NULL);
+        *state = e;
+        return 0;
+}
+
+static int teardown(void **state)
+{
+        struct wt_env *e = *state;
+
+        wt_teardown(e);
+        free(e);
+        return 0;
+}
+
+static void assert_contains(const char *haystack, const char *needle)
+{
+        if (!strstr(haystack, needle))
+                fail_msg("'%s' not found in:\n%s", needle, haystack);
+}
+
+static int count_occurrences(const char *haystack, const char *needle)
+{
+        int n = 0;
+
+        for (const char *p = strstr(haystack, needle); p; p = strstr(p + 1, needle))
+                n++;
+        return n;
+}
+
+/* Each stage ran exactly one run for @image and recorded one effect. */
+static void assert_once_per_stage(struct wt_env *e, const char *image)
+{
+        static const char *const stages[] = {"download", "unpack", "activate"};
+
+        for (size_t i = 0; i < ARRAY_SIZE(stages); i++) {
+                assert_int_equal(wt_sql(e,
+                                        "SELECT count(*) FROM fsm_runs WHERE fsm = '%s'"
+                                        " AND request->>'image_id' = '%s' AND status = 'complete'",
+                                        stages[i], image),
+                                 1);
+                assert_int_equal(wt_sql(e,
+                                        "SELECT count(*) FROM sample_effects WHERE stage = '%s'"
+                                        " AND image_id = '%s'",
+                                        stages[i], image),
+                                 1);
+        }
+}
+
+static void wait_complete(struct wt_env *e, const char *stage, long n, const char *like,
+                          int timeout_ms)
+{
+        wt_wait_sql(e, n, timeout_ms,
+                    "SELECT count(*) FROM fsm_runs WHERE fsm = '%s' AND status = 'complete'"
+                    " AND request->>'image_id' LIKE '%s'",
+                    stage, like);
+}
+
+static void test_worker_flow_through_all_stages(void **state)
+{
+        struct wt_env *e = *state;
+        const char *enqueue[] = {"flyio-image-manager",
+                                 "enqueue",
+                                 "--s3-key",
+                                 "images/flow.tar",
+                                 "--image-id",
+                                 "flow-1",
+                                 "--bucket",
+                                 "fim-bucket",
+                                 NULL};
+        struct wt_msg *down = NULL, *unpack = NULL, *activate = NULL;
+        char out[4096];
+        pid_t w;
+
+        assert_int_equal(wt_cli(e, out, sizeof(out), enqueue), 0);
+        assert_contains(out, "enqueued download of image 'flow-1'");
+        w = wt_worker_start(e, NULL);
+        wait_complete(e, "activate", 1, "flow-1", 30000);
+        assert_once_per_stage(e, "flow-1");
+        wt_wait_sql(e, 2, 10000, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL");
+
+        /* The trace id from enqueue travels with every handoff; parents chain the runs. */
+        assert_int_equal(wt_read_topic(e, "download", &down), 1);
+        assert_int_equal(wt_read_topic(e, "unpack", &unpack), 1);
+        assert_int_equal(wt_read_topic(e, "activate", &activate), 1);
+        assert_non_null(wt_header(&down[0], "trace_id"));
+        assert_string_equal(down[0].key, "flow-1");
+        assert_string_equal(unpack[0].key, "flow-1");
+        assert_string_equal(wt_header(&unpack[0], "trace_id"), wt_header(&down[0], "trace_id"));
+        assert_string_equal(wt_header(&activate[0], "trace_id"), wt_header(&down[0], "trace_id"));
+        assert_string_equal(wt_header(&unpack[0], "attempt"), "1");
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                " AND run_id = '%s' AND trace_id = '%s'",
+                                wt_header(&unpack[0], "parent_run_id"),
+                                wt_header(&down[0], "trace_id")),
+                         1);
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM fsm_runs WHERE fsm = 'unpack'"
+                                " AND run_id = '%s' AND parent_run_id = '%s'",
+                                wt_header(&activate[0], "parent_run_id"),
+                                wt_header(&unpack[0], "parent_run_id")),
+                         1);
+        wt_msgs_free(down, 1);
+        wt_msgs_free(unpack, 1);
+        wt_msgs_free(activate, 1);
+
+        wt_wait_committed(e, "download", 15000);
+        wt_wait_committed(e, "unpack", 15000);
+        wt_wait_committed(e, "activate", 15000);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
+static void test_worker_same_request_100_times_runs_once(void **state)
+{
+        struct wt_env *e = *state;
+        const char *req = "{\"image_id\":\"dup-1\",\"s3_key\":\"images/dup.tar\"}";
+        pid_t w;
+
+        for (int i = 0; i < 50; i++)
+                wt_produce(e, "download", "dup-1", req);
+        w = wt_worker_start(e, NULL);
+        for (int i = 0; i < 50; i++)
+                wt_produce(e, "download", "dup-1", req);
+        wt_wait_committed(e, "download", 60000);
+        wait_complete(e, "activate", 1, "dup-1", 30000);
+        wt_wait_committed(e, "unpack", 15000);
+        wt_wait_committed(e, "activate", 15000);
+
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 3);
+        assert_once_per_stage(e, "dup-1");
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM outbox"), 2);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM outbox WHERE published_at IS NULL"), 0);
+        assert_int_equal(wt_topic_end(e, "download"), 100);
+        assert_int_equal(wt_topic_end(e, "unpack"), 1);
+        assert_int_equal(wt_topic_end(e, "activate"), 1);
+        assert_int_equal(wt_topic_end(e, "dlq"), 0);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
+static const struct wt_msg *find_by_source_offset(const struct wt_msg *msgs, size_t n,
+                                                  int64_t offset)
+{
+        for (size_t i = 0; i < n; i++) {
+                const char *o = wt_header(&msgs[i], DLQ_HEADER_SOURCE_OFFSET);
+
+                if (o && strtoll(o, NULL, 10) == offset)
+                        return &msgs[i];
+        }
+        fail_msg("no dead letter for source offset %" PRId64, offset);
+        return NULL;
+}
+
+/* The headers every dead letter of this test must carry. */
+static void assert_dead_letter(struct wt_env *e, const struct wt_msg *m, const char *value,
+                               const char *error_class, const char *error_part,
+                               const char *attempts)
+{
+        char topic[128];
+        int64_t first = 0, last = 0;
+
+        (void)snprintf(topic, sizeof(topic), "%s.download", e->prefix);
+        assert_string_equal(m->key, "poison");
+        assert_string_equal(m->value, value);
+        assert_string_equal(wt_header(m, DLQ_HEADER_STAGE), "download");
+        assert_string_equal(wt_header(m, DLQ_HEADER_ERROR_CLASS), error_class);
+        assert_contains(wt_header(m, DLQ_HEADER_ERROR), error_part);
+        assert_string_equal(wt_header(m, DLQ_HEADER_ATTEMPTS), attempts);
+        assert_string_equal(wt_header(m, DLQ_HEADER_HOST), "wt-host");
+        assert_string_equal(wt_header(m, DLQ_HEADER_SOURCE_TOPIC), topic);
+        assert_int_equal(request_parse_time(wt_header(m, DLQ_HEADER_FIRST_FAILURE), &first), 0);
+        assert_int_equal(request_parse_time(wt_header(m, DLQ_HEADER_LAST_FAILURE), &last), 0);
+        assert_true(first <= last && last <= util_now_realtime_ms());
+        /* The original's own headers stay. */
+        assert_string_equal(wt_header(m, "attempt"), "1");
+}
+
+static void test_worker_poison_messages_then_replay(void **state)
+{
+        struct wt_env *e = *state;
+        const char *values[] = {
+                "this is not json",          "{\"s3_key\":\"images/x.tar\"}",
+                "{\"image_id\":\"fail-1\"}", "{\"image_id\":\"flaky-1\"}",
+                "{\"image_id\":\"good-1\"}",
+        };
+        const char *dry[] = {"flyio-image-manager", "replay-dlq", "--dry-run", NULL};
+        const char *replay[] = {"flyio-image-manager",
+                                "replay-dlq",
+                                "--error-class",
+                                "permanent",
+                                "--since",
+                                "10m",
+                                NULL};
+        struct wt_msg *dlq = NULL, *down = NULL;
+        long runs_before;
+        char out[8192];
+        size_t n;
+        pid_t w;
+
+        assert_int_equal(wt_sql(e, "INSERT INTO sample_fail VALUES ('fail-1') RETURNING 1"), 1);
+        /* One key: all on one partition, in this order. */
+        for (size_t i = 0; i < ARRAY_SIZE(values); i++)
+                wt_produce(e, "download", "poison", values[i]);
+        w = wt_worker_start(e, NULL);
+        wait_complete(e, "activate", 1, "good-1", 30000);
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(wt_topic_end(e, "dlq"), 4);
+
+        n = wt_read_topic(e, "dlq", &dlq);
+        assert_int_equal(n, 4);
+        assert_dead_letter(e, find_by_source_offset(dlq, n, 0), values[0], "invalid_request",
+                           "not a JSON document", "0");
+        assert_dead_letter(e, find_by_source_offset(dlq, n, 1), values[1], "invalid_request",
+                           "image_id", "0");
+        assert_dead_letter(e, find_by_source_offset(dlq, n, 2), values[2], "permanent", "refuses",
+                           "1");
+        assert_dead_letter(e, find_by_source_offset(dlq, n, 3), values[3], "exhausted", "flaky",
+                           "2");
+        assert_null(wt_header(find_by_source_offset(dlq, n, 0), DLQ_HEADER_RUN_ID));
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
+                                " AND status = 'aborted'",
+                                wt_header(find_by_source_offset(dlq, n, 2), DLQ_HEADER_RUN_ID)),
+                         1);
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
+                                " AND status = 'failed' AND attempt = 2",
+                                wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_RUN_ID)),
+                         1);
+        wt_msgs_free(dlq, n);
+
+        /* The cause is fixed; a dry run changes nothing. */
+        assert_int_equal(wt_sql(e, "WITH d AS (DELETE FROM sample_fail RETURNING 1)"
+                                   " SELECT count(*) FROM d"),
+                         1);
+        runs_before = wt_sql(e, "SELECT count(*) FROM fsm_runs");
+        assert_int_equal(wt_cli(e, out, sizeof(out), dry), 0);
+        assert_int_equal(count_occurrences(out, "would replay  "), 4);
+        assert_contains(out, "would replay 4; nothing changed");
+        util_sleep_ms(1500);
+        assert_int_equal(wt_topic_end(e, "download"), 5);
+        assert_int_equal(wt_topic_end(e, "dlq"), 4);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), runs_before);
+
+        /* The real replay re-publishes only the permanent failure, and the job runs. */
+        assert_int_equal(wt_cli(e, out, sizeof(out), replay), 0);
+        assert_int_equal(count_occurrences(out, "replayed      "), 1);
+        assert_contains(out, "selected 1, replayed 1, failed 0");
+        wait_complete(e, "activate", 1, "fail-1", 30000);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                   " AND request->>'image_id' = 'fail-1'"),
+                         2);
+        assert_int_equal(wt_topic_end(e, "download"), 6);
+        n = wt_read_topic(e, "download", &down);
+        assert_int_equal(n, 6);
+        assert_string_equal(down[5].value, values[2]);
+        assert_string_equal(down[5].key, "poison");
+        assert_string_equal(wt_header(&down[5], "attempt"), "2");
+        assert_null(wt_header(&down[5], DLQ_HEADER_ERROR_CLASS));
+        wt_msgs_free(down, n);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
+static void test_worker_sigkill_mid_run_completes_once(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const slow[] = {"FIM_TEST_SLOW_MS=4000", NULL};
+        static const char *const fast[] = {"FIM_TEST_SLOW_MS=300", NULL};
+        pid_t w1, w2;
+
+        wt_produce(e, "download", "slow-k1", "{\"image_id\":\"slow-k1\"}");
+        w1 = wt_worker_start(e, slow);
+        wt_wait_sql(e, 1, 30000,
+                    "SELECT count(*) FROM sample_calls WHERE stage = 'download'"
+                    " AND image_id = 'slow-k1'");
+        assert_int_equal(wt_worker_stop(e, w1, SIGKILL, 10000), 128 + SIGKILL);
+
+        w2 = wt_worker_start(e, fast);
+        wait_complete(e, "activate", 1, "slow-k1", 60000);
+        assert_once_per_stage(e, "slow-k1");
+        /* The new worker took the run over after its lease expired: one more attempt. */
+        assert_int_equal(wt_sql(e, "SELECT attempt FROM fsm_runs WHERE fsm = 'download'"), 2);
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM fsm_events e JOIN fsm_runs r"
+                                " USING (run_id) WHERE r.fsm = 'download' AND e.kind = 'resume'"),
+                         1);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM sample_calls WHERE stage = 'download'"),
+                         2);
+        wt_wait_committed(e, "download", 15000);
+        wt_wait_committed(e, "activate", 15000);
+        assert_int_equal(wt_worker_stop(e, w2, SIGTERM, 30000), 0);
+}
+
+/*
+ * After a graceful stop, each partition's committed offset is its end or the offset of a
+ * message whose run has not finished: no finished work is left to redo.
+ */
+static void assert_commit_points(struct wt_env *e)
+{
+        struct wt_msg *msgs = NULL;
+        int64_t committed[16], ends[16];
+        int parts = wt_committed(e, "download", committed, 16);
+        size_t n = wt_read_topic(e, "download", &msgs);
+
+        assert_int_equal(wt_ends(e, "download", ends, 16), parts);
+        for (size_t i = 0; i < n; i++) {
+                int64_t c = committed[msgs[i].partition];
+                long done = wt_sql(e,
+                                   "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                   " AND request->>'image_id' = '%s' AND status = 'complete'",
+                                   msgs[i].key);
+
+                printf("download[%d]@%" PRId64 " %s complete=%ld committed=%" PRId64 "\n",
+                       msgs[i].partition, msgs[i].offset, msgs[i].key, done, c);
+                if (msgs[i].offset < c)
+                        assert_int_equal(done, 1);
+                else if (msgs[i].offset == c)
+                        assert_int_equal(done, 0);
+        }
+        wt_msgs_free(msgs, n);
+}
+
+static void test_worker_graceful_shutdown_commits_finished_work(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const slow[] = {"FIM_TEST_SLOW_MS=3000", NULL};
+        static const char *const fast[] = {"FIM_TEST_SLOW_MS=200", NULL};
+        char image[32], json[64];
+        int64_t t0;
+        long events;
+        pid_t w;
+
+        for (int i = 0; i < 4; i++) {
+                (void)snprintf(image, sizeof(image), "gs-fast-%d", i);
+                (void)snprintf(json, sizeof(json), "{\"image_id\":\"%s\"}", image);
+                wt_produce(e, "download", image, json);
+        }
+        w = wt_worker_start(e, slow);
+        wait_complete(e, "activate", 4, "gs-fast-%", 30000);
+        for (int i = 0; i < 4; i++) {
+                (void)snprintf(image, sizeof(image), "slow-g%d", i);
+                (void)snprintf(json, sizeof(json), "{\"image_id\":\"%s\"}", image);
+                wt_produce(e, "download", image, json);
+        }
+        wt_wait_sql(e, 2, 30000,
+                    "SELECT count(*) FROM sample_calls WHERE image_id LIKE 'slow-g%%'");
+        t0 = util_now_monotonic_ms();
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+        printf("graceful stop took %" PRId64 " ms\n", util_now_monotonic_ms() - t0);
+
+        /* Running transitions finished, then the runs were released, not failed. */
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE lease_owner IS NOT NULL"),
+                         0);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status IN"
+                                   " ('failed', 'aborted')"),
+                         0);
+        assert_true(wt_sql(e, "SELECT count(*) FROM fsm_events WHERE kind = 'release'") >= 1);
+        assert_commit_points(e);
+        /* Everything finished downstream is committed as well. */
+        wt_wait_committed(e, "unpack", 1000);
+        wt_wait_committed(e, "activate", 1000);
+
+        /* A new worker redoes nothing that was finished and completes the rest once. */
+        events = wt_sql(e, "SELECT max(id) FROM fsm_events");
+        w = wt_worker_start(e, fast);
+        wait_complete(e, "activate", 4, "slow-g%", 60000);
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM fsm_events ev JOIN fsm_runs r"
+                                " USING (run_id) WHERE ev.id > %ld"
+                                " AND r.request->>'image_id' LIKE 'gs-fast-%%'",
+                                events),
+                         0);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE attempt <> 1"), 0);
+        for (int i = 0; i < 4; i++) {
+                (void)snprintf(image, sizeof(image), "slow-g%d", i);
+                assert_once_per_stage(e, image);
+                (void)snprintf(image, sizeof(image), "gs-fast-%d", i);
+                assert_once_per_stage(e, image);
+        }
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
+static void test_worker_two_processes_share_partitions(void **state)
+{
+        struct wt_env *e = *state;
+        char image[32], json[64];
+        pid_t w1, w2;
+
+        w1 = wt_worker_start(e, NULL);
+        w2 = wt_worker_start(e, NULL);
+        wt_wait_group(e, "download", 2, 30000);
+        for (int i = 0; i < 30; i++) {
+                (void)snprintf(image, sizeof(image), "med-%d", i);
+                (void)snprintf(json, sizeof(json), "{\"image_id\":\"%s\"}", image);
+                wt_produce(e, "download", image, json);
+        }
+        wait_complete(e, "activate", 30, "med-%", 90000);
+        for (int i = 0; i < 30; i++) {
+                (void)snprintf(image, sizeof(image), "med-%d", i);
+                assert_once_per_stage(e, image);
+        }
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 90);
+        /* Both processes got partitions of the download topic and did work. */
+        assert_int_equal(wt_sql(e, "SELECT count(DISTINCT pid) FROM sample_calls"
+                                   " WHERE stage = 'download'"),
+                         2);
+        wt_wait_committed(e, "download", 15000);
+        wt_wait_committed(e, "unpack", 15000);
+        wt_wait_committed(e, "activate", 15000);
+        assert_int_equal(wt_worker_stop(e, w1, SIGTERM, 30000), 0);
+        assert_int_equal(wt_worker_stop(e, w2, SIGTERM, 30000), 0);
+}
+
+int main(int argc, char **argv)
+{
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test_setup_teardown(test_worker_flow_through_all_stages, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_worker_same_request_100_times_runs_once, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_worker_poison_messages_then_replay, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_worker_sigkill_mid_run_completes_once, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_worker_graceful_shutdown_commits_finished_work,
+                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_two_processes_share_partitions, setup,
+                                                teardown),
+        };
+        int status;
+
+        if (wt_child_main(argc, argv, &status))
+                return status;
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
