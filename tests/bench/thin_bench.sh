@@ -14,8 +14,9 @@
 # absolute numbers of the library path are the ones to watch for regressions.
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo
 
 build="${1:-build}"
 rounds="${2:-15}"

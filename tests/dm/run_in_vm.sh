@@ -11,10 +11,15 @@
 # sees the host's / read-only. -w gives the guest a throwaway writable root, so that ctest can
 # write its logs into BUILD_DIR/Testing; nothing reaches the host. Exit status: ctest's, or
 # 125 when the VM gave none. FIM_DM_TIMEOUT (seconds, default 900) bounds the whole VM run.
+#
+# Services on the host: FIM_PG_ADMIN_URL and DATABASE_URL (as exported by
+# tests/infra/services.sh) that point at 127.0.0.1 or localhost get their port forwarded into
+# the guest and their host rewritten to the guest's view of it; nothing else is reachable.
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo
 
 build="${1:-build}"
 [ "$#" -eq 0 ] || shift
@@ -28,5 +33,25 @@ if [ ! -f "$build/tests/dm/CTestTestfile.cmake" ]; then
 fi
 build="$(cd "$build" && pwd -P)"
 
-exec "$repo/tests/vm/run.sh" -w -t "${FIM_DM_TIMEOUT:-900}" -- \
+# The address under which run.sh's guest reaches a forwarded host port (see run.sh -p); the
+# host itself in FIM_VM_DIRECT mode.
+guest_host=10.0.2.100
+[ "${FIM_VM_DIRECT:-0}" != 1 ] || guest_host=127.0.0.1
+
+vm_args=(-w -t "${FIM_DM_TIMEOUT:-900}")
+declare -A forwarded=()
+for var in FIM_PG_ADMIN_URL DATABASE_URL; do
+	url="${!var:-}"
+	[ -n "$url" ] || continue
+	re='^([a-z]+://([^@/]*@)?)(127\.0\.0\.1|localhost):([0-9]+)(/.*)?$'
+	if [[ "$url" =~ $re ]]; then
+		port="${BASH_REMATCH[4]}"
+		url="${BASH_REMATCH[1]}$guest_host:$port${BASH_REMATCH[5]}"
+		[ -n "${forwarded[$port]:-}" ] || vm_args+=(-p "$port")
+		forwarded[$port]=1
+	fi
+	vm_args+=(-e "$var=$url")
+done
+
+exec "$repo/tests/vm/run.sh" "${vm_args[@]}" -- \
 	ctest --test-dir "$build" -L dm --output-on-failure "$@"

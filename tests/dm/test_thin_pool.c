@@ -10,7 +10,9 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <linux/loop.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -517,6 +519,19 @@ static void test_thin_pool_device_info_and_lists(void **state)
         assert_false(info.suspended);
         assert_rc(thin_pool_suspend("fimt-nope"), -ENODEV);
 
+        /* Another dm device stacked on SNAP3 holds it: the error says which. */
+        const char *const stack[] = {
+                "dmsetup", "create", "fimt-holder", "--table", "0 8 linear /dev/mapper/" SNAP3 " 0",
+                NULL};
+        const char *const unstack[] = {"dmsetup", "remove", "fimt-holder", NULL};
+        const struct thin_pool_remove_opts once = {.attempts = 1};
+
+        assert_int_equal(run_program(stack), 0);
+        assert_rc(thin_pool_deactivate(SNAP3, &once), -EBUSY);
+        print_message("busy: %s\n", err_last());
+        assert_err_contains("held by 'fimt-holder' (dm-");
+        assert_int_equal(run_program(unstack), 0);
+
         assert_ok(thin_pool_device_info("fimt-nope", &info));
         assert_false(info.exists);
 }
@@ -547,6 +562,69 @@ static void test_thin_pool_metadata_thin_ids(void **state)
         free(ids);
         assert_ok(thin_pool_status(POOL, &s));
         assert_int_equal(s.held_metadata_root, 0);
+}
+
+struct worker_arg {
+        uint32_t first_id;
+        int failures;
+        char error[256];
+};
+
+/* Create, activate, inspect, deactivate and delete its own ids, racing the other workers. */
+static void *concurrent_worker(void *p)
+{
+        struct worker_arg *a = p;
+
+        for (uint32_t i = 0; i < 8 && a->failures == 0; i++) {
+                uint32_t id = a->first_id + i;
+                struct thin_pool_device_info info;
+                struct thin_pool_status s;
+                char name[32];
+                int r;
+
+                (void)snprintf(name, sizeof(name), "fimt-c%" PRIu32, id);
+                r = thin_pool_create_thin(POOL, id);
+                if (r == 0)
+                        r = thin_pool_activate(POOL, id, name, 4 * MiB, NULL);
+                if (r == 0)
+                        r = thin_pool_device_info(name, &info);
+                if (r == 0 && (!info.exists || info.thin_dev_id != id))
+                        r = err_set(-EIO, "wrong info for '%s'", name);
+                if (r == 0)
+                        r = thin_pool_status(POOL, &s);
+                if (r == 0)
+                        r = thin_pool_deactivate(name, NULL);
+                if (r == 0)
+                        r = thin_pool_delete(POOL, id);
+                if (r != 0) {
+                        a->failures++;
+                        (void)snprintf(a->error, sizeof(a->error), "%s: %d %s", name, r,
+                                       err_last());
+                }
+        }
+        return NULL;
+}
+
+static void test_thin_pool_concurrent_callers(void **state)
+{
+        pthread_t threads[4];
+        struct worker_arg args[4];
+        struct thin_pool_active_thin *devs = NULL;
+        size_t n = 0;
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(threads); i++) {
+                args[i] = (struct worker_arg){.first_id = 1000 + 100 * (uint32_t)i};
+                assert_int_equal(pthread_create(&threads[i], NULL, concurrent_worker, &args[i]), 0);
+        }
+        for (size_t i = 0; i < ARRAY_SIZE(threads); i++) {
+                assert_int_equal(pthread_join(threads[i], NULL), 0);
+                if (args[i].failures)
+                        fail_msg("worker %zu: %s", i, args[i].error);
+        }
+        assert_ok(thin_pool_list_thin_ids(POOL, &devs, &n));
+        assert_int_equal(n, 2); /* THIN1 and SNAP3 only */
+        free(devs);
 }
 
 static void test_thin_pool_out_of_space(void **state)
@@ -637,11 +715,14 @@ int main(void)
                 cmocka_unit_test(test_thin_pool_activate_missing_id),
                 cmocka_unit_test(test_thin_pool_device_info_and_lists),
                 cmocka_unit_test(test_thin_pool_metadata_thin_ids),
+                cmocka_unit_test(test_thin_pool_concurrent_callers),
                 cmocka_unit_test(test_thin_pool_out_of_space),
                 cmocka_unit_test(test_thin_pool_teardown_guards_active_devices),
         };
         const char *debug = getenv("FIM_TEST_DEBUG");
 
+        /* Line by line: when the VM times out, the output shows where it stopped. */
+        (void)setvbuf(stdout, NULL, _IOLBF, 0);
         if (access("/dev/mapper/control", F_OK) != 0) {
                 fprintf(stderr, "test_thin_pool: device-mapper is not available "
                                 "(/dev/mapper/control is missing); run these tests in the VM: "
