@@ -336,3 +336,42 @@ out:
         free(ids);
         return r;
 }
+
+int thin_registry_reactivate(struct db *db, const char *host, const char *pool,
+                             thin_reconcile_fn cb, void *userdata)
+{
+        PGresult *rows = NULL;
+        int activated = 0;
+        int r;
+
+        r = db_exec(db, &rows,
+                    "SELECT d.device_id, d.size_bytes, coalesce(s.snapshot_name, '')"
+                    " FROM thin_devices d LEFT JOIN snapshots s ON s.host_id = d.host_id AND"
+                    " s.pool_name = d.pool_name AND s.device_id = d.device_id"
+                    " WHERE d.host_id = $1 AND d.pool_name = $2 AND d.state = 'ready' AND"
+                    " (d.kind = 'origin' OR (d.kind = 'snapshot' AND s.state = 'active'))"
+                    " ORDER BY d.device_id",
+                    2, (const char *const[]){host, pool});
+        if (r < 0)
+                return r;
+        for (int i = 0; i < PQntuples(rows); i++) {
+                uint32_t id = (uint32_t)db_get_i64(rows, i, 0);
+                const char *snap = db_get(rows, i, 2);
+                char name[THIN_POOL_NAME_MAX + 1];
+
+                if (snap[0])
+                        (void)snprintf(name, sizeof(name), "%s", snap);
+                else
+                        thin_registry_origin_name(id, name, sizeof(name));
+                r = thin_pool_activate(pool, id, name, (uint64_t)db_get_i64(rows, i, 1), NULL);
+                if (r == 0)
+                        activated++;
+                else if (r < 0)
+                        thin_reconcile_report(cb, userdata, THIN_RECONCILE_MISSING_IN_POOL, id,
+                                              "could not re-activate '%s' (thin id %" PRIu32
+                                              "): %s",
+                                              name, id, err_last());
+        }
+        PQclear(rows);
+        return activated;
+}

@@ -80,5 +80,13 @@ typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id,
 int thin_registry_reconcile(struct db *db, const char *host, const char *pool, bool repair,
                             thin_reconcile_fn cb, void *userdata);
 
+/*
+ * Bring the kernel back in line with the rows after a reboot: activate every ready origin as
+ * thin-<id> and every active snapshot under its name (devices already active are left as
+ * they are). Returns the number activated, or a negative errno; @cb hears failures.
+ */
+int thin_registry_reactivate(struct db *db, const char *host, const char *pool,
+                             thin_reconcile_fn cb, void *userdata);
+
 /* "thin-<id>" */
 void thin_registry_origin_name(uint32_t id, char *buf, unsigned long size);

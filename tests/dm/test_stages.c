@@ -524,6 +524,30 @@ static void test_stages_reconcile_repairs_what_is_safe(void **state)
         assert_int_equal(thin_pool_delete(POOL, 500), 0);
 }
 
+static void test_stages_reactivate_after_reboot(void **state)
+{
+        struct env *e = *state;
+        struct stage_result act;
+        char origin_name[32];
+        uint32_t origin;
+
+        make_rootfs_tar("rebooted", "");
+        origin = unpack_and_activate(e, "rebooted", &act);
+        stage_result_done(&act);
+        thin_registry_origin_name(origin, origin_name, sizeof(origin_name));
+        /* What a reboot does to device-mapper: every device is gone, the pool's data stays. */
+        assert_int_equal(thin_pool_deactivate("snapshot-rebooted", NULL), 0);
+        assert_int_equal(thin_pool_deactivate(origin_name, NULL), 0);
+        assert_int_equal(thin_registry_reactivate(e->db, "vm-host", POOL, NULL, NULL), 2);
+        assert_int_equal(access("/dev/mapper/snapshot-rebooted", F_OK), 0);
+        sh("mkdir -p /tmp/snapmnt && mount -o ro /dev/mapper/snapshot-rebooted /tmp/snapmnt &&"
+           " grep -q 'Test Linux rebooted' /tmp/snapmnt/etc/os-release; rc=$?;"
+           " umount /tmp/snapmnt; exit $rc");
+        /* A second call finds everything active. */
+        assert_int_equal(thin_registry_reactivate(e->db, "vm-host", POOL, NULL, NULL), 0);
+        assert_pool_matches_rows(e);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -537,6 +561,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_stages_sigkill_during_unpack_and_activate,
                                                 setup, teardown),
                 cmocka_unit_test_setup_teardown(test_stages_reconcile_repairs_what_is_safe, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_stages_reactivate_after_reboot, setup,
                                                 teardown),
         };
 
