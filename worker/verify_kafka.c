@@ -49,7 +49,7 @@ static void verify_kafka_topics(struct verify_report *rep, const struct config *
                                                  mlen ? ", " : "", topic);
                 else
                         plen += (size_t)snprintf(present + plen, sizeof(present) - plen,
-                                                 "%s'%s' (%d partitions)", plen ? ", " : "", topic,
+                                                 "%s'%s' (%d partition(s))", plen ? ", " : "", topic,
                                                  t->partition_cnt);
                 if (mlen >= sizeof(missing) || plen >= sizeof(present))
                         break;
