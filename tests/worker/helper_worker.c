@@ -367,7 +367,9 @@ void wt_teardown(struct wt_env *e)
 
 /* ---- processes ---------------------------------------------------------------------- */
 
-pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env)
+/* Fork and exec @path with @argv and the extra settings; the pid is remembered in @e. */
+static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *argv,
+                      const char *const *extra_env)
 {
         size_t slot = 0;
         pid_t pid;
@@ -381,11 +383,23 @@ pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env)
         if (pid == 0) {
                 for (size_t i = 0; extra_env && extra_env[i]; i++)
                         (void)putenv((char *)extra_env[i]);
-                execl("/proc/self/exe", "test-worker", "worker", (char *)NULL);
+                execv(path, (char *const *)argv);
                 _exit(127);
         }
         e->workers[slot] = pid;
         return pid;
+}
+
+pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env)
+{
+        static const char *const argv[] = {"test-worker", "worker", NULL};
+
+        return wt_spawn(e, "/proc/self/exe", argv, extra_env);
+}
+
+pid_t wt_cli_start(struct wt_env *e, const char *const *args, const char *const *extra_env)
+{
+        return wt_spawn(e, FIM_BINARY_DIR "/flyio-image-manager", args, extra_env);
 }
 
 static void wt_forget(struct wt_env *e, pid_t pid)

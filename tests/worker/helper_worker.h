@@ -56,6 +56,9 @@ void wt_teardown(struct wt_env *e);
 /* Start a worker process (stderr goes to ours). Extra "NAME=value" settings may follow. */
 pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env);
 
+/* Start the real binary with @args (NULL-terminated) in the background, like a worker. */
+pid_t wt_cli_start(struct wt_env *e, const char *const *args, const char *const *extra_env);
+
 /*
  * Send @sig to a worker and wait up to @timeout_ms for it to exit. Returns its exit status
  * (128 + n when killed by signal n), or -1 after a timeout (it is then SIGKILLed).
