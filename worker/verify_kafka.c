@@ -49,8 +49,8 @@ static void verify_kafka_topics(struct verify_report *rep, const struct config *
                                                  mlen ? ", " : "", topic);
                 else
                         plen += (size_t)snprintf(present + plen, sizeof(present) - plen,
-                                                 "%s'%s' (%d partition(s))", plen ? ", " : "", topic,
-                                                 t->partition_cnt);
+                                                 "%s'%s' (%d partition(s))", plen ? ", " : "",
+                                                 topic, t->partition_cnt);
                 if (mlen >= sizeof(missing) || plen >= sizeof(present))
                         break;
         }
