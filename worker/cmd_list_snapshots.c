@@ -1,11 +1,17 @@
 /* `list-snapshots [--active-only[=BOOL]]`: activated snapshots on this host. */
+#include <errno.h>
 #include <getopt.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
 
 #include "common/util.h"
 #include "config/config.h"
 #include "db/db.h"
+#include "stages/thin_pool.h"
 #include "worker/cli.h"
 #include "worker/commands.h"
 
@@ -21,6 +27,77 @@ static const char cmd_list_snapshots_json_sql[] =
         " device_path, state = 'active' AS active, run_id, created_at, activated_at FROM snapshots"
         " WHERE host_id = $1 AND (NOT $2::bool OR state = 'active')) s";
 
+/* "active", "missing" (recorded, not in the kernel) or "unknown" (no device-mapper here). */
+static const char *list_snapshots_kernel_state(const char *name)
+{
+        struct thin_pool_device_info info;
+
+        if (access("/dev/mapper/control", R_OK | W_OK) < 0 ||
+            thin_pool_device_info(name, &info) < 0)
+                return "unknown";
+        return info.exists && info.is_thin ? "active" : "missing";
+}
+
+/* The table with the kernel's view added: what the database says and what device-mapper has. */
+static void list_snapshots_print(const PGresult *res)
+{
+        static const char *const headers[] = {"SNAPSHOT",  "IMAGE_ID",  "SNAPSHOT_ID",
+                                              "ORIGIN_ID", "POOL",      "STATE",
+                                              "DEVICE",    "ACTIVATED", "KERNEL"};
+        int rows = PQntuples(res);
+        size_t w[9] = {0};
+        const char **kernel = calloc((size_t)rows + 1, sizeof(*kernel));
+
+        for (int c = 0; c < 9; c++)
+                w[c] = strlen(headers[c]);
+        for (int i = 0; i < rows; i++) {
+                kernel[i] = list_snapshots_kernel_state(db_get(res, i, 0));
+                for (int c = 0; c < 9; c++) {
+                        const char *v = c < 8 ? db_get(res, i, c) : kernel[i];
+                        size_t n = strlen(v ? v : "-");
+
+                        w[c] = n > w[c] ? n : w[c];
+                }
+        }
+        for (int c = 0; c < 9; c++)
+                printf("%-*s%s", c == 8 ? 0 : (int)w[c], headers[c], c == 8 ? "\n" : "  ");
+        for (int i = 0; i < rows; i++) {
+                for (int c = 0; c < 9; c++) {
+                        const char *v = c < 8 ? db_get(res, i, c) : kernel[i];
+
+                        printf("%-*s%s", c == 8 ? 0 : (int)w[c], v ? v : "-", c == 8 ? "\n" : "  ");
+                }
+        }
+        free(kernel);
+}
+
+/* --json with the kernel's view added to each snapshot. */
+static int list_snapshots_json(struct db *db, const char *const *params)
+{
+        PGresult *res = NULL;
+        struct json_object *arr;
+        int r;
+
+        r = db_query_row(db, &res, cmd_list_snapshots_json_sql, 2, params);
+        if (r <= 0)
+                return r;
+        arr = json_tokener_parse(db_get(res, 0, 0));
+        PQclear(res);
+        if (!arr)
+                return -EBADMSG;
+        for (size_t i = 0; i < json_object_array_length(arr); i++) {
+                struct json_object *o = json_object_array_get_idx(arr, i), *name = NULL;
+
+                if (json_object_object_get_ex(o, "snapshot_name", &name))
+                        json_object_object_add(o, "kernel",
+                                               json_object_new_string(list_snapshots_kernel_state(
+                                                       json_object_get_string(name))));
+        }
+        printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PLAIN));
+        json_object_put(arr);
+        return 0;
+}
+
 int cmd_list_snapshots(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -30,8 +107,6 @@ int cmd_list_snapshots(int argc, char **argv)
                 {"help", no_argument, NULL, 'h'},
                 {0, 0, 0, 0},
         };
-        static const char *const headers[] = {"SNAPSHOT", "IMAGE_ID", "SNAPSHOT_ID", "ORIGIN_ID",
-                                              "POOL",     "STATE",    "DEVICE",      "ACTIVATED"};
         bool active_only = true, json = false;
         struct config cfg;
         struct db *db = NULL;
@@ -77,11 +152,11 @@ int cmd_list_snapshots(int argc, char **argv)
                 const char *params[2] = {cfg.host_id, active_only ? "true" : "false"};
 
                 if (json) {
-                        r = cli_print_json_query(db, cmd_list_snapshots_json_sql, 2, params);
+                        r = list_snapshots_json(db, params);
                 } else {
                         r = db_exec(db, &res, cmd_list_snapshots_sql, 2, params);
                         if (r == 0)
-                                cli_print_table(res, headers);
+                                list_snapshots_print(res);
                 }
         }
         status = r < 0 ? cli_fail(r) : CMD_EXIT_OK;

@@ -263,6 +263,21 @@ static void test_stages_unpack_activate_realistic_image(void **state)
                 scalar(e->db, "SELECT count(*) FROM outbox WHERE topic = 'images.activate'"), 1);
         assert_pool_matches_rows(e);
 
+        /* list-snapshots shows the database's state next to the kernel's. */
+        {
+                const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager", "--set", NULL,
+                                      "--set", "HOST_ID=vm-host", "list-snapshots", NULL};
+                char set_db[600], out[2048];
+
+                (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
+                argv[2] = set_db;
+                if (spawn_run(argv, out, sizeof(out)) < 0)
+                        fail_msg("list-snapshots: %s", err_last());
+                if (!strstr(out, "snapshot-alpine-1") || !strstr(out, "active  ") ||
+                    strstr(out, "missing"))
+                        fail_msg("list-snapshots output: %s", out);
+        }
+
         /* gc removes snapshot, origin and tarball, and the pool is empty again. */
         {
                 const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
