@@ -9,6 +9,8 @@
 #                other address is reachable. The command gets FIM_VM_HOST_ADDR=10.0.2.100.
 #   -e VAR=VALUE environment for the command (repeatable); nothing else is inherited
 #   -w           writable root: an overlay over the host root, discarded at power-off
+#   -s DIR       share the host directory DIR (absolute, existing) read-write at the same path,
+#                so that state (e.g. a demo's pool files) survives from one VM boot to the next
 #
 # The guest sees the host's / read-only (over virtio-9p) and runs COMMAND chroot'ed into it, in
 # the same working directory, with fresh tmpfs on /tmp, /var/tmp and /run, DM_DISABLE_UDEV=1,
@@ -31,6 +33,7 @@ readonly host_addr=10.0.2.100
 timeout_s=600
 mem_mb=2048
 overlay=0
+persist=
 ports=()
 envs=()
 workdir=
@@ -62,7 +65,7 @@ on_signal() {
 parse_args() {
 	local opt
 
-	while getopts ":t:m:p:e:wh" opt; do
+	while getopts ":t:m:p:e:s:wh" opt; do
 		case "$opt" in
 		t) [[ "$OPTARG" =~ ^[1-9][0-9]*$ ]] || die "-t wants seconds, got '$OPTARG'"
 		   timeout_s="$OPTARG" ;;
@@ -76,6 +79,9 @@ parse_args() {
 			die "-e wants VAR=VALUE, got '$OPTARG'"
 		   envs+=("$OPTARG") ;;
 		w) overlay=1 ;;
+		s) [ -d "$OPTARG" ] && [ "${OPTARG#/}" != "$OPTARG" ] ||
+			die "-s wants an existing absolute directory, got '$OPTARG'"
+		   persist="$(cd "$OPTARG" && pwd -P)" ;;
 		h) usage ;;
 		:) die "-$OPTARG needs a value" ;;
 		*) die "unknown option -$OPTARG (see -h)" ;;
@@ -163,8 +169,8 @@ write_share() {
 		printf '\n'
 	} >"$share/cmd.sh"
 	printf '%s' "$cwd" >"$share/cwd"
-	printf 'OVERLAY=%s\nNET=%s\n' "$overlay" "$([ "${#ports[@]}" -gt 0 ] && echo 1 || echo 0)" \
-		>"$share/vm.conf"
+	printf 'OVERLAY=%s\nNET=%s\nPERSIST=%q\n' "$overlay" \
+		"$([ "${#ports[@]}" -gt 0 ] && echo 1 || echo 0)" "$persist" >"$share/vm.conf"
 }
 
 # KVM only where it can work: /dev/kvm usable AND hardware virtualisation in the CPU flags.
@@ -203,6 +209,10 @@ build_qemu_cmd() {
 		-device virtio-9p-pci,fsdev=root,mount_tag=hostroot
 		-fsdev "local,id=share,path=$share,security_model=none,multidevs=remap"
 		-device virtio-9p-pci,fsdev=share,mount_tag=share)
+	if [ -n "$persist" ]; then
+		qemu+=(-fsdev "local,id=persist,path=$persist,security_model=none,multidevs=remap"
+			-device virtio-9p-pci,fsdev=persist,mount_tag=persist)
+	fi
 
 	[ "${#ports[@]}" -gt 0 ] || return 0
 	# restrict=on: the guest reaches nothing but the guestfwd targets. Each connection to
