@@ -1166,8 +1166,8 @@ static int extract_file_meta(struct extract_ctx *c, struct archive_entry *e, int
         struct timespec ts[2];
         mode_t mode = extract_mode(c, e);
         bool chowned = false;
-        uid_t uid;
-        gid_t gid;
+        uid_t uid = 0;
+        gid_t gid = 0;
         int r;
 
         r = extract_owner(c, e, &uid, &gid);
@@ -1323,8 +1323,8 @@ static int extract_symlink(struct extract_ctx *c, struct archive_entry *e, int d
 {
         const char *target = archive_entry_symlink(e);
         struct timespec ts[2];
-        uid_t uid;
-        gid_t gid;
+        uid_t uid = 0;
+        gid_t gid = 0;
         int r;
 
         if (!target || target[0] == '\0')
@@ -1365,8 +1365,8 @@ static int extract_symlink(struct extract_ctx *c, struct archive_entry *e, int d
 static int extract_defer_dir(struct extract_ctx *c, struct archive_entry *e, unsigned depth)
 {
         struct extract_dir *d;
-        uid_t uid;
-        gid_t gid;
+        uid_t uid = 0;
+        gid_t gid = 0;
         int r;
 
         r = extract_owner(c, e, &uid, &gid);
