@@ -137,9 +137,32 @@ static int thin_pool_check_name(const char *name)
 
 /* ---- libdevmapper plumbing (callers hold thin_pool_lock) ---- */
 
+/*
+ * Whether the kernel has device-mapper. Without it libdevmapper would still mknod
+ * /dev/mapper/control and only then fail; we say so first and leave /dev alone. Where sysfs
+ * is not mounted we cannot tell and let the library try. Once seen, it stays (under the lock).
+ */
+static bool thin_pool_driver_loaded(void)
+{
+        static bool seen;
+
+        if (!seen)
+                seen = access("/sys/class/misc/device-mapper", F_OK) == 0 ||
+                       access("/sys/class/misc", F_OK) != 0;
+        return seen;
+}
+
 static struct dm_task *thin_pool_task(int type, const char *name)
 {
-        struct dm_task *dmt = dm_task_create(type);
+        struct dm_task *dmt;
+
+        thin_pool_dm_error[0] = '\0';
+        if (!thin_pool_driver_loaded()) {
+                (void)snprintf(thin_pool_dm_error, sizeof(thin_pool_dm_error),
+                               "the kernel has no device-mapper driver (modprobe dm-thin-pool)");
+                return NULL;
+        }
+        dmt = dm_task_create(type);
 
         if (!dmt)
                 return NULL;
@@ -150,9 +173,15 @@ static struct dm_task *thin_pool_task(int type, const char *name)
         return dmt;
 }
 
+/* dm_task_create() and friends fail on a missing driver as well as on a lack of memory. */
 static int thin_pool_task_failed(const char *name)
 {
-        return err_set(-ENOMEM, "failed to prepare a device-mapper task for '%s'", name);
+        if (thin_pool_dm_error[0] == '\0')
+                return err_set(-ENOMEM, "failed to prepare a device-mapper task for '%s'", name);
+        /* The misc device exists only while the driver is loaded. */
+        return err_set(access("/sys/class/misc/device-mapper", F_OK) == 0 ? -EIO : -ENODEV,
+                       "failed to prepare a device-mapper task for '%s': %s", name,
+                       thin_pool_dm_error);
 }
 
 /*
