@@ -911,11 +911,10 @@ static void metrics_accept(struct metrics_server *s, int64_t now)
 
                 if (c->state != METRICS_CONN_FREE)
                         continue;
-                fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-                if (fd < 0 && (errno == EINTR || errno == ECONNABORTED)) {
-                        i--; /* this slot is still free: try the next client */
-                        continue;
-                }
+                /* A client that gave up while queued is no reason to stop accepting. */
+                do {
+                        fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                } while (fd < 0 && (errno == EINTR || errno == ECONNABORTED));
                 if (fd < 0) {
                         if (errno != EAGAIN && errno != EWOULDBLOCK) {
                                 log_debug("metrics server failed to accept, pausing", "errno=%s",
