@@ -576,7 +576,7 @@ static int extract_scan_suspect(struct extract_ctx *c, const unsigned char *name
                 if (cap > EXTRACT_MAX_SUSPECTS)
                         return err_set(
                                 -EBADMSG,
-                                "failed to read archive: too many header blocks with NUL bytes in names near offset %llu",
+                                "too many header blocks with NUL bytes in names near offset %llu",
                                 (unsigned long long)offset);
                 v = realloc(c->suspects, cap * sizeof(*v));
                 if (!v)
@@ -750,10 +750,8 @@ static int extract_scan_block(struct extract_ctx *c, const unsigned char *b)
                 s->offset = offset;
                 return 0;
         }
-        return err_set(
-                -EBADMSG,
-                "failed to read archive: too many overlapping extension headers at offset %llu",
-                (unsigned long long)offset);
+        return err_set(-EBADMSG, "too many overlapping extension headers at offset %llu",
+                       (unsigned long long)offset);
 }
 
 static int extract_scan_feed(struct extract_ctx *c, const unsigned char *p, size_t len)
@@ -815,7 +813,7 @@ static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const v
                         return 0;
                 if (r != ARCHIVE_OK) {
                         r = archive_errno(c->outer) == ENOMEM ? -ENOMEM : -EBADMSG;
-                        c->stream_r = err_set(r, "failed to decompress archive: %s",
+                        c->stream_r = err_set(r, "decompression failed: %s",
                                               archive_error_string(c->outer));
                         goto fail;
                 }
@@ -830,9 +828,8 @@ static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const v
 
         c->stream_bytes += len;
         if (c->stream_bytes > c->stream_limit) {
-                c->stream_r = err_set(
-                        -EFBIG, "failed to read archive: more than %llu bytes after decompression",
-                        (unsigned long long)c->stream_limit);
+                c->stream_r = err_set(-EFBIG, "more than %llu bytes after decompression",
+                                      (unsigned long long)c->stream_limit);
                 goto fail;
         }
         r = extract_scan_feed(c, buf, len);
@@ -849,6 +846,15 @@ fail:
         return -1;
 }
 
+/* Report an error raised in the read callback (c->stream_r), with the member it hit. */
+static int extract_stream_error(struct extract_ctx *c)
+{
+        if (c->entries == 0)
+                return err_wrap(c->stream_r, "failed to read archive");
+        return err_wrap(c->stream_r, "failed to read archive at or after member '%s'",
+                        c->last_member);
+}
+
 /*
  * Turn a libarchive failure on the inner reader into an errno. Errors raised by our read
  * callback win; anything else means corrupt or truncated input. The message names the
@@ -859,7 +865,7 @@ static int extract_archive_error(struct extract_ctx *c, const char *what)
         const char *msg = archive_error_string(c->inner);
 
         if (c->stream_r < 0)
-                return c->stream_r;
+                return extract_stream_error(c);
         if (!msg)
                 msg = "unknown error";
         if (archive_errno(c->inner) == ENOMEM)
@@ -1705,7 +1711,7 @@ static int extract_loop(struct extract_ctx *c)
                         return r;
         }
         if (c->stream_r < 0)
-                return c->stream_r;
+                return extract_stream_error(c);
         r = extract_check_end(c);
         if (r < 0)
                 return r;
@@ -1799,7 +1805,7 @@ static int extract_start(struct extract_ctx *c)
                                archive_error_string(c->inner));
         if (archive_read_open1(c->inner) != ARCHIVE_OK) {
                 if (c->stream_r < 0)
-                        return c->stream_r;
+                        return extract_stream_error(c);
                 return err_set(-EBADMSG, "failed to read archive: not a tar archive (%s)",
                                archive_error_string(c->inner));
         }

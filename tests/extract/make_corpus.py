@@ -195,6 +195,14 @@ def hostile(sent, canary):
     # Random data does not compress, so cutting the gzip stream cuts the tar stream.
     noisy = Tar().add("r", data=random.Random(3).randbytes(64 << 10)).bytes()
     out["truncated.tar.gz"] = gzip.compress(noisy, mtime=0)[:30000]
+    # 80 MiB of zeros as the body of a pax hardlink: libarchive reads and skips it, nothing
+    # is written, so only the cap on the decompressed stream stops it (the test lowers the
+    # limits so that the cap is about 65 MiB).
+    comment = pax_record(b"comment", b"x")
+    bomb = raw_tar((raw_header(b"f", b"0", 1), b"x"),
+                   (raw_header(b"PaxHeader/h", b"x", len(comment)), comment),
+                   (raw_header(b"h", b"1", 80 << 20, link=b"f"), b"\x00" * (80 << 20)))
+    out["bomb_skipped_data.tar.gz"] = gzip.compress(bomb, compresslevel=9, mtime=0)
     out["garbage_after_gzip_magic.tar.gz"] = b"\x1f\x8b\x08\x00" + random.Random(7).randbytes(2048)
     return out
 
