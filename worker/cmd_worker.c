@@ -6,9 +6,11 @@
 
 #include "common/util.h"
 #include "config/config.h"
+#include "db/db.h"
 #include "worker/cli.h"
 #include "worker/commands.h"
 #include "worker/kafka_worker.h"
+#include "worker/reconcile.h"
 #include "worker/stage.h"
 
 static void cmd_worker_help(void)
@@ -80,6 +82,26 @@ static int cmd_worker_parse(const char *cmd, const char *list, const struct stag
         return 0;
 }
 
+/*
+ * Before taking jobs, a worker that runs unpack or activate repairs what crashes left in the
+ * pool and re-activates what a reboot took away (worker/reconcile.h). A pool that cannot be
+ * read is logged and the worker starts anyway: its jobs then fail with the pool's error.
+ */
+static void cmd_worker_reconcile(const struct config *cfg, const struct stage *const *stages,
+                                 size_t n)
+{
+        struct db *db = NULL;
+        bool uses_pool = false;
+
+        for (size_t i = 0; i < n; i++)
+                uses_pool = uses_pool || stages[i]->id != STAGE_DOWNLOAD;
+        if (!uses_pool || db_connect(cfg->database_url, &db) < 0)
+                return;
+        if (db_schema_check(db) == 0)
+                (void)reconcile_at_start(cfg, db);
+        db_free(db);
+}
+
 int cmd_worker(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -120,6 +142,7 @@ int cmd_worker(int argc, char **argv)
         }
         if (cli_config(&cfg) < 0)
                 return CMD_EXIT_FAILURE;
+        cmd_worker_reconcile(&cfg, stages, n);
         {
                 struct kafka_worker_options wo = {.cfg = &cfg, .stages = stages, .nstages = n};
 
