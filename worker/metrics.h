@@ -126,7 +126,8 @@ struct metrics_server;
 
 /*
  * Listen on @addr ("host:port", "[v6addr]:port", "localhost:port", ":port" for every
- * interface; port 0 picks a free one) and serve from a new thread. An empty @addr means
+ * interface, IPv6 dual-stack where available; port 0 picks a free one; a name binds the first
+ * of its addresses that works) and serve from a new thread. An empty @addr means
  * metrics are disabled: returns 0 with *ret_server NULL. @ready may be NULL (always ready).
  * Returns 0 with an owned server in *ret_server, -EINVAL for an unparsable address, or the
  * negative errno of resolving, binding or starting the thread, with err_last() saying which.
