@@ -15,10 +15,10 @@
  * auto.commit.interval.ms, when partitions are revoked, and on close: three places where a
  * hand-rolled commit would be easy to get wrong.
  *
- * Flow control. Jobs queued or running count against the pool's capacity (threads plus an
- * equal buffer, so a fast stage never waits for a fetch). At capacity, or with too many
- * delayed retries, every assigned partition is paused; below the thread count again they
- * resume. A rebalance re-applies the pause to what is newly assigned.
+ * Flow control. Jobs queued or running count against the pool's capacity: its threads plus a
+ * buffer of queued jobs sized to the pool's pace (pool_flow_control). At capacity, or with
+ * too many delayed retries, every assigned partition is paused; when half the buffer is used
+ * up they resume. A rebalance re-applies the pause to what is newly assigned.
  *
  * Retries. FSM_OUTCOME_BUSY (another worker holds the run) and FSM_OUTCOME_INTERRUPTED (lease
  * lost, database unreachable) leave the message in flight, its offset unstored, and put the
@@ -65,6 +65,13 @@
 #include "worker/stage.h"
 
 #define POOL_POLL_MS 100
+/*
+ * After a resume, librdkafka 2.0.2 sends the next fetch only when its broker thread wakes up,
+ * up to about 500 ms later (measured here; confluent-kafka-go issue 630 shows the same). The
+ * queued-job buffer covers that long at the pool's current pace, within these bounds.
+ */
+#define POOL_REFETCH_MS 500
+#define POOL_MAX_BUFFER 1024
 #define POOL_RETRY_BASE_MS 200
 #define POOL_DLQ_BACKOFF_MAX_MS 5000
 #define POOL_ERROR_LOG_INTERVAL_MS 10000
@@ -120,6 +127,7 @@ struct pool {
         struct job_list ready;
         struct job_list done;
         int running;
+        int64_t job_us; /* moving average of a job's duration */
         bool workers_exit;
         bool stopping;
         int64_t deadline_ms;
@@ -587,6 +595,7 @@ static void *pool_worker_main(void *arg)
         struct pool *pool = t->pool;
 
         for (;;) {
+                int64_t started, took_us;
                 struct pool_job *job;
 
                 pthread_mutex_lock(&pool->lock);
@@ -599,9 +608,12 @@ static void *pool_worker_main(void *arg)
                 if (!job)
                         break;
 
+                started = util_now_monotonic_ms();
                 job->result = pool_job_run(t, job);
+                took_us = (util_now_monotonic_ms() - started) * 1000 + 500;
 
                 pthread_mutex_lock(&pool->lock);
+                pool->job_us = pool->job_us ? (7 * pool->job_us + took_us) / 8 : took_us;
                 pool->running--;
                 job_list_push(&pool->done, job);
                 pthread_mutex_unlock(&pool->lock);
@@ -696,18 +708,33 @@ static void pool_release_due(struct pool *pool)
         pthread_mutex_unlock(&pool->lock);
 }
 
+/*
+ * Pause at capacity: every thread busy and the buffer of queued jobs full; resume once half
+ * the buffer is used up, so that workers still have queued jobs while the refetch after a
+ * resume travels (a pause drops what librdkafka had prefetched for the partitions). The
+ * buffer holds what the threads get through in POOL_REFETCH_MS at the recent job duration:
+ * a few jobs for a stage that works for seconds, up to POOL_MAX_BUFFER for messages that
+ * are acknowledged in a millisecond.
+ */
 static void pool_flow_control(struct pool *pool)
 {
-        int threads = pool->opts.threads;
-        size_t delayed_max = (size_t)(threads * 4 > 16 ? threads * 4 : 16);
-        size_t load;
+        size_t threads = (size_t)pool->opts.threads;
+        size_t delayed_max = threads * 4 > 16 ? threads * 4 : 16;
+        size_t buffer, load;
+        int64_t job_us;
 
         pthread_mutex_lock(&pool->lock);
         load = pool->ready.n + (size_t)pool->running;
+        job_us = pool->job_us;
         pthread_mutex_unlock(&pool->lock);
-        if (!pool->paused && (load >= (size_t)threads * 2 || pool->delayed.n >= delayed_max))
+        buffer = job_us > 0 ? (size_t)((int64_t)threads * POOL_REFETCH_MS * 1000 / job_us) : 0;
+        if (buffer > POOL_MAX_BUFFER)
+                buffer = POOL_MAX_BUFFER;
+        if (buffer < threads * 2)
+                buffer = threads * 2;
+        if (!pool->paused && (load >= threads + buffer || pool->delayed.n >= delayed_max))
                 pool_set_paused(pool, true);
-        else if (pool->paused && load <= (size_t)threads && pool->delayed.n < delayed_max)
+        else if (pool->paused && load <= threads + buffer / 2 && pool->delayed.n < delayed_max)
                 pool_set_paused(pool, false);
 }
 
