@@ -231,6 +231,11 @@ struct extract_ctx {
 
 /* Tests set this to exercise the component-by-component walk on kernels with openat2. */
 FIM_TESTABLE bool extract_disable_openat2;
+/*
+ * Tests and the fuzzer set this to hand libarchive the decompressed stream in chunks of
+ * this many bytes (0: EXTRACT_READ_BLOCK), to exercise the scan across odd boundaries.
+ */
+FIM_TESTABLE size_t extract_chunk_size;
 
 void extract_options_init(struct extract_options *opts)
 {
@@ -822,7 +827,9 @@ static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const v
         }
         /* Hand out bounded chunks so that the scan stays close to what libarchive parses. */
         buf = c->pending;
-        len = c->pending_len < EXTRACT_READ_BLOCK ? c->pending_len : EXTRACT_READ_BLOCK;
+        len = extract_chunk_size ? extract_chunk_size : EXTRACT_READ_BLOCK;
+        if (len > c->pending_len)
+                len = c->pending_len;
         c->pending += len;
         c->pending_len -= len;
 

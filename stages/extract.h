@@ -118,6 +118,9 @@ int extract_path(const char *root_path, const char *tar_path, const struct extra
 /* Resolve paths component by component even where openat2() exists. */
 extern bool extract_disable_openat2;
 
+/* Hand libarchive the decompressed stream in chunks of this size (0: the default 1 MiB). */
+extern size_t extract_chunk_size;
+
 /*
  * Normalise a member name into @out: "." and empty components dropped, the root is "".
  * Returns 0 with the component count in @ret_depth, -EPERM for absolute names and ".."

@@ -139,6 +139,7 @@ def hostile(sent, canary):
     out["hardlink_forward.tar"] = (
         Tar().hardlink("h", "later").add("later", data=b"x").bytes())
     out["hardlink_dir.tar"] = Tar().dir("d").hardlink("h", "d").bytes()
+    out["hardlink_missing_parent.tar"] = Tar().hardlink("h", "nodir/file").bytes()
     out["hardlink_root.tar"] = Tar().hardlink("h", "./").bytes()
     out["hardlink_preexisting.tar"] = Tar().hardlink("h", "pre").bytes()
     out["preexisting_symlink.tar"] = Tar().add("link/pwned", data=b"x").bytes()
@@ -274,6 +275,9 @@ def valid(sent):
     latin = b"latin\xe9".decode("utf-8", "surrogateescape")
     out["utf8.tar"] = (Tar().add("caf\u00e9/na\u00efve.txt", data=b"utf8").bytes())
     out["latin1_gnu.tar"] = Tar(tarfile.GNU_FORMAT).add(latin, data=b"latin1").bytes()
+    raw_path = pax_record(b"path", b"raw\xe9")
+    out["latin1_pax_raw.tar"] = raw_tar((raw_header(b"PaxHeader/r", b"x", len(raw_path)),
+                                         raw_path), (raw_header(b"r", b"0", 3), b"raw"))
     out["duplicates.tar"] = (
         Tar().add("f", data=b"one").symlink("f", sent + "/etc/passwd")
         .add("f", data=b"two")
@@ -281,6 +285,7 @@ def valid(sent):
         .hardlink("h", "f").add("h", data=b"three")
         .symlink("x", "y").dir("x")
         .dir("e", mode=0o700).dir("e", mode=0o751)
+        .add("g", data=b"old").hardlink("g", "f")
         .symlink("s", sent + "/etc/passwd").bytes())
     out["preexisting_replace.tar"] = Tar().add("s", data=b"mine").bytes()
     out["hardlink_self.tar"] = Tar().add("f", data=b"x").hardlink("f", "f").bytes()

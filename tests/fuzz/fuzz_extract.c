@@ -3,6 +3,10 @@
  * root directory, which is then removed. Besides the sanitizers, one oracle: after the
  * extraction the root's parent must hold nothing but the root, whatever the input said.
  *
+ * The input's size also picks how the decompressed stream is chunked for libarchive (a
+ * third of the inputs get the default, the rest odd sizes), so that the stream scan is
+ * fuzzed across block boundaries too; memory input would otherwise arrive in one piece.
+ *
  * Built only with FIM_FUZZ=ON and clang; tests/fuzz/run.sh builds and runs it.
  */
 #include <dirent.h>
@@ -120,6 +124,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         extract_options_init(&opts);
         opts.max_total_bytes = 16u << 20;
         opts.max_entries = 10000;
+        extract_chunk_size = size % 3 == 0 ? 0 : 1 + size % 1021;
         (void)extract_memory(root_fd, data, size, &opts, &res);
         err_clear();
 

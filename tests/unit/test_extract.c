@@ -371,6 +371,7 @@ enum {
         CASE_LIMITS = 1 << 0,      /* max_entries 100, max_total_bytes 1 MiB */
         CASE_PREEXISTING = 1 << 1, /* root holds "pre", "link" and "s" beforehand */
         CASE_WALK = 1 << 2,        /* resolve without openat2 */
+        CASE_CHUNKED = 1 << 3,     /* feed libarchive 777-byte chunks */
 };
 
 struct hostile_case {
@@ -399,6 +400,7 @@ static const struct hostile_case hostile_cases[] = {
         {"hardlink_symlink_parent.tar", -EPERM, "'h'", 0},
         {"hardlink_to_symlink.tar", -EPERM, "'h'", 0},
         {"hardlink_forward.tar", -ENOENT, "'h'", 0},
+        {"hardlink_missing_parent.tar", -ENOENT, "'h': hardlink target 'nodir/file'", 0},
         {"hardlink_dir.tar", -EPERM, "'h'", 0},
         {"hardlink_root.tar", -EPERM, "'h'", 0},
         {"hardlink_preexisting.tar", -EPERM, "'h'", CASE_PREEXISTING},
@@ -473,12 +475,14 @@ static void test_extract_hostile(void **state)
                 opts.max_total_bytes = 1 << 20;
         }
         extract_disable_openat2 = (tc->flags & CASE_WALK) != 0;
+        extract_chunk_size = (tc->flags & CASE_CHUNKED) ? 777 : 0;
         prepare(tc->flags & CASE_PREEXISTING);
         assert_no_canary();
         before = snapshot();
 
         r = extract_corpus(tc->file, &opts, &res);
         extract_disable_openat2 = false;
+        extract_chunk_size = 0;
 
         expand_member(tc->member, member, sizeof(member));
         if (r != tc->err || !strstr(err_last(), member))
@@ -625,6 +629,18 @@ static void test_extract_basic_walk(void **state)
         extract_disable_openat2 = true;
         res = extract_ok("basic.tar", NULL);
         extract_disable_openat2 = false;
+        check_basic(&res);
+}
+
+static void test_extract_basic_chunked(void **state)
+{
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        extract_chunk_size = 777;
+        res = extract_ok("basic.tar.zst", NULL);
+        extract_chunk_size = 0;
         check_basic(&res);
 }
 
@@ -814,6 +830,10 @@ static void test_extract_names_kept_as_bytes(void **state)
         prepare(false);
         (void)extract_ok("latin1_gnu.tar", NULL);
         assert_root_content("latin\xe9", "latin1");
+        /* Not UTF-8 in a pax path without hdrcharset: libarchive warns, the bytes stay. */
+        prepare(false);
+        (void)extract_ok("latin1_pax_raw.tar", NULL);
+        assert_root_content("raw\xe9", "raw");
 }
 
 static void test_extract_duplicates_later_wins(void **state)
@@ -832,7 +852,8 @@ static void test_extract_duplicates_later_wins(void **state)
         free(after);
         assert_mode("f", S_IFREG, 0644, 0, 0);
         assert_root_content("f", "two");
-        assert_int_equal(lstat_root("f").st_nlink, 1);
+        assert_int_equal(lstat_root("f").st_nlink, 2); /* f and g */
+        assert_int_equal(lstat_root("g").st_ino, lstat_root("f").st_ino);
         assert_mode("d", S_IFREG, 0644, 0, 0);
         assert_root_content("d", "file-now");
         assert_root_content("h", "three");
@@ -1129,11 +1150,12 @@ static void test_extract_block_is_header(void **state)
         assert_false(extract_block_is_header(b));
 }
 
-#define HOSTILE_MAX (ARRAY_SIZE(hostile_cases) * 2)
+#define HOSTILE_MAX (ARRAY_SIZE(hostile_cases) * 3)
 
 int main(void)
 {
-        static struct hostile_case walk_cases[ARRAY_SIZE(hostile_cases)];
+        static struct hostile_case variants[ARRAY_SIZE(hostile_cases)][2];
+        static const char *const suffixes[] = {"", "_walk", "_chunked"};
         static char names[HOSTILE_MAX + 16][96];
         static const char *const basic_files[] = {"basic.tar", "basic.tar.gz", "basic.tar.zst",
                                                   "basic.tar.xz"};
@@ -1141,6 +1163,7 @@ int main(void)
         static const char *const long_files[] = {"longname_gnu.tar", "longname_pax.tar"};
         static const struct CMUnitTest fixed[] = {
                 cmocka_unit_test(test_extract_basic_walk),
+                cmocka_unit_test(test_extract_basic_chunked),
                 cmocka_unit_test(test_extract_basic_from_memory),
                 cmocka_unit_test(test_extract_no_same_owner),
                 cmocka_unit_test(test_extract_setuid),
@@ -1167,18 +1190,21 @@ int main(void)
         size_t n = 0;
 
         for (size_t i = 0; i < ARRAY_SIZE(hostile_cases); i++) {
-                walk_cases[i] = hostile_cases[i];
-                walk_cases[i].flags |= CASE_WALK;
-                for (int walk = 0; walk < 2; walk++) {
-                        char *name = names[2 * i + (size_t)walk];
+                for (size_t v = 0; v < 3; v++) {
+                        const struct hostile_case *tc = &hostile_cases[i];
+                        char *name = names[3 * i + v];
 
+                        if (v > 0) {
+                                variants[i][v - 1] = *tc;
+                                variants[i][v - 1].flags |= v == 1 ? CASE_WALK : CASE_CHUNKED;
+                                tc = &variants[i][v - 1];
+                        }
                         (void)snprintf(name, sizeof(names[0]), "test_extract_refuses_%s%s",
-                                       hostile_cases[i].file, walk ? "_walk" : "");
+                                       hostile_cases[i].file, suffixes[v]);
                         tests[n++] = (struct CMUnitTest){
                                 .name = name,
                                 .test_func = test_extract_hostile,
-                                .initial_state =
-                                        walk ? (void *)&walk_cases[i] : (void *)&hostile_cases[i],
+                                .initial_state = (void *)tc,
                         };
                 }
         }
