@@ -338,37 +338,11 @@ static const struct fsm_def activate_fsm = {
         .on_failure = activate_on_failure,
 };
 
-static void activate_mark_already(struct stage_result *res)
-{
-        struct json_object *o = res->response ? json_tokener_parse(res->response) : NULL;
-
-        if (!o)
-                return;
-        json_object_object_add(o, "activated", json_object_new_boolean(0));
-        json_object_object_add(o, "already_exist", json_object_new_boolean(1));
-        free(res->response);
-        res->response = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-        json_object_put(o);
-}
-
 static int activate_handle(const struct stage_ctx *ctx, const char *request_json,
                            struct stage_result *ret)
 {
         struct activate_job job = {.ctx = ctx};
-        struct fsm_options opts = {
-                .host_id = ctx->cfg->host_id,
-                .worker_id = ctx->worker_id,
-                .max_attempts = ctx->cfg->max_attempts,
-                .retry_base_ms = ctx->cfg->retry_base_ms,
-                .retry_max_ms = ctx->cfg->retry_max_ms,
-                .leases = ctx->leases,
-                .stop = ctx->stop,
-                .trace_id = ctx->trace_id,
-                .parent_run_id = ctx->parent_run_id,
-        };
-        struct fsm_result fres = {0};
         char key[1024];
-        char *canonical;
         int r;
 
         memset(ret, 0, sizeof(*ret));
@@ -380,15 +354,8 @@ static int activate_handle(const struct stage_ctx *ctx, const char *request_json
                         r = err_set(-EINVAL,
                                     "image_id too long for a snapshot name; give snapshot_name");
         }
-        if (r < 0) {
-                ret->outcome = FSM_OUTCOME_FAILED;
-                ret->error = r;
-                ret->error_class = STAGE_ERROR_INVALID_REQUEST;
-                (void)snprintf(ret->error_text, sizeof(ret->error_text),
-                               "invalid activate request: %s", err_last());
-                return 0;
-        }
-        (void)snprintf(ret->image_id, sizeof(ret->image_id), "%s", job.req.image_id);
+        if (r < 0)
+                return stage_result_invalid(ret, "activate", r);
         (void)snprintf(job.pool, sizeof(job.pool), "%s",
                        job.req.pool_name[0] ? job.req.pool_name : ctx->cfg->pool_name);
         (void)snprintf(job.req.pool_name, sizeof(job.req.pool_name), "%s", job.pool);
@@ -399,19 +366,8 @@ static int activate_handle(const struct stage_ctx *ctx, const char *request_json
                           job.req.snapshot_name, job.req.device_id);
         if (r < 0)
                 return err_set(r, "idempotency key too long");
-        canonical = activate_request_encode(&job.req);
-        if (!canonical)
-                return err_set(-ENOMEM, "out of memory");
-        opts.subject = job.req.image_id;
-        r = fsm_execute(ctx->db, &activate_fsm, &opts, key, canonical, &job, &fres);
-        free(canonical);
-        if (r < 0)
-                return r;
-        stage_result_from_fsm(ret, &fres);
-        fsm_result_done(&fres);
-        if (ret->outcome == FSM_OUTCOME_ALREADY_COMPLETE)
-                activate_mark_already(ret);
-        return 0;
+        return stage_execute(ctx, &activate_fsm, key, activate_request_encode(&job.req),
+                             job.req.image_id, "activated", &job, ret);
 }
 
 const struct stage stage_activate = {

@@ -35,6 +35,7 @@
 #include "stages/download.h"
 #include "stages/request.h"
 #include "stages/s3_client.h"
+#include "worker/metrics.h"
 #include "worker/stage.h"
 
 struct download_job {
@@ -189,6 +190,7 @@ static int download_fetch(struct fsm_run *run, void *userdata)
         if (r < 0)
                 return r;
         job->fetched_here = true;
+        metrics_add_bytes_downloaded(result.size - result.resumed_from_offset);
         (void)snprintf(job->etag, sizeof(job->etag), "%s", result.etag);
         download_response_set(fsm_run_response(run), job->req.image_id, job->dest, result.sha256,
                               (int64_t)result.size, true, NULL);
@@ -342,53 +344,17 @@ static const struct fsm_def download_fsm = {
 };
 
 /* Mark a stored response as coming from an earlier run. */
-static void download_mark_already(struct stage_result *res)
-{
-        struct json_object *o;
-
-        if (!res->response)
-                return;
-        o = json_tokener_parse(res->response);
-        if (!o)
-                return;
-        json_object_object_add(o, "downloaded", json_object_new_boolean(0));
-        json_object_object_add(o, "already_exist", json_object_new_boolean(1));
-        free(res->response);
-        res->response = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-        json_object_put(o);
-}
-
 static int download_handle(const struct stage_ctx *ctx, const char *request_json,
                            struct stage_result *ret)
 {
         struct download_job job = {.ctx = ctx};
-        struct fsm_options opts = {
-                .host_id = ctx->cfg->host_id,
-                .worker_id = ctx->worker_id,
-                .max_attempts = ctx->cfg->max_attempts,
-                .retry_base_ms = ctx->cfg->retry_base_ms,
-                .retry_max_ms = ctx->cfg->retry_max_ms,
-                .leases = ctx->leases,
-                .stop = ctx->stop,
-                .trace_id = ctx->trace_id,
-                .parent_run_id = ctx->parent_run_id,
-        };
-        struct fsm_result fres = {0};
         char key[2048];
-        char *canonical = NULL;
         int r;
 
         memset(ret, 0, sizeof(*ret));
         r = download_request_decode(request_json, &job.req);
-        if (r < 0) {
-                ret->outcome = FSM_OUTCOME_FAILED;
-                ret->error = r;
-                ret->error_class = STAGE_ERROR_INVALID_REQUEST;
-                (void)snprintf(ret->error_text, sizeof(ret->error_text),
-                               "invalid download request: %s", err_last());
-                return 0;
-        }
-        (void)snprintf(ret->image_id, sizeof(ret->image_id), "%s", job.req.image_id);
+        if (r < 0)
+                return stage_result_invalid(ret, "download", r);
         (void)snprintf(job.bucket, sizeof(job.bucket), "%s",
                        job.req.bucket[0] ? job.req.bucket : ctx->cfg->s3_bucket);
         r = util_snprintf(job.dest, sizeof(job.dest), "%s/%s.tar", ctx->cfg->local_dir,
@@ -403,19 +369,8 @@ static int download_handle(const struct stage_ctx *ctx, const char *request_json
 
         /* Store the request as understood, with the bucket default applied. */
         (void)snprintf(job.req.bucket, sizeof(job.req.bucket), "%s", job.bucket);
-        canonical = download_request_encode(&job.req);
-        if (!canonical)
-                return err_set(-ENOMEM, "out of memory");
-        opts.subject = job.req.image_id;
-        r = fsm_execute(ctx->db, &download_fsm, &opts, key, canonical, &job, &fres);
-        free(canonical);
-        if (r < 0)
-                return r;
-        stage_result_from_fsm(ret, &fres);
-        fsm_result_done(&fres);
-        if (ret->outcome == FSM_OUTCOME_ALREADY_COMPLETE)
-                download_mark_already(ret);
-        return 0;
+        return stage_execute(ctx, &download_fsm, key, download_request_encode(&job.req),
+                             job.req.image_id, "downloaded", &job, ret);
 }
 
 const struct stage stage_download = {

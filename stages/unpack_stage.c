@@ -46,6 +46,7 @@
 #include "stages/request.h"
 #include "stages/thin_pool.h"
 #include "stages/thin_registry.h"
+#include "worker/metrics.h"
 #include "worker/stage.h"
 
 #define UNPACK_MOUNT_BASE "/run/flyio-image-manager"
@@ -569,6 +570,7 @@ static int unpack_extract(struct fsm_run *run, void *userdata)
                                      job->req.image_id, strerror(errno)));
                 goto out;
         }
+        metrics_add_bytes_extracted(result.size_bytes);
         unpack_response_set(run, job, job->device_id, (int64_t)result.size_bytes,
                             (int64_t)result.file_count, true);
         log_info("image extracted",
@@ -721,50 +723,17 @@ static const struct fsm_def unpack_fsm = {
         .on_failure = unpack_on_failure,
 };
 
-static void unpack_mark_already(struct stage_result *res)
-{
-        struct json_object *o = res->response ? json_tokener_parse(res->response) : NULL;
-
-        if (!o)
-                return;
-        json_object_object_add(o, "unpacked", json_object_new_boolean(0));
-        json_object_object_add(o, "already_exist", json_object_new_boolean(1));
-        free(res->response);
-        res->response = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-        json_object_put(o);
-}
-
 static int unpack_handle(const struct stage_ctx *ctx, const char *request_json,
                          struct stage_result *ret)
 {
         struct unpack_job job = {.ctx = ctx};
-        struct fsm_options opts = {
-                .host_id = ctx->cfg->host_id,
-                .worker_id = ctx->worker_id,
-                .max_attempts = ctx->cfg->max_attempts,
-                .retry_base_ms = ctx->cfg->retry_base_ms,
-                .retry_max_ms = ctx->cfg->retry_max_ms,
-                .leases = ctx->leases,
-                .stop = ctx->stop,
-                .trace_id = ctx->trace_id,
-                .parent_run_id = ctx->parent_run_id,
-        };
-        struct fsm_result fres = {0};
         char key[1024];
-        char *canonical;
         int r;
 
         memset(ret, 0, sizeof(*ret));
         r = unpack_request_decode(request_json, &job.req);
-        if (r < 0) {
-                ret->outcome = FSM_OUTCOME_FAILED;
-                ret->error = r;
-                ret->error_class = STAGE_ERROR_INVALID_REQUEST;
-                (void)snprintf(ret->error_text, sizeof(ret->error_text),
-                               "invalid unpack request: %s", err_last());
-                return 0;
-        }
-        (void)snprintf(ret->image_id, sizeof(ret->image_id), "%s", job.req.image_id);
+        if (r < 0)
+                return stage_result_invalid(ret, "unpack", r);
         (void)snprintf(job.pool, sizeof(job.pool), "%s",
                        job.req.pool_name[0] ? job.req.pool_name : ctx->cfg->pool_name);
         job.size = job.req.device_size ? (uint64_t)job.req.device_size : ctx->cfg->device_size;
@@ -774,19 +743,8 @@ static int unpack_handle(const struct stage_ctx *ctx, const char *request_json,
                           job.req.image_id, job.req.checksum);
         if (r < 0)
                 return err_set(r, "idempotency key too long");
-        canonical = unpack_request_encode(&job.req);
-        if (!canonical)
-                return err_set(-ENOMEM, "out of memory");
-        opts.subject = job.req.image_id;
-        r = fsm_execute(ctx->db, &unpack_fsm, &opts, key, canonical, &job, &fres);
-        free(canonical);
-        if (r < 0)
-                return r;
-        stage_result_from_fsm(ret, &fres);
-        fsm_result_done(&fres);
-        if (ret->outcome == FSM_OUTCOME_ALREADY_COMPLETE)
-                unpack_mark_already(ret);
-        return 0;
+        return stage_execute(ctx, &unpack_fsm, key, unpack_request_encode(&job.req),
+                             job.req.image_id, "unpacked", &job, ret);
 }
 
 const struct stage stage_unpack = {

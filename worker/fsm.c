@@ -34,6 +34,7 @@
 #include "common/util.h"
 #include "db/db.h"
 #include "worker/lease.h"
+#include "worker/metrics.h"
 
 #define FSM_CLAIM_ATTEMPTS 5
 
@@ -575,6 +576,7 @@ static int fsm_run_transitions(struct fsm_run *run, struct fsm_result *res)
                         }
                         if (r < 0)
                                 goto db_trouble;
+                        metrics_retry_by_name(def->name);
                         fsm_backoff_sleep(run, delay);
                 }
         }

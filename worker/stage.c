@@ -111,3 +111,64 @@ int stage_outbox_insert(struct db *db, const struct stage_ctx *ctx, const char *
         json_object_put(headers);
         return r;
 }
+
+int stage_result_invalid(struct stage_result *ret, const char *stage, int r)
+{
+        ret->outcome = FSM_OUTCOME_FAILED;
+        ret->error = r;
+        ret->error_class = STAGE_ERROR_INVALID_REQUEST;
+        (void)snprintf(ret->error_text, sizeof(ret->error_text), "invalid %s request: %s", stage,
+                       err_last());
+        return 0;
+}
+
+/* A response found complete from an earlier run: nothing was done by this one. */
+static void stage_mark_already(struct stage_result *res, const char *done_field)
+{
+        struct json_object *o = res->response ? json_tokener_parse(res->response) : NULL;
+        char *json;
+
+        if (!o)
+                return;
+        json_object_object_add(o, done_field, json_object_new_boolean(0));
+        json_object_object_add(o, "already_exist", json_object_new_boolean(1));
+        json = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+        if (json) {
+                free(res->response);
+                res->response = json;
+        }
+        json_object_put(o);
+}
+
+int stage_execute(const struct stage_ctx *ctx, const struct fsm_def *def, const char *key,
+                  char *canonical, const char *image_id, const char *done_field, void *userdata,
+                  struct stage_result *ret)
+{
+        struct fsm_options opts = {
+                .host_id = ctx->cfg->host_id,
+                .worker_id = ctx->worker_id,
+                .subject = image_id,
+                .max_attempts = ctx->cfg->max_attempts,
+                .retry_base_ms = ctx->cfg->retry_base_ms,
+                .retry_max_ms = ctx->cfg->retry_max_ms,
+                .leases = ctx->leases,
+                .stop = ctx->stop,
+                .trace_id = ctx->trace_id,
+                .parent_run_id = ctx->parent_run_id,
+        };
+        struct fsm_result fres = {0};
+        int r;
+
+        if (!canonical)
+                return err_set(-ENOMEM, "out of memory");
+        (void)snprintf(ret->image_id, sizeof(ret->image_id), "%s", image_id);
+        r = fsm_execute(ctx->db, def, &opts, key, canonical, userdata, &fres);
+        free(canonical);
+        if (r < 0)
+                return r;
+        stage_result_from_fsm(ret, &fres);
+        fsm_result_done(&fres);
+        if (ret->outcome == FSM_OUTCOME_ALREADY_COMPLETE)
+                stage_mark_already(ret, done_field);
+        return 0;
+}

@@ -87,8 +87,26 @@ void stage_result_done(struct stage_result *result);
 /* Topic name "<prefix>.<suffix>" into @buf. Returns 0 or -ENAMETOOLONG. */
 int stage_topic(const char *prefix, const char *suffix, char *buf, unsigned long size);
 
-/* Fill @ret from an FSM result (moves the response). */
+/* Fill @ret from an FSM result (moves the response). For stages that call fsm_execute. */
 void stage_result_from_fsm(struct stage_result *ret, struct fsm_result *fsm);
+
+/*
+ * Record a request that did not decode or validate (@r, with err_last() saying why) as a
+ * permanent failure of class invalid_request; nothing runs. Returns 0.
+ */
+int stage_result_invalid(struct stage_result *ret, const char *stage, int r);
+
+/*
+ * Run @def for one decoded request: FSM options from @ctx, the run's subject @image_id,
+ * idempotency @key, and @canonical, the request as understood (defaults applied), which is
+ * stored with the run and freed here (NULL means out of memory). Fills @ret. When the key had
+ * already completed, the stored response says so: already_exist=true and @done_field
+ * ("downloaded", "unpacked", "activated") false. Returns 0 or a negative errno when the engine
+ * could not run at all.
+ */
+int stage_execute(const struct stage_ctx *ctx, const struct fsm_def *def, const char *key,
+                  char *canonical, const char *image_id, const char *done_field, void *userdata,
+                  struct stage_result *ret);
 
 /*
  * Insert the next stage's request into the outbox (inside a commit hook's transaction).
