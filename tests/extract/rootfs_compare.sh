@@ -10,7 +10,8 @@
 # programs of /usr/bin, a few libraries) plus the awkward cases a real image has: setuid
 # programs, absolute symlinks, hardlinks, a file capability, user xattrs, a sparse file,
 # read-only and sticky directories, other owners, long and UTF-8 names, devices, a FIFO.
-# Needs root (owners, mknod, setcap) and GNU tar; takes a few seconds.
+# Needs root (owners, mknod, security.capability), GNU tar, cpio and python3; takes a few
+# seconds.
 set -euo pipefail
 
 bin=${1:?usage: rootfs_compare.sh FLYIO_IMAGE_MANAGER [WORKDIR]}
@@ -67,12 +68,13 @@ ln "$src/var/lib/shared" "$src/var/lib/shared2"
 ln "$src/var/lib/shared" "$src/home/shared3"
 [ -e "$src/usr/bin/passwd" ] && ln "$src/usr/bin/passwd" "$src/usr/bin/passwd-hard"
 
-# A file capability and user xattrs.
+# A file capability (what setcap cap_net_bind_service=+ep writes) and user xattrs.
 cp /usr/bin/true "$src/usr/bin/with-cap"
-setcap cap_net_bind_service=+ep "$src/usr/bin/with-cap"
 python3 - "$src" <<'EOF'
 import os, sys
 root = sys.argv[1]
+cap = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")
+os.setxattr(os.path.join(root, "usr/bin/with-cap"), "security.capability", cap)
 os.setxattr(os.path.join(root, "var/lib/shared"), "user.origin", b"rootfs_compare")
 os.setxattr(os.path.join(root, "home/user/.config"), "user.dir", b"yes")
 EOF
