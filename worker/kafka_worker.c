@@ -145,11 +145,12 @@ static bool kafka_worker_stop_all(struct kafka_worker *w, int64_t deadline_ms)
         for (size_t i = 0; i < w->npools; i++)
                 finished &= pool_wait(w->pools[i]);
         /* Handoffs of runs that completed during shutdown go out now, not at next start. */
-        outbox_publisher_free(w->publisher, deadline_ms);
-        w->publisher = NULL;
+        if (w->publisher)
+                outbox_publisher_stop(w->publisher, deadline_ms);
         left = deadline_ms - util_now_monotonic_ms();
         if (!finished) {
-                /* Stuck workers may still use the producer: flush it, keep it. */
+                /* Stuck workers may still wake the publisher and send dead letters: flush the
+                 * producer, free nothing. */
                 if (w->producer)
                         (void)rd_kafka_flush(kafka_producer_handle(w->producer),
                                              left > 1000 ? (int)left : 1000);
@@ -164,7 +165,7 @@ static void kafka_worker_free(struct kafka_worker *w)
 {
         for (size_t i = 0; i < w->npools; i++)
                 pool_free(w->pools[i]);
-        outbox_publisher_free(w->publisher, 0);
+        outbox_publisher_free(w->publisher);
         kafka_producer_free(w->producer, 0);
         lease_keeper_free(w->leases);
 }

@@ -264,7 +264,7 @@ int outbox_publisher_new(const struct config *cfg, struct kafka_producer *produc
         *ret = pub;
         return 0;
 fail:
-        outbox_publisher_free(pub, 0);
+        outbox_publisher_free(pub);
         return r;
 }
 
@@ -276,18 +276,24 @@ void outbox_publisher_wake(struct outbox_publisher *pub)
         pthread_mutex_unlock(&pub->lock);
 }
 
-void outbox_publisher_free(struct outbox_publisher *pub, int64_t deadline_ms)
+void outbox_publisher_stop(struct outbox_publisher *pub, int64_t deadline_ms)
+{
+        if (!pub->thread_started)
+                return;
+        pthread_mutex_lock(&pub->lock);
+        pub->stopping = true;
+        pub->deadline_ms = deadline_ms;
+        pthread_cond_signal(&pub->cond);
+        pthread_mutex_unlock(&pub->lock);
+        (void)pthread_join(pub->thread, NULL);
+        pub->thread_started = false;
+}
+
+void outbox_publisher_free(struct outbox_publisher *pub)
 {
         if (!pub)
                 return;
-        if (pub->thread_started) {
-                pthread_mutex_lock(&pub->lock);
-                pub->stopping = true;
-                pub->deadline_ms = deadline_ms;
-                pthread_cond_signal(&pub->cond);
-                pthread_mutex_unlock(&pub->lock);
-                (void)pthread_join(pub->thread, NULL);
-        }
+        outbox_publisher_stop(pub, 0);
         db_free(pub->db);
         pthread_cond_destroy(&pub->cond);
         pthread_mutex_destroy(&pub->lock);

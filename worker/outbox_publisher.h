@@ -35,9 +35,12 @@ void outbox_publisher_wake(struct outbox_publisher *pub);
 
 /*
  * Keep publishing until nothing is left or the monotonic clock passes @deadline_ms, then stop
- * the thread and free. NULL is a no-op.
+ * the thread. Waking a stopped publisher is harmless. Idempotent.
  */
-void outbox_publisher_free(struct outbox_publisher *pub, int64_t deadline_ms);
+void outbox_publisher_stop(struct outbox_publisher *pub, int64_t deadline_ms);
+
+/* Stop at once (if not stopped yet) and free. NULL is a no-op. */
+void outbox_publisher_free(struct outbox_publisher *pub);
 
 /* Rows published so far by this publisher. */
 uint64_t outbox_publisher_published(const struct outbox_publisher *pub);
