@@ -66,10 +66,11 @@ static int gc_image(struct gc *g, const char *image_id)
         int r;
 
         /* 1. Snapshots of the image. */
-        r = db_exec(g->db, &res,
-                    "SELECT pool_name, device_id FROM snapshots WHERE host_id = $1 AND image_id = $2"
-                    " ORDER BY device_id",
-                    2, (const char *const[]){host, image_id});
+        r = db_exec(
+                g->db, &res,
+                "SELECT pool_name, device_id FROM snapshots WHERE host_id = $1 AND image_id = $2"
+                " ORDER BY device_id",
+                2, (const char *const[]){host, image_id});
         if (r < 0)
                 return r;
         for (int i = 0; i < PQntuples(res) && r >= 0; i++)

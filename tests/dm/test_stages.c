@@ -265,8 +265,13 @@ static void test_stages_unpack_activate_realistic_image(void **state)
 
         /* list-snapshots shows the database's state next to the kernel's. */
         {
-                const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager", "--set", NULL,
-                                      "--set", "HOST_ID=vm-host", "list-snapshots", NULL};
+                const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
+                                      "--set",
+                                      NULL,
+                                      "--set",
+                                      "HOST_ID=vm-host",
+                                      "list-snapshots",
+                                      NULL};
                 char set_db[600], out[2048];
 
                 (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
