@@ -9,7 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <signal.h>
 #include <time.h>
+#include <unistd.h>
 
 void util_assert_failed(const char *expr, const char *file, int line, const char *func)
 {
@@ -172,3 +174,13 @@ bool util_is_sha256_hex(const char *s)
         }
         return i == 64;
 }
+
+#ifdef FIM_UNIT_TEST
+void util_crash_point(const char *point)
+{
+        const char *want = getenv("FIM_CRASH_AT");
+
+        if (want && strcmp(want, point) == 0)
+                (void)kill(getpid(), SIGKILL);
+}
+#endif

@@ -27,6 +27,20 @@
 
 _Noreturn void util_assert_failed(const char *expr, const char *file, int line, const char *func);
 
+/*
+ * Crash points for recovery tests: in test builds (FIM_UNIT_TEST), when the environment
+ * variable FIM_CRASH_AT equals @point, the process kills itself with SIGKILL right there, as a
+ * power cut or an OOM kill would. In production builds this compiles to nothing.
+ */
+#ifdef FIM_UNIT_TEST
+void util_crash_point(const char *point);
+#else
+static inline void util_crash_point(const char *point)
+{
+        (void)point;
+}
+#endif
+
 /* Move ownership out of a local: returns *p and leaves NULL behind. */
 static inline void *steal_ptr_impl(void **p)
 {

@@ -242,7 +242,9 @@ static int activate_create_snapshot(struct fsm_run *run, void *userdata)
                         return r;
                 job->have_snap = true;
         }
+        util_crash_point("activate.after_intent");
         r = thin_pool_create_snap(job->pool, job->snap_id, job->origin_id, NULL);
+        util_crash_point("activate.after_create_snap");
         if (r == -EEXIST && resumed)
                 return 0; /* made before a crash */
         if (r < 0)

@@ -177,6 +177,7 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
         r = thin_registry_set_state(db, host, pool, id, "deleting");
         if (r < 0)
                 return r;
+        util_crash_point("destroy.after_intent");
         r = thin_registry_deactivate_id(pool, id);
         if (r < 0)
                 return err_wrap(r, "failed to deactivate thin device %" PRIu32 " of pool '%s'", id,
@@ -185,6 +186,7 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
         if (r < 0)
                 return err_wrap(r, "failed to delete thin device %" PRIu32 " of pool '%s'", id,
                                 pool);
+        util_crash_point("destroy.after_delete");
         return db_exec(db, NULL,
                        "WITH s AS (DELETE FROM snapshots WHERE host_id = $1 AND pool_name = $2"
                        " AND device_id = $3), u AS (DELETE FROM unpacked_images WHERE"

@@ -339,6 +339,7 @@ static int unpack_create_device(struct fsm_run *run, void *userdata)
         }
         job->have_device = true;
         thin_registry_origin_name(job->device_id, job->device_name, sizeof(job->device_name));
+        util_crash_point("unpack.after_intent");
         r = thin_pool_create_thin(job->pool, job->device_id);
         if (r == -EEXIST && !resumed) {
                 /* The pool has an id we did not know: keep it reserved, take another. */
@@ -358,6 +359,7 @@ static int unpack_create_device(struct fsm_run *run, void *userdata)
         if (r < 0 && r != -EEXIST)
                 return err_wrap(r, "failed to create thin device %" PRIu32 " in pool '%s'",
                                 job->device_id, job->pool);
+        util_crash_point("unpack.after_create_thin");
         r = thin_pool_activate(job->pool, job->device_id, job->device_name, job->size, &path);
         if (r < 0)
                 return err_wrap(r, "failed to activate thin device %" PRIu32, job->device_id);

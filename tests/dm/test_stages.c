@@ -506,6 +506,112 @@ static void test_stages_sigkill_during_unpack_and_activate(void **state)
         assert_pool_matches_rows(e);
 }
 
+/* Run @stage in a child that kills itself at crash point @point; it must die there. */
+static void crash_at(struct env *e, enum stage_id stage, const char *json, const char *point)
+{
+        pid_t pid = fork();
+        int status;
+
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                struct db *db = NULL;
+                struct lease_keeper *leases = NULL;
+                struct stage_result res;
+
+                setenv("FIM_CRASH_AT", point, 1);
+                if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, 2000, &leases) < 0)
+                        _exit(100);
+                (void)run_stage(e, db, leases, stage, json, &res);
+                _exit(0);
+        }
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGKILL)
+                fail_msg("child did not die at crash point '%s' (status %d)", point, status);
+}
+
+/*
+ * A crash between the intent row and the dm message, and between the message and the
+ * result, for create_thin and create_snap: the rerun completes the job, and the pool and
+ * the rows agree (no leaked id, no orphan device).
+ */
+static void test_stages_crash_between_intent_and_result(void **state)
+{
+        static const char *const unpack_points[] = {"unpack.after_intent",
+                                                    "unpack.after_create_thin"};
+        static const char *const activate_points[] = {"activate.after_intent",
+                                                      "activate.after_create_snap"};
+        struct env *e = *state;
+
+        for (int i = 0; i < 2; i++) {
+                struct stage_result res;
+                char image[32], json[1024], dev[16], name[64];
+
+                (void)snprintf(image, sizeof(image), "crashpoint-%d", i);
+                make_rootfs_tar(image, "");
+                unpack_json(image, json, sizeof(json));
+                crash_at(e, STAGE_UNPACK, json, unpack_points[i]);
+                resume_until_done(e, STAGE_UNPACK, json, &res);
+                field(res.response, "device_id", dev, sizeof(dev));
+                field(res.response, "device_name", name, sizeof(name));
+                stage_result_done(&res);
+                assert_pool_matches_rows(e);
+
+                (void)snprintf(json, sizeof(json),
+                               "{\"image_id\":\"%s\",\"device_id\":\"%s\",\"device_name\":\"%s\"}",
+                               image, dev, name);
+                crash_at(e, STAGE_ACTIVATE, json, activate_points[i]);
+                resume_until_done(e, STAGE_ACTIVATE, json, &res);
+                stage_result_done(&res);
+                assert_pool_matches_rows(e);
+        }
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 4);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM snapshots WHERE state = 'active'"), 2);
+}
+
+/* A crash inside a delete (gc): reconciliation finishes it. */
+static void test_stages_crash_during_delete(void **state)
+{
+        static const char *const points[] = {"destroy.after_intent", "destroy.after_delete"};
+        struct env *e = *state;
+
+        for (int i = 0; i < 2; i++) {
+                struct stage_result act;
+                char image[32];
+                pid_t pid;
+                int status;
+
+                (void)snprintf(image, sizeof(image), "deleted-%d", i);
+                make_rootfs_tar(image, "");
+                (void)unpack_and_activate(e, image, &act);
+                stage_result_done(&act);
+                pid = fork();
+                assert_true(pid >= 0);
+                if (pid == 0) {
+                        struct db *db = NULL;
+
+                        setenv("FIM_CRASH_AT", points[i], 1);
+                        if (db_connect(e->url, &db) < 0)
+                                _exit(100);
+                        (void)thin_registry_destroy(db, "vm-host", POOL,
+                                                    (uint32_t)scalar(db, "SELECT device_id FROM"
+                                                                         " snapshots LIMIT 1"));
+                        _exit(0);
+                }
+                assert_int_equal(waitpid(pid, &status, 0), pid);
+                assert_true(WIFSIGNALED(status));
+                assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices WHERE"
+                                               " state = 'deleting'"),
+                                 1);
+                assert_int_equal(thin_registry_reconcile(e->db, "vm-host", POOL, true, NULL, NULL),
+                                 0);
+                assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices WHERE"
+                                               " state = 'deleting'"),
+                                 0);
+                assert_int_equal(scalar(e->db, "SELECT count(*) FROM snapshots"), 0);
+                assert_pool_matches_rows(e);
+        }
+}
+
 static void test_stages_reconcile_repairs_what_is_safe(void **state)
 {
         struct env *e = *state;
@@ -584,6 +690,9 @@ int main(void)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_reactivate_after_reboot, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_stages_crash_between_intent_and_result, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_stages_crash_during_delete, setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
