@@ -4,7 +4,8 @@
  * run per stage and one handoff each; a worker killed mid-run is taken over and the job
  * completes once; poison messages land in the dead-letter topic with the right headers while
  * the next message is processed; replay-dlq --dry-run changes nothing and replay-dlq makes the
- * job run; SIGTERM leaves no finished work uncommitted; two processes share the partitions.
+ * job run; SIGTERM leaves no finished work uncommitted, a step that outlasts SHUTDOWN_TIMEOUT
+ * is left to its lease, and a second signal exits at once; two processes share the partitions.
  *
  * The worker processes are this binary re-executed with argv[1] = "worker" (helper_worker.h);
  * enqueue and replay-dlq run the real flyio-image-manager binary.
@@ -414,6 +415,53 @@ static void test_worker_graceful_shutdown_commits_finished_work(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/*
+ * A step that outlasts SHUTDOWN_TIMEOUT: the worker still exits 0 at the deadline, the run
+ * keeps its lease, and the next worker takes it over once the lease expires.
+ */
+static void test_worker_shutdown_deadline_leaves_run_to_lease(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const stuck[] = {"FIM_TEST_SLOW_MS=8000", "SHUTDOWN_TIMEOUT=1", NULL};
+        static const char *const fast[] = {"FIM_TEST_SLOW_MS=200", NULL};
+        int64_t t0;
+        pid_t w;
+
+        wt_produce(e, "download", "slow-d1", "{\"image_id\":\"slow-d1\"}");
+        w = wt_worker_start(e, stuck);
+        wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM sample_calls WHERE image_id = 'slow-d1'");
+        t0 = util_now_monotonic_ms();
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 10000), 0);
+        assert_true(util_now_monotonic_ms() - t0 < 5000);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status = 'running'"
+                                   " AND lease_owner IS NOT NULL"),
+                         1);
+
+        w = wt_worker_start(e, fast);
+        wait_complete(e, "activate", 1, "slow-d1", 60000);
+        assert_once_per_stage(e, "slow-d1");
+        assert_int_equal(wt_sql(e, "SELECT attempt FROM fsm_runs WHERE fsm = 'download'"), 2);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
+/* A second SIGTERM during the graceful stop exits at once. */
+static void test_worker_second_signal_exits_at_once(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const slow[] = {"FIM_TEST_SLOW_MS=8000", NULL};
+        int64_t t0;
+        pid_t w;
+
+        wt_produce(e, "download", "slow-s1", "{\"image_id\":\"slow-s1\"}");
+        w = wt_worker_start(e, slow);
+        wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM sample_calls WHERE image_id = 'slow-s1'");
+        t0 = util_now_monotonic_ms();
+        assert_int_equal(kill(w, SIGTERM), 0);
+        util_sleep_ms(300);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 5000), 128 + SIGTERM);
+        assert_true(util_now_monotonic_ms() - t0 < 3000);
+}
+
 static void test_worker_two_processes_share_partitions(void **state)
 {
         struct wt_env *e = *state;
@@ -458,6 +506,10 @@ int main(int argc, char **argv)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_graceful_shutdown_commits_finished_work,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_shutdown_deadline_leaves_run_to_lease,
+                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_second_signal_exits_at_once, setup,
+                                                teardown),
                 cmocka_unit_test_setup_teardown(test_worker_two_processes_share_partitions, setup,
                                                 teardown),
         };
