@@ -15,7 +15,7 @@ packages=(
         postgresql-15 openjdk-17-jre-headless maven kcat curl
         # tools the stages run and the tests compare against
         e2fsprogs thin-provisioning-tools dmsetup tar libarchive-tools zstd xz-utils gzip time
-        python3 python3-yaml jq debootstrap
+        python3 python3-yaml jq debootstrap bc
         # the device-mapper VM for hosts whose kernel has no dm-thin
         qemu-system-x86 busybox-static cpio kmod
 )
