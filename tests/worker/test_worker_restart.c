@@ -60,19 +60,25 @@ static int services(const char *verb)
 
 static int group_setup(void **state)
 {
-        int port = free_port();
-
         (void)state;
         (void)snprintf(broker.dir, sizeof(broker.dir), "/tmp/fim-wt-kafka-%ld", (long)getpid());
-        (void)snprintf(broker.env[0], sizeof(broker.env[0]), "FIM_KAFKA_PORT=%d", port);
-        (void)snprintf(broker.env[1], sizeof(broker.env[1]), "FIM_KAFKA_CONTROLLER_PORT=%d",
-                       free_port());
-        (void)snprintf(broker.env[2], sizeof(broker.env[2]), "FIM_KAFKA_GUEST_PORT=%d",
-                       free_port());
-        (void)snprintf(broker.brokers, sizeof(broker.brokers), "127.0.0.1:%d", port);
-        if (services("start") != 0)
-                fail_msg("could not start a private Kafka broker in %s", broker.dir);
-        return 0;
+        /* Ports picked free may be taken by someone else before the JVM binds them: retry. */
+        for (int attempt = 1;; attempt++) {
+                int port = free_port();
+
+                (void)snprintf(broker.env[0], sizeof(broker.env[0]), "FIM_KAFKA_PORT=%d", port);
+                (void)snprintf(broker.env[1], sizeof(broker.env[1]), "FIM_KAFKA_CONTROLLER_PORT=%d",
+                               free_port());
+                (void)snprintf(broker.env[2], sizeof(broker.env[2]), "FIM_KAFKA_GUEST_PORT=%d",
+                               free_port());
+                (void)snprintf(broker.brokers, sizeof(broker.brokers), "127.0.0.1:%d", port);
+                if (services("start") == 0)
+                        return 0;
+                (void)services("stop");
+                if (attempt == 3)
+                        fail_msg("could not start a private Kafka broker in %s", broker.dir);
+                printf("starting the private broker failed, retrying\n");
+        }
 }
 
 static int group_teardown(void **state)
