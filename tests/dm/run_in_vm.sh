@@ -12,7 +12,7 @@
 # write its logs into BUILD_DIR/Testing; nothing reaches the host. Exit status: ctest's, or
 # 125 when the VM gave none. FIM_DM_TIMEOUT (seconds, default 900) bounds the whole VM run.
 #
-# Services on the host: FIM_PG_ADMIN_URL and DATABASE_URL (as exported by
+# Services on the host: FIM_PG_ADMIN_URL, DATABASE_URL and S3_ENDPOINT (as exported by
 # tests/infra/services.sh) that point at 127.0.0.1 or localhost get their port forwarded into
 # the guest and their host rewritten to the guest's view of it; nothing else is reachable.
 set -euo pipefail
@@ -40,7 +40,7 @@ guest_host=10.0.2.100
 
 vm_args=(-w -t "${FIM_DM_TIMEOUT:-900}")
 declare -A forwarded=()
-for var in FIM_PG_ADMIN_URL DATABASE_URL; do
+for var in FIM_PG_ADMIN_URL DATABASE_URL S3_ENDPOINT; do
 	url="${!var:-}"
 	[ -n "$url" ] || continue
 	re='^([a-z]+://([^@/]*@)?)(127\.0\.0\.1|localhost):([0-9]+)(/.*)?$'
@@ -51,6 +51,10 @@ for var in FIM_PG_ADMIN_URL DATABASE_URL; do
 		forwarded[$port]=1
 	fi
 	vm_args+=(-e "$var=$url")
+done
+# The rest of S3's settings pass as they are (process-image's test downloads for real).
+for var in AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION S3_BUCKET S3_FORCE_PATH_STYLE; do
+	[ -z "${!var:-}" ] || vm_args+=(-e "$var=${!var}")
 done
 
 exec "$repo/tests/vm/run.sh" "${vm_args[@]}" -- \
