@@ -537,7 +537,8 @@ static char *request_encode(const struct field_spec *fields, size_t n, const voi
                         goto out;
                 }
         }
-        result = strdup(json_object_to_json_string_ext(obj, JSON_C_TO_STRING_PLAIN));
+        result = strdup(json_object_to_json_string_ext(
+                obj, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
 out:
         json_object_put(obj);
         return result;

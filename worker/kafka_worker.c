@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,8 +15,10 @@
 #include "common/util.h"
 #include "config/config.h"
 #include "db/db.h"
+#include "stages/thin_pool.h"
 #include "worker/kafka_producer.h"
 #include "worker/lease.h"
+#include "worker/metrics.h"
 #include "worker/outbox_publisher.h"
 #include "worker/pool.h"
 #include "worker/stage.h"
@@ -62,6 +65,8 @@ int kafka_worker_threads(const struct config *cfg, const struct stage *stage)
 
 struct kafka_worker {
         const struct kafka_worker_options *opts;
+        struct metrics_server *metrics;
+        atomic_bool ready; /* started and not stopping: what /readyz reports */
         struct lease_keeper *leases;
         struct kafka_producer *producer;
         struct outbox_publisher *publisher;
@@ -184,10 +189,40 @@ static void kafka_worker_log_totals(const struct kafka_worker *w)
         }
 }
 
+static bool kafka_worker_ready(char *reason, size_t reason_size, void *userdata)
+{
+        struct kafka_worker *w = userdata;
+
+        if (atomic_load(&w->ready))
+                return true;
+        (void)snprintf(reason, reason_size, "%s", kafka_worker_stop ? "shutting down" : "starting");
+        return false;
+}
+
+/* Pool usage gauges for /metrics, when this worker runs a stage that uses the pool. */
+static void kafka_worker_report_pool(const struct kafka_worker *w)
+{
+        const struct config *cfg = w->opts->cfg;
+        struct thin_pool_status st;
+        bool uses_pool = false;
+
+        for (size_t i = 0; i < w->opts->nstages; i++)
+                uses_pool = uses_pool || w->opts->stages[i]->id != STAGE_DOWNLOAD;
+        if (!uses_pool || !cfg->metrics_addr[0])
+                return;
+        if (thin_pool_status(cfg->pool_name, &st) < 0) {
+                log_debug("pool status for metrics unavailable", "pool=%s", cfg->pool_name);
+                return;
+        }
+        (void)metrics_pool_set(cfg->pool_name, st.data_used_blocks, st.data_total_blocks,
+                               st.metadata_used_blocks, st.metadata_total_blocks);
+}
+
 int kafka_worker_run(const struct kafka_worker_options *opts)
 {
         struct kafka_worker w = {.opts = opts};
         const struct config *cfg = opts->cfg;
+        int64_t pool_report_at = 0;
         bool failed = false;
         int64_t deadline;
         int r;
@@ -199,9 +234,16 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
                 log_err_errno(r, "worker failed to start", "");
                 return 1;
         }
+        r = metrics_server_start(cfg->metrics_addr, kafka_worker_ready, &w, &w.metrics);
+        if (r < 0) {
+                log_err_errno(r, "worker failed to start its metrics endpoint", "addr=%s",
+                              cfg->metrics_addr);
+                return 1;
+        }
         r = kafka_worker_start(&w);
         if (r < 0) {
                 log_err_errno(r, "worker failed to start", "");
+                metrics_server_stop(w.metrics);
                 kafka_worker_stop = -1;
                 (void)kafka_worker_stop_all(&w, util_now_monotonic_ms());
                 kafka_worker_free(&w);
@@ -209,22 +251,30 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         }
         log_info("worker started", "host=%s prefix=%s brokers=%s stages=%zu", cfg->host_id,
                  cfg->kafka_topic_prefix, cfg->kafka_brokers, w.npools);
+        atomic_store(&w.ready, true);
         while (!kafka_worker_stop) {
                 if (kafka_worker_failed(&w)) {
                         failed = true;
                         kafka_worker_stop = -1;
                         break;
                 }
+                if (util_now_monotonic_ms() >= pool_report_at) {
+                        kafka_worker_report_pool(&w);
+                        pool_report_at = util_now_monotonic_ms() + 15000;
+                }
                 util_sleep_ms(100);
         }
+        atomic_store(&w.ready, false);
         log_notice("worker shutting down", "signal=%d timeout_s=%d", (int)kafka_worker_stop,
                    cfg->shutdown_timeout);
         deadline = util_now_monotonic_ms() + (int64_t)cfg->shutdown_timeout * 1000;
         if (!kafka_worker_stop_all(&w, deadline)) {
+                metrics_server_stop(w.metrics);
                 kafka_worker_log_totals(&w);
                 log_warning("worker stopped with runs still going; their leases will expire", "");
                 return failed ? 1 : 0;
         }
+        metrics_server_stop(w.metrics);
         kafka_worker_log_totals(&w);
         kafka_worker_free(&w);
         log_notice("worker stopped", "");

@@ -32,6 +32,28 @@ struct lease_keeper {
         struct lease *leases;
 };
 
+/*
+ * An extension that matched no row means either that the run ended or was released between
+ * two ticks (normal), or that another worker took it over (our lease is lost). Only the
+ * latter stops the run.
+ */
+static bool lease_keeper_taken_over(struct lease_keeper *k, const struct lease *l)
+{
+        PGresult *res = NULL;
+        bool taken;
+
+        if (db_query_row(k->db, &res,
+                         "SELECT status = 'running' AND lease_owner IS NOT NULL AND"
+                         " lease_owner <> $2 FROM fsm_runs WHERE run_id = $1",
+                         2, (const char *const[]){l->run_id, l->owner}) <= 0)
+                return false;
+        taken = strcmp(db_get(res, 0, 0), "t") == 0;
+        PQclear(res);
+        if (taken)
+                log_warning("lease lost to another worker", "run_id=%s", l->run_id);
+        return taken;
+}
+
 static void lease_keeper_extend_all(struct lease_keeper *k)
 {
         char ms[16];
@@ -58,10 +80,8 @@ static void lease_keeper_extend_all(struct lease_keeper *k)
                                 (void)db_reconnect(k->db);
                         continue;
                 }
-                if (strcmp(PQcmdTuples(res), "0") == 0) {
+                if (strcmp(PQcmdTuples(res), "0") == 0 && lease_keeper_taken_over(k, l))
                         atomic_store(&l->lost, true);
-                        log_warning("lease lost to another worker", "run_id=%s", l->run_id);
-                }
                 PQclear(res);
         }
 }

@@ -60,6 +60,7 @@
 #include "worker/fsm.h"
 #include "worker/kafka_client.h"
 #include "worker/kafka_producer.h"
+#include "worker/metrics.h"
 #include "worker/outbox_publisher.h"
 #include "worker/pool_offsets.h"
 #include "worker/stage.h"
@@ -476,6 +477,7 @@ static enum pool_job_result pool_job_dead_letter(struct pool *pool, struct pool_
 
                 if (r == 0) {
                         pool_count(pool, POOL_STAT_DLQ);
+                        metrics_dlq(pool->opts.stage->id, f->error_class);
                         log_warning("message sent to the dead-letter topic",
                                     "topic='%s' partition=%" PRId32 " offset=%" PRId64
                                     " error_class=%s error=\"%s\"",
@@ -552,6 +554,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                 .handoff = true,
         };
         enum pool_job_result result;
+        int64_t started_ms;
         char *value;
         int r;
 
@@ -568,12 +571,17 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                                         .error_class = STAGE_ERROR_INVALID_REQUEST,
                                         .error_text = why};
 
+                metrics_job_finished(stage->id, METRICS_OUTCOME_INVALID, 0);
                 result = pool_job_dead_letter(pool, job, &f);
                 log_context_clear();
                 return result;
         }
+        started_ms = util_now_monotonic_ms();
         r = stage->handle(&ctx, value, &res);
         free(value);
+        metrics_job_finished(stage->id,
+                             r < 0 ? METRICS_OUTCOME_INTERRUPTED : metrics_outcome_of(&res),
+                             (double)(util_now_monotonic_ms() - started_ms) / 1000.0);
         log_context_set(res.run_id[0] ? res.run_id : NULL, res.image_id[0] ? res.image_id : NULL,
                         stage->name, -1);
         if (r < 0) {
@@ -602,8 +610,10 @@ static void *pool_worker_main(void *arg)
                 while (!pool->ready.head && !pool->workers_exit)
                         pthread_cond_wait(&pool->work, &pool->lock);
                 job = job_list_pop(&pool->ready);
-                if (job)
+                if (job) {
                         pool->running++;
+                        metrics_inflight_set(pool->opts.stage->id, pool->running);
+                }
                 pthread_mutex_unlock(&pool->lock);
                 if (!job)
                         break;
@@ -615,6 +625,7 @@ static void *pool_worker_main(void *arg)
                 pthread_mutex_lock(&pool->lock);
                 pool->job_us = pool->job_us ? (7 * pool->job_us + took_us) / 8 : took_us;
                 pool->running--;
+                metrics_inflight_set(pool->opts.stage->id, pool->running);
                 job_list_push(&pool->done, job);
                 pthread_mutex_unlock(&pool->lock);
                 rd_kafka_queue_yield(pool->queue);
@@ -851,13 +862,47 @@ static bool pool_is_stopping(struct pool *pool)
         return stopping || atomic_load(&pool->failed);
 }
 
+/*
+ * Consumer lag of this pool's partitions for /metrics: high watermark minus position, from
+ * librdkafka's cached values (no broker round trip).
+ */
+static void pool_report_lag(struct pool *pool)
+{
+        rd_kafka_topic_partition_list_t *list = pool_partition_list(pool);
+        int64_t lag = 0;
+
+        if (!list) {
+                metrics_lag_set(pool->opts.stage->id, 0);
+                return;
+        }
+        if (rd_kafka_position(pool->rk, list) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+                for (int i = 0; i < list->cnt; i++) {
+                        int64_t low, high;
+
+                        if (rd_kafka_get_watermark_offsets(pool->rk, pool->topic,
+                                                           list->elems[i].partition, &low,
+                                                           &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+                            high < 0)
+                                continue;
+                        lag += high - (list->elems[i].offset >= 0 ? list->elems[i].offset : low);
+                }
+        }
+        rd_kafka_topic_partition_list_destroy(list);
+        metrics_lag_set(pool->opts.stage->id, lag);
+}
+
 static void *pool_dispatch_main(void *arg)
 {
         struct pool *pool = arg;
+        int64_t lag_at = 0;
 
         while (!pool_is_stopping(pool)) {
                 rd_kafka_message_t *msg;
 
+                if (util_now_monotonic_ms() >= lag_at) {
+                        pool_report_lag(pool);
+                        lag_at = util_now_monotonic_ms() + 5000;
+                }
                 pool_drain_done(pool);
                 pool_release_due(pool);
                 pool_flow_control(pool);
