@@ -54,9 +54,10 @@ static void verify_thin_ids(struct verify_report *rep, const struct config *cfg)
                                   "pool '%s' and the database agree on every thin id",
                                   cfg->pool_name);
         else
-                verify_report_add(rep, "thin-ids", false,
-                                  "%d problem%s; the worker repairs what is safe at start, or run 'flyio-image-manager gc --all-unreferenced'",
-                                  r, r == 1 ? "" : "s");
+                verify_report_add(
+                        rep, "thin-ids", false,
+                        "%d problem%s; the worker repairs what is safe at start, or run 'flyio-image-manager gc --all-unreferenced'",
+                        r, r == 1 ? "" : "s");
         db_free(db);
 }
 
@@ -67,16 +68,18 @@ void verify_devicemapper(struct verify_report *rep, const struct config *cfg)
         int r;
 
         if (access("/dev/mapper/control", R_OK | W_OK) < 0) {
-                verify_report_add(rep, "devicemapper", false,
-                                  "/dev/mapper/control is not usable (%s): this kernel has no device-mapper or we lack privileges; run the worker as root on a host with dm-thin",
-                                  strerror(errno));
+                verify_report_add(
+                        rep, "devicemapper", false,
+                        "/dev/mapper/control is not usable (%s): this kernel has no device-mapper or we lack privileges; run the worker as root on a host with dm-thin",
+                        strerror(errno));
                 return;
         }
         r = thin_pool_status(cfg->pool_name, &st);
         if (r == -ENODEV) {
-                verify_report_add(rep, "devicemapper", false,
-                                  "thin pool '%s' does not exist: create it (pool-setup for development) or set POOL_NAME",
-                                  cfg->pool_name);
+                verify_report_add(
+                        rep, "devicemapper", false,
+                        "thin pool '%s' does not exist: create it (pool-setup for development) or set POOL_NAME",
+                        cfg->pool_name);
                 return;
         }
         if (r < 0) {
@@ -88,11 +91,11 @@ void verify_devicemapper(struct verify_report *rep, const struct config *cfg)
                           st.mode == THIN_POOL_MODE_RW && !st.needs_check &&
                                   st.data_used_percent < cfg->pool_high_water_percent &&
                                   st.metadata_used_percent < cfg->pool_high_water_percent,
-                          "thin pool '%s': %s%s, data %.1f%% of %" PRIu64 " MiB, metadata %.1f%% of %" PRIu64 " MiB (high-water mark %d%%)",
+                          "thin pool '%s': %s%s, data %.1f%% of %" PRIu64
+                          " MiB, metadata %.1f%% of %" PRIu64 " MiB (high-water mark %d%%)",
                           cfg->pool_name, modes[st.mode],
                           st.needs_check ? ", needs_check (run thin_check on its metadata)" : "",
-                          st.data_used_percent, st.data_total_bytes >> 20,
-                          st.metadata_used_percent, st.metadata_total_bytes >> 20,
-                          cfg->pool_high_water_percent);
+                          st.data_used_percent, st.data_total_bytes >> 20, st.metadata_used_percent,
+                          st.metadata_total_bytes >> 20, cfg->pool_high_water_percent);
         verify_thin_ids(rep, cfg);
 }
