@@ -81,6 +81,7 @@ fi
 
 if [ "$run_vm" = 1 ]; then
         suite "device-mapper suites (qemu VM, real dm-thin)" bash tests/dm/run_in_vm.sh build
+        suite "end to end: real worker in the VM" bash tests/e2e/run.sh build
 fi
 
 if [ "$run_fuzz" = 1 ] && [ -x tests/fuzz/run.sh ]; then
