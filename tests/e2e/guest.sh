@@ -361,8 +361,11 @@ phase_kill_unpack() {
 	worker_kill9
 	st="$(q "SELECT status || ' ' || state FROM fsm_runs WHERE fsm = 'unpack' AND request ->> 'image_id' = '$id'")"
 	echo "unpack run at the kill: status and last completed transition: $st"
-	check "kill-unpack: the worker died mid-run (run $st; make_fs done, extract not recorded)" \
-		test "$st" = "running make_fs"
+	# On this TCG guest the kill always lands inside extract; a much faster machine may land
+	# in a later transition of the same run, which is still a kill during unpack.
+	[ "$st" = "running make_fs" ] || echo "note: the kill missed extract itself (run: $st)"
+	check "kill-unpack: the worker died during the unpack run (status and last transition: $st)" \
+		test "${st%% *}" = running
 	worker_start LOG_LEVEL=debug
 	if wait_images_active 240 "$id"; then
 		pass "kill-unpack: worker #$worker_n completed $id"
@@ -381,7 +384,7 @@ phase_kill_activate() {
 	enqueue "$id"
 	gated() {
 		[ "$(q "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-			AND wait_event = 'PgSleep' AND query LIKE 'INSERT INTO fsm_events%'")" -gt 0 ]
+			AND wait_event = 'PgSleep' AND query ILIKE '%insert%fsm_events%'")" -gt 0 ]
 	}
 	if ! wait_until "the activate run of $id to reach the gate" 240 0.5 gated; then
 		q "DELETE FROM e2e_gates"

@@ -79,6 +79,7 @@ cleanup() {
 	fi
 	if [ -n "$own_services" ]; then
 		FIM_SERVICES_DIR="$own_services" bash "$repo/tests/infra/services.sh" stop >/dev/null 2>&1
+		rm -f "$own_services.lock"
 	fi
 	exit "$rc"
 }
