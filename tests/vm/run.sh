@@ -19,8 +19,8 @@
 # the guest console tail then goes to stderr.
 #
 # Environment: FIM_VM_DIRECT=1 runs COMMAND on this host instead (for hosts whose kernel has
-# dm-thin; -w then writes to the real root). FIM_VM_DEBUG=1 traces the guest init and prints the console.
-# FIM_VM_TIMES=1 prints boot and command timings to stderr.
+# dm-thin; -w then writes to the real root). FIM_VM_DEBUG=1 traces the guest init and prints
+# the console. FIM_VM_TIMES=1 prints boot and command timings to stderr.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -42,7 +42,8 @@ child_err=
 interrupted=0
 
 usage() {
-	sed -n '2,21{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
+	# The header comment above, whatever its length.
+	awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
 	exit 2
 }
 
@@ -210,7 +211,9 @@ build_qemu_cmd() {
 		-fsdev "local,id=share,path=$share,security_model=none,multidevs=remap"
 		-device virtio-9p-pci,fsdev=share,mount_tag=share)
 	if [ -n "$persist" ]; then
-		qemu+=(-fsdev "local,id=persist,path=$persist,security_model=none,multidevs=remap"
+		# qemu option values escape a comma by doubling it.
+		# shellcheck disable=SC2054 # commas are qemu's
+		qemu+=(-fsdev "local,id=persist,path=${persist//,/,,},security_model=none,multidevs=remap"
 			-device virtio-9p-pci,fsdev=persist,mount_tag=persist)
 	fi
 
