@@ -91,6 +91,11 @@ int cli_fail(int r)
         return CMD_EXIT_FAILURE;
 }
 
+void cli_getopt_reset(void)
+{
+        cli_globals.argv = NULL;
+}
+
 int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts)
 {
         char opts[128];
@@ -300,7 +305,7 @@ int cli_main(int argc, char **argv)
                         char **sub = argv + optind;
                         int subc = argc - optind;
 
-                        cli_globals.argv = NULL;
+                        cli_getopt_reset();
                         return cli_commands[i].run(subc, sub);
                 }
         }

@@ -38,6 +38,13 @@ int cli_usage(const char *command, const char *fmt, ...) __attribute__((format(p
  */
 int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts);
 
+/*
+ * Forget the getopt state, so that the next cli_getopt() starts a fresh scan. cli_main() does
+ * this before dispatching; tests that call a command function several times do it between
+ * calls (the same argv address may come back with other contents).
+ */
+void cli_getopt_reset(void);
+
 /* Reject positional arguments left after the flags. Returns 0 or prints and returns 2. */
 int cli_no_positional(const char *command, int argc, char **argv);
 

@@ -1,4 +1,5 @@
 /* pool-setup: create or remove a loop-backed thin pool (stages/pool_setup.h). */
+#include "worker/cli.h"
 #include "worker/commands.h"
 
 #include <getopt.h>
@@ -14,7 +15,7 @@
 #include "stages/pool_setup.h"
 
 static const char cmd_pool_setup_usage[] =
-        "usage: flyio-image-manager pool-setup --name POOL --dir DIR [--data-size SIZE]\n"
+        "Usage: flyio-image-manager pool-setup --name POOL --dir DIR [--data-size SIZE]\n"
         "                [--metadata-size auto|SIZE] [--block-size SIZE]\n"
         "                [--low-water-mark BLOCKS] [--error-if-no-space]\n"
         "       flyio-image-manager pool-setup --teardown --name POOL --dir DIR [--force]\n"
@@ -91,8 +92,7 @@ static int cmd_pool_setup_parse(int argc, char **argv, struct cmd_pool_setup_arg
         };
         int c, r = CMD_EXIT_OK;
 
-        optind = 0; /* a fresh scan: the dispatcher may have used getopt already */
-        while (r == CMD_EXIT_OK && (c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
+        while (r == CMD_EXIT_OK && (c = cli_getopt(argc, argv, "h", options)) != -1) {
                 a->sized |= c == OPT_DATA || c == OPT_META || c == OPT_BLOCK || c == OPT_LWM ||
                             c == OPT_ENOSPC;
                 switch (c) {
@@ -132,8 +132,7 @@ static int cmd_pool_setup_parse(int argc, char **argv, struct cmd_pool_setup_arg
                 case 'h':
                         fputs(cmd_pool_setup_usage, stdout);
                         return -1;
-                default: /* getopt has said what is wrong */
-                        fputs("Try 'flyio-image-manager pool-setup --help'.\n", stderr);
+                default: /* cli_getopt has said what is wrong */
                         return CMD_EXIT_USAGE;
                 }
         }

@@ -79,7 +79,8 @@ run "version" 0 "^flyio-image-manager [0-9]" -- --version
 run "no command" 2 "Usage:" --
 run "unknown command" 2 "unknown command 'frobnicate'" -- frobnicate
 run "unknown global flag" 2 "unknown global flag" -- --bogus list-images
-for cmd in migrate list-images list-snapshots status verify-system show-config; do
+for cmd in migrate list-images list-snapshots status verify-system show-config process-image \
+        gc extract download pool-setup worker enqueue replay-dlq; do
         run "$cmd --help" 0 "Usage: flyio-image-manager $cmd" -- "$cmd" --help
         run "$cmd unknown flag" 2 "$cmd: unknown flag '--no-such-flag'" "Try 'flyio-image-manager $cmd --help'" -- "$cmd" --no-such-flag
 done
@@ -89,6 +90,11 @@ run "status flag needs value" 2 "needs a value" -- status --run-id
 run "list-images bad status" 2 "expected pending, downloading, completed or failed" -- list-images --status done
 run "list-snapshots bad bool" 2 "expected true or false" -- list-snapshots --active-only=perhaps
 run "positional argument" 2 "unexpected argument 'extra'" -- list-images extra
+run "process-image without key" 2 "missing required flag --s3-key" -- process-image --image-id a
+run "process-image bad image id" 2 "image_id" -- process-image --s3-key k --image-id 'a b'
+run "process-image bad size" 2 "multiple of 512" -- process-image --s3-key k --image-id a --device-size 1000
+run "gc needs a target" 2 "exactly one of --image-id and --all-unreferenced" -- gc
+run "enqueue bad key" 2 "s3_key" -- enqueue --s3-key ../x --image-id a
 
 # --- configuration errors and secrets ------------------------------------------------------
 out=$(DOWNLOAD_QUEUE_SIZE=abc "$BIN" show-config 2>&1); status=$?
