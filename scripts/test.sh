@@ -80,6 +80,7 @@ if [ "$run_asan" = 1 ]; then
 fi
 
 if [ "$run_vm" = 1 ]; then
+        suite "VM harness self-test" bash tests/vm/selftest.sh
         suite "device-mapper suites (qemu VM, real dm-thin)" bash tests/dm/run_in_vm.sh build
         suite "end to end: real worker in the VM" bash tests/e2e/run.sh build
 fi
