@@ -241,6 +241,12 @@ phase_images() {
 	if wait_until "/healthz at $METRICS_ADDR" 20 0.5 curl -sf -m 2 -o /dev/null "http://$METRICS_ADDR/healthz" &&
 		scrape before; then
 		metrics_up=1
+		# /readyz: consuming and reaching PostgreSQL, soon after the partitions are assigned.
+		if wait_until "/readyz" 30 0.5 curl -sf -m 2 -o /dev/null "http://$METRICS_ADDR/readyz"; then
+			pass "metrics: /healthz and /readyz answer 200 while worker #1 consumes"
+		else
+			fail "metrics: /readyz does not answer 200 within 30 s of the start"
+		fi
 	fi
 	enqueue "${images[@]}"
 	if wait_images_active 300 "${images[@]}"; then
