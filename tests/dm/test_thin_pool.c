@@ -35,6 +35,7 @@
 #include "common/util.h"
 #include "stages/pool_setup.h"
 #include "stages/thin_pool.h"
+#include "worker/cli.h"
 #include "worker/commands.h"
 
 #define MiB (UINT64_C(1) << 20)
@@ -163,6 +164,7 @@ static int run_cli(int argc, const char *const *argv)
         for (int i = 0; i < argc; i++)
                 copy[i] = (char *)argv[i];
         copy[argc] = NULL;
+        cli_getopt_reset();
         return cmd_pool_setup(argc, copy);
 }
 
