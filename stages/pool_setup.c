@@ -106,30 +106,6 @@ static int pool_setup_check_sizes(const struct pool_setup_opts *o)
 
 /* ---- loop devices ---- */
 
-/* "/dev/<DEVNAME>" of block device @dev, from sysfs. */
-static int pool_setup_devnode(dev_t dev, char *buf, size_t size)
-{
-        char path[96], line[128];
-        FILE *f;
-        int r = -ENOENT;
-
-        (void)snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/uevent", major(dev), minor(dev));
-        f = fopen(path, "re");
-        if (!f)
-                return err_set(-errno, "failed to open '%s': %s", path, strerror(errno));
-        while (fgets(line, sizeof(line), f)) {
-                if (strncmp(line, "DEVNAME=", 8) != 0)
-                        continue;
-                line[strcspn(line, "\n")] = '\0';
-                r = util_snprintf(buf, size, "/dev/%s", line + 8);
-                break;
-        }
-        (void)fclose(f);
-        if (r < 0)
-                return err_set(r, "no usable DEVNAME in '%s'", path);
-        return 0;
-}
-
 /* 1 when @node is a loop device backed by the file @st, 0 when not (or unbound). */
 static int pool_setup_loop_backs(const char *node, const struct stat *st)
 {
@@ -163,7 +139,7 @@ static int pool_setup_dev_backs(dev_t dev, const char *path)
                 return errno == ENOENT
                                ? 0
                                : err_set(-errno, "failed to stat '%s': %s", path, strerror(errno));
-        r = pool_setup_devnode(dev, node, sizeof(node));
+        r = thin_pool_devnode(dev, node, sizeof(node));
         if (r < 0)
                 return r;
         return pool_setup_loop_backs(node, &st);
@@ -431,9 +407,8 @@ static void pool_setup_fill_existing(const struct thin_pool_table *tb,
         res->block_size = (uint64_t)tb->block_sectors * POOL_SETUP_SECTOR;
         res->data_size = tb->data_sectors * POOL_SETUP_SECTOR;
         res->metadata_size = stat(p->meta, &st) == 0 ? (uint64_t)st.st_size : 0;
-        if (pool_setup_devnode(tb->data_dev, res->data_loop, sizeof(res->data_loop)) < 0 ||
-            pool_setup_devnode(tb->metadata_dev, res->metadata_loop, sizeof(res->metadata_loop)) <
-                    0)
+        if (thin_pool_devnode(tb->data_dev, res->data_loop, sizeof(res->data_loop)) < 0 ||
+            thin_pool_devnode(tb->metadata_dev, res->metadata_loop, sizeof(res->metadata_loop)) < 0)
                 err_clear(); /* only for display */
 }
 

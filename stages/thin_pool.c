@@ -1366,8 +1366,7 @@ int thin_pool_list_thin_ids(const char *pool_name, struct thin_pool_active_thin 
         return r;
 }
 
-/* "/dev/<DEVNAME>" of a block device, from its sysfs uevent file. */
-static int thin_pool_devnode(dev_t dev, char *buf, size_t size)
+int thin_pool_devnode(dev_t dev, char *buf, size_t size)
 {
         char path[96], line[256];
         FILE *f;

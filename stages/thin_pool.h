@@ -251,6 +251,9 @@ int thin_pool_list_thin_ids(const char *pool_name, struct thin_pool_active_thin 
  */
 int thin_pool_metadata_thin_ids(const char *pool_name, uint32_t **ret_ids, size_t *ret_count);
 
+/* "/dev/<DEVNAME>" of block device @dev, from its sysfs uevent file. 0 or a negative errno. */
+int thin_pool_devnode(dev_t dev, char *buf, size_t size);
+
 /* Whether @name is usable as a dm device name: 1..127 bytes, no '/', not "." or "..". */
 bool thin_pool_name_is_valid(const char *name);
 
