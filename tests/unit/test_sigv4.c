@@ -31,7 +31,7 @@
 #include "common/util.h"
 #include "stages/s3_sigv4.h"
 
-#define SUITE_DIR FIM_SOURCE_DIR "/../shared/data/aws-sigv4-test-suite"
+#define SUITE_DIR FIM_SIGV4_SUITE_DIR
 #define SUITE_CASES 38
 
 /* Read a whole file; NULL when it does not exist. */
@@ -286,7 +286,8 @@ static void test_sigv4_aws_test_suite(void **state)
 
         (void)state;
         if (!d)
-                fail_msg("cannot open the SigV4 test suite at '%s'", SUITE_DIR);
+                fail_msg("cannot open the SigV4 test suite at '%s': set FIM_SIGV4_SUITE_DIR",
+                         SUITE_DIR);
         while ((de = readdir(d)) != NULL) {
                 char path[1024];
                 FILE *f;
