@@ -101,6 +101,8 @@ if [ "$own_services" = 1 ]; then
 else
         say "using the running services of $FIM_SERVICES_DIR"
         bash tests/infra/services.sh status
+        # kafka-topics.sh runs on the broker's jars from this checkout's cache.
+        bash tests/infra/services.sh fetch kafka
 fi
 # shellcheck disable=SC1091
 source "$FIM_SERVICES_DIR/services.env"
