@@ -165,7 +165,8 @@ sql "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request, respo
        ('$RUN', 'error', 'fetch', 1, 'connection reset'), ('$RUN', 'retry', 'fetch', 1, 'retry in 800 ms'),
        ('$RUN', 'transition_complete', 'fetch', 2, NULL), ('$RUN', 'finish', NULL, 2, NULL)"
 run "status text" 0 "^run_id: +$RUN" "status: +complete" "attempt: +2 of 5" "error +fetch +attempt=1  connection reset" "finish" -- status --run-id "$RUN"
-run "status lowercase id" 0 "run_id" -- status --run-id "$(tr 'A-Z' 'a-z' <<<"$RUN" | tr 'a-z' 'A-Z')"
+run "status lowercase id" 0 "^run_id: +$RUN" "status: +complete" -- status --run-id "$(tr 'A-Z' 'a-z' <<<"$RUN")"
+run "status id with O" 2 "not a ULID .*except I, L, O and U" -- status --run-id 01JABCDEFGHJKMNPQRSTVWXYZO
 run "status --json" 0 "" -- status --run-id "$RUN" --json
 check "status json" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["run"]["status"]=="complete" and d["run"]["request"]["image_id"]=="alpine-1" and [e["kind"] for e in d["events"]][-1]=="finish" and len(d["events"])==6' "$LAST_OUT"
 run "status unknown run" 1 "no run with id '01JABCDEFGHJKMNPQRSTVWXYZ1'" -- status --run-id 01JABCDEFGHJKMNPQRSTVWXYZ1

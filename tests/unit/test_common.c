@@ -13,6 +13,7 @@
 
 #include "common/err.h"
 #include "common/log.h"
+#include "common/ulid.h"
 #include "common/util.h"
 
 static void test_common_err_set_returns_code_and_keeps_text(void **state)
@@ -289,6 +290,77 @@ static void test_common_sha256_hex(void **state)
         assert_false(util_is_sha256_hex("e3b0"));
 }
 
+static void test_common_ulid_known_vectors(void **state)
+{
+        const unsigned char counting[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+        unsigned char ones[10], zeros[10] = {0};
+        char out[ULID_LEN + 1];
+
+        (void)state;
+        memset(ones, 0xff, sizeof(ones));
+        /* The time part of the ULID specification's example, 1469918176385 ms. */
+        ulid_encode(1469918176385, counting, out);
+        assert_string_equal(out, "01ARYZ6S41041061050R3GG28A");
+        ulid_encode(0, zeros, out);
+        assert_string_equal(out, "00000000000000000000000000");
+        ulid_encode((INT64_C(1) << 48) - 1, ones, out);
+        assert_string_equal(out, "7ZZZZZZZZZZZZZZZZZZZZZZZZZ");
+        assert_true(ulid_is_valid(out));
+}
+
+static void test_common_ulid_monotonic_within_a_millisecond(void **state)
+{
+        char prev[ULID_LEN + 1], cur[ULID_LEN + 1];
+        int same_ms = 0;
+
+        (void)state;
+        assert_int_equal(ulid_new(prev), 0);
+        for (int i = 0; i < 2000; i++) {
+                assert_int_equal(ulid_new(cur), 0);
+                assert_int_equal(strlen(cur), ULID_LEN);
+                assert_true(ulid_is_valid(cur));
+                /* Strictly increasing, also when the time part did not move. */
+                assert_true(strcmp(prev, cur) < 0);
+                if (memcmp(prev, cur, 10) == 0)
+                        same_ms++;
+                memcpy(prev, cur, sizeof(cur));
+        }
+        /* 2000 ids in a loop share milliseconds: the same-millisecond path ran. */
+        assert_true(same_ms > 0);
+}
+
+static void test_common_ulid_validation(void **state)
+{
+        char id[ULID_LEN + 1] = "01JABCDEFGHJKMNPQRSTVWXYZ0";
+        char norm[ULID_LEN + 1];
+
+        (void)state;
+        assert_true(ulid_is_valid(id));
+        assert_true(ulid_is_valid("01jabcdefghjkmnpqrstvwxyz0"));
+        assert_int_equal(ulid_normalize("01jabcdefghjkmnpqrstvwxyz0", norm), 0);
+        assert_string_equal(norm, id);
+        /* Not in Crockford's alphabet, in either case and in any position. */
+        for (const char *bad = "ILOUilou"; *bad; bad++) {
+                for (size_t pos = 1; pos < ULID_LEN; pos += 12) {
+                        char copy[ULID_LEN + 1];
+
+                        memcpy(copy, id, sizeof(copy));
+                        copy[pos] = *bad;
+                        assert_false(ulid_is_valid(copy));
+                        assert_int_equal(ulid_normalize(copy, norm), -EINVAL);
+                }
+        }
+        /* The first character carries 3 bits of time: '7' is the largest. */
+        assert_true(ulid_is_valid("7ZZZZZZZZZZZZZZZZZZZZZZZZZ"));
+        assert_false(ulid_is_valid("8ZZZZZZZZZZZZZZZZZZZZZZZZZ"));
+        assert_false(ulid_is_valid("Z0000000000000000000000000"));
+        /* Exactly 26 characters. */
+        assert_false(ulid_is_valid("01JABCDEFGHJKMNPQRSTVWXYZ"));
+        assert_false(ulid_is_valid("01JABCDEFGHJKMNPQRSTVWXYZ00"));
+        assert_false(ulid_is_valid(""));
+        assert_false(ulid_is_valid("01JABCDEFGHJKMNPQRSTVWXY-0"));
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -301,6 +373,9 @@ int main(void)
                 cmocka_unit_test(test_common_log_escape),
                 cmocka_unit_test(test_common_parse_numbers),
                 cmocka_unit_test(test_common_sha256_hex),
+                cmocka_unit_test(test_common_ulid_known_vectors),
+                cmocka_unit_test(test_common_ulid_monotonic_within_a_millisecond),
+                cmocka_unit_test(test_common_ulid_validation),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
