@@ -248,7 +248,7 @@ static void process_help(void)
                "a migrated database.\n"
                "\n"
                "  --s3-key KEY        S3 object key of the image tarball (required)\n"
-               "  --image-id ID       image identifier: letters, digits, '-', '_' (required)\n"
+               "  --image-id ID       image identifier: letters, digits, '-', '_', '.' (required)\n"
                "  --bucket BUCKET     S3 bucket (default S3_BUCKET)\n"
                "  --checksum SHA256   expected SHA-256 of the tarball (optional)\n"
                "  --pool NAME         devicemapper thin pool (default POOL_NAME)\n"
