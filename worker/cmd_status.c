@@ -115,7 +115,7 @@ int cmd_status(int argc, char **argv)
                         run_id);
         run_id = id;
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         if (cli_db_open(&cfg, true, &db) < 0)
                 goto out;
 
