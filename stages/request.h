@@ -28,7 +28,8 @@
  * same limit keeps LOCAL_DIR/<image_id>.tar.part.meta.tmp within NAME_MAX.
  */
 #define REQUEST_IMAGE_ID_MAX 255
-#define REQUEST_IMAGE_ID_VALID_MAX (REQUEST_DM_NAME_MAX - (int)(sizeof(REQUEST_SNAPSHOT_PREFIX) - 1))
+#define REQUEST_IMAGE_ID_VALID_MAX                                                                 \
+        (REQUEST_DM_NAME_MAX - (int)(sizeof(REQUEST_SNAPSHOT_PREFIX) - 1))
 #define REQUEST_PATH_MAX 4095
 #define REQUEST_THIN_ID_MAX 0xffffff /* thin device ids are 24-bit */
 

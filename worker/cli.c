@@ -131,8 +131,7 @@ int cli_bool_flag(int argc, char **argv, const char *flag, bool *ret_value)
 
         if (optarg) {
                 if (util_parse_bool(optarg, ret_value) < 0)
-                        return cli_usage(argv[0], "%s='%s': expected true or false", flag,
-                                         optarg);
+                        return cli_usage(argv[0], "%s='%s': expected true or false", flag, optarg);
                 return 0;
         }
         /* "--flag false": the next word is the value when it is one. */
@@ -141,10 +140,9 @@ int cli_bool_flag(int argc, char **argv, const char *flag, bool *ret_value)
                 return 0;
         }
         if (next && next[0] != '-')
-                return cli_usage(
-                        argv[0],
-                        "%s takes true or false, not '%s': write %s, %s=false or %s false", flag,
-                        next, flag, flag, flag);
+                return cli_usage(argv[0],
+                                 "%s takes true or false, not '%s': write %s, %s=false or %s false",
+                                 flag, next, flag, flag, flag);
         *ret_value = true;
         return 0;
 }

@@ -155,13 +155,14 @@ static int kafka_client_apply_env(rd_kafka_conf_t *conf, const char *var)
                         /* Before librdkafka sees it: its errors may quote the value. */
                         if (kafka_client_is_secret(p)) {
                                 r = log_register_secret(eq + 1);
-                                if (r == -EINVAL)
+                                if (r == -EINVAL) {
                                         log_warning(
                                                 "secret too short to be masked in logs: use a longer one",
                                                 "setting=%s property=%s min_length=%d", var, p,
                                                 LOG_SECRET_MIN);
-                                else if (r < 0) {
-                                        r = err_set(r, "%s: failed to remember '%s' for log masking",
+                                } else if (r < 0) {
+                                        r = err_set(r,
+                                                    "%s: failed to remember '%s' for log masking",
                                                     var, p);
                                         break;
                                 }
@@ -173,9 +174,10 @@ static int kafka_client_apply_env(rd_kafka_conf_t *conf, const char *var)
                         }
                 } else if (*p) {
                         /* Not echoed: a mistyped "sasl.password:..." would leak the password. */
-                        r = err_set(-EINVAL,
-                                    "%s: expected name=value pairs separated by ';', got an item without '=' at offset %zu",
-                                    var, (size_t)(p - copy));
+                        r = err_set(
+                                -EINVAL,
+                                "%s: expected name=value pairs separated by ';', got an item without '=' at offset %zu",
+                                var, (size_t)(p - copy));
                         break;
                 }
                 p = end ? end + 1 : NULL;

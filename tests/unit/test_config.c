@@ -206,14 +206,19 @@ static void test_config_db_password_masked_in_every_form(void **state)
                 const char *forms[2];
         } cases[] = {
                 {"postgresql://app:p%40ss%2Fw0rd@db.example:5432/images",
-                 "postgresql://app:****@db.example:5432/images", {"p%40ss%2Fw0rd", "p@ss/w0rd"}},
+                 "postgresql://app:****@db.example:5432/images",
+                 {"p%40ss%2Fw0rd", "p@ss/w0rd"}},
                 {"postgres://app:plainPassw0rd@db/x?sslmode=disable",
-                 "postgres://app:****@db/x?sslmode=disable", {"plainPassw0rd", NULL}},
+                 "postgres://app:****@db/x?sslmode=disable",
+                 {"plainPassw0rd", NULL}},
                 {"postgresql://app@db/x?sslmode=disable&password=Qu%65ryPw1",
-                 "postgresql://app@db/x?sslmode=disable&password=****", {"Qu%65ryPw1", "QueryPw1"}},
+                 "postgresql://app@db/x?sslmode=disable&password=****",
+                 {"Qu%65ryPw1", "QueryPw1"}},
                 {"host=db user=app password='sp ace\\'quoteX' dbname=x",
-                 "host=db user=app password='****' dbname=x", {"sp ace\\'quoteX", "sp ace'quoteX"}},
-                {"host=db password=bareSecret9 dbname=x", "host=db password=**** dbname=x",
+                 "host=db user=app password='****' dbname=x",
+                 {"sp ace\\'quoteX", "sp ace'quoteX"}},
+                {"host=db password=bareSecret9 dbname=x",
+                 "host=db password=**** dbname=x",
                  {"bareSecret9", NULL}},
         };
         struct config cfg;
@@ -229,8 +234,7 @@ static void test_config_db_password_masked_in_every_form(void **state)
                 assert_int_equal(config_init(&cfg), 0);
                 assert_int_equal(config_set(&cfg, "DATABASE_URL", cases[i].url, CONFIG_SOURCE_ENV),
                                  0);
-                assert_int_equal(config_get_display(&cfg, "DATABASE_URL", shown, sizeof(shown)),
-                                 0);
+                assert_int_equal(config_get_display(&cfg, "DATABASE_URL", shown, sizeof(shown)), 0);
                 assert_string_equal(shown, cases[i].shown);
                 out = open_memstream(&buf, &len);
                 config_print(&cfg, out);

@@ -511,16 +511,17 @@ static void test_request_missing_and_wrong_types_every_decoder(void **state)
         assert_int_equal(unpack_request_decode(json, &u), -EINVAL);
         assert_string_equal(err_last(), "field 'device_size': expected an integer, got double");
 
-        assert_int_equal(activate_request_decode("{\"image_id\":\"a\",\"device_name\":\"thin-1\"}",
-                                                 &a),
-                         -EINVAL);
+        assert_int_equal(
+                activate_request_decode("{\"image_id\":\"a\",\"device_name\":\"thin-1\"}", &a),
+                -EINVAL);
         assert_string_equal(err_last(), "missing required field 'device_id'");
         assert_int_equal(activate_request_decode("{\"image_id\":\"a\",\"device_id\":\"1\"}", &a),
                          -EINVAL);
         assert_string_equal(err_last(), "missing required field 'device_name'");
-        assert_int_equal(activate_request_decode(
-                                 "{\"image_id\":\"a\",\"device_id\":1,\"device_name\":\"thin-1\"}", &a),
-                         -EINVAL);
+        assert_int_equal(
+                activate_request_decode(
+                        "{\"image_id\":\"a\",\"device_id\":1,\"device_name\":\"thin-1\"}", &a),
+                -EINVAL);
         assert_string_equal(err_last(), "field 'device_id': expected a string, got int");
         assert_int_equal(activate_request_decode("{\"image_id\":{},\"device_id\":\"1\","
                                                  "\"device_name\":\"thin-1\"}",
@@ -530,8 +531,9 @@ static void test_request_missing_and_wrong_types_every_decoder(void **state)
 
         assert_int_equal(download_response_decode("{\"downloaded\":true}", &d), -EINVAL);
         assert_string_equal(err_last(), "missing required field 'image_id'");
-        assert_int_equal(download_response_decode("{\"image_id\":\"a\",\"downloaded\":\"yes\"}", &d),
-                         -EINVAL);
+        assert_int_equal(
+                download_response_decode("{\"image_id\":\"a\",\"downloaded\":\"yes\"}", &d),
+                -EINVAL);
         assert_string_equal(err_last(), "field 'downloaded': expected a boolean, got string");
         assert_int_equal(download_response_decode("{\"image_id\":\"a\",\"already_exist\":0}", &d),
                          -EINVAL);
@@ -541,7 +543,8 @@ static void test_request_missing_and_wrong_types_every_decoder(void **state)
         assert_string_equal(err_last(), "field 'size_bytes': expected an integer, got boolean");
         assert_int_equal(download_response_decode("{\"image_id\":\"a\",\"downloaded_at\":5}", &d),
                          -EINVAL);
-        assert_string_equal(err_last(), "field 'downloaded_at': expected an RFC 3339 UTC timestamp");
+        assert_string_equal(err_last(),
+                            "field 'downloaded_at': expected an RFC 3339 UTC timestamp");
 }
 
 static void test_request_parse_time(void **state)
