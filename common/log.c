@@ -13,7 +13,9 @@
 #include "err.h"
 
 #define LOG_LINE_MAX 8192
-#define LOG_SECRETS_MAX 16
+#define LOG_SECRETS_MAX 32
+#define LOG_QUOTE_SLOTS 8
+#define LOG_QUOTE_MAX 2048
 
 static enum log_level log_min_level = LOG_LEVEL_INFO;
 
@@ -58,8 +60,10 @@ int log_register_secret(const char *secret)
 {
         int r = 0;
 
-        if (!secret || strlen(secret) < 4)
+        if (!secret || secret[0] == '\0')
                 return 0;
+        if (strlen(secret) < LOG_SECRET_MIN)
+                return -EINVAL;
         pthread_mutex_lock(&log_secrets_lock);
         for (size_t i = 0; i < LOG_SECRETS_MAX; i++) {
                 if (log_secrets[i] && strcmp(log_secrets[i], secret) == 0)
@@ -90,22 +94,26 @@ void log_forget_secrets(void)
 void log_redact(char *buf)
 {
         static const char mask[] = "[redacted]";
+        const size_t mlen = sizeof(mask) - 1;
 
         pthread_mutex_lock(&log_secrets_lock);
         for (size_t i = 0; i < LOG_SECRETS_MAX && log_secrets[i]; i++) {
                 size_t slen = strlen(log_secrets[i]);
-                char *p;
+                char *from = buf, *p;
 
-                while ((p = strstr(buf, log_secrets[i])) != NULL) {
-                        size_t tail = strlen(p + slen);
-
-                        /* The mask is never longer than a secret we would want to hide
-                         * badly enough to overflow: shrink in place when it is shorter. */
-                        if (slen >= sizeof(mask) - 1) {
-                                memcpy(p, mask, sizeof(mask) - 1);
-                                memmove(p + sizeof(mask) - 1, p + slen, tail + 1);
+                /*
+                 * The search goes on after each replacement, never over it: a secret that
+                 * looks like its own mask ("****", "[redacted]") must not be found again.
+                 */
+                while ((p = strstr(from, log_secrets[i])) != NULL) {
+                        /* A mask longer than the secret would not fit in place: use stars. */
+                        if (slen >= mlen) {
+                                memcpy(p, mask, mlen);
+                                memmove(p + mlen, p + slen, strlen(p + slen) + 1);
+                                from = p + mlen;
                         } else {
                                 memset(p, '*', slen);
+                                from = p + slen;
                         }
                 }
         }
@@ -158,6 +166,31 @@ void log_escape(const char *in, char *out, unsigned long out_size)
         out[o] = '\0';
 }
 
+/* Redact, then escape: a secret holding a quote would no longer match once escaped. */
+static void log_escape_redacted(const char *in, char *out, size_t out_size)
+{
+        char copy[ERR_MSG_MAX * 2];
+
+        (void)snprintf(copy, sizeof(copy), "%s", in ? in : "");
+        log_redact(copy);
+        log_escape(copy, out, out_size);
+}
+
+const char *log_quote(const char *value)
+{
+        static _Thread_local char slots[LOG_QUOTE_SLOTS][LOG_QUOTE_MAX];
+        static _Thread_local unsigned next;
+        char *slot = slots[next++ % LOG_QUOTE_SLOTS];
+        size_t len;
+
+        slot[0] = '"';
+        log_escape_redacted(value, slot + 1, LOG_QUOTE_MAX - 2);
+        len = strlen(slot);
+        slot[len] = '"';
+        slot[len + 1] = '\0';
+        return slot;
+}
+
 static size_t log_append(char *line, size_t len, const char *fmt, ...)
         __attribute__((format(printf, 3, 4)));
 
@@ -177,12 +210,43 @@ static size_t log_append(char *line, size_t len, const char *fmt, ...)
         return len < LOG_LINE_MAX - 1 ? len : LOG_LINE_MAX - 1;
 }
 
+/*
+ * Append @text with every control character escaped (a newline becomes \n), so that no
+ * record ever spans two lines, whatever a caller put in a field. Quotes and backslashes are
+ * left alone here: in the caller's format they may be the value's own delimiters. Values that
+ * may hold them go through log_quote().
+ */
+static size_t log_append_one_line(char *line, size_t len, const char *text)
+{
+        for (; *text && len < LOG_LINE_MAX - 5; text++) {
+                unsigned char c = (unsigned char)*text;
+
+                if (c == '\n') {
+                        line[len++] = '\\';
+                        line[len++] = 'n';
+                } else if (c == '\r') {
+                        line[len++] = '\\';
+                        line[len++] = 'r';
+                } else if (c == '\t') {
+                        line[len++] = '\\';
+                        line[len++] = 't';
+                } else if (c < 0x20 || c == 0x7f) {
+                        len += (size_t)snprintf(line + len, LOG_LINE_MAX - len, "\\x%02x", c);
+                } else {
+                        line[len++] = (char)c;
+                }
+        }
+        line[len] = '\0';
+        return len;
+}
+
 static void log_vemit(enum log_level level, int r, const char *msg, const char *fields, va_list ap)
         __attribute__((format(printf, 4, 0)));
 
 static void log_vemit(enum log_level level, int r, const char *msg, const char *fields, va_list ap)
 {
         char line[LOG_LINE_MAX];
+        char text[LOG_LINE_MAX];
         char esc[ERR_MSG_MAX * 2];
         struct timespec ts;
         struct tm tm;
@@ -197,31 +261,34 @@ static void log_vemit(enum log_level level, int r, const char *msg, const char *
                          tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
                          tm.tm_sec, ts.tv_nsec / 1000000, log_level_names[level],
                          (long)syscall(SYS_gettid));
-        log_escape(msg, esc, sizeof(esc));
+        log_escape_redacted(msg, esc, sizeof(esc));
         len = log_append(line, len, " msg=\"%s\"", esc);
-        if (fields && fields[0] != '\0' && len < LOG_LINE_MAX - 2) {
-                int n;
-
-                line[len++] = ' ';
-                n = vsnprintf(line + len, LOG_LINE_MAX - len, fields, ap);
-                if (n > 0)
-                        len += (size_t)n;
-                if (len > LOG_LINE_MAX - 1)
-                        len = LOG_LINE_MAX - 1;
+        if (fields && fields[0] != '\0') {
+                (void)vsnprintf(text, sizeof(text), fields, ap);
+                log_redact(text);
+                len = log_append(line, len, " ");
+                len = log_append_one_line(line, len, text);
         }
-        if (log_ctx.run_id[0])
-                len = log_append(line, len, " run_id=%s", log_ctx.run_id);
-        if (log_ctx.image_id[0])
-                len = log_append(line, len, " image_id=%s", log_ctx.image_id);
-        if (log_ctx.stage[0])
-                len = log_append(line, len, " stage=%s", log_ctx.stage);
+        if (log_ctx.run_id[0]) {
+                len = log_append(line, len, " run_id=");
+                len = log_append_one_line(line, len, log_ctx.run_id);
+        }
+        if (log_ctx.image_id[0]) {
+                len = log_append(line, len, " image_id=");
+                len = log_append_one_line(line, len, log_ctx.image_id);
+        }
+        if (log_ctx.stage[0]) {
+                len = log_append(line, len, " stage=");
+                len = log_append_one_line(line, len, log_ctx.stage);
+        }
         if (log_ctx.attempt >= 0)
                 len = log_append(line, len, " attempt=%d", log_ctx.attempt);
         if (r < 0) {
-                log_escape(err_text(r), esc, sizeof(esc));
+                log_escape_redacted(err_text(r), esc, sizeof(esc));
                 len = log_append(line, len, " error=\"%s\" errno=%s", esc, err_name(r));
         }
         line[len] = '\0';
+        /* Once more over the whole line, for a secret that only formed across fields. */
         log_redact(line);
         len = strlen(line);
         line[len++] = '\n';

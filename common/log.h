@@ -35,9 +35,14 @@ int log_level_parse(const char *s, enum log_level *ret_level);
 /* Whether a record at @level would be written. */
 bool log_enabled(enum log_level level);
 
+/* Secrets shorter than this are not masked: they would turn unrelated text into stars. */
+#define LOG_SECRET_MIN 4
+
 /*
- * Remember a secret so that it is masked in every later line. The string is copied. Strings
- * shorter than 4 bytes are ignored (they would mask unrelated text). Returns 0 or -ENOMEM.
+ * Remember a secret so that it is masked in every later line. The string is copied. An empty
+ * or NULL secret is nothing to hide (returns 0). A secret shorter than LOG_SECRET_MIN bytes
+ * is refused with -EINVAL and NOT masked: the caller warns the operator (config does, naming
+ * the setting). Returns 0, -EINVAL, -ENOSPC (table full) or -ENOMEM.
  */
 int log_register_secret(const char *secret);
 
@@ -71,6 +76,21 @@ int log_err_errno(int r, const char *msg, const char *fields, ...)
         __attribute__((format(printf, 3, 4)));
 
 /*
+ * @value as a double-quoted field value, secrets masked and quotes, backslashes and control
+ * characters escaped, for fields that may hold free text (error messages, library text):
+ *
+ *     log_warning("run failed", "transition=%s error=%s", name, log_quote(text));
+ *
+ * Formatting raw text as error=\"%s\" would let a quote inside it end the value early. The
+ * result lives in a small per-thread ring of buffers: it stays valid for the next 7 calls on
+ * the same thread, enough for one log call's arguments. Long values are truncated.
+ */
+const char *log_quote(const char *value);
+
+/*
+ * Every record is one line: control characters in formatted fields (e.g. a newline inside a
+ * raw %s) are escaped as \n, \r, \t or \xNN whatever the caller wrote.
+ *
  * Escape @in for use inside a double-quoted field value: quotes, backslashes and control
  * characters are escaped. Always NUL-terminates @out (truncating if needed).
  */

@@ -2,12 +2,18 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/random.h>
 
 #include "common/util.h"
 
 static const char ulid_alphabet[] = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+/* The last ULID this process made, for monotonic ids within one millisecond. */
+static pthread_mutex_t ulid_lock = PTHREAD_MUTEX_INITIALIZER;
+static int64_t ulid_last_ms = -1;
+static unsigned char ulid_last_random[10];
 
 void ulid_encode(int64_t ms, const unsigned char random[10], char out[ULID_LEN + 1])
 {
@@ -32,9 +38,20 @@ void ulid_encode(int64_t ms, const unsigned char random[10], char out[ULID_LEN +
         out[ULID_LEN] = '\0';
 }
 
+/* Add one to an 80-bit big-endian number; returns true when it wrapped to zero. */
+static bool ulid_increment(unsigned char random[10])
+{
+        for (int i = 9; i >= 0; i--) {
+                if (++random[i] != 0)
+                        return false;
+        }
+        return true;
+}
+
 int ulid_new(char out[ULID_LEN + 1])
 {
         unsigned char random[10];
+        int64_t ms = util_now_realtime_ms();
         ssize_t n;
 
         do {
@@ -42,7 +59,19 @@ int ulid_new(char out[ULID_LEN + 1])
         } while (n < 0 && errno == EINTR);
         if (n != (ssize_t)sizeof(random))
                 return -EIO;
-        ulid_encode(util_now_realtime_ms(), random, out);
+        pthread_mutex_lock(&ulid_lock);
+        if (ms <= ulid_last_ms) {
+                /* Same millisecond, or the clock stepped back: one more than the last id. A
+                 * wrap of the 80 bits (2^80 ids in one ms) moves on to the next millisecond. */
+                ms = ulid_last_ms;
+                memcpy(random, ulid_last_random, sizeof(random));
+                if (ulid_increment(random))
+                        ms++;
+        }
+        ulid_last_ms = ms;
+        memcpy(ulid_last_random, random, sizeof(random));
+        pthread_mutex_unlock(&ulid_lock);
+        ulid_encode(ms, random, out);
         return 0;
 }
 
@@ -58,4 +87,14 @@ bool ulid_is_valid(const char *s)
                         return false;
         }
         return true;
+}
+
+int ulid_normalize(const char *s, char out[ULID_LEN + 1])
+{
+        if (!ulid_is_valid(s))
+                return -EINVAL;
+        for (size_t i = 0; i < ULID_LEN; i++)
+                out[i] = (char)toupper((unsigned char)s[i]);
+        out[ULID_LEN] = '\0';
+        return 0;
 }

@@ -154,7 +154,7 @@ static int config_set_string(char **field, const char *value)
         return 0;
 }
 
-/* The password of a conninfo string or URI, or NULL. Owned by the caller. */
+/* The password of a conninfo string or URI, decoded, or NULL. Owned by the caller. */
 static char *config_db_password(const char *url)
 {
         PQconninfoOption *opts = PQconninfoParse(url, NULL);
@@ -168,6 +168,146 @@ static char *config_db_password(const char *url)
         }
         PQconninfoFree(opts);
         return password;
+}
+
+#define CONFIG_DB_SPANS_MAX 8
+
+/* Where a password is written in a conninfo string, as it is written (still encoded). */
+struct config_span {
+        size_t start;
+        size_t len;
+};
+
+static size_t config_add_span(struct config_span *spans, size_t n, size_t start, size_t len)
+{
+        if (len == 0 || n == CONFIG_DB_SPANS_MAX)
+                return n;
+        spans[n].start = start;
+        spans[n].len = len;
+        return n + 1;
+}
+
+/*
+ * The password spans of a URI: the userinfo's "user:PASSWORD@" (libpq ends the userinfo at
+ * the first '@' before any '/') and any "password=" query parameter.
+ */
+static size_t config_uri_password_spans(const char *url, size_t scheme_len,
+                                        struct config_span *spans)
+{
+        const char *a = url + scheme_len;
+        size_t auth_len = strcspn(a, "@/?");
+        const char *q;
+        size_t n = 0;
+
+        if (a[auth_len] == '@') {
+                const char *colon = memchr(a, ':', auth_len);
+
+                if (colon)
+                        n = config_add_span(spans, n, (size_t)(colon + 1 - url),
+                                            (size_t)(a + auth_len - colon - 1));
+        }
+        q = strchr(a, '?');
+        while (q) {
+                const char *param = q + 1;
+                size_t plen = strcspn(param, "&");
+
+                if (plen > 9 && strncmp(param, "password=", 9) == 0)
+                        n = config_add_span(spans, n, (size_t)(param + 9 - url), plen - 9);
+                q = param[plen] == '&' ? param + plen : NULL;
+        }
+        return n;
+}
+
+/*
+ * The password spans of a "key=value key='quoted value'" conninfo string: the value of every
+ * "password" keyword, without its quotes, escapes still in place.
+ */
+static size_t config_kv_password_spans(const char *s, struct config_span *spans)
+{
+        const char *p = s;
+        size_t n = 0;
+
+        while (*p) {
+                const char *key, *val;
+                size_t klen;
+
+                while (isspace((unsigned char)*p))
+                        p++;
+                key = p;
+                while (*p && *p != '=' && !isspace((unsigned char)*p))
+                        p++;
+                klen = (size_t)(p - key);
+                while (isspace((unsigned char)*p))
+                        p++;
+                if (*p != '=')
+                        break; /* malformed: libpq rejects it before we get here */
+                p++;
+                while (isspace((unsigned char)*p))
+                        p++;
+                if (*p == '\'') {
+                        val = ++p;
+                        while (*p && *p != '\'') {
+                                if (*p == '\\' && p[1])
+                                        p++;
+                                p++;
+                        }
+                } else {
+                        val = p;
+                        while (*p && !isspace((unsigned char)*p)) {
+                                if (*p == '\\' && p[1])
+                                        p++;
+                                p++;
+                        }
+                }
+                if (klen == 8 && strncmp(key, "password", 8) == 0)
+                        n = config_add_span(spans, n, (size_t)(val - s), (size_t)(p - val));
+                if (*p == '\'')
+                        p++;
+        }
+        return n;
+}
+
+/* Every place a password is written in @url, in order. */
+static size_t config_db_password_spans(const char *url, struct config_span *spans)
+{
+        static const char *const schemes[] = {"postgresql://", "postgres://"};
+
+        for (size_t i = 0; i < ARRAY_SIZE(schemes); i++) {
+                size_t len = strlen(schemes[i]);
+
+                if (strncmp(url, schemes[i], len) == 0)
+                        return config_uri_password_spans(url, len, spans);
+        }
+        return config_kv_password_spans(url, spans);
+}
+
+/*
+ * Register every form of the DATABASE_URL password with the log mask: the decoded value that
+ * libpq uses (and may echo in its errors) and each form as written, e.g. percent-encoded in a
+ * URI. Returns 0, or -EINVAL when a form is too short to mask, or -ENOSPC/-ENOMEM.
+ */
+static int config_register_db_secrets(const char *url)
+{
+        struct config_span spans[CONFIG_DB_SPANS_MAX];
+        size_t n = config_db_password_spans(url, spans);
+        char *password = config_db_password(url);
+        int r, ret = 0;
+
+        r = log_register_secret(password);
+        free(password);
+        if (r < 0)
+                ret = r;
+        for (size_t i = 0; i < n; i++) {
+                char *raw = strndup(url + spans[i].start, spans[i].len);
+
+                if (!raw)
+                        return -ENOMEM;
+                r = log_register_secret(raw);
+                free(raw);
+                if (r < 0 && ret != -ENOMEM && ret != -ENOSPC)
+                        ret = r;
+        }
+        return ret;
 }
 
 static int config_check(const struct config_key *key, const char *value, const char *shown,
@@ -260,7 +400,6 @@ int config_set(struct config *cfg, const char *name, const char *value, enum con
         const struct config_key *key = config_find(name);
         void *field;
         const char *shown;
-        char *password = NULL;
         int r;
 
         if (!key)
@@ -283,16 +422,14 @@ int config_set(struct config *cfg, const char *name, const char *value, enum con
                 (void)util_parse_bool(value, (bool *)field);
                 return 0;
         case CONFIG_SECRET:
-                r = log_register_secret(value);
-                if (r < 0)
-                        return err_set(r, "failed to remember a secret for log masking");
-                break;
         case CONFIG_DB_URL:
-                password = config_db_password(value);
-                r = log_register_secret(password);
-                free(password);
-                if (r < 0)
-                        return err_set(r, "failed to remember a secret for log masking");
+                r = key->type == CONFIG_SECRET ? log_register_secret(value)
+                                               : config_register_db_secrets(value);
+                if (r == -EINVAL)
+                        log_warning("secret too short to be masked in logs: use a longer one",
+                                    "setting=%s min_length=%d", name, LOG_SECRET_MIN);
+                else if (r < 0)
+                        return err_set(r, "failed to remember %s for log masking", name);
                 break;
         default:
                 break;
@@ -465,23 +602,26 @@ bool config_has_s3_credentials(const struct config *cfg)
         return cfg->s3_access_key[0] != '\0' && cfg->s3_secret_key[0] != '\0';
 }
 
-/* DATABASE_URL for display: everything but the password. */
+/* DATABASE_URL for display: as written, with every password span replaced by "****". */
 static void config_display_db_url(const char *url, char *buf, size_t size)
 {
-        char *password = config_db_password(url);
+        struct config_span spans[CONFIG_DB_SPANS_MAX];
+        size_t n = config_db_password_spans(url, spans);
+        size_t at = 0, o = 0;
 
-        (void)snprintf(buf, size, "%s", url);
-        if (password) {
-                char *p = strstr(buf, password);
+        for (size_t i = 0; i <= n && o < size; i++) {
+                size_t end = i < n ? spans[i].start : strlen(url);
+                int w = snprintf(buf + o, size - o, "%.*s%s", (int)(end - at), url + at,
+                                 i < n ? "****" : "");
 
-                if (p) {
-                        size_t plen = strlen(password), tail = strlen(p + plen);
-
-                        memcpy(p, "****", 4);
-                        memmove(p + 4, p + plen, tail + 1);
-                }
+                if (w < 0)
+                        break;
+                o += (size_t)w;
+                if (i < n)
+                        at = spans[i].start + spans[i].len;
         }
-        free(password);
+        if (size > 0 && o >= size)
+                buf[size - 1] = '\0';
 }
 
 int config_get_display(const struct config *cfg, const char *name, char *buf, size_t size)

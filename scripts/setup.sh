@@ -3,20 +3,34 @@
 # Idempotent: when every package is already installed it does nothing and touches no network.
 set -euo pipefail
 
+# Every package a script or test of the repository runs a tool from. Some are Essential or
+# pulled in by others on a normal Debian system; they are listed anyway, so that a minimal
+# image (a container, a debootstrap chroot) gets them too.
 packages=(
-        # build
+        # build; clang and its runtime also build the fuzzers (-DFIM_FUZZ=ON)
         build-essential cmake pkg-config clang clang-format libclang-rt-14-dev
+        # the style check lists the sources with git ls-files
+        git
         # libraries the worker links
         librdkafka-dev libcurl4-openssl-dev libssl-dev libpq-dev libarchive-dev
         libdevmapper-dev libjson-c-dev
         # unit tests
         libcmocka-dev
-        # local services for tests and the demo (Kafka and S3Proxy come from Maven Central)
-        postgresql-15 openjdk-17-jre-headless maven kcat curl
+        # local services for tests and the demo (Kafka and S3Proxy come from Maven Central);
+        # psql for the test and demo scripts; ss (iproute2) names what holds a busy port
+        postgresql-15 postgresql-client-15 openjdk-17-jre-headless maven kcat curl iproute2
+        # flock, setsid, runuser, losetup (util-linux), mount/umount, script (bsdutils) for
+        # the progress test on a pseudo-terminal
+        util-linux mount bsdutils
         # tools the stages run and the tests compare against
         e2fsprogs thin-provisioning-tools dmsetup tar libarchive-tools zstd xz-utils gzip time
-        python3 python3-yaml jq debootstrap bc
-        # the device-mapper VM for hosts whose kernel has no dm-thin
+        python3 python3-yaml jq bc
+        # the demo's root filesystem image
+        debootstrap
+        # systemd-analyze verifies the systemd unit example (tests/docker)
+        systemd
+        # the device-mapper VM for hosts whose kernel has no dm-thin (apt-get download and
+        # dpkg fetch and unpack its kernel)
         qemu-system-x86 busybox-static cpio kmod
 )
 

@@ -147,18 +147,24 @@ int request_validate_image_id(const char *id)
 
         if (len == 0)
                 return err_set(-EINVAL, "field 'image_id' is empty");
-        if (len > REQUEST_IMAGE_ID_MAX)
-                return err_set(-EINVAL, "field 'image_id' is too long (%zu characters, at most %d)",
-                               len, REQUEST_IMAGE_ID_MAX);
+        if (len > REQUEST_IMAGE_ID_VALID_MAX)
+                return err_set(
+                        -EINVAL,
+                        "field 'image_id' is too long (%zu characters, at most %d, so that its snapshot's device-mapper name '" REQUEST_SNAPSHOT_PREFIX
+                        "<image_id>' fits in %d bytes)",
+                        len, REQUEST_IMAGE_ID_VALID_MAX, REQUEST_DM_NAME_MAX);
         for (size_t i = 0; i < len; i++) {
                 unsigned char c = (unsigned char)id[i];
 
-                if (!isalnum(c) && c != '-' && c != '_')
+                if (!isalnum(c) && c != '-' && c != '_' && c != '.')
                         return err_set(
                                 -EINVAL,
-                                "field 'image_id' has a character outside letters, digits, '-' and '_' at offset %zu",
+                                "field 'image_id' has a character outside letters, digits, '-', '_' and '.' at offset %zu",
                                 i);
         }
+        /* It names the file LOCAL_DIR/<image_id>.tar: no hidden files, no '.' or '..'. */
+        if (id[0] == '.')
+                return err_set(-EINVAL, "field 'image_id' must not start with '.'");
         return 0;
 }
 
@@ -256,6 +262,31 @@ int request_validate_dm_name(const char *field, const char *name)
         return 0;
 }
 
+int request_validate_snapshot_name(const char *name, const char *pool_name)
+{
+        static const char thin_prefix[] = "thin-";
+        const size_t tlen = sizeof(thin_prefix) - 1;
+        int r;
+
+        r = request_validate_dm_name("snapshot_name", name);
+        if (r < 0)
+                return r;
+        if (name[0] == '.' || name[0] == '-')
+                return err_set(-EINVAL, "field 'snapshot_name' must not start with '%c'", name[0]);
+        if (strcmp(name, "control") == 0)
+                return err_set(-EINVAL,
+                               "field 'snapshot_name' must not be 'control' (/dev/mapper/control)");
+        if (strncmp(name, thin_prefix, tlen) == 0 && name[tlen] &&
+            strspn(name + tlen, "0123456789") == strlen(name + tlen))
+                return err_set(
+                        -EINVAL,
+                        "field 'snapshot_name' must not look like 'thin-<number>': those are the names of origin devices");
+        if (pool_name && pool_name[0] && strcmp(name, pool_name) == 0)
+                return err_set(-EINVAL, "field 'snapshot_name' must not be the pool's name '%s'",
+                               pool_name);
+        return 0;
+}
+
 int request_validate_device_id(const char *field, const char *id)
 {
         uint64_t v;
@@ -331,13 +362,13 @@ int activate_request_validate(const struct activate_request *req)
         r = request_validate_dm_name("device_name", req->device_name);
         if (r < 0)
                 return r;
-        if (req->snapshot_name[0]) {
-                r = request_validate_dm_name("snapshot_name", req->snapshot_name);
+        if (req->pool_name[0]) {
+                r = request_validate_dm_name("pool_name", req->pool_name);
                 if (r < 0)
                         return r;
         }
-        if (req->pool_name[0])
-                return request_validate_dm_name("pool_name", req->pool_name);
+        if (req->snapshot_name[0])
+                return request_validate_snapshot_name(req->snapshot_name, req->pool_name);
         return 0;
 }
 
@@ -381,6 +412,7 @@ static int request_parse(const char *json, struct json_object **ret_obj)
         struct json_tokener *tok = NULL;
         struct json_object *obj = NULL;
         size_t len = strnlen(json, REQUEST_JSON_MAX + 1);
+        size_t end;
         int r = 0;
 
         if (len > REQUEST_JSON_MAX)
@@ -398,10 +430,13 @@ static int request_parse(const char *json, struct json_object **ret_obj)
                             json_tokener_get_parse_end(tok));
                 goto out;
         }
-        if (json_tokener_get_parse_end(tok) != len) {
+        /* Whitespace after the document, e.g. the newline of a line-per-message producer,
+         * is not data. */
+        end = json_tokener_get_parse_end(tok);
+        end += strspn(json + end, " \t\r\n");
+        if (end != len) {
                 r = err_set(-EINVAL,
-                            "message has trailing data after the JSON object at offset %zu",
-                            json_tokener_get_parse_end(tok));
+                            "message has trailing data after the JSON object at offset %zu", end);
                 goto out;
         }
         if (!json_object_is_type(obj, json_type_object)) {

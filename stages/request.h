@@ -15,9 +15,21 @@
 
 #define REQUEST_JSON_MAX (64 * 1024)
 #define REQUEST_S3_KEY_MAX 1024
-#define REQUEST_IMAGE_ID_MAX 255
 #define REQUEST_BUCKET_MAX 63
 #define REQUEST_DM_NAME_MAX 127 /* DM_NAME_LEN - 1 */
+#define REQUEST_SNAPSHOT_PREFIX "snapshot-"
+
+/*
+ * Image ids. The seed allows 255 characters, and the buffers are that large, so a longer
+ * field is refused as too long before validation. But an id becomes the device-mapper name
+ * of its snapshot, snapshot-<image_id>, and device-mapper names hold at most 127 bytes: an id
+ * longer than REQUEST_IMAGE_ID_VALID_MAX (118) would download and unpack, then always fail to
+ * activate. Validation therefore refuses it at the front door, in every request type. The
+ * same limit keeps LOCAL_DIR/<image_id>.tar.part.meta.tmp within NAME_MAX.
+ */
+#define REQUEST_IMAGE_ID_MAX 255
+#define REQUEST_IMAGE_ID_VALID_MAX                                                                 \
+        (REQUEST_DM_NAME_MAX - (int)(sizeof(REQUEST_SNAPSHOT_PREFIX) - 1))
 #define REQUEST_PATH_MAX 4095
 #define REQUEST_THIN_ID_MAX 0xffffff /* thin device ids are 24-bit */
 
@@ -79,10 +91,25 @@ struct activate_response {
 
 /* Validation of single fields. Each returns 0 or -EINVAL with a message naming the field. */
 int request_validate_s3_key(const char *key);
+
+/*
+ * An image id: 1 to REQUEST_IMAGE_ID_VALID_MAX letters, digits, '-', '_' and '.', not
+ * starting with '.' (which also rules out '.' and '..'): it names a file in LOCAL_DIR and
+ * the device-mapper device snapshot-<id>.
+ */
 int request_validate_image_id(const char *id);
 int request_validate_bucket(const char *bucket);
 int request_validate_checksum(const char *hex);
 int request_validate_dm_name(const char *field, const char *name);
+
+/*
+ * A snapshot name given in an activate request: a dm name (request_validate_dm_name) that
+ * cannot collide with names device-mapper or we use ourselves: not "control" (the
+ * /dev/mapper/control node), not "thin-<digits>" (our origin devices), not starting with '.'
+ * or '-', and not @pool_name (the request's pool; NULL or "" when not given: the stage then
+ * compares with the configured pool).
+ */
+int request_validate_snapshot_name(const char *name, const char *pool_name);
 int request_validate_device_id(const char *field, const char *id);
 int request_validate_device_size(int64_t size);
 

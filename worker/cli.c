@@ -125,6 +125,28 @@ int cli_getopt(int argc, char **argv, const char *shortopts, const struct option
         return c;
 }
 
+int cli_bool_flag(int argc, char **argv, const char *flag, bool *ret_value)
+{
+        const char *next = optind < argc ? argv[optind] : NULL;
+
+        if (optarg) {
+                if (util_parse_bool(optarg, ret_value) < 0)
+                        return cli_usage(argv[0], "%s='%s': expected true or false", flag, optarg);
+                return 0;
+        }
+        /* "--flag false": the next word is the value when it is one. */
+        if (next && util_parse_bool(next, ret_value) == 0) {
+                optind++;
+                return 0;
+        }
+        if (next && next[0] != '-')
+                return cli_usage(argv[0],
+                                 "%s takes true or false, not '%s': write %s, %s=false or %s false",
+                                 flag, next, flag, flag, flag);
+        *ret_value = true;
+        return 0;
+}
+
 int cli_no_positional(const char *command, int argc, char **argv)
 {
         if (optind < argc)

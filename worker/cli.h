@@ -19,7 +19,13 @@ struct pg_result;
 /* Run the CLI. Returns the process exit status (0 ok, 1 failure, 2 usage error). */
 int cli_main(int argc, char **argv);
 
-/* Load the configuration: defaults, file, environment, then --set flags. Prints on error. */
+/*
+ * Load the configuration: defaults, file, environment, then --set flags. Prints on error.
+ * Commands exit with status 2 (CMD_EXIT_USAGE) when it fails: an invalid setting, an
+ * unreadable --config file or an inconsistent pair of settings is a mistake in how the
+ * command was invoked, which running it again will not fix (verify-system, which reports
+ * every check, is the exception: it lists it as a failed check and exits 1).
+ */
 int cli_config(struct config *cfg);
 
 /* Connect to PostgreSQL and, when @check_schema, refuse an out-of-date schema. Prints. */
@@ -44,6 +50,15 @@ int cli_getopt(int argc, char **argv, const char *shortopts, const struct option
  * calls (the same argv address may come back with other contents).
  */
 void cli_getopt_reset(void);
+
+/*
+ * The value of a boolean flag declared with optional_argument, called right after
+ * cli_getopt() returned it: "--flag" is true, "--flag=BOOL" and "--flag BOOL" give BOOL
+ * (true/false, yes/no, on/off, 1/0; the separate word is consumed). For commands without
+ * positional arguments only: there any other word after the flag is a usage error that says
+ * how to write the flag. Returns 0 or prints and returns 2.
+ */
+int cli_bool_flag(int argc, char **argv, const char *flag, bool *ret_value);
 
 /* Reject positional arguments left after the flags. Returns 0 or prints and returns 2. */
 int cli_no_positional(const char *command, int argc, char **argv);

@@ -141,7 +141,7 @@ int cmd_enqueue(int argc, char **argv)
         if (r > 0)
                 return r;
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         r = cmd_enqueue_send(&cfg, &req);
         config_done(&cfg);
         return r < 0 ? cli_fail(r) : CMD_EXIT_OK;

@@ -247,7 +247,7 @@ int cmd_gc(int argc, char **argv)
         if (image_id && request_validate_image_id(image_id) < 0)
                 return cli_usage(argv[0], "--image-id: %s", err_last());
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         g.cfg = &cfg;
         if (cli_db_open(&cfg, true, &g.db) < 0)
                 goto out;

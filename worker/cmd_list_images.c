@@ -80,7 +80,7 @@ int cmd_list_images(int argc, char **argv)
                                 status_filter);
         }
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         if (cli_db_open(&cfg, true, &db) < 0)
                 goto out;
         {

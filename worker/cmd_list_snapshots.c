@@ -116,12 +116,8 @@ int cmd_list_snapshots(int argc, char **argv)
         while ((c = cli_getopt(argc, argv, "h", opts)) != -1) {
                 switch (c) {
                 case 'a':
-                        if (optarg && util_parse_bool(optarg, &active_only) < 0)
-                                return cli_usage(argv[0],
-                                                 "--active-only='%s': expected true or false",
-                                                 optarg);
-                        if (!optarg)
-                                active_only = true;
+                        if (cli_bool_flag(argc, argv, "--active-only", &active_only))
+                                return CMD_EXIT_USAGE;
                         break;
                 case 'A':
                         active_only = false;
@@ -130,11 +126,12 @@ int cmd_list_snapshots(int argc, char **argv)
                         json = true;
                         break;
                 case 'h':
-                        printf("Usage: flyio-image-manager list-snapshots [--active-only[=BOOL]] [--all] [--json]\n"
+                        printf("Usage: flyio-image-manager list-snapshots [--active-only [BOOL]] [--all] [--json]\n"
                                "\n"
                                "List snapshots made by the activate stage on this host (HOST_ID).\n"
                                "\n"
-                               "  --active-only[=BOOL]  only active snapshots (default true)\n"
+                               "  --active-only [BOOL]  only active snapshots (default true); BOOL may follow\n"
+                               "                        as --active-only=false or --active-only false\n"
                                "  --all                 every snapshot, same as --active-only=false\n"
                                "  --json                machine-readable output\n");
                         return CMD_EXIT_OK;
@@ -145,7 +142,7 @@ int cmd_list_snapshots(int argc, char **argv)
         if (cli_no_positional(argv[0], argc, argv))
                 return CMD_EXIT_USAGE;
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         if (cli_db_open(&cfg, true, &db) < 0)
                 goto out;
         {

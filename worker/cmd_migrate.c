@@ -1,7 +1,9 @@
 /* `migrate`: bring the database schema up to this binary's version. */
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 
+#include "common/err.h"
 #include "config/config.h"
 #include "db/db.h"
 #include "worker/cli.h"
@@ -39,12 +41,19 @@ int cmd_migrate(int argc, char **argv)
         if (cli_no_positional(argv[0], argc, argv))
                 return CMD_EXIT_USAGE;
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         if (cli_db_open(&cfg, false, &db) < 0) {
                 config_done(&cfg);
                 return CMD_EXIT_FAILURE;
         }
         r = db_migrate(db, &applied, &version);
+        /* A newer schema has nothing for us to apply, but it is not "nothing to do": this
+         * binary would run against tables it does not know. */
+        if (r == 0 && version > db_schema_latest())
+                r = err_set(
+                        -ESTALE,
+                        "database schema is at version %d, newer than this binary's %d: this flyio-image-manager is older than the schema; upgrade it (migrations never go backwards)",
+                        version, db_schema_latest());
         if (r < 0) {
                 status = cli_fail(r);
         } else {

@@ -42,21 +42,28 @@ struct process_progress {
         bool drawn;
 };
 
-/* One status line on the terminal, redrawn at most a few times a second. */
+/*
+ * One status line on the terminal, redrawn at most a few times a second, and once more when
+ * a download completes so that it ends at 100%. The cursor goes back to the start of the
+ * line after each draw: a log record written meanwhile then overwrites the status line
+ * instead of being glued to its end.
+ */
 static void process_progress_cb(const char *stage, uint64_t done, uint64_t total, void *userdata)
 {
         struct process_progress *p = userdata;
         int64_t now = util_now_monotonic_ms();
+        bool download = strcmp(stage, "download") == 0;
+        bool finished = download && total > 0 && done >= total;
 
-        if (!p->enabled || now - p->last_ms < 200)
+        if (!p->enabled || (now - p->last_ms < 200 && !finished))
                 return;
         p->last_ms = now;
         p->drawn = true;
-        if (strcmp(stage, "download") == 0 && total > 0)
-                fprintf(stderr, "\r  download: %" PRIu64 " / %" PRIu64 " MiB (%3.0f%%)   ",
+        if (download && total > 0)
+                fprintf(stderr, "\r  download: %" PRIu64 " / %" PRIu64 " MiB (%3.0f%%)   \r",
                         done >> 20, total >> 20, 100.0 * (double)done / (double)total);
         else if (strcmp(stage, "unpack") == 0)
-                fprintf(stderr, "\r  unpack: %" PRIu64 " entries, %" PRIu64 " MiB   ", done,
+                fprintf(stderr, "\r  unpack: %" PRIu64 " entries, %" PRIu64 " MiB   \r", done,
                         total >> 20);
         fflush(stderr);
 }
@@ -248,7 +255,7 @@ static void process_help(void)
                "a migrated database.\n"
                "\n"
                "  --s3-key KEY        S3 object key of the image tarball (required)\n"
-               "  --image-id ID       image identifier: letters, digits, '-', '_' (required)\n"
+               "  --image-id ID       image identifier: letters, digits, '-', '_', '.' (required)\n"
                "  --bucket BUCKET     S3 bucket (default S3_BUCKET)\n"
                "  --checksum SHA256   expected SHA-256 of the tarball (optional)\n"
                "  --pool NAME         devicemapper thin pool (default POOL_NAME)\n"
@@ -330,7 +337,7 @@ int cmd_process_image(int argc, char **argv)
                 return cli_usage(argv[0], "%s", err_last()[0] ? err_last() : "a value is too long");
 
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         if (cli_db_open(&cfg, true, &db) < 0)
                 goto out;
         r = lease_keeper_new(cfg.database_url, cfg.lease_seconds * 1000, &leases);

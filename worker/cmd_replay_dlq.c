@@ -393,7 +393,7 @@ int cmd_replay_dlq(int argc, char **argv)
         if (r > 0)
                 return r;
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         st.cfg = &cfg;
         r = cmd_replay_run(&st);
         if (st.consumer) {

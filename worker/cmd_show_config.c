@@ -29,7 +29,7 @@ int cmd_show_config(int argc, char **argv)
         if (cli_no_positional(argv[0], argc, argv))
                 return CMD_EXIT_USAGE;
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         config_print(&cfg, stdout);
         config_done(&cfg);
         return CMD_EXIT_OK;

@@ -81,6 +81,7 @@ int cmd_status(int argc, char **argv)
                 {0, 0, 0, 0},
         };
         const char *run_id = NULL;
+        char id[ULID_LEN + 1];
         bool json = false;
         struct config cfg;
         struct db *db = NULL;
@@ -106,12 +107,15 @@ int cmd_status(int argc, char **argv)
                 return CMD_EXIT_USAGE;
         if (!run_id)
                 return cli_usage(argv[0], "missing required flag --run-id");
-        if (!ulid_is_valid(run_id))
-                return cli_usage(argv[0],
-                                 "--run-id '%s' is not a ULID (26 characters of Crockford base32)",
-                                 run_id);
+        /* Ids are stored uppercase; one typed or pasted in lowercase is the same id. */
+        if (ulid_normalize(run_id, id) < 0)
+                return cli_usage(
+                        argv[0],
+                        "--run-id '%s' is not a ULID (26 characters of Crockford base32: digits and letters except I, L, O and U, the first at most 7)",
+                        run_id);
+        run_id = id;
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         if (cli_db_open(&cfg, true, &db) < 0)
                 goto out;
 

@@ -141,7 +141,7 @@ int cmd_worker(int argc, char **argv)
                 }
         }
         if (cli_config(&cfg) < 0)
-                return CMD_EXIT_FAILURE;
+                return CMD_EXIT_USAGE;
         cmd_worker_reconcile(&cfg, stages, n);
         {
                 struct kafka_worker_options wo = {.cfg = &cfg, .stages = stages, .nstages = n};

@@ -25,5 +25,5 @@ int cmd_gc(int argc, char **argv);
 enum cmd_exit {
         CMD_EXIT_OK = 0,
         CMD_EXIT_FAILURE = 1,
-        CMD_EXIT_USAGE = 2,
+        CMD_EXIT_USAGE = 2, /* bad flags or arguments, or an invalid configuration */
 };

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "common/err.h"
@@ -108,6 +109,27 @@ static int kafka_client_set(rd_kafka_conf_t *conf, const char *name, const char 
         return 0;
 }
 
+/*
+ * Whether a librdkafka property holds a credential: every "*password*", "*secret*" or
+ * "*token*" property (sasl.password, ssl.key.password, ssl.keystore.password,
+ * sasl.oauthbearer.client.secret, ...), the inline private key and the OAUTHBEARER config.
+ */
+static bool kafka_client_is_secret(const char *name)
+{
+        static const char *const words[] = {"password", "secret", "token"};
+        static const char *const names[] = {"ssl.key.pem", "sasl.oauthbearer.config"};
+
+        for (size_t i = 0; i < ARRAY_SIZE(words); i++) {
+                if (strcasestr(name, words[i]))
+                        return true;
+        }
+        for (size_t i = 0; i < ARRAY_SIZE(names); i++) {
+                if (strcasecmp(name, names[i]) == 0)
+                        return true;
+        }
+        return false;
+}
+
 /* Apply the options in environment variable @var: "a=1;b=2". */
 static int kafka_client_apply_env(rd_kafka_conf_t *conf, const char *var)
 {
@@ -130,11 +152,32 @@ static int kafka_client_apply_env(rd_kafka_conf_t *conf, const char *var)
                 eq = strchr(p, '=');
                 if (eq && eq != p) {
                         *eq = '\0';
+                        /* Before librdkafka sees it: its errors may quote the value. */
+                        if (kafka_client_is_secret(p)) {
+                                r = log_register_secret(eq + 1);
+                                if (r == -EINVAL) {
+                                        log_warning(
+                                                "secret too short to be masked in logs: use a longer one",
+                                                "setting=%s property=%s min_length=%d", var, p,
+                                                LOG_SECRET_MIN);
+                                } else if (r < 0) {
+                                        r = err_set(r,
+                                                    "%s: failed to remember '%s' for log masking",
+                                                    var, p);
+                                        break;
+                                }
+                        }
                         r = kafka_client_set(conf, p, eq + 1);
-                        if (r < 0)
+                        if (r < 0) {
+                                r = err_wrap(r, "%s", var);
                                 break;
+                        }
                 } else if (*p) {
-                        r = err_set(-EINVAL, "FIM_KAFKA_OPTIONS: expected name=value, got '%s'", p);
+                        /* Not echoed: a mistyped "sasl.password:..." would leak the password. */
+                        r = err_set(
+                                -EINVAL,
+                                "%s: expected name=value pairs separated by ';', got an item without '=' at offset %zu",
+                                var, (size_t)(p - copy));
                         break;
                 }
                 p = end ? end + 1 : NULL;

@@ -13,6 +13,9 @@
  *   FIM_KAFKA_PRODUCER_OPTIONS="linger.ms=20"                                 producers only
  *
  * Tests and benchmarks use them to shorten group timeouts; operators can set TLS or SASL.
+ * The values of credential properties (any name containing "password", "secret" or "token",
+ * ssl.key.pem, sasl.oauthbearer.config) are registered with the log mask before librdkafka
+ * sees them, so they never appear in logs or error messages.
  */
 
 #include <stdbool.h>

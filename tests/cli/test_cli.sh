@@ -7,6 +7,12 @@ set -uo pipefail
 
 BIN=${1:?usage: test_cli.sh path/to/flyio-image-manager}
 : "${FIM_PG_ADMIN_URL:?FIM_PG_ADMIN_URL is not set: run through scripts/test.sh}"
+: "${S3_ENDPOINT:?S3_ENDPOINT is not set: run through scripts/test.sh (the progress test needs S3)}"
+# The S3 credentials of the test server, for the tests that download; every other command
+# runs without credentials.
+S3_CREDS=(AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:?AWS_ACCESS_KEY_ID is not set: run through scripts/test.sh}"
+        AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:?}" S3_BUCKET="${S3_BUCKET:?}")
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 passed=0
 failed=0
@@ -89,6 +95,7 @@ run "status bad ulid" 2 "is not a ULID" -- status --run-id not-a-ulid
 run "status flag needs value" 2 "needs a value" -- status --run-id
 run "list-images bad status" 2 "expected pending, downloading, completed or failed" -- list-images --status done
 run "list-snapshots bad bool" 2 "expected true or false" -- list-snapshots --active-only=perhaps
+run "list-snapshots bad separate bool" 2 "--active-only takes true or false, not 'perhaps': write --active-only, --active-only=false or --active-only false" -- list-snapshots --active-only perhaps
 run "positional argument" 2 "unexpected argument 'extra'" -- list-images extra
 run "process-image without key" 2 "missing required flag --s3-key" -- process-image --image-id a
 run "process-image bad image id" 2 "image_id" -- process-image --s3-key k --image-id 'a b'
@@ -97,18 +104,29 @@ run "gc needs a target" 2 "exactly one of --image-id and --all-unreferenced" -- 
 run "enqueue bad key" 2 "s3_key" -- enqueue --s3-key ../x --image-id a
 
 # --- configuration errors and secrets ------------------------------------------------------
+# An invalid configuration is a usage error (status 2): running the command again won't fix it.
 out=$(DOWNLOAD_QUEUE_SIZE=abc "$BIN" show-config 2>&1); status=$?
-check "invalid env value fails" test "$status" -eq 1
+check "invalid env value is a usage error" test "$status" -eq 2
 check "invalid env value names variable" grep -Fq "DOWNLOAD_QUEUE_SIZE='abc': expected a positive integer" <<<"$out"
 out=$("$BIN" --set UNPACK_QUEUE_SIZE=-3 show-config 2>&1); status=$?
-check "invalid --set fails" test "$status" -eq 1
+check "invalid --set is a usage error" test "$status" -eq 2
 check "invalid --set names flag" grep -Fq "UNPACK_QUEUE_SIZE='-3'" <<<"$out"
+run "invalid config before any database work" 2 "DOWNLOAD_TIMEOUT='0'" -- --set DOWNLOAD_TIMEOUT=0 list-images
+run "--set without =" 2 "--set expects NAME=VALUE" -- --set POOL_NAME show-config
 printf 'POOL_NAME=from-file\nDOWNLOAD_QUEUE_SIZE=3\n' >"$WORK/conf"
 out=$(DOWNLOAD_QUEUE_SIZE=4 "$BIN" --config "$WORK/conf" --set S3_BUCKET=flag-bucket show-config 2>&1)
 check "file value applies" grep -Fq "POOL_NAME=from-file  # file" <<<"$out"
 check "env beats file" grep -Fq "DOWNLOAD_QUEUE_SIZE=4  # environment" <<<"$out"
 check "flag beats all" grep -Fq "S3_BUCKET=flag-bucket  # flag" <<<"$out"
-run "missing config file" 1 "failed to open config file" -- --config "$WORK/nope" show-config
+run "missing config file" 2 "failed to open config file" -- --config "$WORK/nope" show-config
+# One setting at every level: default < file < environment < --set.
+printf 'UNPACK_QUEUE_SIZE=3\n' >"$WORK/conf-one"
+run "level default" 0 "UNPACK_QUEUE_SIZE=2  # default" -- show-config
+run "level file" 0 "UNPACK_QUEUE_SIZE=3  # file" -- --config "$WORK/conf-one" show-config
+out=$(UNPACK_QUEUE_SIZE=4 "$BIN" --config "$WORK/conf-one" show-config 2>&1)
+check "level env over file" grep -Fq "UNPACK_QUEUE_SIZE=4  # environment" <<<"$out"
+out=$(UNPACK_QUEUE_SIZE=4 "$BIN" --config "$WORK/conf-one" --set UNPACK_QUEUE_SIZE=5 show-config 2>&1)
+check "level --set over env and file" grep -Fq "UNPACK_QUEUE_SIZE=5  # flag" <<<"$out"
 out=$(AWS_ACCESS_KEY_ID=AKIAEXAMPLE AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYzzSECRET \
         AWS_SESSION_TOKEN=FwoGZXIvYXdzEXAMPLETOKEN \
         DATABASE_URL="postgresql://u:Pa55wordXYZ@127.0.0.1:1/x" "$BIN" show-config 2>&1)
@@ -118,13 +136,27 @@ check "db password hidden" not_contains "$out" "Pa55wordXYZ"
 check "secret shown as set" grep -Fq "AWS_SECRET_ACCESS_KEY=[set]" <<<"$out"
 out=$(DATABASE_URL="postgresql://u:Pa55wordXYZ@127.0.0.1:1/x" "$BIN" list-images 2>&1)
 check "db password hidden in connection error" not_contains "$out" "Pa55wordXYZ"
-run "half credentials" 1 "must be set together" -- --set AWS_ACCESS_KEY_ID=AKIAONLY show-config
+# Percent-encoded in the URI: masked as written and as decoded.
+out=$(DATABASE_URL="postgresql://u:Pa%2555w%40rdXYZ@127.0.0.1:1/x" "$BIN" show-config 2>&1)
+check "encoded db password masked" grep -Fq "DATABASE_URL=postgresql://u:****@127.0.0.1:1/x" <<<"$out"
+check "encoded db password hidden" not_contains "$out" "Pa%2555w%40rdXYZ"
+out=$(DATABASE_URL="host=127.0.0.1 port=1 password='Pa55 wordXYZ'" "$BIN" show-config 2>&1)
+check "conninfo db password masked" grep -Fq "DATABASE_URL=host=127.0.0.1 port=1 password='****'" <<<"$out"
+out=$(DATABASE_URL="postgresql://u:pw@127.0.0.1:1/x" "$BIN" show-config 2>&1)
+check "short secret warned about" grep -Eq "secret too short to be masked in logs.* setting=DATABASE_URL" <<<"$out"
+check "short secret still not shown" grep -Fq "DATABASE_URL=postgresql://u:****@127.0.0.1:1/x" <<<"$out"
+run "half credentials" 2 "must be set together" -- --set AWS_ACCESS_KEY_ID=AKIAONLY show-config
 
 # --- migrate and the schema guard ------------------------------------------------------------
 run "list before migrate" 1 "schema is at version 0" "run 'flyio-image-manager migrate'" -- list-images
 run "migrate fresh" 0 "applied [0-9]+ migrations?, schema now at version [0-9]+" -- migrate
 run "migrate again" 0 "nothing to do" -- migrate
 run "migrate unreachable db" 1 "database unreachable" -- --set DATABASE_URL=postgresql://x@127.0.0.1:1/none migrate
+sql "INSERT INTO schema_migrations (version, name) VALUES (9999, 'from_the_future')"
+run "migrate against a newer schema fails" 1 "schema is at version 9999, newer than this binary's [0-9]+: this flyio-image-manager is older than the schema; upgrade it" -- migrate
+check "newer schema: no nothing-to-do" not_contains "$LAST_OUT" "nothing to do"
+run "commands refuse a newer schema" 1 "newer than this binary knows" -- list-images
+sql "DELETE FROM schema_migrations WHERE version = 9999"
 
 # --- list-images ------------------------------------------------------------------------
 run "list-images empty" 0 "^IMAGE_ID +STATUS +SIZE +CHECKSUM" -- list-images
@@ -153,6 +185,12 @@ run "list-snapshots default active only" 0 "snapshot-alpine-1 +alpine-1 +2 +1 +p
 check "inactive hidden by default" not_contains "$LAST_OUT" "snapshot-old"
 run "list-snapshots --all" 0 "snapshot-old" -- list-snapshots --all
 run "list-snapshots --active-only=false" 0 "snapshot-old" -- list-snapshots --active-only=false
+run "list-snapshots --active-only false" 0 "snapshot-old" -- list-snapshots --active-only false
+run "list-snapshots --active-only no --json" 0 "snapshot-old" -- list-snapshots --active-only no --json
+run "list-snapshots --active-only true" 0 "snapshot-alpine-1" -- list-snapshots --active-only true
+check "--active-only true hides inactive" not_contains "$LAST_OUT" "snapshot-old"
+run "list-snapshots --active-only --json" 0 "snapshot-alpine-1" -- list-snapshots --active-only --json
+check "--active-only then a flag" not_contains "$LAST_OUT" "snapshot-old"
 run "list-snapshots --json" 0 "" -- list-snapshots --json
 check "list-snapshots json" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert [s["snapshot_name"] for s in d]==["snapshot-alpine-1"] and d[0]["active"] is True and d[0]["snapshot_id"]==2 and d[0]["kernel"] in ("unknown","missing")' "$LAST_OUT"
 
@@ -165,10 +203,53 @@ sql "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request, respo
        ('$RUN', 'error', 'fetch', 1, 'connection reset'), ('$RUN', 'retry', 'fetch', 1, 'retry in 800 ms'),
        ('$RUN', 'transition_complete', 'fetch', 2, NULL), ('$RUN', 'finish', NULL, 2, NULL)"
 run "status text" 0 "^run_id: +$RUN" "status: +complete" "attempt: +2 of 5" "error +fetch +attempt=1  connection reset" "finish" -- status --run-id "$RUN"
-run "status lowercase id" 0 "run_id" -- status --run-id "$(tr 'A-Z' 'a-z' <<<"$RUN" | tr 'a-z' 'A-Z')"
+run "status lowercase id" 0 "^run_id: +$RUN" "status: +complete" -- status --run-id "$(tr 'A-Z' 'a-z' <<<"$RUN")"
+run "status id with O" 2 "not a ULID .*except I, L, O and U" -- status --run-id 01JABCDEFGHJKMNPQRSTVWXYZO
 run "status --json" 0 "" -- status --run-id "$RUN" --json
 check "status json" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["run"]["status"]=="complete" and d["run"]["request"]["image_id"]=="alpine-1" and [e["kind"] for e in d["events"]][-1]=="finish" and len(d["events"])==6' "$LAST_OUT"
 run "status unknown run" 1 "no run with id '01JABCDEFGHJKMNPQRSTVWXYZ1'" -- status --run-id 01JABCDEFGHJKMNPQRSTVWXYZ1
+
+# --- a per-command flag over every configuration level --------------------------------------
+# process-image records the bucket it uses in the images row before it contacts S3; nothing
+# listens on S3_ENDPOINT here, so each run fails at once after that.
+printf 'S3_BUCKET=file-bucket\n' >"$WORK/conf-bucket"
+bucket_of() { sql "SELECT bucket FROM images WHERE host_id = 'cli-test-host' AND image_id = '$1'"; }
+prec() {
+        local id=$1
+        shift
+        env -u S3_BUCKET S3_ENDPOINT=http://127.0.0.1:1 MAX_ATTEMPTS=1 "$@" "$BIN" --config "$WORK/conf-bucket" "${SETS[@]}" \
+                process-image --s3-key images/none.tar --image-id "$id" "${FLAGS[@]}" >/dev/null 2>&1
+}
+SETS=() FLAGS=()
+prec prec-file
+check "bucket from the file" test "$(bucket_of prec-file)" = file-bucket
+prec prec-env S3_BUCKET=env-bucket
+check "bucket: env over file" test "$(bucket_of prec-env)" = env-bucket
+SETS=(--set S3_BUCKET=set-bucket)
+prec prec-set S3_BUCKET=env-bucket
+check "bucket: --set over env" test "$(bucket_of prec-set)" = set-bucket
+FLAGS=(--bucket flag-bucket)
+prec prec-flag S3_BUCKET=env-bucket
+check "bucket: --bucket over --set" test "$(bucket_of prec-flag)" = flag-bucket
+
+# --- process-image progress: on a terminal only ------------------------------------------------
+# A real download from the test S3 server; unpack then fails (no thin pool here), after the
+# download's progress has been drawn.
+head -c $((3 << 20)) /dev/urandom >"$WORK/progress.tar"
+PKEY="cli-test/$DBNAME/progress.tar"
+env "${S3_CREDS[@]}" bash "$HERE/../infra/s3put.sh" "$S3_BUCKET" "$PKEY" "$WORK/progress.tar" >/dev/null
+check "progress object uploaded" test $? -eq 0
+# script(1) gives the command a pseudo-terminal; -e returns the command's exit status.
+out=$(env "${S3_CREDS[@]}" MAX_ATTEMPTS=1 POOL_NAME=cli-no-such-pool script -qefc \
+        "$(printf '%q ' "$BIN" process-image --s3-key "$PKEY" --image-id progress-tty)" /dev/null 2>&1)
+check "progress on a tty" grep -Eq $'\r  download: [0-9]+ / 3 MiB \( *[0-9]+%\)' <<<"$out"
+check "progress reaches 100%" grep -Eq 'download: 3 / 3 MiB \(100%\)' <<<"$out"
+check "tty run got past the download" grep -Fq "download: done" <<<"$out"
+env "${S3_CREDS[@]}" MAX_ATTEMPTS=1 POOL_NAME=cli-no-such-pool "$BIN" process-image \
+        --s3-key "$PKEY" --image-id progress-pipe >"$WORK/pipe.out" 2>"$WORK/pipe.err"
+check "pipe run got past the download" grep -Fq "download: done" "$WORK/pipe.out"
+check "no progress when stderr is not a tty" not_contains "$(cat "$WORK/pipe.err")" "MiB ("
+check "no carriage return when stderr is not a tty" test "$(tr -cd '\r' <"$WORK/pipe.err" | wc -c)" -eq 0
 
 # --- verify-system ---------------------------------------------------------------------
 out=$("$BIN" verify-system 2>&1); status=$?

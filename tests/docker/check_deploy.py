@@ -458,6 +458,42 @@ def docker_checks(binary):
             raise Failure("kafka has no healthcheck for depends_on to wait on")
 
     @check
+    def compose_kafka_writes_its_data_volume():
+        # The image's default log dir is /tmp/kraft-combined-logs: without KAFKA_LOG_DIRS the
+        # data volume stays empty and the topics live in the container's writable layer.
+        kafka = services()["kafka"]
+        log_dirs = env_of(kafka).get("KAFKA_LOG_DIRS", "")
+        if not log_dirs:
+            raise Failure("kafka has no KAFKA_LOG_DIRS: the image writes to "
+                          "/tmp/kraft-combined-logs, not to its data volume")
+        named = load_compose().get("volumes") or {}
+        mounts = {}
+        for v in kafka.get("volumes", []):
+            if isinstance(v, str):
+                source, _, rest = v.partition(":")
+                target = rest.split(":")[0]
+            else:
+                source, target = v.get("source", ""), v.get("target", "")
+            mounts[target.rstrip("/")] = source
+        for d in log_dirs.split(","):
+            d = d.strip().rstrip("/")
+            source = mounts.get(d)
+            if source is None:
+                raise Failure(f"KAFKA_LOG_DIRS entry '{d}' is not a volume mount of kafka")
+            if source not in named:
+                raise Failure(f"'{d}' is mounted from '{source}', not a named volume: only a "
+                              "named volume is seeded with the image's ownership of the "
+                              "directory, so the broker's user (appuser) can write it")
+            # The apache/kafka image creates this directory for appuser (appuser:root, ug+w);
+            # another path would be seeded root-owned and unwritable.
+            if d != "/var/lib/kafka/data":
+                raise Failure(f"KAFKA_LOG_DIRS '{d}': the image's writable data directory is "
+                              "/var/lib/kafka/data")
+        if "user" in kafka and str(kafka["user"]) not in ("appuser", "1000"):
+            raise Failure(f"kafka runs as user {kafka['user']}, not the image's appuser that "
+                          "owns /var/lib/kafka/data")
+
+    @check
     def compose_postgres_is_15_with_healthcheck():
         pg = services()["postgres"]
         if not re.match(r"postgres:15\b", str(pg.get("image", ""))):
@@ -680,10 +716,11 @@ def config_checks(binary):
 
     @check
     def unit_passes_systemd_analyze_verify():
+        # A missing tool is a failure, not a silent pass: scripts/setup.sh installs systemd.
         tool = shutil.which("systemd-analyze")
         if not tool:
-            print("NOTE systemd-analyze is not installed: unit file not verified by systemd")
-            return
+            raise Failure("systemd-analyze is not installed, so the unit file was not verified: "
+                          "run scripts/setup.sh (it installs the 'systemd' package)")
         with tempfile.TemporaryDirectory() as d:
             text = read(unit_path).replace("/usr/local/bin/" + BINARY_NAME,
                                            os.path.abspath(binary))

@@ -7,6 +7,7 @@
 #   tests/infra/services.sh stop                      # everything, idempotent
 #   tests/infra/services.sh status
 #   tests/infra/services.sh env                       # print services.env
+#   tests/infra/services.sh fetch [s3] [kafka]        # only fetch the jars into .cache
 #
 # After start, `source "$FIM_SERVICES_DIR/services.env"` (default
 # /tmp/fim-services/services.env). It exports, for the services started:
@@ -638,13 +639,28 @@ cmd_status() {
         return "$rc"
 }
 
+# Fetch the jars of the JVM services into this checkout's cache without starting anything:
+# tools such as kafka-topics.sh need them even when the services were started from another
+# checkout (e.g. a demo that reuses a running set).
+cmd_fetch() {
+        local name
+        [ $# -gt 0 ] || set -- s3 kafka
+        for name in "$@"; do
+                case $name in
+                s3) fetch_jars s3 "$HERE/s3proxy/pom.xml" "$CACHE/s3proxy-lib" "$CACHE/maven-s3.log" ;;
+                kafka) fetch_jars kafka "$HERE/kafka/pom.xml" "$CACHE/kafka-lib" "$CACHE/maven-kafka.log" ;;
+                *) die "fetch: unknown service '$name' (expected: s3 kafka)" ;;
+                esac
+        done
+}
+
 cmd_env() {
         [ -f "$STATE/services.env" ] || die "no $STATE/services.env: run '$0 start' first"
         cat "$STATE/services.env"
 }
 
 usage() {
-        echo "usage: $0 start [pg] [s3] [kafka] | stop | status | env" >&2
+        echo "usage: $0 start [pg] [s3] [kafka] | stop | status | env | fetch [s3] [kafka]" >&2
         exit 2
 }
 
@@ -657,6 +673,7 @@ main() {
         stop) cmd_stop ;;
         status) cmd_status ;;
         env) cmd_env ;;
+        fetch) cmd_fetch "$@" ;;
         *) usage ;;
         esac
 }

@@ -20,7 +20,7 @@ static void clear_env(void)
         static const char *const names[] = {
                 "S3_BUCKET",         "AWS_REGION",   "AWS_ACCESS_KEY_ID",   "AWS_SECRET_ACCESS_KEY",
                 "AWS_SESSION_TOKEN", "DATABASE_URL", "DOWNLOAD_QUEUE_SIZE", "FIM_CONFIG",
-                "LOG_LEVEL",         "HOST_ID",      "POOL_NAME",
+                "LOG_LEVEL",         "HOST_ID",      "POOL_NAME",           "UNPACK_QUEUE_SIZE",
         };
 
         for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
@@ -158,6 +158,101 @@ static void test_config_secrets_never_printed(void **state)
         clear_env();
 }
 
+/* One setting at every level: each level's value wins over the ones below it. */
+static void test_config_precedence_one_setting_every_level(void **state)
+{
+        char path[] = "/tmp/fim-config-test-XXXXXX";
+        int fd = mkstemp(path);
+        char shown[64];
+        FILE *f;
+        struct config cfg;
+
+        (void)state;
+        clear_env();
+        assert_true(fd >= 0);
+        f = fdopen(fd, "w");
+        fputs("UNPACK_QUEUE_SIZE=3\n", f);
+        fclose(f);
+
+        assert_int_equal(config_load(&cfg, NULL), 0);
+        assert_int_equal(cfg.unpack_queue_size, 2); /* default */
+        config_done(&cfg);
+
+        assert_int_equal(config_load(&cfg, path), 0);
+        assert_int_equal(cfg.unpack_queue_size, 3); /* file over default */
+        config_done(&cfg);
+
+        setenv("UNPACK_QUEUE_SIZE", "4", 1);
+        assert_int_equal(config_load(&cfg, path), 0);
+        assert_int_equal(cfg.unpack_queue_size, 4); /* environment over file */
+        assert_int_equal(config_set(&cfg, "UNPACK_QUEUE_SIZE", "5", CONFIG_SOURCE_FLAG), 0);
+        assert_int_equal(cfg.unpack_queue_size, 5); /* flag over environment and file */
+        assert_int_equal(config_get_display(&cfg, "UNPACK_QUEUE_SIZE", shown, sizeof(shown)), 0);
+        assert_string_equal(shown, "5");
+        config_done(&cfg);
+        unsetenv("UNPACK_QUEUE_SIZE");
+        unlink(path);
+}
+
+/*
+ * DATABASE_URL's password in every way libpq accepts it: shown as "****" in its place, and
+ * masked in logs both as written (percent-encoded, escaped) and as libpq decodes it.
+ */
+static void test_config_db_password_masked_in_every_form(void **state)
+{
+        static const struct {
+                const char *url;
+                const char *shown;
+                const char *forms[2];
+        } cases[] = {
+                {"postgresql://app:p%40ss%2Fw0rd@db.example:5432/images",
+                 "postgresql://app:****@db.example:5432/images",
+                 {"p%40ss%2Fw0rd", "p@ss/w0rd"}},
+                {"postgres://app:plainPassw0rd@db/x?sslmode=disable",
+                 "postgres://app:****@db/x?sslmode=disable",
+                 {"plainPassw0rd", NULL}},
+                {"postgresql://app@db/x?sslmode=disable&password=Qu%65ryPw1",
+                 "postgresql://app@db/x?sslmode=disable&password=****",
+                 {"Qu%65ryPw1", "QueryPw1"}},
+                {"host=db user=app password='sp ace\\'quoteX' dbname=x",
+                 "host=db user=app password='****' dbname=x",
+                 {"sp ace\\'quoteX", "sp ace'quoteX"}},
+                {"host=db password=bareSecret9 dbname=x",
+                 "host=db password=**** dbname=x",
+                 {"bareSecret9", NULL}},
+        };
+        struct config cfg;
+        char shown[256];
+
+        (void)state;
+        clear_env();
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+                char *buf = NULL;
+                size_t len = 0;
+                FILE *out;
+
+                assert_int_equal(config_init(&cfg), 0);
+                assert_int_equal(config_set(&cfg, "DATABASE_URL", cases[i].url, CONFIG_SOURCE_ENV),
+                                 0);
+                assert_int_equal(config_get_display(&cfg, "DATABASE_URL", shown, sizeof(shown)), 0);
+                assert_string_equal(shown, cases[i].shown);
+                out = open_memstream(&buf, &len);
+                config_print(&cfg, out);
+                fclose(out);
+                for (int k = 0; k < 2 && cases[i].forms[k]; k++) {
+                        char line[256];
+
+                        assert_null(strstr(buf, cases[i].forms[k]));
+                        (void)snprintf(line, sizeof(line), "libpq said: %s!", cases[i].forms[k]);
+                        log_redact(line);
+                        assert_null(strstr(line, cases[i].forms[k]));
+                }
+                free(buf);
+                config_done(&cfg);
+                log_forget_secrets();
+        }
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -165,6 +260,8 @@ int main(void)
                 cmocka_unit_test(test_config_precedence_file_env_flag),
                 cmocka_unit_test(test_config_invalid_values_name_variable_and_value),
                 cmocka_unit_test(test_config_secrets_never_printed),
+                cmocka_unit_test(test_config_precedence_one_setting_every_level),
+                cmocka_unit_test(test_config_db_password_masked_in_every_form),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
