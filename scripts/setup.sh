@@ -7,7 +7,7 @@ packages=(
         # build
         build-essential cmake pkg-config clang clang-format libclang-rt-14-dev
         # libraries the worker links
-        librdkafka-dev libcurl4-openssl-dev libssl-dev libpq-dev libarchive-dev
+        librdkafka-dev libcurl4-openssl-dev libssl-dev libpq-dev libarchive-dev liblzma-dev
         libdevmapper-dev libjson-c-dev
         # unit tests
         libcmocka-dev
