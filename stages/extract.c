@@ -2345,8 +2345,9 @@ static int extract_apply_dirs(struct extract_ctx *c)
 /*
  * libarchive also reports the end of the archive when the stream simply stops between two
  * members, which is what a truncated download looks like. Insist that it read the all-zero
- * end-of-archive marker where the next header would be: the block right after the last
- * member's data. (The last block read is not enough: it may be that member's data.)
+ * end-of-archive marker while looking for the next header: the last block it read must be
+ * zeros and lie past the last member's data (which may well end in a zero block itself).
+ * Extension headers with no member after them (git archive's global header) may come first.
  */
 static int extract_check_end(struct extract_ctx *c)
 {
@@ -2355,7 +2356,7 @@ static int extract_check_end(struct extract_ctx *c)
         if (consumed < (la_int64_t)EXTRACT_TAR_BLOCK)
                 return err_set(-EBADMSG, "failed to read archive: it is empty");
         if ((uint64_t)consumed < c->member_end + EXTRACT_TAR_BLOCK ||
-            extract_scan_was_zero(&c->scan, c->member_end) != 1) {
+            extract_scan_was_zero(&c->scan, (uint64_t)consumed - EXTRACT_TAR_BLOCK) != 1) {
                 if (c->entries == 0)
                         return err_set(-EBADMSG, "failed to read archive: it is truncated");
                 return err_set(

@@ -411,6 +411,17 @@ def valid(sent):
              Tar().add("ok", data=b"x", pax={"path": "safe\x00../x"}).bytes())
     out["embedded_tar.tar"] = Tar().add("inner.tar", data=inner).add("after", data=b"y").bytes()
     out["empty_archive.tar"] = b"\x00" * 10240
+    # What git archive writes for an empty tree: a global header, then the end.
+    comment = pax_record(b"comment", b"0123456789abcdef0123456789abcdef01234567")
+    out["global_header_only.tar"] = raw_tar(
+        (raw_header(b"pax_global_header", b"g", len(comment)), comment))
+    # Timestamps out of any filesystem's range, negative, or not numbers: libarchive clamps
+    # or zeroes them, the filesystem clamps what is left; like GNU tar, nothing fails.
+    out["odd_timestamps.tar"] = (
+        Tar().add("future", data=b"f", pax={"mtime": "99999999999999999999.5"})
+        .add("past", data=b"p", pax={"mtime": "-99999999999999999999"})
+        .add("junk", data=b"j", pax={"mtime": "abc", "atime": "-1.5"})
+        .dir("d", pax={"mtime": "18446744073709551616"}).bytes())
     out["many_hardlinks.tar"] = many_hardlinks()
     out["gnu_format.tar"] = (Tar(tarfile.GNU_FORMAT).dir("d").add("d/f", data=b"gnu")
                              .symlink("d/s", "f").bytes())

@@ -981,6 +981,31 @@ static void test_extract_empty_archive(void **state)
         prepare(false);
         res = extract_ok("empty_archive.tar", NULL);
         assert_int_equal(res.file_count + res.dir_count + res.size_bytes, 0);
+        prepare(false);
+        res = extract_ok("global_header_only.tar", NULL);
+        assert_int_equal(res.file_count + res.dir_count + res.size_bytes, 0);
+}
+
+/* Absurd timestamps are clamped, not errors, and never touch anything outside the root. */
+static void test_extract_odd_timestamps(void **state)
+{
+        char *before;
+        char *after;
+
+        (void)state;
+        prepare(false);
+        before = snapshot();
+        (void)extract_ok("odd_timestamps.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        assert_true(lstat_root("future").st_mtim.tv_sec > INT64_C(4000000000));
+        assert_true(lstat_root("past").st_mtim.tv_sec < INT64_C(-2000000000));
+        assert_mtime("junk", 0, 0);
+        assert_true(lstat_root("junk").st_atim.tv_sec < 0);
+        assert_true(lstat_root("d").st_mtim.tv_sec > INT64_C(4000000000));
+        assert_root_content("junk", "j");
 }
 
 static void test_extract_many_hardlinks(void **state)
@@ -1457,6 +1482,7 @@ int main(void)
                 cmocka_unit_test(test_extract_dir_swapped_for_symlink),
                 cmocka_unit_test(test_extract_dirs_duplicates_merged),
                 cmocka_unit_test(test_extract_no_fd_leak),
+                cmocka_unit_test(test_extract_odd_timestamps),
         };
         static struct CMUnitTest tests[HOSTILE_MAX + ARRAY_SIZE(fixed) + 8];
         size_t n = 0;
