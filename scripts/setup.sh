@@ -12,7 +12,7 @@ packages=(
         # the style check lists the sources with git ls-files
         git
         # libraries the worker links
-        librdkafka-dev libcurl4-openssl-dev libssl-dev libpq-dev libarchive-dev
+        librdkafka-dev libcurl4-openssl-dev libssl-dev libpq-dev libarchive-dev liblzma-dev
         libdevmapper-dev libjson-c-dev
         # unit tests
         libcmocka-dev

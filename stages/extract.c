@@ -19,22 +19,31 @@
  *
  * READING
  *
- * Two libarchive readers are chained. The outer one only decompresses (gzip, zstd, xz or
- * none, detected from the content; "raw" format). The inner one parses tar (ustar, pax,
- * GNU) from the outer one's output through extract_stream_read(), which therefore sees
- * every decompressed byte. That lets it cap the stream size (a bomb made of data that is
- * skipped rather than written), report progress during long skips, and scan the stream
- * for names that libarchive would silently cut at an embedded NUL byte: "a\0../../x" in a
- * ustar name field, a GNU long name or a pax path/linkpath record. Other tar readers see
- * the whole name, so such an archive means different things to different tools; we refuse
- * it. The scan looks at every 512-byte block with a valid header checksum, so no framing
- * trick can hide a header from it, and remembers suspects by offset; once libarchive has
- * parsed a member, the suspects inside that member's header blocks (from the header
+ * Two libarchive readers are chained. The outer one only decompresses (gzip, zstd or none,
+ * detected from the content; "raw" format). xz is detected from its magic bytes and decoded
+ * here with liblzma instead, because libarchive 3.6 sets no memory limit on the xz decoder
+ * and a 100-byte file can declare a 4 GiB dictionary; ours refuses streams that need more
+ * than EXTRACT_XZ_MEMLIMIT (the same bound libarchive's zstd reader has on its window, and
+ * gzip needs 32 KiB). The inner reader parses tar (ustar, pax, GNU) from the decompressed
+ * stream through extract_stream_read(), which therefore sees every decompressed byte. That lets it
+ * cap the stream size (a bomb made of data that is skipped rather than written), report progress
+ * during long skips, and scan the stream for names that libarchive would silently cut at an
+ * embedded NUL byte: "a\0../../x" in a ustar name field, a GNU long name or a pax path/linkpath
+ * record. Other tar readers see the whole name, so such an archive means different things to
+ * different tools; we refuse it. The scan looks at every 512-byte block with a valid header
+ * checksum, so no framing trick can hide a header from it, and remembers suspects by offset; once
+ * libarchive has parsed a member, the suspects inside that member's header blocks (from the header
  * position to the start of its data) are fatal and the ones inside file data are dropped.
- * It also remembers which blocks were all zeros, to insist on the end-of-archive marker:
- * libarchive takes a stream that stops between two members for a complete archive, and
- * that is what a truncated download looks like. libarchive warnings other than "name not
- * convertible to the locale" are errors: they mean it ignored part of a header.
+ * Numeric fields (the size of a header body) are parsed exactly as libarchive parses them,
+ * tabs and signs included, or a body it reads could escape the scan.
+ *
+ * The scan also remembers which blocks were all zeros, to insist on the end-of-archive
+ * marker right after the last member: libarchive takes a stream that stops between two
+ * members for a complete archive, and that is what a truncated download looks like.
+ * libarchive warnings are errors (they mean it ignored part of a header) except its exact
+ * "name can't be converted to the locale"; and since only the last warning's message
+ * survives, that one is accepted only when the scan saw nothing in the member's headers
+ * that could have raised another (a malformed or unusual pax body, many extension headers).
  *
  * NAMES
  *
@@ -65,10 +74,12 @@
  * is removed to make room, a non-empty one is an error. Symlink targets are stored
  * verbatim and never followed while extracting (absolute targets are relative to the
  * image root at run time); their owner and times are set with AT_SYMLINK_NOFOLLOW.
- * Hardlink targets are normalised and resolved the same way, must be regular files, and
- * must have been created by this extraction, which keeps a set of the inodes it created:
- * a hardlink cannot reach a file that was in the root before, nor a later member. linkat()
- * gets no AT_SYMLINK_FOLLOW.
+ * Hardlink targets are normalised and resolved the same way (and held to the same depth and
+ * length limits), must be regular files or symlinks, and must have been created by this
+ * extraction, which keeps a set of the inodes it created: a hardlink cannot reach a file
+ * that was in the root before, nor a later member. linkat() gets no AT_SYMLINK_FOLLOW, so
+ * a hardlink to a symlink (which GNU tar archives as such) links the symlink itself. A
+ * hardlink to an entry we skipped (a device node, say) is skipped and counted the same way.
  *
  * METADATA
  *
@@ -76,11 +87,12 @@
  * then xattrs, then chmod, then times. Kept xattrs: user.* and security.capability.
  * trusted.*, security.selinux and everything else would change how the host, not the
  * image, treats the files; they are counted and skipped, as are POSIX ACLs and xattrs on
- * symlinks. Numeric uid/gid are used, never names. Directories are created 0700 and get
- * their owner, mode and times at the end, deepest first, from a deferred list (creating
- * their contents would change their mtime, and a 0555 directory could not be filled by a
- * caller without CAP_DAC_OVERRIDE); each is re-resolved safely, and one that a later
- * member replaced is dropped.
+ * symlinks (see extract_xattr_allowed() for user.overlay.*). Numeric uid/gid are used,
+ * never names. Directories are created 0700 and get their owner, mode and times at the end,
+ * each after all of its descendants, from the tree of remembered paths (creating their
+ * contents would change their mtime, and a 0555 directory could not be filled by a caller
+ * without CAP_DAC_OVERRIDE); each is re-resolved safely, and one that a later member
+ * replaced (by a symlink, say) is dropped.
  *
  * SKIPPED
  *
@@ -91,8 +103,14 @@
  * MEMORY AND SPEED
  *
  * Data is streamed: memory does not grow with file sizes. What grows with the archive is
- * the deferred list (one path and metadata per directory member) and the inode set (16
- * bytes per regular file at worst), both bounded through max_entries. Reads use 1 MiB
+ * the tree of remembered paths and the inode set. The tree holds every directory member
+ * (for its deferred metadata) and every skipped entry (so that hardlinks to it can be
+ * skipped), as (parent, component) nodes of some 80 bytes plus the component, each stored
+ * once however often the archive repeats it; a hash with a random key finds them. It is
+ * capped at EXTRACT_TREE_MEMORY_MAX (-E2BIG naming the member), which is hundreds of
+ * thousands of directories, far more than real images have; a tiny archive naming one
+ * long directory a million times costs one path. The inode set takes 16 bytes per
+ * regular file and symlink at worst, bounded through max_entries. Reads use 1 MiB
  * blocks; data goes from libarchive's buffer to pwrite() with no copy; sparse holes are
  * pwrite() offsets plus a final ftruncate(); nothing is fsynced; chown and chmod are
  * skipped when a new file already has the wanted owner and mode.
@@ -107,6 +125,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/random.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <unistd.h>
@@ -115,6 +134,7 @@
 
 #include <archive.h>
 #include <archive_entry.h>
+#include <lzma.h>
 
 #include "common/err.h"
 #include "common/log.h"
@@ -136,23 +156,80 @@
 #define EXTRACT_STREAM_SLACK (UINT64_C(64) << 20)
 #define EXTRACT_MAX_PATH_LENGTH_LIMIT (1u << 20)
 /*
+ * Cap on the memory of the tree of remembered paths. A node costs about 80 bytes plus its
+ * component, so this holds some 500000 distinct directories: far more than real images
+ * have (a full Debian has some 10000).
+ */
+#define EXTRACT_TREE_MEMORY_MAX ((size_t)64 << 20)
+/*
+ * Memory the xz decoder may use: every xz preset needs at most 65 MiB, and libarchive's
+ * zstd reader has the same 128 MiB bound on its window. An xz header can ask for 4 GiB.
+ */
+#define EXTRACT_XZ_MEMLIMIT (UINT64_C(128) << 20)
+/*
  * Blocks remembered for the end-of-archive check: more than the scan can run ahead of
  * libarchive (one handed-out chunk plus one special header).
  */
 #define EXTRACT_ZERO_RING 16384u
-/* What extract_pax_nul_field() found. */
+/* Kinds of suspect: what extract_pax_nul_field() found, and the two non-fatal kinds. */
 #define EXTRACT_NUL_NAME 1
 #define EXTRACT_NUL_LINK 2
+/* A pax body libarchive would only partly apply (extract_pax_risky()). */
+#define EXTRACT_PAX_RISKY 3
+/* A header block of an extension type (x, X, g, L, K, A, V). */
+#define EXTRACT_SPECIAL 4
+/*
+ * More extension headers than this in front of one member is suspicious: libarchive gives up
+ * after 32 with a warning that a later charset warning could hide. GNU tar writes at most 3.
+ */
+#define EXTRACT_MAX_SPECIAL 16
 
-/* A directory whose owner, mode and times are applied at the end. */
-struct extract_dir {
-        char *path; /* normalised, relative to the root; "" is the root */
-        unsigned depth;
-        size_t order;
+/* Owner, mode and times of a directory member, applied at the end. */
+struct extract_dirmeta {
         mode_t mode;
         uid_t uid;
         gid_t gid;
         struct timespec times[2];
+};
+
+/* What a tree node stands for besides being a path prefix (flags). */
+#define EXTRACT_NODE_DIR 1u    /* a directory member: meta is set */
+#define EXTRACT_NODE_DEVICE 2u /* a skipped device node or FIFO */
+#define EXTRACT_NODE_OTHER 4u  /* a skipped socket or unknown type */
+
+/*
+ * One path component of the tree of remembered paths (see MEMORY AND SPEED). Links are
+ * node numbers: index + 1, 0 for none (the parent of a top-level node is the root).
+ */
+struct extract_node {
+        uint32_t parent;
+        uint32_t first_child;
+        uint32_t next_sibling;
+        uint32_t name; /* offset of the component in names */
+        uint8_t name_len;
+        uint8_t flags;
+        struct extract_dirmeta meta;
+};
+
+/*
+ * The remembered paths: directory members and skipped entries, each stored once however
+ * often the archive names it, as a (parent, component) tree. A hash of (parent, component)
+ * finds nodes; its key is random per extraction, so that an archive cannot be built to make
+ * every name collide.
+ */
+struct extract_tree {
+        struct extract_node *nodes;
+        uint32_t n_nodes;
+        uint32_t cap_nodes;
+        char *names;
+        size_t names_len;
+        size_t names_cap;
+        uint32_t *slots;  /* node numbers; 0 is free */
+        size_t cap_slots; /* a power of two, or 0 */
+        uint64_t key[2];
+        uint32_t first_top; /* first top-level node */
+        bool have_root;
+        struct extract_dirmeta root;
 };
 
 /* Open-addressing set of inode numbers; 0 marks a free slot, so inode 0 is kept aside. */
@@ -175,7 +252,7 @@ struct extract_scan_slot {
 /* A header-looking block whose name field or body holds a name cut at a NUL byte. */
 struct extract_suspect {
         uint64_t offset; /* of the header block */
-        int kind;        /* EXTRACT_NUL_NAME or EXTRACT_NUL_LINK */
+        int kind;        /* EXTRACT_NUL_NAME, _NUL_LINK, _PAX_RISKY or _SPECIAL */
         const char *where;
         char name[EXTRACT_SUSPECT_NAME + 1]; /* up to the NUL */
 };
@@ -195,7 +272,20 @@ struct extract_ctx {
         struct extract_options opts;
         struct extract_result res;
 
-        struct archive *outer; /* decompression only */
+        /* The input: a file descriptor, or a buffer when in_fd < 0. */
+        int in_fd;
+        const unsigned char *in_mem;
+        size_t in_mem_len;
+        unsigned char *in_buf; /* EXTRACT_READ_BLOCK bytes read from in_fd */
+        size_t in_peek;        /* bytes read into in_buf to detect xz, not handed out yet */
+        bool in_eof;
+        /* xz is decoded here with a memory limit, which libarchive 3.6 does not set. */
+        bool xz;
+        bool xz_end;
+        lzma_stream xz_strm;
+        unsigned char *xz_out;
+
+        struct archive *outer; /* decompression of gzip and zstd (or none) */
         struct archive *inner; /* tar parsing, fed by extract_stream_read() */
         int stream_r;          /* error raised inside the read callback */
         uint64_t stream_bytes;
@@ -206,6 +296,10 @@ struct extract_ctx {
         struct extract_suspect *suspects;
         size_t n_suspects;
         size_t cap_suspects;
+        /* The current member's headers hold a risky pax body or many extension headers. */
+        bool member_risky;
+        /* Stream offset just past the previous member's data and padding. */
+        uint64_t member_end;
 
         bool have_openat2;
         int cache_fd; /* parent directory of the previous member, or -1 */
@@ -217,9 +311,7 @@ struct extract_ctx {
         char *scratch;   /* NUL-terminated prefixes of the above */
         size_t path_size;
 
-        struct extract_dir *dirs;
-        size_t n_dirs;
-        size_t cap_dirs;
+        struct extract_tree tree;
         struct extract_inodes inodes;
 
         /* Quoted name of the current (or, between headers, the previous) member. */
@@ -236,6 +328,8 @@ FIM_TESTABLE bool extract_disable_openat2;
  * this many bytes (0: EXTRACT_READ_BLOCK), to exercise the scan across odd boundaries.
  */
 FIM_TESTABLE size_t extract_chunk_size;
+/* Tests lower this to reach the cap on the tree of remembered paths with small archives. */
+FIM_TESTABLE size_t extract_tree_memory_max = EXTRACT_TREE_MEMORY_MAX;
 
 void extract_options_init(struct extract_options *opts)
 {
@@ -434,6 +528,244 @@ static int extract_inodes_add(struct extract_inodes *s, uint64_t ino)
         }
 }
 
+/* --- The tree of remembered paths (see MEMORY AND SPEED) --- */
+
+static uint64_t extract_rotl(uint64_t x, int b)
+{
+        return (x << b) | (x >> (64 - b));
+}
+
+static void extract_sipround(uint64_t v[4])
+{
+        v[0] += v[1];
+        v[1] = extract_rotl(v[1], 13) ^ v[0];
+        v[0] = extract_rotl(v[0], 32);
+        v[2] += v[3];
+        v[3] = extract_rotl(v[3], 16) ^ v[2];
+        v[0] += v[3];
+        v[3] = extract_rotl(v[3], 21) ^ v[0];
+        v[2] += v[1];
+        v[1] = extract_rotl(v[1], 17) ^ v[2];
+        v[2] = extract_rotl(v[2], 32);
+}
+
+/* Byte @i of the hashed message: @parent in 4 little-endian bytes, then @name. */
+static uint64_t extract_tree_byte(uint32_t parent, const char *name, size_t i)
+{
+        return i < 4 ? (parent >> (8 * i)) & 0xff : (unsigned char)name[i - 4];
+}
+
+/* SipHash-1-3 of (@parent, @name) under the tree's random key. */
+static uint64_t extract_tree_hash(const struct extract_tree *t, uint32_t parent, const char *name,
+                                  size_t len)
+{
+        uint64_t v[4] = {
+                t->key[0] ^ UINT64_C(0x736f6d6570736575),
+                t->key[1] ^ UINT64_C(0x646f72616e646f6d),
+                t->key[0] ^ UINT64_C(0x6c7967656e657261),
+                t->key[1] ^ UINT64_C(0x7465646279746573),
+        };
+        size_t total = len + 4;
+        size_t whole = total - total % 8;
+        uint64_t m;
+
+        for (size_t off = 0; off < whole; off += 8) {
+                m = 0;
+                for (size_t b = 0; b < 8; b++)
+                        m |= extract_tree_byte(parent, name, off + b) << (8 * b);
+                v[3] ^= m;
+                extract_sipround(v);
+                v[0] ^= m;
+        }
+        m = (uint64_t)(total & 0xff) << 56;
+        for (size_t b = 0; b < total % 8; b++)
+                m |= extract_tree_byte(parent, name, whole + b) << (8 * b);
+        v[3] ^= m;
+        extract_sipround(v);
+        v[0] ^= m;
+        v[2] ^= 0xff;
+        for (int i = 0; i < 3; i++)
+                extract_sipround(v);
+        return v[0] ^ v[1] ^ v[2] ^ v[3];
+}
+
+static size_t extract_tree_memory(size_t cap_nodes, size_t names_cap, size_t cap_slots)
+{
+        return cap_nodes * sizeof(struct extract_node) + names_cap + cap_slots * sizeof(uint32_t);
+}
+
+/* Put node number @num into @slots (@cap of them). */
+static void extract_tree_slot(const struct extract_tree *t, uint32_t *slots, size_t cap,
+                              uint32_t num)
+{
+        const struct extract_node *d = &t->nodes[num - 1];
+        size_t i = extract_tree_hash(t, d->parent, t->names + d->name, d->name_len) & (cap - 1);
+
+        while (slots[i] != 0)
+                i = (i + 1) & (cap - 1);
+        slots[i] = num;
+}
+
+/* Make room for one more node with a @len-byte name. -E2BIG past EXTRACT_TREE_MEMORY_MAX. */
+static int extract_tree_reserve(struct extract_tree *t, size_t len)
+{
+        size_t cap_nodes = t->cap_nodes;
+        size_t names_cap = t->names_cap;
+        size_t cap_slots = t->cap_slots;
+
+        if (t->n_nodes == cap_nodes)
+                cap_nodes = cap_nodes ? cap_nodes * 2 : 256;
+        while (t->names_len + len > names_cap)
+                names_cap = names_cap ? names_cap * 2 : 4096;
+        if (((size_t)t->n_nodes + 1) * 2 > cap_slots)
+                cap_slots = cap_slots ? cap_slots * 2 : 512;
+        if (extract_tree_memory(cap_nodes, names_cap, cap_slots) > extract_tree_memory_max)
+                return -E2BIG;
+
+        if (cap_nodes != t->cap_nodes) {
+                struct extract_node *v = realloc(t->nodes, cap_nodes * sizeof(*v));
+
+                if (!v)
+                        return -ENOMEM;
+                t->nodes = v;
+                t->cap_nodes = (uint32_t)cap_nodes;
+        }
+        if (names_cap != t->names_cap) {
+                char *v = realloc(t->names, names_cap);
+
+                if (!v)
+                        return -ENOMEM;
+                t->names = v;
+                t->names_cap = names_cap;
+        }
+        if (cap_slots != t->cap_slots) {
+                uint32_t *v = calloc(cap_slots, sizeof(*v));
+
+                if (!v)
+                        return -ENOMEM;
+                for (uint32_t num = 1; num <= t->n_nodes; num++)
+                        extract_tree_slot(t, v, cap_slots, num);
+                free(t->slots);
+                t->slots = v;
+                t->cap_slots = cap_slots;
+        }
+        return 0;
+}
+
+/*
+ * The number of the node for component @name (@len bytes) below node @parent (0: the root),
+ * added when missing and @add. Returns 0 when missing, or a negative errno.
+ */
+static int64_t extract_tree_child(struct extract_tree *t, uint32_t parent, const char *name,
+                                  size_t len, bool add)
+{
+        struct extract_node *d;
+        uint32_t num;
+        size_t i;
+        int r;
+
+        if (t->cap_slots > 0) {
+                i = extract_tree_hash(t, parent, name, len) & (t->cap_slots - 1);
+                for (; t->slots[i] != 0; i = (i + 1) & (t->cap_slots - 1)) {
+                        d = &t->nodes[t->slots[i] - 1];
+                        if (d->parent == parent && d->name_len == len &&
+                            memcmp(t->names + d->name, name, len) == 0)
+                                return t->slots[i];
+                }
+        }
+        if (!add)
+                return 0;
+        FIM_ASSERT(len > 0 && len <= NAME_MAX);
+        r = extract_tree_reserve(t, len);
+        if (r < 0)
+                return r;
+        num = ++t->n_nodes;
+        d = &t->nodes[num - 1];
+        *d = (struct extract_node){
+                .parent = parent,
+                .name = (uint32_t)t->names_len,
+                .name_len = (uint8_t)len,
+        };
+        memcpy(t->names + t->names_len, name, len);
+        t->names_len += len;
+        if (parent == 0) {
+                d->next_sibling = t->first_top;
+                t->first_top = num;
+        } else {
+                d->next_sibling = t->nodes[parent - 1].first_child;
+                t->nodes[parent - 1].first_child = num;
+        }
+        extract_tree_slot(t, t->slots, t->cap_slots, num);
+        return num;
+}
+
+/* The node for the normalised path @path (not ""), added with its parents when @add. */
+static int64_t extract_tree_path(struct extract_tree *t, const char *path, bool add)
+{
+        uint32_t num = 0;
+
+        for (const char *p = path; *p != '\0';) {
+                size_t len = strcspn(p, "/");
+                int64_t r = extract_tree_child(t, num, p, len, add);
+
+                if (r <= 0)
+                        return r;
+                num = (uint32_t)r;
+                p += len;
+                if (*p == '/')
+                        p++;
+        }
+        return num;
+}
+
+/*
+ * Remember the current member (c->path) with @flags, and with @meta for a directory. A
+ * directory named again gets the later member's metadata.
+ */
+static int extract_remember(struct extract_ctx *c, unsigned flags,
+                            const struct extract_dirmeta *meta)
+{
+        struct extract_tree *t = &c->tree;
+        struct extract_node *d;
+        int64_t num;
+
+        if (c->path[0] == '\0') {
+                FIM_ASSERT(meta);
+                t->root = *meta;
+                t->have_root = true;
+                return 0;
+        }
+        num = extract_tree_path(t, c->path, true);
+        if (num == -E2BIG)
+                return extract_fail(
+                        c, -E2BIG,
+                        "archive names too many distinct directories and skipped entries: remembering them would take more than %zu MiB",
+                        extract_tree_memory_max >> 20);
+        if (num < 0)
+                return extract_fail(c, (int)num, "out of memory");
+        d = &t->nodes[num - 1];
+        d->flags |= (uint8_t)flags;
+        if (meta)
+                d->meta = *meta;
+        return 0;
+}
+
+/* The flags of the remembered path @path, 0 when it is not remembered. */
+static unsigned extract_remembered(struct extract_ctx *c, const char *path)
+{
+        int64_t num = extract_tree_path(&c->tree, path, false);
+
+        return num > 0 ? c->tree.nodes[num - 1].flags : 0;
+}
+
+static void extract_tree_done(struct extract_tree *t)
+{
+        free(t->nodes);
+        free(t->names);
+        free(t->slots);
+        *t = (struct extract_tree){0};
+}
+
 static int extract_progress(struct extract_ctx *c, bool force)
 {
         int64_t now;
@@ -454,37 +786,57 @@ static int extract_progress(struct extract_ctx *c, bool force)
 
 /* --- The NUL scan over the decompressed stream (see READING above) --- */
 
-/* Parse a tar numeric field (octal, or base-256 when the top bit is set). -1 if invalid. */
-static int64_t extract_tar_number(const unsigned char *p, size_t n)
+/*
+ * Parse a tar numeric field exactly as libarchive does (tar_atol() in its tar reader), since
+ * the scan must find the same header bodies that libarchive reads: base-256 two's
+ * complement when the top bit of the first byte is set; otherwise leading spaces and tabs
+ * (not NULs) are skipped, a '-' makes the value negative, and octal digits are taken up to
+ * the first other byte. Out-of-range values come out as INT64_MAX or INT64_MIN.
+ */
+FIM_TESTABLE int64_t extract_tar_number(const unsigned char *p, size_t n)
 {
         uint64_t v = 0;
+        bool neg = false;
         size_t i = 0;
 
+        if (n == 0)
+                return 0;
         if (p[0] & 0x80) {
-                if (p[0] == 0xff)
-                        return -1; /* negative */
-                v = p[0] & 0x7f;
-                for (i = 1; i < n; i++) {
-                        if (v > (UINT64_C(1) << 55))
-                                return -1;
-                        v = (v << 8) | p[i];
+                unsigned char fill = (p[0] & 0x40) ? 0xff : 0x00;
+                unsigned char first = (unsigned char)((p[0] & 0x7f) | (fill & 0x80));
+
+                /* Bytes beyond the last 8 must only repeat the sign. */
+                for (; n - i > 8; i++) {
+                        if ((i == 0 ? first : p[i]) != fill)
+                                return fill ? INT64_MIN : INT64_MAX;
                 }
+                if (((i == 0 ? first : p[i]) ^ fill) & 0x80)
+                        return fill ? INT64_MIN : INT64_MAX;
+                v = fill ? UINT64_MAX : 0;
+                for (; i < n; i++)
+                        v = (v << 8) | (i == 0 ? first : p[i]);
                 return (int64_t)v;
         }
-        while (i < n && (p[i] == ' ' || p[i] == '\0'))
+        while (i < n && (p[i] == ' ' || p[i] == '\t'))
                 i++;
+        if (i < n && p[i] == '-') {
+                neg = true;
+                i++;
+        }
         for (; i < n && p[i] >= '0' && p[i] <= '7'; i++) {
-                if (v > (UINT64_C(1) << 60))
-                        return -1;
+                if (v > (uint64_t)INT64_MAX / 8)
+                        return neg ? INT64_MIN : INT64_MAX;
                 v = v * 8 + (uint64_t)(p[i] - '0');
         }
-        return (int64_t)v;
+        if (v > (uint64_t)INT64_MAX)
+                return neg ? INT64_MIN : INT64_MAX;
+        return neg ? -(int64_t)v : (int64_t)v;
 }
 
 /* Whether a 512-byte block has a valid tar header checksum (as libarchive judges it). */
 FIM_TESTABLE bool extract_block_is_header(const unsigned char *b)
 {
-        int64_t want;
+        long want;
         long usum = 0;
         long ssum = 0;
 
@@ -492,7 +844,8 @@ FIM_TESTABLE bool extract_block_is_header(const unsigned char *b)
                 if (b[i] != ' ' && b[i] != '\0' && (b[i] < '0' || b[i] > '7'))
                         return false;
         }
-        want = extract_tar_number(b + 148, 8);
+        /* libarchive keeps the low 32 bits of the field (an int). */
+        want = (int32_t)(uint32_t)(uint64_t)extract_tar_number(b + 148, 8);
         for (size_t i = 0; i < EXTRACT_TAR_BLOCK; i++) {
                 unsigned char ch = (i >= 148 && i < 156) ? ' ' : b[i];
 
@@ -565,6 +918,55 @@ FIM_TESTABLE int extract_pax_nul_field(const unsigned char *d, size_t n, size_t 
 }
 
 /*
+ * Whether libarchive would apply only part of a pax header body, returning a warning (see
+ * pax_header() and pax_attribute() in its tar reader): a record whose framing is broken
+ * (length not decimal, above 999999, past the body or not ending in '\n'; no key or no '='),
+ * or a GNU.sparse.map or SUN.holesdata record, whose values it may fail to parse. Such a
+ * warning is normally fatal to us, but a later "can't be converted" warning on the same
+ * member replaces its message, so the body is judged here instead.
+ */
+FIM_TESTABLE bool extract_pax_risky(const unsigned char *d, size_t n)
+{
+        static const char *const risky_keys[] = {"GNU.sparse.map", "SUN.holesdata"};
+        size_t pos = 0;
+
+        while (pos < n) {
+                size_t len = 0;
+                size_t i = pos;
+                size_t end;
+                size_t eq;
+
+                for (; i < n && d[i] != ' '; i++) {
+                        if (d[i] < '0' || d[i] > '9')
+                                return true;
+                        len = len * 10 + (size_t)(d[i] - '0');
+                        if (len > 999999)
+                                return true;
+                }
+                if (i >= n || len == 0 || len > n - pos || d[pos + len - 1] != '\n')
+                        return true;
+                end = pos + len - 1;
+                /* The newline comes after the space, so the key starts inside the record. */
+                if (d[i + 1] == '=' || i + 1 >= end)
+                        return true;
+                for (eq = i + 1; eq < end && d[eq] != '='; eq++) {
+                        if (d[eq] == '\0')
+                                return true;
+                }
+                if (eq == end)
+                        return true;
+                for (size_t k = 0; k < ARRAY_SIZE(risky_keys); k++) {
+                        size_t kl = strlen(risky_keys[k]);
+
+                        if (eq - (i + 1) == kl && memcmp(d + i + 1, risky_keys[k], kl) == 0)
+                                return true;
+                }
+                pos += len;
+        }
+        return false;
+}
+
+/*
  * Remember that the header block at @offset holds a name cut at a NUL byte; @name (up to @n
  * bytes) is the field. Whether the block is a header libarchive uses, rather than file data
  * that happens to look like one, is only known later (extract_check_suspects).
@@ -581,7 +983,7 @@ static int extract_scan_suspect(struct extract_ctx *c, const unsigned char *name
                 if (cap > EXTRACT_MAX_SUSPECTS)
                         return err_set(
                                 -EBADMSG,
-                                "too many header blocks with NUL bytes in names near offset %llu",
+                                "too many header-like blocks ahead of the parser near offset %llu",
                                 (unsigned long long)offset);
                 v = realloc(c->suspects, cap * sizeof(*v));
                 if (!v)
@@ -616,6 +1018,9 @@ static int extract_scan_finish_slot(struct extract_ctx *c, struct extract_scan_s
                 if (kind != 0)
                         r = extract_scan_suspect(c, s->buf + value, s->len - value, kind,
                                                  "pax header", s->offset);
+                else if (extract_pax_risky(s->buf, s->len))
+                        r = extract_scan_suspect(c, s->buf, 0, EXTRACT_PAX_RISKY, "pax header",
+                                                 s->offset);
         }
         free(s->buf);
         *s = (struct extract_scan_slot){0};
@@ -624,15 +1029,19 @@ static int extract_scan_finish_slot(struct extract_ctx *c, struct extract_scan_s
 
 /*
  * After libarchive parsed a member's headers: refuse the archive when one of the blocks it
- * used (from the header position to the start of the data) was a suspect; forget suspects
- * that turned out to be file data.
+ * used (from the header position to the start of the data) was a NUL suspect, and note in
+ * c->member_risky whether they held a risky pax body or many extension headers. Suspects
+ * found in file data are dropped; those past the data wait for a later member. (They are
+ * not in offset order: a header body's findings are added when the body is complete.)
  */
 static int extract_check_suspects(struct extract_ctx *c, struct archive_entry *e)
 {
         uint64_t start = (uint64_t)archive_read_header_position(c->inner);
         uint64_t end = (uint64_t)archive_filter_bytes(c->inner, 0);
+        unsigned specials = 0;
         size_t keep = 0;
 
+        c->member_risky = false;
         for (size_t i = 0; i < c->n_suspects; i++) {
                 const struct extract_suspect *s = &c->suspects[i];
                 char shown[EXTRACT_NAME_SHOWN * 4 + 8];
@@ -643,6 +1052,15 @@ static int extract_check_suspects(struct extract_ctx *c, struct archive_entry *e
                 }
                 if (s->offset < start)
                         continue;
+                if (s->kind == EXTRACT_PAX_RISKY) {
+                        c->member_risky = true;
+                        continue;
+                }
+                if (s->kind == EXTRACT_SPECIAL) {
+                        if (++specials > EXTRACT_MAX_SPECIAL)
+                                c->member_risky = true;
+                        continue;
+                }
                 extract_quote(s->name, shown, sizeof(shown));
                 if (s->kind == EXTRACT_NUL_LINK) {
                         const char *name = archive_entry_pathname(e);
@@ -736,8 +1154,13 @@ static int extract_scan_block(struct extract_ctx *c, const unsigned char *b)
         if (r < 0)
                 return r;
 
+        if (type == 'A' || type == 'V') /* extension headers whose bodies hold no names */
+                return extract_scan_suspect(c, b, 0, EXTRACT_SPECIAL, "extension header", offset);
         if (type != 'x' && type != 'X' && type != 'g' && type != 'L' && type != 'K')
                 return 0;
+        r = extract_scan_suspect(c, b, 0, EXTRACT_SPECIAL, "extension header", offset);
+        if (r < 0)
+                return r;
         size = extract_tar_number(b + 124, 12);
         if (size <= 0 || (uint64_t)size > EXTRACT_META_MAX)
                 return 0; /* libarchive refuses these itself */
@@ -798,6 +1221,161 @@ static void extract_scan_done(struct extract_scan *scan)
         }
 }
 
+/* --- Input and xz decoding --- */
+
+/* The next raw input bytes: 1 with data, 0 at the end, or a negative errno. */
+static int extract_input_next(struct extract_ctx *c, const unsigned char **ret_buf, size_t *ret_len)
+{
+        ssize_t n;
+
+        if (c->in_fd < 0) {
+                if (c->in_eof || c->in_mem_len == 0)
+                        return 0;
+                c->in_eof = true;
+                *ret_buf = c->in_mem;
+                *ret_len = c->in_mem_len;
+                return 1;
+        }
+        if (c->in_peek > 0) {
+                *ret_buf = c->in_buf;
+                *ret_len = c->in_peek;
+                c->in_peek = 0;
+                return 1;
+        }
+        do {
+                n = read(c->in_fd, c->in_buf, EXTRACT_READ_BLOCK);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0)
+                return err_set(-errno, "failed to read the archive: %s", strerror(errno));
+        if (n == 0)
+                return 0;
+        *ret_buf = c->in_buf;
+        *ret_len = (size_t)n;
+        return 1;
+}
+
+/* libarchive's read callback for the outer reader on a file descriptor. */
+static la_ssize_t extract_input_read(struct archive *a, void *userdata, const void **ret_buf)
+{
+        struct extract_ctx *c = userdata;
+        const unsigned char *buf = NULL;
+        size_t len = 0;
+        int r = extract_input_next(c, &buf, &len);
+
+        if (r < 0) {
+                archive_set_error(a, -r, "%s", err_last());
+                return -1;
+        }
+        *ret_buf = buf;
+        return (la_ssize_t)len;
+}
+
+/* Read the first bytes of a file descriptor input and tell whether it is xz. */
+static int extract_detect(struct extract_ctx *c)
+{
+        static const unsigned char xz_magic[6] = {0xfd, '7', 'z', 'X', 'Z', 0x00};
+
+        if (c->in_fd < 0) {
+                c->xz = c->in_mem_len >= sizeof(xz_magic) &&
+                        memcmp(c->in_mem, xz_magic, sizeof(xz_magic)) == 0;
+                return 0;
+        }
+        while (c->in_peek < sizeof(xz_magic)) {
+                ssize_t n = read(c->in_fd, c->in_buf + c->in_peek, EXTRACT_READ_BLOCK - c->in_peek);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return err_set(-errno, "failed to read the archive: %s", strerror(errno));
+                if (n == 0)
+                        break;
+                c->in_peek += (size_t)n;
+        }
+        c->xz = c->in_peek >= sizeof(xz_magic) &&
+                memcmp(c->in_buf, xz_magic, sizeof(xz_magic)) == 0;
+        return 0;
+}
+
+static const char *extract_xz_strerror(lzma_ret ret)
+{
+        switch (ret) {
+        case LZMA_FORMAT_ERROR:
+                return "not in the xz format";
+        case LZMA_OPTIONS_ERROR:
+                return "unsupported compression options";
+        case LZMA_DATA_ERROR:
+                return "corrupt compressed data";
+        case LZMA_BUF_ERROR:
+                return "compressed data is truncated";
+        case LZMA_MEM_ERROR:
+                return "out of memory";
+        default:
+                return "internal error";
+        }
+}
+
+/* Start the xz decoder: concatenated streams, as libarchive and xz(1) accept them. */
+static int extract_xz_start(struct extract_ctx *c)
+{
+        lzma_ret ret;
+
+        c->xz_out = malloc(EXTRACT_READ_BLOCK);
+        if (!c->xz_out)
+                return err_set(-ENOMEM, "out of memory");
+        ret = lzma_stream_decoder(&c->xz_strm, EXTRACT_XZ_MEMLIMIT, LZMA_CONCATENATED);
+        if (ret != LZMA_OK)
+                return err_set(ret == LZMA_MEM_ERROR ? -ENOMEM : -EINVAL,
+                               "failed to set up the xz decoder: %s", extract_xz_strerror(ret));
+        return 0;
+}
+
+/*
+ * The next block of decompressed xz data, in the convention of archive_read_data_block():
+ * ARCHIVE_OK with data, ARCHIVE_EOF at the end, or a negative errno with the error set.
+ */
+static int extract_xz_next(struct extract_ctx *c, const void **ret_buf, size_t *ret_len)
+{
+        lzma_stream *z = &c->xz_strm;
+
+        if (c->xz_end)
+                return ARCHIVE_EOF;
+        z->next_out = c->xz_out;
+        z->avail_out = EXTRACT_READ_BLOCK;
+        while (z->avail_out > 0) {
+                lzma_ret ret;
+
+                if (z->avail_in == 0 && !c->in_eof) {
+                        const unsigned char *buf = NULL;
+                        size_t len = 0;
+                        int r = extract_input_next(c, &buf, &len);
+
+                        if (r < 0)
+                                return r;
+                        if (r == 0)
+                                c->in_eof = true;
+                        z->next_in = buf;
+                        z->avail_in = len;
+                }
+                ret = lzma_code(z, c->in_eof && z->avail_in == 0 ? LZMA_FINISH : LZMA_RUN);
+                if (ret == LZMA_STREAM_END) {
+                        c->xz_end = true;
+                        break;
+                }
+                if (ret == LZMA_MEMLIMIT_ERROR)
+                        return err_set(
+                                -E2BIG,
+                                "xz stream needs %llu MiB of memory to decompress, more than the limit of %llu MiB",
+                                (unsigned long long)(lzma_memusage(z) >> 20),
+                                (unsigned long long)(EXTRACT_XZ_MEMLIMIT >> 20));
+                if (ret != LZMA_OK)
+                        return err_set(ret == LZMA_MEM_ERROR ? -ENOMEM : -EBADMSG,
+                                       "decompression failed: xz: %s", extract_xz_strerror(ret));
+        }
+        *ret_buf = c->xz_out;
+        *ret_len = EXTRACT_READ_BLOCK - z->avail_out;
+        return *ret_len > 0 ? ARCHIVE_OK : ARCHIVE_EOF;
+}
+
 /* The inner reader's read callback: decompressed bytes from the outer reader. */
 static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const void **ret_buf)
 {
@@ -813,9 +1391,14 @@ static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const v
                 const void *block = NULL;
                 size_t size = 0;
 
-                r = archive_read_data_block(c->outer, &block, &size, &offset);
+                r = c->xz ? extract_xz_next(c, &block, &size)
+                          : archive_read_data_block(c->outer, &block, &size, &offset);
                 if (r == ARCHIVE_EOF)
                         return 0;
+                if (c->xz && r < 0) {
+                        c->stream_r = r;
+                        goto fail;
+                }
                 if (r != ARCHIVE_OK) {
                         r = archive_errno(c->outer) == ENOMEM ? -ENOMEM : -EBADMSG;
                         c->stream_r = err_set(r, "decompression failed: %s",
@@ -884,14 +1467,33 @@ static int extract_archive_error(struct extract_ctx *c, const char *what)
 }
 
 /*
- * Whether a warning from archive_read_next_header() is only about a name that cannot be
- * converted to the locale: libarchive then keeps the original bytes, which is what we want.
+ * Whether @msg is exactly libarchive's warning that a name cannot be converted to the
+ * locale ("Pathname can't be converted from UTF-8 to current locale."): it then keeps the
+ * original bytes, which is what we want. Only the last warning's message survives, so
+ * the caller also checks that the member's headers could not have raised another
+ * (c->member_risky).
  */
-static bool extract_warning_is_charset(struct extract_ctx *c)
+FIM_TESTABLE bool extract_warning_is_charset(const char *msg)
 {
-        const char *msg = archive_error_string(c->inner);
+        static const char *const fields[] = {"Pathname", "Linkname", "Uname", "Gname"};
+        static const char middle[] = " can't be converted from ";
+        static const char tail[] = " to current locale.";
+        const char *p = NULL;
+        size_t n;
 
-        return msg && strstr(msg, "can't be converted") != NULL;
+        if (!msg)
+                return false;
+        for (size_t i = 0; i < ARRAY_SIZE(fields) && !p; i++) {
+                n = strlen(fields[i]);
+                if (strncmp(msg, fields[i], n) == 0 &&
+                    strncmp(msg + n, middle, sizeof(middle) - 1) == 0)
+                        p = msg + n + sizeof(middle) - 1;
+        }
+        if (!p)
+                return false;
+        /* A charset name: one word, then the fixed tail and nothing after it. */
+        n = strcspn(p, " ");
+        return n > 0 && strcmp(p + n, tail) == 0;
 }
 
 /* --- Safe path resolution (see RESOLUTION above) --- */
@@ -1133,8 +1735,19 @@ static int extract_times(struct extract_ctx *c, struct archive_entry *e, struct 
         return 0;
 }
 
+/*
+ * Whether to set the xattr @name. Only user.* (the image's own business) and, when owners
+ * are kept, security.capability (what setcap wrote: it only grants what a setuid-root
+ * program could, and only inside the image). Refused: trusted.* and security.* otherwise,
+ * which the kernel and the host's security modules act on; and user.overlay.*, which
+ * overlayfs mounted with "userxattr" reads as its own metadata (opaque directories,
+ * whiteouts, redirects to other paths, metacopy), so an image could change what an
+ * overlay built on top of the extracted tree shows, including paths outside its layer.
+ */
 static bool extract_xattr_allowed(struct extract_ctx *c, const char *name)
 {
+        if (strncmp(name, "user.overlay.", 13) == 0)
+                return false;
         if (strncmp(name, "user.", 5) == 0 && name[5] != '\0')
                 return true;
         return c->opts.preserve_owner && strcmp(name, "security.capability") == 0;
@@ -1254,6 +1867,11 @@ static int extract_file_data(struct extract_ctx *c, int fd, int64_t size, uint64
                         return extract_fail(c, -EFBIG,
                                             "archive holds more than %llu bytes of file data",
                                             (unsigned long long)c->opts.max_total_bytes);
+                if ((uint64_t)offset + len > c->opts.max_total_bytes)
+                        return extract_fail(
+                                c, -EFBIG,
+                                "sparse map puts data at offset %lld, past the limit of %llu bytes",
+                                (long long)offset, (unsigned long long)c->opts.max_total_bytes);
                 r = extract_pwrite_all(fd, buf, len, (off_t)offset, &done);
                 c->bytes += done;
                 written += done;
@@ -1287,6 +1905,15 @@ static int extract_regular(struct extract_ctx *c, struct archive_entry *e, int d
             (uint64_t)size > c->opts.max_total_bytes - c->bytes)
                 return extract_fail(c, -EFBIG, "archive holds more than %llu bytes of file data",
                                     (unsigned long long)c->opts.max_total_bytes);
+        /*
+         * A sparse file costs only its data, but its apparent size is not free either: every
+         * reader of the image (a checksum, a copy) reads the holes. Cap it like the data.
+         */
+        if ((uint64_t)size > c->opts.max_total_bytes)
+                return extract_fail(
+                        c, -EFBIG,
+                        "sparse file is %lld bytes long, more than the limit of %llu bytes",
+                        (long long)size, (unsigned long long)c->opts.max_total_bytes);
 
         for (int attempt = 0; fd < 0; attempt++) {
                 fd = openat(dirfd, leaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
@@ -1336,6 +1963,7 @@ static int extract_symlink(struct extract_ctx *c, struct archive_entry *e, int d
 {
         const char *target = archive_entry_symlink(e);
         struct timespec ts[2];
+        struct stat st;
         uid_t uid = 0;
         gid_t gid = 0;
         int r;
@@ -1362,6 +1990,14 @@ static int extract_symlink(struct extract_ctx *c, struct archive_entry *e, int d
                 if (symlinkat(target, dirfd, leaf) < 0)
                         return extract_fail_errno(c, errno, "create the symlink");
         }
+        /* Hardlinks may point at symlinks we created (linkat() does not follow them). */
+        if (fstatat(dirfd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                return extract_fail_errno(c, errno, "stat the new symlink");
+        if (st.st_dev == c->root_dev) {
+                r = extract_inodes_add(&c->inodes, (uint64_t)st.st_ino);
+                if (r < 0)
+                        return extract_fail(c, r, "out of memory");
+        }
         if (c->opts.preserve_owner && fchownat(dirfd, leaf, uid, gid, AT_SYMLINK_NOFOLLOW) < 0)
                 return extract_fail_errno(c, errno, "set the owner of the symlink");
         if (utimensat(dirfd, leaf, ts, AT_SYMLINK_NOFOLLOW) < 0)
@@ -1375,41 +2011,18 @@ static int extract_symlink(struct extract_ctx *c, struct archive_entry *e, int d
 }
 
 /* Remember a directory's owner, mode and times for the end. */
-static int extract_defer_dir(struct extract_ctx *c, struct archive_entry *e, unsigned depth)
+static int extract_defer_dir(struct extract_ctx *c, struct archive_entry *e)
 {
-        struct extract_dir *d;
-        uid_t uid = 0;
-        gid_t gid = 0;
+        struct extract_dirmeta meta = {.mode = extract_mode(c, e)};
         int r;
 
-        r = extract_owner(c, e, &uid, &gid);
+        r = extract_owner(c, e, &meta.uid, &meta.gid);
         if (r < 0)
                 return r;
-        if (c->n_dirs == c->cap_dirs) {
-                size_t cap = c->cap_dirs ? c->cap_dirs * 2 : 64;
-                struct extract_dir *dirs = realloc(c->dirs, cap * sizeof(*dirs));
-
-                if (!dirs)
-                        return extract_fail(c, -ENOMEM, "out of memory");
-                c->dirs = dirs;
-                c->cap_dirs = cap;
-        }
-        d = &c->dirs[c->n_dirs];
-        *d = (struct extract_dir){
-                .depth = depth,
-                .order = c->n_dirs,
-                .mode = extract_mode(c, e),
-                .uid = uid,
-                .gid = gid,
-        };
-        r = extract_times(c, e, d->times);
+        r = extract_times(c, e, meta.times);
         if (r < 0)
                 return r;
-        d->path = strdup(c->path);
-        if (!d->path)
-                return extract_fail(c, -ENOMEM, "out of memory");
-        c->n_dirs++;
-        return 0;
+        return extract_remember(c, EXTRACT_NODE_DIR, &meta);
 }
 
 static int extract_directory(struct extract_ctx *c, struct archive_entry *e, unsigned depth)
@@ -1453,7 +2066,7 @@ static int extract_directory(struct extract_ctx *c, struct archive_entry *e, uns
         }
         if (r < 0)
                 return r;
-        r = extract_defer_dir(c, e, depth);
+        r = extract_defer_dir(c, e);
         if (r < 0)
                 return r;
         c->res.dir_count++;
@@ -1484,12 +2097,35 @@ static int extract_hardlink_target(struct extract_ctx *c, const char *target, co
                 return extract_fail(c, r, "invalid hardlink target '%s'", shown);
         if (depth == 0)
                 return extract_fail(c, -EPERM, "hardlink target '%s' is the root directory", shown);
+        if (depth > c->opts.max_path_depth)
+                return extract_fail(
+                        c, -ENAMETOOLONG,
+                        "hardlink target '%s' is %u levels deep, more than the limit of %u", shown,
+                        depth, c->opts.max_path_depth);
         return strcmp(c->link_path, c->path) == 0;
 }
 
 /*
+ * Whether the missing hardlink target c->link_path is an entry we skipped on purpose (a
+ * device node, FIFO or socket): the link is then skipped and counted the same way.
+ */
+static bool extract_hardlink_skipped(struct extract_ctx *c)
+{
+        unsigned flags = extract_remembered(c, c->link_path);
+
+        if (flags & EXTRACT_NODE_DEVICE)
+                c->res.skipped_devices++;
+        else if (flags & EXTRACT_NODE_OTHER)
+                c->res.skipped_other++;
+        else
+                return false;
+        return true;
+}
+
+/*
  * Resolve c->link_path safely: its parent directory in @ret_fd (owned) and its last
- * component in @ret_leaf. It must be a regular file this extraction created.
+ * component in @ret_leaf. It must be a regular file or a symlink this extraction created.
+ * Returns 1 (and no fd) when it names an entry that was skipped rather than created.
  */
 static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int *ret_fd,
                                    const char **ret_leaf)
@@ -1502,6 +2138,10 @@ static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int
 
         r = extract_open_dir(c, c->link_path, slash ? (size_t)(slash - c->link_path) : 0, false,
                              &fd);
+        if (r == -ENOENT && extract_hardlink_skipped(c)) {
+                err_clear();
+                return 1;
+        }
         if (r == -ENOENT)
                 return err_wrap(
                         r, "failed to extract '%s': hardlink target '%s' has not been extracted",
@@ -1510,19 +2150,22 @@ static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int
                 return err_wrap(r, "failed to extract '%s': hardlink target '%s'", c->last_member,
                                 shown);
         if (fstatat(fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno == ENOENT)
+                if (errno == ENOENT && extract_hardlink_skipped(c))
+                        r = 1;
+                else if (errno == ENOENT)
                         r = extract_fail(c, -ENOENT, "hardlink target '%s' has not been extracted",
                                          shown);
                 else
                         r = extract_fail_errno(c, errno, "stat the hardlink target");
-        } else if (!S_ISREG(st.st_mode)) {
-                r = extract_fail(c, -EPERM, "hardlink target '%s' is not a regular file", shown);
+        } else if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) {
+                r = extract_fail(c, -EPERM,
+                                 "hardlink target '%s' is not a regular file or a symlink", shown);
         } else if (st.st_dev != c->root_dev ||
                    !extract_inodes_has(&c->inodes, (uint64_t)st.st_ino)) {
                 r = extract_fail(c, -EPERM,
                                  "hardlink target '%s' was not extracted from this archive", shown);
         }
-        if (r < 0) {
+        if (r != 0) {
                 (void)close(fd);
                 return r;
         }
@@ -1548,8 +2191,8 @@ static int extract_hardlink(struct extract_ctx *c, const char *target)
                 return r < 0 ? r : 0;
         }
         r = extract_hardlink_source(c, shown, &tfd, &tleaf);
-        if (r < 0)
-                return r;
+        if (r != 0)
+                return r < 0 ? r : 0;
 
         r = extract_parent(c, c->path, &dirfd, &leaf);
         if (r < 0) {
@@ -1607,11 +2250,12 @@ static int extract_entry(struct extract_ctx *c, struct archive_entry *e)
         case AE_IFCHR:
         case AE_IFBLK:
         case AE_IFIFO:
+                /* Remembered so that hardlinks to it can be skipped too. */
                 c->res.skipped_devices++;
-                return 0;
+                return extract_remember(c, EXTRACT_NODE_DEVICE, NULL);
         default:
                 c->res.skipped_other++;
-                return 0;
+                return extract_remember(c, EXTRACT_NODE_OTHER, NULL);
         }
 
         r = extract_parent(c, c->path, &dirfd, &leaf);
@@ -1622,52 +2266,88 @@ static int extract_entry(struct extract_ctx *c, struct archive_entry *e)
         return extract_regular(c, e, dirfd, leaf);
 }
 
-static int extract_dir_cmp(const void *a, const void *b)
+/* Apply @meta to the directory at c->path (@len bytes); skip it when it is gone. */
+static int extract_apply_dir(struct extract_ctx *c, size_t len, const struct extract_dirmeta *meta)
 {
-        const struct extract_dir *x = a;
-        const struct extract_dir *y = b;
+        int fd;
+        int r;
 
-        if (x->depth != y->depth)
-                return x->depth > y->depth ? -1 : 1;
-        return x->order < y->order ? -1 : x->order > y->order;
+        c->path[len] = '\0';
+        extract_quote(len > 0 ? c->path : ".", c->last_member, sizeof(c->last_member));
+        r = extract_open_dir(c, c->path, len, false, &fd);
+        if (r == -ENOENT || r == -ENOTDIR || r == -EPERM) {
+                /* A later member replaced this directory. */
+                err_clear();
+                return 0;
+        }
+        if (r < 0)
+                return err_wrap(r, "failed to extract '%s'", c->last_member);
+        if (c->opts.preserve_owner && fchown(fd, meta->uid, meta->gid) < 0)
+                r = extract_fail_errno(c, errno, "set the owner of the directory");
+        else if (fchmod(fd, meta->mode) < 0)
+                r = extract_fail_errno(c, errno, "set the mode of the directory");
+        else if (futimens(fd, meta->times) < 0)
+                r = extract_fail_errno(c, errno, "set the times of the directory");
+        (void)close(fd);
+        return r;
 }
 
-/* Apply the deferred directory metadata, deepest first (see METADATA above). */
+/*
+ * Apply the deferred directory metadata, every directory after all of its descendants (see
+ * METADATA above), walking the tree depth first while building each path in c->path.
+ */
 static int extract_apply_dirs(struct extract_ctx *c)
 {
-        if (c->n_dirs > 1)
-                qsort(c->dirs, c->n_dirs, sizeof(*c->dirs), extract_dir_cmp);
-        for (size_t i = 0; i < c->n_dirs; i++) {
-                struct extract_dir *d = &c->dirs[i];
-                int fd;
-                int r;
+        const struct extract_tree *t = &c->tree;
+        uint32_t num = t->first_top;
+        size_t len = 0;
+        int r;
 
-                extract_quote(d->path[0] ? d->path : ".", c->last_member, sizeof(c->last_member));
-                r = extract_open_dir(c, d->path, strlen(d->path), false, &fd);
-                if (r == -ENOENT || r == -ENOTDIR || r == -EPERM) {
-                        /* A later member replaced this directory. */
-                        err_clear();
-                        continue;
+        while (num != 0) {
+                /* Down to the first leaf below num, appending components. */
+                for (;;) {
+                        const struct extract_node *d = &t->nodes[num - 1];
+
+                        if (len > 0)
+                                c->path[len++] = '/';
+                        memcpy(c->path + len, t->names + d->name, d->name_len);
+                        len += d->name_len;
+                        if (d->first_child == 0)
+                                break;
+                        num = d->first_child;
                 }
-                if (r < 0)
-                        return err_wrap(r, "failed to extract '%s'", c->last_member);
-                if (c->opts.preserve_owner && fchown(fd, d->uid, d->gid) < 0)
-                        r = extract_fail_errno(c, errno, "set the owner of the directory");
-                else if (fchmod(fd, d->mode) < 0)
-                        r = extract_fail_errno(c, errno, "set the mode of the directory");
-                else if (futimens(fd, d->times) < 0)
-                        r = extract_fail_errno(c, errno, "set the times of the directory");
-                (void)close(fd);
-                if (r < 0)
-                        return r;
+                /* Up again: each node once its children are done, until one has a sibling. */
+                for (;;) {
+                        const struct extract_node *d = &t->nodes[num - 1];
+
+                        if (d->flags & EXTRACT_NODE_DIR) {
+                                r = extract_apply_dir(c, len, &d->meta);
+                                if (r < 0)
+                                        return r;
+                        }
+                        len -= d->name_len;
+                        if (len > 0)
+                                len--;
+                        if (d->next_sibling != 0) {
+                                num = d->next_sibling;
+                                break;
+                        }
+                        num = d->parent;
+                        if (num == 0)
+                                break;
+                }
         }
+        if (t->have_root)
+                return extract_apply_dir(c, 0, &t->root);
         return 0;
 }
 
 /*
  * libarchive also reports the end of the archive when the stream simply stops between two
- * members, which is what a truncated download looks like. Insist that the last block it
- * read was the all-zero end-of-archive marker.
+ * members, which is what a truncated download looks like. Insist that it read the all-zero
+ * end-of-archive marker while looking for the next header: the last block it read must be
+ * zeros and lie past the last member's data (which may well end in a zero block itself).
+ * Extension headers with no member after them (git archive's global header) may come first.
  */
 static int extract_check_end(struct extract_ctx *c)
 {
@@ -1675,7 +2355,8 @@ static int extract_check_end(struct extract_ctx *c)
 
         if (consumed < (la_int64_t)EXTRACT_TAR_BLOCK)
                 return err_set(-EBADMSG, "failed to read archive: it is empty");
-        if (extract_scan_was_zero(&c->scan, (uint64_t)consumed - EXTRACT_TAR_BLOCK) == 0) {
+        if ((uint64_t)consumed < c->member_end + EXTRACT_TAR_BLOCK ||
+            extract_scan_was_zero(&c->scan, (uint64_t)consumed - EXTRACT_TAR_BLOCK) != 1) {
                 if (c->entries == 0)
                         return err_set(-EBADMSG, "failed to read archive: it is truncated");
                 return err_set(
@@ -1686,33 +2367,57 @@ static int extract_check_end(struct extract_ctx *c)
         return 0;
 }
 
+/*
+ * A warning from archive_read_next_header() means libarchive ignored part of a header, which
+ * is fatal, except that a name it cannot convert to the locale keeps its raw bytes. That
+ * one is accepted only when no other warning can hide behind it (see extract_pax_risky()).
+ */
+static int extract_check_warning(struct extract_ctx *c, struct archive_entry *e)
+{
+        const char *msg = archive_error_string(c->inner);
+        const char *name = archive_entry_pathname(e);
+
+        if (extract_warning_is_charset(msg) && !c->member_risky) {
+                log_debug("keeping a member name as raw bytes", "warning='%s'", msg);
+                return 0;
+        }
+        extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));
+        if (extract_warning_is_charset(msg))
+                return extract_fail(
+                        c, -EBADMSG,
+                        "bad header: '%s', and its extension headers are malformed or unusual enough that this may hide another warning",
+                        msg);
+        return extract_fail(c, -EBADMSG, "bad header: %s", msg ? msg : "unknown warning");
+}
+
 static int extract_loop(struct extract_ctx *c)
 {
         struct archive_entry *e;
         int r;
 
         for (;;) {
-                r = archive_read_next_header(c->inner, &e);
+                int warn;
+
+                warn = r = archive_read_next_header(c->inner, &e);
                 if (r == ARCHIVE_EOF)
                         break;
-                if (r == ARCHIVE_WARN && extract_warning_is_charset(c)) {
-                        log_debug("keeping a member name as raw bytes", "warning='%s'",
-                                  archive_error_string(c->inner));
-                } else if (r == ARCHIVE_WARN) {
-                        const char *name = archive_entry_pathname(e);
-
-                        extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));
-                        return extract_fail(c, -EBADMSG, "bad header: %s",
-                                            archive_error_string(c->inner));
-                } else if (r != ARCHIVE_OK) {
+                if (r != ARCHIVE_OK && r != ARCHIVE_WARN)
                         return extract_archive_error(c, "bad header");
-                }
                 r = extract_check_suspects(c, e);
                 if (r < 0)
                         return r;
+                if (warn == ARCHIVE_WARN) {
+                        r = extract_check_warning(c, e);
+                        if (r < 0)
+                                return r;
+                }
                 r = extract_entry(c, e);
                 if (r < 0)
                         return r;
+                /* Consume what is left of the data, to know where the next header starts. */
+                if (archive_read_data_skip(c->inner) != ARCHIVE_OK)
+                        return extract_archive_error(c, "bad file data");
+                c->member_end = (uint64_t)archive_filter_bytes(c->inner, 0);
                 r = extract_progress(c, false);
                 if (r < 0)
                         return r;
@@ -1734,12 +2439,13 @@ static void extract_ctx_done(struct extract_ctx *c)
                 archive_read_free(c->inner);
         if (c->outer)
                 archive_read_free(c->outer);
+        lzma_end(&c->xz_strm);
+        free(c->xz_out);
+        free(c->in_buf);
         extract_scan_done(&c->scan);
         free(c->suspects);
         extract_cache_drop(c);
-        for (size_t i = 0; i < c->n_dirs; i++)
-                free(c->dirs[i].path);
-        free(c->dirs);
+        extract_tree_done(&c->tree);
         free(c->inodes.slots);
         free(c->cache_path);
         free(c->path);
@@ -1753,6 +2459,8 @@ static int extract_ctx_init(struct extract_ctx *c, int root_fd, const struct ext
 
         *c = (struct extract_ctx){
                 .root_fd = root_fd,
+                .in_fd = -1,
+                .xz_strm = LZMA_STREAM_INIT,
                 .cache_fd = -1,
                 .have_openat2 = !extract_disable_openat2,
         };
@@ -1767,6 +2475,12 @@ static int extract_ctx_init(struct extract_ctx *c, int root_fd, const struct ext
         if (!S_ISDIR(st.st_mode))
                 return err_set(-ENOTDIR, "extraction root is not a directory");
         c->root_dev = st.st_dev;
+        if (getrandom(c->tree.key, sizeof(c->tree.key), GRND_NONBLOCK) !=
+            (ssize_t)sizeof(c->tree.key)) {
+                /* Early boot without entropy: a weaker key still differs per run. */
+                c->tree.key[0] = (uint64_t)util_now_realtime_ms() ^ ((uint64_t)getpid() << 32);
+                c->tree.key[1] = (uint64_t)(uintptr_t)c ^ (uint64_t)util_now_monotonic_ms();
+        }
 
         c->path_size = (size_t)c->opts.max_path_length + 2;
         c->path = malloc(c->path_size);
@@ -1790,7 +2504,6 @@ static int extract_ctx_init(struct extract_ctx *c, int root_fd, const struct ext
         /* ARCHIVE_WARN here means "through an external program", which still works. */
         if (archive_read_support_filter_gzip(c->outer) < ARCHIVE_WARN ||
             archive_read_support_filter_zstd(c->outer) < ARCHIVE_WARN ||
-            archive_read_support_filter_xz(c->outer) < ARCHIVE_WARN ||
             archive_read_support_format_raw(c->outer) != ARCHIVE_OK ||
             archive_read_support_format_tar(c->inner) != ARCHIVE_OK)
                 return err_set(-ENOMEM, "failed to set up libarchive: %s",
@@ -1798,14 +2511,34 @@ static int extract_ctx_init(struct extract_ctx *c, int root_fd, const struct ext
         return 0;
 }
 
-/* Open the outer reader's only entry and start the inner reader on it. */
+/*
+ * Detect xz, open the input with the xz decoder or the outer reader, and start the inner
+ * reader on the decompressed stream.
+ */
 static int extract_start(struct extract_ctx *c)
 {
         struct archive_entry *e;
+        int r;
 
-        if (archive_read_next_header(c->outer, &e) != ARCHIVE_OK)
-                return err_set(-EBADMSG, "failed to read archive: %s",
-                               archive_error_string(c->outer));
+        r = extract_detect(c);
+        if (r < 0)
+                return r;
+        if (c->xz) {
+                r = extract_xz_start(c);
+                if (r < 0)
+                        return r;
+        } else {
+                if (c->in_fd >= 0)
+                        r = archive_read_open(c->outer, c, NULL, extract_input_read, NULL);
+                else
+                        r = archive_read_open_memory(c->outer, c->in_mem, c->in_mem_len);
+                if (r != ARCHIVE_OK)
+                        return err_set(-EBADMSG, "failed to read archive: %s",
+                                       archive_error_string(c->outer));
+                if (archive_read_next_header(c->outer, &e) != ARCHIVE_OK)
+                        return err_set(-EBADMSG, "failed to read archive: %s",
+                                       archive_error_string(c->outer));
+        }
         if (archive_read_set_read_callback(c->inner, extract_stream_read) != ARCHIVE_OK ||
             archive_read_set_callback_data(c->inner, c) != ARCHIVE_OK)
                 return err_set(-ENOMEM, "failed to set up libarchive: %s",
@@ -1819,7 +2552,7 @@ static int extract_start(struct extract_ctx *c)
         return 0;
 }
 
-/* Common body of the extract_*() entry points; @open_outer opens c->outer on the input. */
+/* Common body of the extract_*() entry points: @tar_fd, or @size bytes at @data. */
 static int extract_run(int root_fd, const struct extract_options *opts, int tar_fd,
                        const void *data, size_t size, struct extract_result *ret_result)
 {
@@ -1843,13 +2576,15 @@ static int extract_run(int root_fd, const struct extract_options *opts, int tar_
                 goto out;
         if (tar_fd >= 0) {
                 (void)posix_fadvise(tar_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-                r = archive_read_open_fd(c.outer, tar_fd, EXTRACT_READ_BLOCK);
+                c.in_fd = tar_fd;
+                c.in_buf = malloc(EXTRACT_READ_BLOCK);
+                if (!c.in_buf) {
+                        r = err_set(-ENOMEM, "out of memory");
+                        goto out;
+                }
         } else {
-                r = archive_read_open_memory(c.outer, data, size);
-        }
-        if (r != ARCHIVE_OK) {
-                r = err_set(-EBADMSG, "failed to read archive: %s", archive_error_string(c.outer));
-                goto out;
+                c.in_mem = data;
+                c.in_mem_len = size;
         }
         r = extract_start(&c);
         if (r < 0)

@@ -7,19 +7,32 @@
  * followed outside the root, whatever the archive says. Plain, gzip, zstd and xz tar
  * streams (ustar, pax, GNU) are accepted; the compression is detected from the content.
  *
+ * The root must be private to the extractor for the duration of the call: a directory
+ * nobody else can write to (a freshly made filesystem mounted for this purpose, as the
+ * unpack stage does). Every path is resolved without following symlinks, but between two
+ * of our system calls another process that can write inside the root could swap a
+ * directory for a symlink, and then a later step (a chown, a chmod, a hardlink) would act
+ * on whatever the symlink points at. The guarantees below hold against the archive, not
+ * against concurrent writers.
+ *
  * Every function here returns 0 on success or a negative errno, with a message naming the
  * member in single quotes in the thread's last error (common/err.h). The classes are:
  *
  *   -EPERM         the archive tries to leave the root: a '..' component, an absolute
  *                  member path, a parent path through a symlink, a hardlink whose target is
- *                  absolute, outside, through a symlink or not a regular file
- *   -ENOENT        a hardlink whose target has not been extracted (yet)
+ *                  absolute, outside, through a symlink, not a regular file or symlink, or
+ *                  not created by this extraction
+ *   -ENOENT        a hardlink whose target has not been extracted (yet); hardlinks to
+ *                  skipped entries (devices, FIFOs, sockets) are skipped and counted instead
  *   -EEXIST        a member would replace a non-empty directory
  *   -ENOTDIR       a member's parent path goes through a non-directory
  *   -EBADMSG       corrupt, truncated or non-tar input, empty names, names with an
  *                  embedded NUL byte, invalid owners or sparse maps
- *   -E2BIG         more entries than max_entries
- *   -EFBIG         more file data than max_total_bytes
+ *   -E2BIG         more entries than max_entries; more distinct directories (and skipped
+ *                  entries) than 64 MiB of memory can remember; an xz stream that needs more
+ *                  than 128 MiB of memory to decompress
+ *   -EFBIG         more file data than max_total_bytes, or a sparse file whose size (or
+ *                  data offset) is past max_total_bytes
  *   -ENAMETOOLONG  a path longer than max_path_length or deeper than max_path_depth
  *   -ENOSPC        the target filesystem is full
  *   -ECANCELED     (or whatever it returned) the progress callback asked to stop
@@ -49,7 +62,10 @@
 typedef int (*extract_progress_fn)(uint64_t entries, uint64_t bytes, void *userdata);
 
 struct extract_options {
-        /* Limit on file data written (sparse holes are free). */
+        /*
+         * Limit on file data written (sparse holes are free), and on the size of any one
+         * sparse file. The unpack stage sets it to the device size.
+         */
         uint64_t max_total_bytes;
         /* Limit on archive members of any kind, skipped ones included. */
         uint64_t max_entries;
@@ -78,11 +94,14 @@ struct extract_result {
         uint64_t dir_count;
         uint64_t symlink_count;
         uint64_t hardlink_count;
-        /* Character and block devices and FIFOs: never created. */
+        /* Character and block devices and FIFOs, and hardlinks to them: never created. */
         uint64_t skipped_devices;
-        /* Extended attributes outside user.* and security.capability, and POSIX ACLs. */
+        /*
+         * Extended attributes outside user.* and security.capability, user.overlay.*, and
+         * POSIX ACLs.
+         */
         uint64_t skipped_xattrs;
-        /* Sockets, unknown types, and hardlinks to themselves. */
+        /* Sockets, unknown types, hardlinks to those, and hardlinks to themselves. */
         uint64_t skipped_other;
 };
 
@@ -121,6 +140,9 @@ extern bool extract_disable_openat2;
 /* Hand libarchive the decompressed stream in chunks of this size (0: the default 1 MiB). */
 extern size_t extract_chunk_size;
 
+/* Cap on the memory of the remembered directories and skipped entries (default 64 MiB). */
+extern size_t extract_tree_memory_max;
+
 /*
  * Normalise a member name into @out: "." and empty components dropped, the root is "".
  * Returns 0 with the component count in @ret_depth, -EPERM for absolute names and ".."
@@ -130,6 +152,15 @@ int extract_normalize(const char *name, char *out, size_t out_size, unsigned *re
 
 /* Quote a name for a message: control bytes, quotes and backslashes as \xNN, cut long. */
 void extract_quote(const char *s, char *out, size_t size);
+
+/* A tar numeric field parsed as libarchive parses it (base 8 or base 256). */
+int64_t extract_tar_number(const unsigned char *p, size_t n);
+
+/* Whether libarchive would apply only part of a pax header body (and warn). */
+bool extract_pax_risky(const unsigned char *d, size_t n);
+
+/* Whether @msg is libarchive's "<field> can't be converted ..." warning, exactly. */
+bool extract_warning_is_charset(const char *msg);
 
 /* Whether a 512-byte block carries a valid tar header checksum. */
 bool extract_block_is_header(const unsigned char *b);

@@ -89,6 +89,23 @@ def fix_checksum(h):
     h[148:156] = b"%06o\x00 " % sum(h)
 
 
+def tab_size(h):
+    """The header with its size field written as a tab and 10 octal digits, checksum fixed."""
+    h = bytearray(h)
+    size = int(bytes(h[124:136]).rstrip(b"\x00 "), 8)
+    h[124:136] = b"\t%010o\x00" % size
+    fix_checksum(h)
+    return bytes(h)
+
+
+def base256_size(h):
+    """The header with its size field as base-256 -1 (all 0xff bytes), checksum fixed."""
+    h = bytearray(h)
+    h[124:136] = b"\xff" * 12
+    fix_checksum(h)
+    return bytes(h)
+
+
 def pad(data):
     return data + b"\x00" * (-len(data) % 512)
 
@@ -134,8 +151,6 @@ def hostile(sent, canary):
     out["hardlink_escape.tar"] = Tar().hardlink("h", "../sentinel/etc/passwd").bytes()
     out["hardlink_symlink_parent.tar"] = (
         Tar().symlink("s", sent + "/etc").hardlink("h", "s/passwd").bytes())
-    out["hardlink_to_symlink.tar"] = (
-        Tar().symlink("s", sent + "/etc/passwd").hardlink("h", "s").bytes())
     out["hardlink_forward.tar"] = (
         Tar().hardlink("h", "later").add("later", data=b"x").bytes())
     out["hardlink_dir.tar"] = Tar().dir("d").hardlink("h", "d").bytes()
@@ -165,6 +180,57 @@ def hostile(sent, canary):
     out["nul_gnu_longname.tar"] = raw_tar(
         (raw_header(b"././@LongLink", b"L", len(longname), magic=b"ustar  \x00"), longname),
         (raw_header(b"trunc", b"0", 1, magic=b"ustar  \x00"), b"x"))
+    out["nul_ustar_link.tar"] = raw_tar((raw_header(b"f", b"0", 1), b"x"),
+                                        (raw_header(b"s", b"2", link=b"f\x00/etc/shadow"), b""))
+    longlink = b"f\x00" + b"../" * 40 + b"etc/shadow\x00"
+    out["nul_gnu_longlink.tar"] = raw_tar(
+        (raw_header(b"f", b"0", 1, magic=b"ustar  \x00"), b"x"),
+        (raw_header(b"././@LongLink", b"K", len(longlink), magic=b"ustar  \x00"), longlink),
+        (raw_header(b"s", b"2", link=b"f", magic=b"ustar  \x00"), b""))
+    # libarchive reads a size field that starts with a tab (it skips spaces and tabs): the
+    # scan must find the body there too, or the NUL in the name goes unseen.
+    nul_path = pax_record(b"path", b"safe\x00../../pwned")
+    first = (raw_header(b"first", b"0", 1), b"x")  # libarchive's format bid wants octal
+    out["tab_size_pax.tar"] = raw_tar(
+        first, (tab_size(raw_header(b"PaxHeader/ok", b"x", len(nul_path))), nul_path),
+        (raw_header(b"ok", b"0", 1), b"x"))
+    out["tab_size_gnu_longname.tar"] = raw_tar(
+        first, (tab_size(raw_header(b"././@LongLink", b"L", len(longname), magic=b"ustar  \x00")),
+         longname),
+        (raw_header(b"trunc", b"0", 1, magic=b"ustar  \x00"), b"x"))
+    # Seventeen extension headers whose bodies all overlap: only crafted input does that.
+    ext = raw_header(b"PaxHeader/x", b"x", 64 << 10)
+    out["overlapping_ext_headers.tar"] = ext * 17 + b"\x00" * (80 << 10)
+    out["negative_size.tar"] = raw_tar((raw_header(b"a", b"0", 1), b"x"),
+                                       (base256_size(raw_header(b"neg", b"0", 0)), b""))
+    out["hardlink_target_too_long.tar"] = (
+        Tar().add("f", data=b"x").hardlink("h", "t" * 5000).bytes())
+    out["hardlink_target_too_deep.tar"] = (
+        Tar().hardlink("h", "/".join(["d"] * 70) + "/f").bytes())
+    # The GNU 0.1 pax sparse format: a map of "offset,size" pairs.
+    sparse_pax = {"GNU.sparse.name": "s", "GNU.sparse.realsize": "4096"}
+    out["sparse_bad_map.tar"] = Tar().add(
+        "GNUSparseFile.0/s", data=b"x", pax=dict(sparse_pax, **{"GNU.sparse.map": "0,x"})).bytes()
+    # A 1 TiB hole, then one byte: more than the (lowered) limit on file data, as a size.
+    out["sparse_huge_size.tar"] = Tar().add("GNUSparseFile.0/s", data=b"x", pax=dict(
+        sparse_pax, **{"GNU.sparse.map": "1099511627776,1",
+                       "GNU.sparse.realsize": "1099511627777"})).bytes()
+    # Data placed past the end of the file by the map.
+    out["sparse_map_past_size.tar"] = Tar().add("GNUSparseFile.0/s", data=b"x", pax=dict(
+        sparse_pax, **{"GNU.sparse.map": "1099511627776,1"})).bytes()
+    # A charset warning (raw bytes in a pax path) must not hide an earlier one (a map libarchive
+    # cannot parse), whose message it replaces.
+    risky = b"".join(pax_record(k, v) for k, v in (
+        (b"GNU.sparse.map", b"0,x"),
+        (b"GNU.sparse.name", b"raw\xe9"), (b"GNU.sparse.realsize", b"4096")))
+    out["charset_hides_warning.tar"] = raw_tar(
+        (raw_header(b"PaxHeader/s", b"x", len(risky)), risky),
+        (raw_header(b"GNUSparseFile.0/s", b"0", 1), b"x"))
+    # Directories: too many distinct ones for the (lowered) memory cap.
+    t = Tar(tarfile.GNU_FORMAT)
+    for i in range(6000):
+        t.dir("%05d" % i + "d" * 200)
+    out["dirs_memory_cap.tar.gz"] = gzip.compress(t.bytes(), mtime=0)
     bad_pax = b"99 path=nope\n"
     out["malformed_pax.tar"] = raw_tar((raw_header(b"PaxHeader/f", b"x", len(bad_pax)),
                                         bad_pax), (raw_header(b"f", b"0", 1), b"x"))
@@ -192,6 +258,12 @@ def hostile(sent, canary):
     out["empty_file.bin"] = b""
     out["zip_archive.zip"] = make_zip()
     out["truncated_at_member.tar"] = good[:512 + 5120]
+    # Cut right after a member whose last data block is all zeros: the last block read is
+    # zeros, but it is not the end-of-archive marker.
+    zeros = Tar().add("z", data=b"Z" * 512 + b"\x00" * 512).add("b", data=b"B").bytes()
+    out["truncated_after_zero_block.tar"] = zeros[:512 + 1024]
+    out["truncated_after_zero_block.tar.gz"] = gzip.compress(zeros[:512 + 1024], mtime=0)
+    out["huge_xz_dictionary.tar.xz"] = xz_with_dict_code(good, 40)
     out["truncated_at_member.tar.gz"] = gzip.compress(good[:512 + 5120], mtime=0)
     # Random data does not compress, so cutting the gzip stream cuts the tar stream.
     noisy = Tar().add("r", data=random.Random(3).randbytes(64 << 10)).bytes()
@@ -206,6 +278,28 @@ def hostile(sent, canary):
     out["bomb_skipped_data.tar.gz"] = gzip.compress(bomb, compresslevel=9, mtime=0)
     out["garbage_after_gzip_magic.tar.gz"] = b"\x1f\x8b\x08\x00" + random.Random(7).randbytes(2048)
     return out
+
+
+def xz_with_dict_code(data, code):
+    """An xz file of @data whose LZMA2 block header asks for dictionary size @code (40: 4 GiB).
+
+    The data decodes with any dictionary at least as large as the one used, so only the
+    declared size changes; the block header's CRC32 is recomputed.
+    """
+    import zlib
+    xz = bytearray(lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
+                                 filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}]))
+    hdr = 12  # the stream header
+    size = (xz[hdr] + 1) * 4
+    flags = xz[hdr + 1]
+    pos = hdr + 2
+    if flags & 0x40 or flags & 0x80 or flags & 0x03:
+        sys.exit("make_corpus: unexpected xz block header from lzma")
+    if xz[pos:pos + 2] != b"\x21\x01":  # LZMA2, one byte of properties
+        sys.exit("make_corpus: unexpected xz filter flags")
+    xz[pos + 2] = code
+    xz[hdr + size - 4:hdr + size] = zlib.crc32(bytes(xz[hdr:hdr + size - 4])).to_bytes(4, "little")
+    return bytes(xz)
 
 
 def make_zip():
@@ -236,11 +330,13 @@ def valid(sent):
     t.add("./ro/a", data=b"a", mode=0o444)
     t.dir("./ro/sub/", mode=0o500)
     t.add("./ro/sub/b", data=b"b")
-    t.symlink("./abs", "/etc/passwd", uid=1234, gid=5678, mtime=T0 + 2)
+    # Absolute and escaping links aim at the sentinel: were one ever followed (by a chown,
+    # say), the test would see the sentinel change, and no host file would.
+    t.symlink("./abs", sent + "/etc/passwd", uid=1234, gid=5678, mtime=T0 + 2)
     t.symlink("./rel", "etc/passwd")
     t.symlink("./dangling", "nowhere/at/all")
     t.symlink("./loop", "loop")
-    t.symlink("./up", "../../../../etc/shadow")
+    t.symlink("./up", "../sentinel/etc/shadow")
     t.add("./empty", data=b"")
     t.add("./big", data=bytes(range(256)) * (3 << 12))  # 3 MiB
     t.add("usr/lib/deep/file", data=b"implicit parents")
@@ -267,6 +363,7 @@ def valid(sent):
         .add("f", data=b"x", pax={
             "SCHILY.xattr.user.x": "hello",
             "SCHILY.xattr.trusted.x": "no",
+            "SCHILY.xattr.user.overlay.opaque": "y",
             "SCHILY.xattr.security.selinux": "system_u:object_r:bin_t:s0",
             "SCHILY.xattr.security.capability": cap,
             "LIBARCHIVE.xattr.user.y": "d29ybGQ=",  # base64 "world"
@@ -289,11 +386,42 @@ def valid(sent):
         .symlink("s", sent + "/etc/passwd").bytes())
     out["preexisting_replace.tar"] = Tar().add("s", data=b"mine").bytes()
     out["hardlink_self.tar"] = Tar().add("f", data=b"x").hardlink("f", "f").bytes()
+    # GNU tar archives hardlinks to symlinks as such; linkat() links the symlink itself.
+    out["hardlink_to_symlink.tar"] = (
+        Tar().symlink("s", sent + "/etc/passwd", uid=1234).hardlink("h", "s").bytes())
+    # Hardlinks to device nodes and FIFOs, which are skipped: the links are skipped too.
+    out["hardlink_to_device.tar"] = (
+        Tar().dir("dev").add("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        .add("dev/fifo", tarfile.FIFOTYPE).hardlink("dev/null2", "dev/null")
+        .hardlink("fifo2", "dev/fifo").add("nodir/sda", tarfile.BLKTYPE, devmajor=8)
+        .hardlink("sda2", "nodir/sda").bytes())
+    # A directory, then a symlink at the same name aiming at the sentinel: the directory's
+    # deferred owner, mode and times must not reach the sentinel through the symlink.
+    out["dir_swapped_for_symlink.tar"] = (
+        Tar().dir("d", mode=0o700, uid=1234, gid=5678, mtime=T0 + 5)
+        .symlink("d", sent, uid=0).add("f", data=b"x").bytes())
+    # One long directory name given 2000 times: remembered once.
+    long_dir = "/".join(["r" * 250] * 15)
+    t = Tar(tarfile.GNU_FORMAT)
+    for _ in range(2000):
+        t.dir(long_dir, mode=0o751)
+    out["dirs_duplicates.tar.gz"] = gzip.compress(t.bytes(), mtime=0)
     # Member data that holds tar headers with NUL-cut names is just data.
     inner = (raw_tar((raw_header(b"safe\x00../../pwned", b"0", 1), b"x")) +
              Tar().add("ok", data=b"x", pax={"path": "safe\x00../x"}).bytes())
     out["embedded_tar.tar"] = Tar().add("inner.tar", data=inner).add("after", data=b"y").bytes()
     out["empty_archive.tar"] = b"\x00" * 10240
+    # What git archive writes for an empty tree: a global header, then the end.
+    comment = pax_record(b"comment", b"0123456789abcdef0123456789abcdef01234567")
+    out["global_header_only.tar"] = raw_tar(
+        (raw_header(b"pax_global_header", b"g", len(comment)), comment))
+    # Timestamps out of any filesystem's range, negative, or not numbers: libarchive clamps
+    # or zeroes them, the filesystem clamps what is left; like GNU tar, nothing fails.
+    out["odd_timestamps.tar"] = (
+        Tar().add("future", data=b"f", pax={"mtime": "99999999999999999999.5"})
+        .add("past", data=b"p", pax={"mtime": "-99999999999999999999"})
+        .add("junk", data=b"j", pax={"mtime": "abc", "atime": "-1.5"})
+        .dir("d", pax={"mtime": "18446744073709551616"}).bytes())
     out["many_hardlinks.tar"] = many_hardlinks()
     out["gnu_format.tar"] = (Tar(tarfile.GNU_FORMAT).dir("d").add("d/f", data=b"gnu")
                              .symlink("d/s", "f").bytes())

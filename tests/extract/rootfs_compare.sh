@@ -8,8 +8,9 @@
 #
 # The tarball is built at run time from parts of this host (/etc, /usr/sbin, the small
 # programs of /usr/bin, a few libraries) plus the awkward cases a real image has: setuid
-# programs, absolute symlinks, hardlinks, a file capability, user xattrs, a sparse file,
-# read-only and sticky directories, other owners, long and UTF-8 names, devices, a FIFO.
+# programs, absolute symlinks, hardlinks (one to a symlink), a file capability, user
+# xattrs, a sparse file, read-only and sticky directories, other owners, long and UTF-8
+# names, devices, a FIFO.
 # Needs root (owners, mknod, security.capability), GNU tar, cpio and python3; takes a few
 # seconds.
 set -euo pipefail
@@ -67,6 +68,9 @@ echo "shared" >"$src/var/lib/shared"
 ln "$src/var/lib/shared" "$src/var/lib/shared2"
 ln "$src/var/lib/shared" "$src/home/shared3"
 [ -e "$src/usr/bin/passwd" ] && ln "$src/usr/bin/passwd" "$src/usr/bin/passwd-hard"
+# A hardlink to a symlink: GNU tar archives and restores it as one inode.
+ln -s /usr/lib/x86_64-linux-gnu/libc.so.6 "$src/usr/lib/libc-link"
+ln -P "$src/usr/lib/libc-link" "$src/usr/lib/libc-link2"
 
 # A file capability (what setcap cap_net_bind_service=+ep writes) and user xattrs.
 cp /usr/bin/true "$src/usr/bin/with-cap"
@@ -146,6 +150,7 @@ def describe(root):
                 inodes.setdefault(st.st_ino, []).append(rel)
             elif stat.S_ISLNK(st.st_mode):
                 d["target"] = os.readlink(path)
+                inodes.setdefault(st.st_ino, []).append(rel)
             tree[rel] = d
     groups = sorted(sorted(g) for g in inodes.values() if len(g) > 1)
     return tree, groups, skipped

@@ -1,7 +1,12 @@
 /*
  * libFuzzer target for stages/extract: each input is extracted from memory into a fresh
- * root directory, which is then removed. Besides the sanitizers, one oracle: after the
- * extraction the root's parent must hold nothing but the root, whatever the input said.
+ * root directory, which is then removed. Besides the sanitizers, three oracles, checked
+ * after every input whatever it said:
+ *   - the root's parent holds nothing but the root;
+ *   - a sentinel tree at an absolute path outside it (FIM_FUZZ_SENTINEL, default
+ *     /tmp/fim-fuzz-sentinel; the seeds' symlinks and hardlinks aim at it) is unchanged:
+ *     types, modes, owners, link counts, sizes, mtimes, ctimes, xattrs and contents;
+ *   - no file descriptor was left open.
  *
  * The input's size also picks how the decompressed stream is chunked for libarchive (a
  * third of the inputs get the default, the rest odd sizes), so that the stream scan is
@@ -18,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include "common/err.h"
@@ -27,6 +33,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static int fuzz_base_fd = -1;
 static char fuzz_base[PATH_MAX];
+static char fuzz_sentinel[PATH_MAX];
+static char *fuzz_sentinel_snap;
+static int fuzz_fds;
+
+static void fuzz_remove_contents(int dirfd);
 
 static void fuzz_die(const char *what)
 {
@@ -38,6 +49,172 @@ static void fuzz_cleanup(void)
 {
         if (fuzz_base[0] != '\0')
                 (void)rmdir(fuzz_base);
+}
+
+static uint64_t fuzz_hash(const void *data, size_t len, uint64_t h)
+{
+        const unsigned char *p = data;
+
+        for (size_t i = 0; i < len; i++)
+                h = (h ^ p[i]) * UINT64_C(0x100000001b3);
+        return h;
+}
+
+/* Append to a growing string; aborts when out of memory. */
+static void fuzz_append(char **s, size_t *len, const char *line)
+{
+        size_t n = strlen(line);
+        char *v = realloc(*s, *len + n + 1);
+
+        if (!v)
+                fuzz_die("realloc");
+        memcpy(v + *len, line, n + 1);
+        *s = v;
+        *len += n;
+}
+
+/* One line per path below @path (@rel inside the sentinel), depth first, sorted by readdir. */
+static void fuzz_snap_walk(const char *path, const char *rel, char **s, size_t *len)
+{
+        char line[PATH_MAX * 2 + 256];
+        char buf[4096];
+        uint64_t h = UINT64_C(0xcbf29ce484222325);
+        uint64_t xh = 0;
+        struct stat st;
+        ssize_t n;
+
+        if (lstat(path, &st) < 0)
+                fuzz_die("lstat sentinel");
+        n = llistxattr(path, buf, sizeof(buf));
+        for (ssize_t i = 0; i < n; i += (ssize_t)strlen(buf + i) + 1) {
+                char value[256];
+                ssize_t v = lgetxattr(path, buf + i, value, sizeof(value));
+
+                xh += fuzz_hash(buf + i, strlen(buf + i), h) ^
+                      fuzz_hash(value, v > 0 ? (size_t)v : 0, h);
+        }
+        if (S_ISREG(st.st_mode)) {
+                int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+
+                if (fd < 0)
+                        fuzz_die("open sentinel file");
+                while ((n = read(fd, buf, sizeof(buf))) > 0)
+                        h = fuzz_hash(buf, (size_t)n, h);
+                (void)close(fd);
+        } else if (S_ISLNK(st.st_mode)) {
+                n = readlink(path, buf, sizeof(buf) - 1);
+                h = fuzz_hash(buf, n > 0 ? (size_t)n : 0, h);
+        }
+        (void)snprintf(
+                line, sizeof(line), "%s %o %u:%u n%lu s%lld m%lld.%ld c%lld.%ld x%llx h%llx\n", rel,
+                (unsigned)st.st_mode, (unsigned)st.st_uid, (unsigned)st.st_gid,
+                (unsigned long)st.st_nlink, (long long)st.st_size, (long long)st.st_mtim.tv_sec,
+                st.st_mtim.tv_nsec, (long long)st.st_ctim.tv_sec, st.st_ctim.tv_nsec,
+                (unsigned long long)xh, (unsigned long long)h);
+        fuzz_append(s, len, line);
+        if (S_ISDIR(st.st_mode)) {
+                DIR *d = opendir(path);
+                struct dirent *de;
+
+                if (!d)
+                        fuzz_die("opendir sentinel");
+                while ((de = readdir(d)) != NULL) {
+                        char child[PATH_MAX];
+                        char child_rel[PATH_MAX];
+
+                        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+                                continue;
+                        (void)snprintf(child, sizeof(child), "%s/%s", path, de->d_name);
+                        (void)snprintf(child_rel, sizeof(child_rel), "%s/%s", rel, de->d_name);
+                        fuzz_snap_walk(child, child_rel, s, len);
+                }
+                (void)closedir(d);
+        }
+}
+
+static char *fuzz_snapshot(void)
+{
+        char *s = NULL;
+        size_t len = 0;
+
+        fuzz_append(&s, &len, "");
+        fuzz_snap_walk(fuzz_sentinel, ".", &s, &len);
+        return s;
+}
+
+static int fuzz_count_fds(void)
+{
+        DIR *d = opendir("/proc/self/fd");
+        int n = 0;
+
+        if (!d)
+                fuzz_die("opendir /proc/self/fd");
+        while (readdir(d) != NULL)
+                n++;
+        (void)closedir(d);
+        return n;
+}
+
+static void fuzz_write(const char *rel, const char *data, mode_t mode)
+{
+        char path[PATH_MAX];
+        int fd;
+
+        (void)snprintf(path, sizeof(path), "%s/%s", fuzz_sentinel, rel);
+        fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+        if (fd < 0 || write(fd, data, strlen(data)) != (ssize_t)strlen(data) ||
+            fchmod(fd, mode) < 0)
+                fuzz_die("write sentinel file");
+        (void)close(fd);
+}
+
+/*
+ * (Re)create the sentinel: what the seeds' attacks aim at. A previous run's copy is removed
+ * first, without following symlinks, so that every run starts from the same tree.
+ */
+static void fuzz_make_sentinel(void)
+{
+        const char *dir = getenv("FIM_FUZZ_SENTINEL");
+        char path[PATH_MAX];
+        int fd;
+
+        (void)snprintf(fuzz_sentinel, sizeof(fuzz_sentinel), "%s",
+                       dir ? dir : "/tmp/fim-fuzz-sentinel");
+        if (fuzz_sentinel[0] != '/') {
+                fprintf(stderr, "fuzz_extract: FIM_FUZZ_SENTINEL must be an absolute path\n");
+                abort();
+        }
+        fd = open(fuzz_sentinel, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd >= 0)
+                fuzz_remove_contents(fd);
+        else if (mkdir(fuzz_sentinel, 0755) < 0)
+                fuzz_die("mkdir sentinel");
+        (void)snprintf(path, sizeof(path), "%s/etc", fuzz_sentinel);
+        if (mkdir(path, 0755) < 0)
+                fuzz_die("mkdir sentinel/etc");
+        fuzz_write("etc/passwd", "sentinel:x:0:0::/:/bin/false\n", 0644);
+        fuzz_write("etc/shadow", "sentinel:*:1::::::\n", 0600);
+        fuzz_write("exec", "#!/bin/sh\n", 0755);
+        (void)snprintf(path, sizeof(path), "%s/exec", fuzz_sentinel);
+        if (setxattr(path, "user.sentinel", "kept", 4, 0) < 0)
+                fuzz_die("setxattr sentinel");
+        (void)snprintf(path, sizeof(path), "%s/link", fuzz_sentinel);
+        if (symlink("etc/passwd", path) < 0)
+                fuzz_die("symlink sentinel");
+        fuzz_sentinel_snap = fuzz_snapshot();
+}
+
+/* The sentinel oracle: anything the extraction did to it is a finding. */
+static void fuzz_check_sentinel(void)
+{
+        char *now = fuzz_snapshot();
+
+        if (strcmp(now, fuzz_sentinel_snap) != 0) {
+                fprintf(stderr, "fuzz_extract: the sentinel changed\n--- before\n%s--- after\n%s",
+                        fuzz_sentinel_snap, now);
+                abort();
+        }
+        free(now);
 }
 
 /* A private directory on tmpfs when there is one: the fuzzer creates many small trees. */
@@ -54,6 +231,8 @@ static void fuzz_init(void)
         if (fuzz_base_fd < 0)
                 fuzz_die("open base");
         (void)atexit(fuzz_cleanup);
+        fuzz_make_sentinel();
+        fuzz_fds = fuzz_count_fds();
 }
 
 /* Remove everything below @dirfd (which is consumed), never following symlinks. */
@@ -129,8 +308,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         err_clear();
 
         fuzz_check_base();
+        fuzz_check_sentinel();
         fuzz_remove_contents(root_fd);
         if (unlinkat(fuzz_base_fd, "root", AT_REMOVEDIR) < 0)
                 fuzz_die("rmdir root");
+        if (fuzz_count_fds() != fuzz_fds) {
+                fprintf(stderr, "fuzz_extract: %d file descriptors open, %d before\n",
+                        fuzz_count_fds(), fuzz_fds);
+                abort();
+        }
         return 0;
 }

@@ -7,7 +7,9 @@
 #
 # Usage: tests/fuzz/run.sh [SECONDS]
 # Runs as root (the extractor chowns). The evolving corpus is kept in tests/fuzz/corpus-run/
-# (ignored by git) so that later runs start where earlier ones stopped.
+# (ignored by git) so that later runs start where earlier ones stopped. The seeds' attacks
+# and absolute links aim at a sentinel tree at FIM_FUZZ_SENTINEL (default
+# /tmp/fim-fuzz-sentinel), which the fuzzer creates and checks after every input.
 set -euo pipefail
 
 secs=${1:-120}
@@ -17,6 +19,7 @@ seeds=$build/fuzz-seeds
 corpus=$src/tests/fuzz/corpus-run
 artifacts=$build/fuzz-artifacts
 max_len=65536
+export FIM_FUZZ_SENTINEL=${FIM_FUZZ_SENTINEL:-/tmp/fim-fuzz-sentinel}
 
 CC=clang cmake -S "$src" -B "$build" -DFIM_FUZZ=ON -DFIM_SANITIZE=ON \
         -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
@@ -25,13 +28,14 @@ cmake --build "$build" --target fuzz_extract -j"$(nproc)"
 # --- seeds ----------------------------------------------------------------------------
 rm -rf "$seeds"
 mkdir -p "$seeds/all" "$corpus" "$artifacts"
-python3 "$src/tests/extract/make_corpus.py" "$seeds/all" --sentinel /nonexistent/fim-fuzz
+python3 "$src/tests/extract/make_corpus.py" "$seeds/all" --sentinel "$FIM_FUZZ_SENTINEL"
 tree=$seeds/tree
 mkdir -p "$tree/d/e"
 echo hello >"$tree/d/f"
 ln "$tree/d/f" "$tree/d/hard"
 ln -s ../d/f "$tree/d/e/rel"
-ln -s /etc/passwd "$tree/abs"
+ln -s "$FIM_FUZZ_SENTINEL/etc/passwd" "$tree/abs"
+ln -s "$FIM_FUZZ_SENTINEL" "$tree/d/sent"
 chmod 4755 "$tree/d/f"
 truncate -s 64K "$tree/sparse"
 printf x | dd of="$tree/sparse" bs=1 seek=40000 conv=notrunc status=none

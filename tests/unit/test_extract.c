@@ -44,6 +44,7 @@ static char work[PATH_MAX];
 static char rootdir[PATH_MAX];
 static char sentinel[PATH_MAX];
 static char canary[64];
+static size_t default_tree_memory_max;
 
 /* --- helpers --- */
 
@@ -190,7 +191,29 @@ static void snap_add(struct snap *s, const char *line)
         s->n++;
 }
 
-/* One line per path: type, mode, owner, size, mtime, content hash or link target. */
+/* A hash of the extended attributes of @path (not followed): names and values. */
+static uint64_t snap_xattrs(const char *path)
+{
+        char names[4096];
+        char value[4096];
+        uint64_t h = 0;
+        ssize_t n = llistxattr(path, names, sizeof(names));
+
+        assert_true(n >= 0);
+        for (ssize_t i = 0; i < n; i += (ssize_t)strlen(names + i) + 1) {
+                ssize_t v = lgetxattr(path, names + i, value, sizeof(value));
+
+                assert_true(v >= 0);
+                /* Order-independent: llistxattr() makes no promise about the order. */
+                h += fnv1a(names + i, strlen(names + i)) ^ fnv1a(value, (size_t)v);
+        }
+        return h;
+}
+
+/*
+ * One line per path: type, mode, owner, links, size, mtime, ctime (which any chmod, chown,
+ * xattr or new hardlink bumps), xattrs, content hash or link target.
+ */
 static void snap_walk(struct snap *s, const char *dir, const char *rel, const char *skip)
 {
         char path[PATH_MAX];
@@ -214,10 +237,13 @@ static void snap_walk(struct snap *s, const char *dir, const char *rel, const ch
                 assert_true(n >= 0);
                 target[n] = '\0';
         }
-        xsnprintf(line, sizeof(line), "%s %o %u:%u %lld %lld.%09ld %016llx %s", rel[0] ? rel : ".",
-                  (unsigned)st.st_mode, (unsigned)st.st_uid, (unsigned)st.st_gid,
+        xsnprintf(line, sizeof(line),
+                  "%s %o %u:%u n%lu %lld %lld.%09ld c%lld.%09ld x%016llx %016llx %s",
+                  rel[0] ? rel : ".", (unsigned)st.st_mode, (unsigned)st.st_uid,
+                  (unsigned)st.st_gid, (unsigned long)st.st_nlink,
                   S_ISDIR(st.st_mode) ? 0LL : (long long)st.st_size, (long long)st.st_mtim.tv_sec,
-                  st.st_mtim.tv_nsec, (unsigned long long)hash, target);
+                  st.st_mtim.tv_nsec, (long long)st.st_ctim.tv_sec, st.st_ctim.tv_nsec,
+                  (unsigned long long)snap_xattrs(path), (unsigned long long)hash, target);
         snap_add(s, line);
         if (!S_ISDIR(st.st_mode))
                 return;
@@ -298,6 +324,7 @@ static void prepare(bool preexisting)
         assert_int_equal(mkdir(path, 0700), 0);
         xsnprintf(path, sizeof(path), "%s/dir/file", sentinel);
         write_file(path, "data\n", 0640);
+        assert_int_equal(setxattr(path, "user.sentinel", "kept", 4, 0), 0);
         xsnprintf(path, sizeof(path), "%s/link", sentinel);
         assert_int_equal(symlink("etc/passwd", path), 0);
         xsnprintf(path, sizeof(path), "%s/exec", sentinel);
@@ -344,6 +371,7 @@ static int group_setup(void **state)
         xsnprintf(rootdir, sizeof(rootdir), "%s/root", work);
         xsnprintf(sentinel, sizeof(sentinel), "%s/sentinel", work);
         xsnprintf(canary, sizeof(canary), "fim-extract-canary-%d", (int)getpid());
+        default_tree_memory_max = extract_tree_memory_max;
         xsnprintf(script, sizeof(script), "%s/tests/extract/make_corpus.py", FIM_SOURCE_DIR);
         xsnprintf(sent_arg, sizeof(sent_arg), "%s", sentinel);
 
@@ -372,6 +400,7 @@ enum {
         CASE_PREEXISTING = 1 << 1, /* root holds "pre", "link" and "s" beforehand */
         CASE_WALK = 1 << 2,        /* resolve without openat2 */
         CASE_CHUNKED = 1 << 3,     /* feed libarchive 777-byte chunks */
+        CASE_SMALL_TREE = 1 << 4,  /* 1 MiB for remembered directories */
 };
 
 struct hostile_case {
@@ -398,7 +427,6 @@ static const struct hostile_case hostile_cases[] = {
         {"hardlink_abs.tar", -EPERM, "'h'", 0},
         {"hardlink_escape.tar", -EPERM, "'h'", 0},
         {"hardlink_symlink_parent.tar", -EPERM, "'h'", 0},
-        {"hardlink_to_symlink.tar", -EPERM, "'h'", 0},
         {"hardlink_forward.tar", -ENOENT, "'h'", 0},
         {"hardlink_missing_parent.tar", -ENOENT, "'h': hardlink target 'nodir/file'", 0},
         {"hardlink_dir.tar", -EPERM, "'h'", 0},
@@ -418,6 +446,22 @@ static const struct hostile_case hostile_cases[] = {
         {"nul_ustar_name.tar", -EBADMSG, "'safe'", 0},
         {"nul_ustar_prefix.tar", -EBADMSG, "'dir'", 0},
         {"nul_gnu_longname.tar", -EBADMSG, "'safe'", 0},
+        {"nul_ustar_link.tar", -EBADMSG, "'s': link target 'f' has an embedded NUL", 0},
+        {"nul_gnu_longlink.tar", -EBADMSG, "'s': link target 'f' has an embedded NUL", 0},
+        {"tab_size_pax.tar", -EBADMSG, "'safe': name has an embedded NUL byte (pax", 0},
+        {"tab_size_gnu_longname.tar", -EBADMSG, "'safe': name has an embedded NUL byte (GNU", 0},
+        {"overlapping_ext_headers.tar", -EBADMSG, "too many overlapping extension headers", 0},
+        {"negative_size.tar", -EBADMSG, "after member 'a': bad header: Tar entry has negative", 0},
+        {"hardlink_target_too_long.tar", -ENAMETOOLONG, "'h': hardlink target is longer", 0},
+        {"hardlink_target_too_deep.tar", -ENAMETOOLONG, "is 71 levels deep", 0},
+        {"sparse_bad_map.tar", -EBADMSG, "'s': bad header", 0},
+        {"sparse_huge_size.tar", -EFBIG, "'s': sparse file is 1099511627777 bytes long", 0},
+        {"sparse_map_past_size.tar", -EFBIG, "'s': sparse map puts data at offset", 0},
+        {"charset_hides_warning.tar", -EBADMSG, "may hide another warning", 0},
+        {"dirs_memory_cap.tar.gz", -E2BIG, "'02557dddd", CASE_SMALL_TREE},
+        {"truncated_after_zero_block.tar", -EBADMSG, "truncated after member 'z'", 0},
+        {"truncated_after_zero_block.tar.gz", -EBADMSG, "truncated after member 'z'", 0},
+        {"huge_xz_dictionary.tar.xz", -E2BIG, "xz stream needs 4096 MiB of memory", 0},
         {"malformed_pax.tar", -EBADMSG, "'f'", 0},
         {"component_too_long.tar", -ENAMETOOLONG, "'d/cccccccccc", 0},
         {"too_many_entries.tar", -E2BIG, "'f100'", CASE_LIMITS},
@@ -476,6 +520,8 @@ static void test_extract_hostile(void **state)
         }
         extract_disable_openat2 = (tc->flags & CASE_WALK) != 0;
         extract_chunk_size = (tc->flags & CASE_CHUNKED) ? 777 : 0;
+        if (tc->flags & CASE_SMALL_TREE)
+                extract_tree_memory_max = 1 << 20;
         prepare(tc->flags & CASE_PREEXISTING);
         assert_no_canary();
         before = snapshot();
@@ -483,6 +529,7 @@ static void test_extract_hostile(void **state)
         r = extract_corpus(tc->file, &opts, &res);
         extract_disable_openat2 = false;
         extract_chunk_size = 0;
+        extract_tree_memory_max = default_tree_memory_max;
 
         expand_member(tc->member, member, sizeof(member));
         if (r != tc->err || !strstr(err_last(), member))
@@ -532,6 +579,7 @@ static void assert_mtime(const char *rel, time_t sec, long nsec)
 
 static void check_basic(const struct extract_result *res)
 {
+        char target[PATH_MAX];
         struct stat a;
         struct stat b;
         uint64_t bytes = 0;
@@ -576,13 +624,14 @@ static void check_basic(const struct extract_result *res)
         assert_root_content("usr/lib/deep/file", "implicit parents");
 
         /* Symlink targets verbatim, owner and times on the link itself. */
-        assert_root_link("abs", "/etc/passwd");
+        xsnprintf(target, sizeof(target), "%s/etc/passwd", sentinel);
+        assert_root_link("abs", target);
         assert_mode("abs", S_IFLNK, 0777, 1234, 5678);
         assert_mtime("abs", T0 + 2, 0);
         assert_root_link("rel", "etc/passwd");
         assert_root_link("dangling", "nowhere/at/all");
         assert_root_link("loop", "loop");
-        assert_root_link("up", "../../../../etc/shadow");
+        assert_root_link("up", "../sentinel/etc/shadow");
 
         /* Hardlinks share the inode. */
         a = lstat_root("bin/su");
@@ -614,10 +663,18 @@ static void test_extract_basic(void **state)
 {
         const char *file = *state;
         struct extract_result res;
+        char *before;
+        char *after;
 
         prepare(false);
+        before = snapshot();
         res = extract_ok(file, NULL);
         check_basic(&res);
+        /* "abs" (owned by 1234) aims at the sentinel: its chown must not have followed it. */
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
 }
 
 static void test_extract_basic_walk(void **state)
@@ -682,7 +739,7 @@ static void test_extract_no_same_owner(void **state)
 
         prepare(false);
         res = extract_ok("xattrs.tar", &opts);
-        assert_int_equal(res.skipped_xattrs, 4); /* the capability too, without owners */
+        assert_int_equal(res.skipped_xattrs, 5); /* the capability too, without owners */
         {
                 char path[PATH_MAX];
 
@@ -800,8 +857,8 @@ static void test_extract_xattrs(void **state)
         (void)state;
         prepare(false);
         res = extract_ok("xattrs.tar", NULL);
-        /* trusted.x, security.selinux and the symlink's user.s */
-        assert_int_equal(res.skipped_xattrs, 3);
+        /* trusted.x, user.overlay.opaque, security.selinux and the symlink's user.s */
+        assert_int_equal(res.skipped_xattrs, 4);
         rootpath(path, sizeof(path), "f");
         n = getxattr(path, "user.x", value, sizeof(value));
         assert_int_equal(n, 5);
@@ -815,6 +872,7 @@ static void test_extract_xattrs(void **state)
         assert_int_equal(getxattr(path, "trusted.x", value, sizeof(value)), -1);
         assert_int_equal(errno, ENODATA);
         assert_int_equal(getxattr(path, "security.selinux", value, sizeof(value)), -1);
+        assert_int_equal(getxattr(path, "user.overlay.opaque", value, sizeof(value)), -1);
         rootpath(path, sizeof(path), "d");
         n = getxattr(path, "user.d", value, sizeof(value));
         assert_int_equal(n, 3);
@@ -923,6 +981,31 @@ static void test_extract_empty_archive(void **state)
         prepare(false);
         res = extract_ok("empty_archive.tar", NULL);
         assert_int_equal(res.file_count + res.dir_count + res.size_bytes, 0);
+        prepare(false);
+        res = extract_ok("global_header_only.tar", NULL);
+        assert_int_equal(res.file_count + res.dir_count + res.size_bytes, 0);
+}
+
+/* Absurd timestamps are clamped, not errors, and never touch anything outside the root. */
+static void test_extract_odd_timestamps(void **state)
+{
+        char *before;
+        char *after;
+
+        (void)state;
+        prepare(false);
+        before = snapshot();
+        (void)extract_ok("odd_timestamps.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        assert_true(lstat_root("future").st_mtim.tv_sec > INT64_C(4000000000));
+        assert_true(lstat_root("past").st_mtim.tv_sec < INT64_C(-2000000000));
+        assert_mtime("junk", 0, 0);
+        assert_true(lstat_root("junk").st_atim.tv_sec < 0);
+        assert_true(lstat_root("d").st_mtim.tv_sec > INT64_C(4000000000));
+        assert_root_content("junk", "j");
 }
 
 static void test_extract_many_hardlinks(void **state)
@@ -946,6 +1029,131 @@ static void test_extract_gnu_format(void **state)
         (void)extract_ok("gnu_format.tar", NULL);
         assert_root_content("d/f", "gnu");
         assert_root_link("d/s", "f");
+}
+
+static void test_extract_hardlink_to_symlink(void **state)
+{
+        char target[PATH_MAX];
+        struct extract_result res;
+        char *before;
+        char *after;
+
+        (void)state;
+        prepare(false);
+        before = snapshot();
+        res = extract_ok("hardlink_to_symlink.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        assert_int_equal(res.symlink_count, 1);
+        assert_int_equal(res.hardlink_count, 1);
+        xsnprintf(target, sizeof(target), "%s/etc/passwd", sentinel);
+        assert_root_link("h", target);
+        assert_mode("h", S_IFLNK, 0777, 1234, 0);
+        assert_int_equal(lstat_root("h").st_ino, lstat_root("s").st_ino);
+        assert_int_equal(lstat_root("s").st_nlink, 2);
+}
+
+static void test_extract_hardlink_to_device_skipped(void **state)
+{
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("hardlink_to_device.tar", NULL);
+        /* dev/null, dev/fifo, nodir/sda and a link to each */
+        assert_int_equal(res.skipped_devices, 6);
+        assert_int_equal(res.hardlink_count, 0);
+        assert_int_equal(res.file_count, 0);
+        assert_false(exists_root("dev/null2"));
+        assert_false(exists_root("fifo2"));
+        assert_false(exists_root("sda2"));
+        assert_false(exists_root("nodir"));
+}
+
+/* The deferred metadata of a directory that a symlink replaced is dropped, not followed. */
+static void test_extract_dir_swapped_for_symlink(void **state)
+{
+        char *before;
+        char *after;
+
+        (void)state;
+        prepare(false);
+        before = snapshot();
+        (void)extract_ok("dir_swapped_for_symlink.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        assert_root_link("d", sentinel);
+        assert_root_content("f", "x");
+}
+
+/* 2000 copies of one 3.7 KiB directory path fit in a 1 MiB tree: they are stored once. */
+static void test_extract_dirs_duplicates_merged(void **state)
+{
+        char path[4096];
+        struct extract_result res;
+
+        (void)state;
+        prepare(false);
+        extract_tree_memory_max = 1 << 20;
+        res = extract_ok("dirs_duplicates.tar.gz", NULL);
+        extract_tree_memory_max = default_tree_memory_max;
+        assert_int_equal(res.dir_count, 2000);
+        path[0] = '\0';
+        for (int i = 0; i < 15; i++) {
+                size_t len = strlen(path);
+
+                if (i > 0)
+                        path[len++] = '/';
+                memset(path + len, 'r', 250);
+                path[len + 250] = '\0';
+                assert_mode(path, S_IFDIR, i == 14 ? 0751 : 0755, 0, 0);
+        }
+}
+
+static int count_fds(void)
+{
+        DIR *d = opendir("/proc/self/fd");
+        int n = 0;
+
+        assert_non_null(d);
+        while (readdir(d))
+                n++;
+        (void)closedir(d);
+        return n;
+}
+
+/* No file descriptor survives an extraction, whichever way it fails. */
+static void test_extract_no_fd_leak(void **state)
+{
+        int before;
+
+        (void)state;
+        before = count_fds();
+        for (size_t i = 0; i < ARRAY_SIZE(hostile_cases); i++) {
+                const struct hostile_case *tc = &hostile_cases[i];
+                struct extract_options opts;
+
+                extract_options_init(&opts);
+                if (tc->flags & CASE_LIMITS) {
+                        opts.max_entries = 100;
+                        opts.max_total_bytes = 1 << 20;
+                }
+                if (tc->flags & CASE_SMALL_TREE)
+                        extract_tree_memory_max = 1 << 20;
+                prepare(tc->flags & CASE_PREEXISTING);
+                if (extract_corpus(tc->file, &opts, NULL) != tc->err)
+                        fail_msg("%s: %s", tc->file, err_last());
+                extract_tree_memory_max = default_tree_memory_max;
+                if (count_fds() != before)
+                        fail_msg("%s: %d fds open, %d before", tc->file, count_fds(), before);
+        }
+        prepare(false);
+        (void)extract_ok("basic.tar.xz", NULL);
+        assert_int_equal(count_fds(), before);
 }
 
 struct progress_log {
@@ -1130,6 +1338,87 @@ static void test_extract_pax_nul_field(void **state)
                          0);
 }
 
+static void test_extract_tar_number(void **state)
+{
+        static const struct {
+                const char *field;
+                size_t n;
+                int64_t want;
+        } cases[] = {
+                {"0000644\0", 8, 0644},
+                {"    644 ", 8, 0644},
+                {"\t\t0017\0", 8, 017},
+                {" \t-12\0\0\0", 8, -10},
+                {"\0\0000644", 8, 0}, /* a NUL stops the number, it is not skipped */
+                {"0008", 4, 0},
+                {"77777777777\0", 12, 077777777777},
+                {"\x80\0\0\0\0\0\0\0\0\0\x10\0", 12, 4096},
+                {"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", 12, -1},
+                {"\x81\0\0\0\0\0\0\0\0\0\0\0", 12, INT64_MAX}, /* does not fit */
+                {"\xc0\0\0\0\0\0\0\0\0\0\0\0", 12, INT64_MIN},
+        };
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+                int64_t got = extract_tar_number((const unsigned char *)cases[i].field, cases[i].n);
+
+                if (got != cases[i].want)
+                        fail_msg("case %zu: %lld, want %lld", i, (long long)got,
+                                 (long long)cases[i].want);
+        }
+}
+
+static void test_extract_pax_risky(void **state)
+{
+        static const struct {
+                const char *body;
+                bool risky;
+        } cases[] = {
+                {"18 path=some/name\n19 linkpath=target\n", false},
+                {"11 mtime=1\n", false},
+                {"12 mtime=1\n", true},  /* length past the body */
+                {"10 mtime=1\n", true},  /* record does not end in '\n' */
+                {"x1 mtime=1\n", true},  /* length not decimal */
+                {"11 mtime 1\n", true},  /* no '=' */
+                {"11 =mtime1\n", true},  /* no key */
+                {"9 a\0b=cd\n", true},   /* NUL in the key */
+                {"1234567 k=v\n", true}, /* more than 999999 */
+                {"22 GNU.sparse.map=0,1\n", true},
+                {"19 SUN.holesdata=x\n", true},
+                {"21 GNU.sparse.name=x\n", false},
+        };
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+                const char *b = cases[i].body;
+                size_t n = strlen(b) + (b[0] == '9' ? strlen(b + strlen(b) + 1) + 1 : 0);
+
+                if (extract_pax_risky((const unsigned char *)b, n) != cases[i].risky)
+                        fail_msg("case %zu: want %d", i, cases[i].risky);
+        }
+}
+
+static void test_extract_warning_is_charset(void **state)
+{
+        (void)state;
+        assert_true(extract_warning_is_charset(
+                "Pathname can't be converted from UTF-8 to current locale."));
+        assert_true(extract_warning_is_charset(
+                "Linkname can't be converted from ISO-8859-1 to current locale."));
+        assert_true(extract_warning_is_charset(
+                "Gname can't be converted from UTF-8 to current locale."));
+        assert_false(extract_warning_is_charset(NULL));
+        assert_false(extract_warning_is_charset("Ignoring malformed pax extended attributes"));
+        assert_false(extract_warning_is_charset(
+                "Ignoring malformed pax extended attribute; Pathname can't be converted"));
+        assert_false(extract_warning_is_charset(
+                "Pathname can't be converted from UTF-8 to current locale. And more"));
+        assert_false(extract_warning_is_charset(
+                "Comment can't be converted from UTF-8 to current locale."));
+        assert_false(
+                extract_warning_is_charset("Pathname can't be converted from  to current locale."));
+}
+
 static void test_extract_block_is_header(void **state)
 {
         unsigned char b[512] = {0};
@@ -1185,6 +1474,15 @@ int main(void)
                 cmocka_unit_test(test_extract_quote),
                 cmocka_unit_test(test_extract_pax_nul_field),
                 cmocka_unit_test(test_extract_block_is_header),
+                cmocka_unit_test(test_extract_tar_number),
+                cmocka_unit_test(test_extract_pax_risky),
+                cmocka_unit_test(test_extract_warning_is_charset),
+                cmocka_unit_test(test_extract_hardlink_to_symlink),
+                cmocka_unit_test(test_extract_hardlink_to_device_skipped),
+                cmocka_unit_test(test_extract_dir_swapped_for_symlink),
+                cmocka_unit_test(test_extract_dirs_duplicates_merged),
+                cmocka_unit_test(test_extract_no_fd_leak),
+                cmocka_unit_test(test_extract_odd_timestamps),
         };
         static struct CMUnitTest tests[HOSTILE_MAX + ARRAY_SIZE(fixed) + 8];
         size_t n = 0;

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The `extract` command end to end: flags reach the extractor, counts are printed, and a
+# refused archive exits non-zero with a message that names the member and leaves nothing
+# outside the root. Builds its tarballs with python3 at run time.
+#
+# Usage: cli_extract.sh FLYIO_IMAGE_MANAGER
+set -euo pipefail
+
+bin=${1:?usage: cli_extract.sh FLYIO_IMAGE_MANAGER}
+work=$(mktemp -d "${TMPDIR:-/tmp}/fim-cli-extract.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+failures=0
+
+python3 - "$work" <<'EOF'
+import io, sys, tarfile
+
+def tar(path, members):
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, data, link in members:
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname, ti.mode = kind, link, 0o644
+            ti.size = len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(ti, io.BytesIO(data) if ti.size else None)
+
+work = sys.argv[1]
+tar(work + "/three.tar", [("a", tarfile.REGTYPE, b"A", ""), ("b", tarfile.REGTYPE, b"BB", ""),
+                          ("c", tarfile.SYMTYPE, b"", "a")])
+tar(work + "/escape.tar", [("ok", tarfile.REGTYPE, b"x", ""),
+                           ("../outside", tarfile.REGTYPE, b"pwned", "")])
+tar(work + "/deep.tar", [("d1/d2/d3/f", tarfile.REGTYPE, b"x", "")])
+EOF
+
+# check NAME WANT_STATUS PATTERN... -- ARGS: run the command, compare status and output.
+check() {
+        local name=$1 want=$2 status=0 out
+        shift 2
+        local patterns=()
+        while [ "$1" != "--" ]; do patterns+=("$1"); shift; done
+        shift
+        rm -rf "$work/root" && mkdir "$work/root"
+        out=$("$bin" extract "$@" 2>&1) || status=$?
+        if [ "$status" -ne "$want" ]; then
+                echo "FAIL $name: exit status $status, want $want; output: $out"
+                failures=$((failures + 1))
+                return
+        fi
+        for p in "${patterns[@]}"; do
+                if ! grep -qF -- "$p" <<<"$out"; then
+                        echo "FAIL $name: output lacks '$p': $out"
+                        failures=$((failures + 1))
+                        return
+                fi
+        done
+        echo "ok   $name"
+}
+
+check "extracts and counts" 0 '"file_count":3' '"size_bytes":3' '"symlink_count":1' -- \
+        --tar "$work/three.tar" --root "$work/root" --json
+[ "$(cat "$work/root/b")" = BB ] || { echo "FAIL extracts: b is wrong"; failures=$((failures + 1)); }
+
+check "--max-entries refuses the member past the limit" 1 \
+        "error: failed to extract 'c': archive has more than 2 entries" -- \
+        --tar "$work/three.tar" --root "$work/root" --max-entries 2
+check "--max-bytes refuses the member past the limit" 1 \
+        "error: failed to extract 'b': archive holds more than 2 bytes of file data" -- \
+        --tar "$work/three.tar" --root "$work/root" --max-bytes 2
+check "--max-depth refuses a deeper member" 1 \
+        "error: failed to extract 'd1/d2/d3/f': path is 4 levels deep, more than the limit of 3" -- \
+        --tar "$work/deep.tar" --root "$work/root" --max-depth 3
+check "--max-depth at the member's depth" 0 "files=1" -- \
+        --tar "$work/deep.tar" --root "$work/root" --max-depth 4
+check "--max-path-length refuses a longer name" 1 \
+        "error: failed to extract 'd1/d2/d3/f': name is 10 bytes long, more than the limit of 9" -- \
+        --tar "$work/deep.tar" --root "$work/root" --max-path-length 9
+
+check "an escaping member fails, named" 1 \
+        "error: failed to extract '../outside': path has a '..' component" -- \
+        --tar "$work/escape.tar" --root "$work/root"
+if [ -e "$work/outside" ]; then
+        echo "FAIL an escaping member: '$work/outside' was created"
+        failures=$((failures + 1))
+fi
+
+check "a missing tarball fails, named" 1 "error: failed to open '$work/none.tar'" -- \
+        --tar "$work/none.tar" --root "$work/root"
+check "a bad limit is a usage error" 2 "--max-depth '0': expected a number from 1 to 4096" -- \
+        --tar "$work/three.tar" --root "$work/root" --max-depth 0
+
+if [ "$failures" -ne 0 ]; then
+        echo "cli_extract: $failures failures"
+        exit 1
+fi
+echo "cli_extract: all passed"
