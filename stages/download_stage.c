@@ -195,8 +195,8 @@ static int download_fetch(struct fsm_run *run, void *userdata)
         download_response_set(fsm_run_response(run), job->req.image_id, job->dest, result.sha256,
                               (int64_t)result.size, true, NULL);
         log_info("object downloaded",
-                 "bucket=%s key='%s' bytes=%" PRIu64 " sha256=%s resumed_from=%" PRIu64 " parts=%u",
-                 job->bucket, job->req.s3_key, result.size, result.sha256,
+                 "bucket=%s key=%s bytes=%" PRIu64 " sha256=%s resumed_from=%" PRIu64 " parts=%u",
+                 log_quote(job->bucket), log_quote(job->req.s3_key), result.size, result.sha256,
                  result.resumed_from_offset, result.parts);
         return 0;
 }

@@ -237,7 +237,7 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         r = metrics_server_start(cfg->metrics_addr, kafka_worker_ready, &w, &w.metrics);
         if (r < 0) {
                 log_err_errno(r, "worker failed to start its metrics endpoint", "addr=%s",
-                              cfg->metrics_addr);
+                              log_quote(cfg->metrics_addr));
                 return 1;
         }
         r = kafka_worker_start(&w);
@@ -250,7 +250,7 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
                 return 1;
         }
         log_info("worker started", "host=%s prefix=%s brokers=%s stages=%zu", cfg->host_id,
-                 cfg->kafka_topic_prefix, cfg->kafka_brokers, w.npools);
+                 cfg->kafka_topic_prefix, log_quote(cfg->kafka_brokers), w.npools);
         atomic_store(&w.ready, true);
         while (!kafka_worker_stop) {
                 if (kafka_worker_failed(&w)) {

@@ -1171,7 +1171,7 @@ int metrics_server_start(const char *addr, metrics_ready_fn ready, void *userdat
                 r = err_set(r, "failed to start the metrics thread: %s", strerror(-r));
                 goto out;
         }
-        log_info("metrics server listening", "addr='%s' port=%u", addr, (unsigned)s->port);
+        log_info("metrics server listening", "addr=%s port=%u", log_quote(addr), (unsigned)s->port);
         *ret_server = steal_ptr(s);
         r = 0;
 out:

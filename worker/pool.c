@@ -288,11 +288,11 @@ static void pool_set_paused(struct pool *pool, bool pause)
         err = pause ? rd_kafka_pause_partitions(pool->rk, list)
                     : rd_kafka_resume_partitions(pool->rk, list);
         if (err)
-                log_warning("failed to pause or resume partitions", "topic='%s' pause=%d error=%s",
+                log_warning("failed to pause or resume partitions", "topic=%s pause=%d error=%s",
                             pool->topic, pause, rd_kafka_err2name(err));
         else
                 log_debug(pause ? "partitions paused" : "partitions resumed",
-                          "topic='%s' partitions=%d", pool->topic, list->cnt);
+                          "topic=%s partitions=%d", pool->topic, list->cnt);
         rd_kafka_topic_partition_list_destroy(list);
 }
 
@@ -313,8 +313,8 @@ static void pool_store_offset(struct pool *pool, struct pool_partition *p)
         rd_kafka_topic_partition_list_destroy(list);
         if (err) {
                 log_debug("offset not stored",
-                          "topic='%s' partition=%" PRId32 " offset=%" PRId64 " error=%s",
-                          pool->topic, p->partition, point, rd_kafka_err2name(err));
+                          "topic=%s partition=%" PRId32 " offset=%" PRId64 " error=%s", pool->topic,
+                          p->partition, point, rd_kafka_err2name(err));
                 return;
         }
         p->stored = point;
@@ -338,14 +338,14 @@ static void pool_assign(struct pool *pool, rd_kafka_topic_partition_list_t *part
         else
                 err = rd_kafka_assign(pool->rk, parts);
         if (error) {
-                log_err("failed to assign partitions", "topic='%s' error=\"%s\"", pool->topic,
-                        rd_kafka_error_string(error));
+                log_err("failed to assign partitions", "topic=%s error=%s", pool->topic,
+                        log_quote(rd_kafka_error_string(error)));
                 rd_kafka_error_destroy(error);
         } else if (err) {
-                log_err("failed to assign partitions", "topic='%s' error=%s", pool->topic,
+                log_err("failed to assign partitions", "topic=%s error=%s", pool->topic,
                         rd_kafka_err2name(err));
         }
-        log_info("partitions assigned", "topic='%s' count=%d paused=%d", pool->topic, parts->cnt,
+        log_info("partitions assigned", "topic=%s count=%d paused=%d", pool->topic, parts->cnt,
                  pool->paused);
         /* A new assignment starts unpaused: re-apply a pause in force. */
         if (pool->paused)
@@ -365,15 +365,15 @@ static void pool_revoke(struct pool *pool, rd_kafka_topic_partition_list_t *part
                 dropped += job_list_drop(&pool->delayed, parts->elems[i].partition);
                 pool_partition_remove(pool, parts->elems[i].partition);
         }
-        log_info("partitions revoked", "topic='%s' count=%d lost=%d dropped_jobs=%zu", pool->topic,
+        log_info("partitions revoked", "topic=%s count=%d lost=%d dropped_jobs=%zu", pool->topic,
                  parts->cnt, lost, dropped);
         /* With auto-commit on, librdkafka commits the stored offsets of what it removes. */
         if (cooperative) {
                 rd_kafka_error_t *error = rd_kafka_incremental_unassign(pool->rk, parts);
 
                 if (error) {
-                        log_warning("failed to unassign partitions", "error=\"%s\"",
-                                    rd_kafka_error_string(error));
+                        log_warning("failed to unassign partitions", "error=%s",
+                                    log_quote(rd_kafka_error_string(error)));
                         rd_kafka_error_destroy(error);
                 }
         } else {
@@ -392,7 +392,7 @@ static void pool_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         } else if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
                 pool_revoke(pool, parts, cooperative, rd_kafka_assignment_lost(rk) == 1);
         } else {
-                log_warning("rebalance failed", "topic='%s' error=%s", pool->topic,
+                log_warning("rebalance failed", "topic=%s error=%s", pool->topic,
                             rd_kafka_err2name(err));
                 pool_revoke(pool, parts, cooperative, true);
         }
@@ -405,13 +405,15 @@ static void pool_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opa
 
         if (err != RD_KAFKA_RESP_ERR__FATAL) {
                 log_warning("kafka consumer error, will retry",
-                            "topic='%s' kafka_error=%s"
-                            " reason=\"%s\"",
-                            pool->topic, rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+                            "topic=%s kafka_error=%s"
+                            " reason=%s",
+                            pool->topic, rd_kafka_err2name((rd_kafka_resp_err_t)err),
+                            log_quote(reason));
                 return;
         }
         (void)rd_kafka_fatal_error(rk, fatal, sizeof(fatal));
-        log_err("kafka consumer failed fatally", "topic='%s' reason=\"%s\"", pool->topic, fatal);
+        log_err("kafka consumer failed fatally", "topic=%s reason=%s", pool->topic,
+                log_quote(fatal));
         atomic_store(&pool->failed, true);
 }
 
@@ -479,16 +481,16 @@ static enum pool_job_result pool_job_dead_letter(struct pool *pool, struct pool_
                         pool_count(pool, POOL_STAT_DLQ);
                         metrics_dlq(pool->opts.stage->id, f->error_class);
                         log_warning("message sent to the dead-letter topic",
-                                    "topic='%s' partition=%" PRId32 " offset=%" PRId64
-                                    " error_class=%s error=\"%s\"",
+                                    "topic=%s partition=%" PRId32 " offset=%" PRId64
+                                    " error_class=%s error=%s",
                                     pool->topic, job->msg->partition, job->msg->offset,
-                                    f->error_class, f->error_text);
+                                    f->error_class, log_quote(f->error_text));
                         return POOL_JOB_DONE;
                 }
                 if (pool_stop_requested(pool))
                         return POOL_JOB_ABANDON;
                 log_warning_errno(r, "failed to dead-letter a message, will retry",
-                                  "topic='%s' partition=%" PRId32 " offset=%" PRId64
+                                  "topic=%s partition=%" PRId32 " offset=%" PRId64
                                   " retry_in_ms=%" PRId64,
                                   pool->topic, job->msg->partition, job->msg->offset, delay);
                 for (int64_t slept = 0; slept < delay && !pool_stop_requested(pool); slept += 100)
@@ -532,8 +534,8 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
         default:
                 if (pool_stop_requested(pool))
                         return POOL_JOB_ABANDON;
-                log_warning("run interrupted, will retry", "offset=%" PRId64 " error=\"%s\"",
-                            job->msg->offset, res->error_text);
+                log_warning("run interrupted, will retry", "offset=%" PRId64 " error=%s",
+                            job->msg->offset, log_quote(res->error_text));
                 return POOL_JOB_RETRY;
         }
 }
@@ -583,7 +585,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                              r < 0 ? METRICS_OUTCOME_INTERRUPTED : metrics_outcome_of(&res),
                              (double)(util_now_monotonic_ms() - started_ms) / 1000.0);
         log_context_set(res.run_id[0] ? res.run_id : NULL, res.image_id[0] ? res.image_id : NULL,
-                        stage->name, -1);
+                        stage->name, res.run_id[0] ? res.attempts : -1);
         if (r < 0) {
                 /* The call could not proceed (database down, ...): nothing was decided. */
                 log_warning_errno(r, "stage call failed, will retry", "offset=%" PRId64,
@@ -761,8 +763,9 @@ static void pool_receive(struct pool *pool, rd_kafka_message_t *msg)
                 if (now - pool->last_error_log_ms >= POOL_ERROR_LOG_INTERVAL_MS) {
                         pool->last_error_log_ms = now;
                         log_warning("kafka consumer error, will retry",
-                                    "topic='%s' kafka_error=%s reason=\"%s\"", pool->topic,
-                                    rd_kafka_err2name(msg->err), rd_kafka_message_errstr(msg));
+                                    "topic=%s kafka_error=%s reason=%s", pool->topic,
+                                    rd_kafka_err2name(msg->err),
+                                    log_quote(rd_kafka_message_errstr(msg)));
                 }
                 rd_kafka_message_destroy(msg);
                 return;
@@ -801,11 +804,11 @@ static void pool_close_consumer(struct pool *pool)
         rd_kafka_resp_err_t err = rd_kafka_commit(pool->rk, NULL, 0);
 
         if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-                log_warning("failed to commit offsets at shutdown", "topic='%s' kafka_error=%s",
+                log_warning("failed to commit offsets at shutdown", "topic=%s kafka_error=%s",
                             pool->topic, rd_kafka_err2name(err));
         err = rd_kafka_consumer_close(pool->rk);
         if (err)
-                log_warning("failed to close the consumer cleanly", "topic='%s' kafka_error=%s",
+                log_warning("failed to close the consumer cleanly", "topic=%s kafka_error=%s",
                             pool->topic, rd_kafka_err2name(err));
 }
 
@@ -842,10 +845,10 @@ static void pool_shutdown(struct pool *pool)
         if (running > 0)
                 log_warning(
                         "runs still going at the shutdown deadline, leaving them to their leases",
-                        "topic='%s' running=%d", pool->topic, running);
+                        "topic=%s running=%d", pool->topic, running);
         pool_close_consumer(pool);
         log_info("pool stopped",
-                 "topic='%s' dropped_unstarted=%zu completed=%" PRIu64 " already_complete=%" PRIu64
+                 "topic=%s dropped_unstarted=%zu completed=%" PRIu64 " already_complete=%" PRIu64
                  " dead_lettered=%" PRIu64,
                  pool->topic, dropped, (uint64_t)atomic_load(&pool->stats[POOL_STAT_COMPLETED]),
                  (uint64_t)atomic_load(&pool->stats[POOL_STAT_ALREADY]),
