@@ -144,6 +144,7 @@ struct pool {
 
         atomic_bool failed;
         atomic_uint_fast64_t stats[5];
+        atomic_int_fast64_t polled_ms; /* monotonic time of the dispatcher's last poll */
 };
 
 enum {
@@ -867,29 +868,59 @@ static bool pool_is_stopping(struct pool *pool)
 
 /*
  * Consumer lag of this pool's partitions for /metrics: high watermark minus position, from
- * librdkafka's cached values (no broker round trip).
+ * librdkafka's cached values. A partition assigned but not fetched from yet has no position:
+ * its consumption starts at the group's committed offset, asked from the coordinator (only
+ * then, and only for those partitions), or at the low watermark when nothing was committed
+ * (auto.offset.reset=earliest). Taking the low watermark whenever the position is unknown
+ * would report the whole retained topic as lag after every restart.
  */
 static void pool_report_lag(struct pool *pool)
 {
         rd_kafka_topic_partition_list_t *list = pool_partition_list(pool);
+        rd_kafka_topic_partition_list_t *unknown = NULL;
         int64_t lag = 0;
 
         if (!list) {
                 metrics_lag_set(pool->opts.stage->id, 0);
                 return;
         }
-        if (rd_kafka_position(pool->rk, list) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-                for (int i = 0; i < list->cnt; i++) {
-                        int64_t low, high;
-
-                        if (rd_kafka_get_watermark_offsets(pool->rk, pool->topic,
-                                                           list->elems[i].partition, &low,
-                                                           &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
-                            high < 0)
-                                continue;
-                        lag += high - (list->elems[i].offset >= 0 ? list->elems[i].offset : low);
+        if (rd_kafka_position(pool->rk, list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+                goto out;
+        for (int i = 0; i < list->cnt; i++) {
+                if (list->elems[i].offset < 0) {
+                        if (!unknown)
+                                unknown = rd_kafka_topic_partition_list_new(list->cnt);
+                        (void)rd_kafka_topic_partition_list_add(unknown, pool->topic,
+                                                                list->elems[i].partition);
                 }
         }
+        /* On failure the unknown partitions are left out rather than guessed. */
+        if (unknown && rd_kafka_committed(pool->rk, unknown, 1000) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+                rd_kafka_topic_partition_list_destroy(unknown);
+                unknown = NULL;
+        }
+        for (int i = 0; i < list->cnt; i++) {
+                int64_t low, high, from = list->elems[i].offset;
+                rd_kafka_topic_partition_t *c = NULL;
+
+                if (from < 0) {
+                        c = unknown ? rd_kafka_topic_partition_list_find(unknown, pool->topic,
+                                                                         list->elems[i].partition)
+                                    : NULL;
+                        if (!c || c->err)
+                                continue;
+                }
+                if (rd_kafka_get_watermark_offsets(pool->rk, pool->topic, list->elems[i].partition,
+                                                   &low, &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+                    high < 0)
+                        continue;
+                if (c)
+                        from = c->offset >= 0 ? c->offset : low;
+                lag += high > from ? high - from : 0;
+        }
+out:
+        if (unknown)
+                rd_kafka_topic_partition_list_destroy(unknown);
         rd_kafka_topic_partition_list_destroy(list);
         metrics_lag_set(pool->opts.stage->id, lag);
 }
@@ -910,6 +941,7 @@ static void *pool_dispatch_main(void *arg)
                 pool_release_due(pool);
                 pool_flow_control(pool);
                 msg = rd_kafka_consumer_poll(pool->rk, POOL_POLL_MS);
+                atomic_store(&pool->polled_ms, util_now_monotonic_ms());
                 if (msg)
                         pool_receive(pool, msg);
         }
@@ -1012,6 +1044,7 @@ int pool_new(const struct pool_options *opts, struct pool **ret_pool)
         pthread_mutex_init(&pool->lock, NULL);
         pthread_cond_init(&pool->work, NULL);
         atomic_init(&pool->failed, false);
+        atomic_init(&pool->polled_ms, 0);
         for (size_t i = 0; i < ARRAY_SIZE(pool->stats); i++)
                 atomic_init(&pool->stats[i], 0);
         r = kafka_client_topic(opts->cfg, opts->stage->name, pool->topic, sizeof(pool->topic));
@@ -1108,6 +1141,34 @@ void pool_free(struct pool *pool)
 bool pool_failed(const struct pool *pool)
 {
         return atomic_load(&((struct pool *)pool)->failed);
+}
+
+bool pool_consuming(struct pool *pool, int64_t max_idle_ms, char *reason, size_t reason_size)
+{
+        int64_t polled = atomic_load(&pool->polled_ms);
+        char *member;
+
+        if (atomic_load(&pool->failed)) {
+                (void)snprintf(reason, reason_size, "the %s consumer failed", pool->topic);
+                return false;
+        }
+        if (polled == 0 || util_now_monotonic_ms() - polled > max_idle_ms) {
+                (void)snprintf(reason, reason_size,
+                               "the %s consumer has not polled for %" PRId64 " ms", pool->topic,
+                               polled ? util_now_monotonic_ms() - polled : -1);
+                return false;
+        }
+        /* Thread-safe: librdkafka reads the member id under its own lock. */
+        member = rd_kafka_memberid(pool->rk);
+        if (!member || !member[0]) {
+                (void)snprintf(reason, reason_size, "the %s consumer has not joined its group yet",
+                               pool->topic);
+                if (member)
+                        rd_kafka_mem_free(pool->rk, member);
+                return false;
+        }
+        rd_kafka_mem_free(pool->rk, member);
+        return true;
 }
 
 void pool_get_stats(const struct pool *pool, struct pool_stats *ret)
