@@ -13,7 +13,8 @@
  * quotes of the caller's own, so that no value can end its field early and pose as another
  * (scripts/check-style.sh rejects key="%s" and key='%s' in log calls). The thread's job
  * context (set with log_context_set) is appended to every line, so stage code does not
- * repeat it; a context value that is not a plain token is quoted the same way. Any string registered with log_register_secret() is replaced by
+ * repeat it; a context value that is not a plain token is quoted the same way. Any string
+ * registered with log_register_secret() is replaced by
  * "[redacted]" before the line is written: a credential that slips into an error message from
  * a library still never reaches the log.
  *
