@@ -397,7 +397,7 @@ check_log_lines() {
 	if out="$(python3 - "$work"/logs/worker-*.log <<'PY'
 import re, sys
 
-FIELD = re.compile(r'([a-z_]+)=("(?:[^"\\\n]|\\.)*"|[^ "=\\\n]+)(?: |$)')
+FIELD = re.compile(r'([a-z_][a-z0-9_]*)=("(?:[^"\\\n]|\\.)*"|[^ "=\\\n]+)(?: |$)')
 bad, lines, runs, after = [], 0, 0, 0
 for path in sys.argv[1:]:
     for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):

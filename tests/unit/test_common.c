@@ -218,9 +218,9 @@ static void test_common_log_line_is_one_parseable_record(void **state)
 
 /*
  * A strict reader of a whole record: "key=value" fields separated by one space, a key of
- * [a-z_], a value bare (no space, quote, backslash or '=') or double-quoted with the escapes
- * log.c writes (\" \\ \n \r \t \xNN). Returns the number of fields, or -1 when the line does
- * not parse or repeats a key: a forged field would do one or the other.
+ * [a-z_][a-z0-9_]*, a value bare (no space, quote, backslash or '=') or double-quoted with the
+ * escapes log.c writes (\" \\ \n \r \t \xNN). Returns the number of fields, or -1 when the line
+ * does not parse or repeats a key: a forged field would do one or the other.
  */
 #define LOGFMT_MAX_FIELDS 24
 
@@ -283,7 +283,7 @@ static int logfmt_parse(const char *line, struct logfmt_field *f, int max)
 
                 if (n == max)
                         return -1;
-                while ((*p >= 'a' && *p <= 'z') || *p == '_') {
+                while ((*p >= 'a' && *p <= 'z') || *p == '_' || (k > 0 && *p >= '0' && *p <= '9')) {
                         if (k + 1 >= sizeof(f[n].key))
                                 return -1;
                         f[n].key[k++] = *p++;
