@@ -1,8 +1,12 @@
 /*
- * /readyz of a running worker follows PostgreSQL: a worker process (the sample stages, the real
- * kafka_worker_run and metrics server) reaches PostgreSQL through a TCP relay of this test,
- * which the test cuts and restores. While cut, /readyz must answer 503 and name PostgreSQL;
- * once restored, 200 again; /healthz stays 200 throughout.
+ * What a running worker's metrics endpoint reports about the worker itself (worker processes
+ * with the sample stages, the real kafka_worker_run and metrics server):
+ *
+ * - /readyz follows PostgreSQL: the worker reaches it through a TCP relay of this test, which
+ *   the test cuts and restores. While cut, /readyz must answer 503 and name PostgreSQL; once
+ *   restored, 200 again; /healthz stays 200 throughout.
+ * - Consumer lag after a restart: every message was consumed and committed by a first worker;
+ *   a second one, which has fetched nothing yet, must report no lag (not the whole topic).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -244,25 +248,41 @@ static void relayed_url(const char *url, uint16_t relay_port, uint16_t *ret_port
         PQconninfoFree(opts);
 }
 
+/* Each test gets its own environment; teardown kills its workers even when it failed. */
+static int setup(void **state)
+{
+        struct wt_env *e = calloc(1, sizeof(*e));
+
+        assert_non_null(e);
+        wt_setup(e, NULL);
+        *state = e;
+        return 0;
+}
+
+static int teardown(void **state)
+{
+        wt_teardown(*state);
+        free(*state);
+        return 0;
+}
+
 static void test_worker_readyz_follows_postgres(void **state)
 {
-        struct wt_env e;
+        struct wt_env *e = *state;
         struct relay relay;
         char url[768], env_url[800], env_metrics[64], body[512];
         uint16_t pg_port, metrics_port = free_port();
         int64_t took;
         pid_t worker;
 
-        (void)state;
-        wt_setup(&e, NULL);
-        relayed_url(e.url, 0, &pg_port, url, sizeof(url));
+        relayed_url(e->url, 0, &pg_port, url, sizeof(url));
         relay_start(&relay, pg_port);
-        relayed_url(e.url, relay.port, &pg_port, url, sizeof(url));
+        relayed_url(e->url, relay.port, &pg_port, url, sizeof(url));
         (void)snprintf(env_url, sizeof(env_url), "DATABASE_URL=%s", url);
         (void)snprintf(env_metrics, sizeof(env_metrics), "METRICS_ADDR=127.0.0.1:%u",
                        (unsigned)metrics_port);
         worker = wt_worker_start(
-                &e, (const char *const[]){env_url, env_metrics, "FIM_TEST_STAGES=download", NULL});
+                e, (const char *const[]){env_url, env_metrics, "FIM_TEST_STAGES=download", NULL});
 
         took = wait_readyz(metrics_port, worker, 200, 60000, body);
         print_message("ready %ld ms after the start\n", (long)took);
@@ -277,15 +297,76 @@ static void test_worker_readyz_follows_postgres(void **state)
         took = wait_readyz(metrics_port, worker, 200, 30000, body);
         print_message("ready again %ld ms after PostgreSQL came back\n", (long)took);
 
-        assert_int_equal(wt_worker_stop(&e, worker, SIGTERM, 30000), 0);
+        assert_int_equal(wt_worker_stop(e, worker, SIGTERM, 30000), 0);
         relay_stop(&relay);
-        wt_teardown(&e);
+}
+
+/* The sum of a metric's samples that carry @label (e.g. stage="download"), from /metrics. */
+static long metric_value(uint16_t port, const char *name, const char *label)
+{
+        CURL *h = curl_easy_init();
+        char url[128], *body = NULL, *line, *save = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&body, &len);
+        long sum = -1;
+
+        (void)snprintf(url, sizeof(url), "http://127.0.0.1:%u/metrics", (unsigned)port);
+        curl_easy_setopt(h, CURLOPT_URL, url);
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 3000L);
+        curl_easy_setopt(h, CURLOPT_WRITEDATA, f);
+        assert_int_equal(curl_easy_perform(h), CURLE_OK);
+        curl_easy_cleanup(h);
+        fclose(f);
+        for (line = strtok_r(body, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+                if (strncmp(line, name, strlen(name)) != 0 || line[strlen(name)] != '{' ||
+                    !strstr(line, label))
+                        continue;
+                sum = (sum < 0 ? 0 : sum) + strtol(strrchr(line, ' ') + 1, NULL, 10);
+        }
+        free(body);
+        return sum;
+}
+
+static void test_worker_lag_after_restart_is_committed_not_retained(void **state)
+{
+        static const char *const images[] = {"lag-1", "lag-2", "lag-3", "lag-4", "lag-5", "lag-6"};
+        const int n = (int)(sizeof(images) / sizeof(images[0]));
+        struct wt_env *e = *state;
+        char env_metrics[64], body[512], req[128];
+        uint16_t port = free_port();
+        const char *env[] = {env_metrics, "FIM_TEST_STAGES=download", NULL};
+        long lag;
+        pid_t worker;
+
+        (void)snprintf(env_metrics, sizeof(env_metrics), "METRICS_ADDR=127.0.0.1:%u",
+                       (unsigned)port);
+        for (int i = 0; i < n; i++) {
+                (void)snprintf(req, sizeof(req), "{\"image_id\":\"%s\",\"s3_key\":\"k\"}",
+                               images[i]);
+                wt_produce(e, "download", images[i], req);
+        }
+        worker = wt_worker_start(e, env);
+        wt_wait_committed(e, "download", 60000);
+        assert_int_equal(wt_worker_stop(e, worker, SIGTERM, 30000), 0);
+
+        /* A new consumer: its partitions have no position until a message is consumed. */
+        worker = wt_worker_start(e, env);
+        (void)wait_readyz(port, worker, 200, 60000, body);
+        /* The dispatcher reports lag every 5 s; wait for a report made while consuming. */
+        util_sleep_ms(6000);
+        lag = metric_value(port, "fim_consumer_lag_messages", "stage=\"download\"");
+        print_message("lag after the restart: %ld (the topic holds %d messages)\n", lag, n);
+        assert_int_equal(lag, 0);
+        assert_int_equal(wt_worker_stop(e, worker, SIGTERM, 30000), 0);
 }
 
 int main(int argc, char **argv)
 {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test(test_worker_readyz_follows_postgres),
+                cmocka_unit_test_setup_teardown(test_worker_readyz_follows_postgres, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(
+                        test_worker_lag_after_restart_is_committed_not_retained, setup, teardown),
         };
         int status;
 
