@@ -240,6 +240,33 @@ static size_t log_append_one_line(char *line, size_t len, const char *text)
         return len;
 }
 
+/* Whether @value can stand unquoted: a non-empty run of characters that end no field. */
+static bool log_is_bare(const char *value)
+{
+        if (!value[0])
+                return false;
+        for (; *value; value++) {
+                unsigned char c = (unsigned char)*value;
+
+                if (c <= 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '=' || c == '\'')
+                        return false;
+        }
+        return true;
+}
+
+/*
+ * A context field (" key=value"), left out when empty. The image id of a request that failed
+ * validation can hold anything, so a value that could end the field early is quoted.
+ */
+static size_t log_append_context(char *line, size_t len, const char *key, const char *value)
+{
+        if (!value[0])
+                return len;
+        if (log_is_bare(value))
+                return log_append(line, len, " %s=%s", key, value);
+        return log_append(line, len, " %s=%s", key, log_quote(value));
+}
+
 static void log_vemit(enum log_level level, int r, const char *msg, const char *fields, va_list ap)
         __attribute__((format(printf, 4, 0)));
 
@@ -269,18 +296,9 @@ static void log_vemit(enum log_level level, int r, const char *msg, const char *
                 len = log_append(line, len, " ");
                 len = log_append_one_line(line, len, text);
         }
-        if (log_ctx.run_id[0]) {
-                len = log_append(line, len, " run_id=");
-                len = log_append_one_line(line, len, log_ctx.run_id);
-        }
-        if (log_ctx.image_id[0]) {
-                len = log_append(line, len, " image_id=");
-                len = log_append_one_line(line, len, log_ctx.image_id);
-        }
-        if (log_ctx.stage[0]) {
-                len = log_append(line, len, " stage=");
-                len = log_append_one_line(line, len, log_ctx.stage);
-        }
+        len = log_append_context(line, len, "run_id", log_ctx.run_id);
+        len = log_append_context(line, len, "image_id", log_ctx.image_id);
+        len = log_append_context(line, len, "stage", log_ctx.stage);
         if (log_ctx.attempt >= 0)
                 len = log_append(line, len, " attempt=%d", log_ctx.attempt);
         if (r < 0) {

@@ -6,9 +6,15 @@
  *   ts=2026-12-03T18:51:31.123Z level=info thread=4711 msg="run finished" <fields>
  *       run_id=... image_id=... stage=... attempt=... [error="..." errno=EIO]
  *
- * The caller gives a fixed message and a printf-style field list ("bytes=%zu key='%s'").
- * The thread's job context (set with log_context_set) is appended to every line, so stage
- * code does not repeat it. Any string registered with log_register_secret() is replaced by
+ * The caller gives a fixed message and a printf-style field list ("bytes=%zu key=%s"). A value
+ * is either bare (numbers, names from a fixed set, validated identifiers such as run ids and
+ * topic names) or comes from log_quote(): every free-text or remote-controlled value (error
+ * text, S3 keys, member names, library messages) goes through log_quote(), never through
+ * quotes of the caller's own, so that no value can end its field early and pose as another
+ * (scripts/check-style.sh rejects key="%s" and key='%s' in log calls). The thread's job
+ * context (set with log_context_set) is appended to every line, so stage code does not
+ * repeat it; a context value that is not a plain token is quoted the same way. Any string
+ * registered with log_register_secret() is replaced by
  * "[redacted]" before the line is written: a credential that slips into an error message from
  * a library still never reaches the log.
  *

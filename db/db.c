@@ -23,7 +23,7 @@ struct db {
 static void db_notice_processor(void *arg, const char *message)
 {
         (void)arg;
-        log_debug("postgres notice", "text=\"%.*s\"", (int)strcspn(message, "\n"), message);
+        log_debug("postgres notice", "text=%s", log_quote(message));
 }
 
 /* Map a failed libpq call to a negative errno; the single place that knows SQLSTATEs. */

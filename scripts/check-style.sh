@@ -35,6 +35,19 @@ if grep -nE '\b(atoi|atol|sprintf|strcpy|strtok|gets)\s*\(|[^_]\bsignal\s*\(' \
         status=1
 fi
 
+# A log field never wraps free text in quotes of its own (key="%s", key='%s'): a quote in the
+# value would end the field early and let the rest pose as fields. Use log_quote() (log.h).
+if perl -0777 -ne 'while (/\blog_(?:debug|info|notice|warning|err|emit|warning_errno|err_errno)\s*\(((?:[^()]|\((?1)\))*)\)/g) {
+                my $c = $1; my $at = $-[0];
+                if ($c =~ /=\\"%[-.*0-9]*s\\"|='\''%[-.*0-9]*s'\''/) {
+                        my $line = 1 + (substr($_, 0, $at) =~ tr/\n//);
+                        print "$ARGV:$line: quoted %s in a log field\n";
+                }
+        }' $(git ls-files 'common/*.c' 'config/*.c' 'db/*.c' 'stages/*.c' 'worker/*.c') | grep .; then
+        echo "log fields with free text must go through log_quote()"
+        status=1
+fi
+
 # Each header compiles on its own.
 inc=$(pkg-config --cflags rdkafka libcurl libpq libarchive devmapper json-c)
 for h in $(git ls-files 'common/*.h' 'config/*.h' 'db/*.h' 'stages/*.h' 'worker/*.h'); do

@@ -23,6 +23,14 @@ jobs_count() {
                 awk -v m="fim_jobs_total{stage=\"$1\",outcome=\"$2\"}" '$1 == m { print $2; f = 1 } END { if (!f) print 0 }'
 }
 
+# Whether list-snapshots shows this image's snapshot active in the kernel. Parsed as JSON: the
+# list is one line, so a pattern could pair one snapshot's name with another's state.
+snapshot_active() {
+        "$BIN" list-snapshots --json 2>/dev/null |
+                jq -e --arg n "snapshot-$IMAGE_ID" 'any(.[]; .snapshot_name == $n and .kernel == "active")' \
+                        >/dev/null 2>&1
+}
+
 # The first run of this image that failed or was aborted since we started, as one line.
 failed_run() {
         psql "$DATABASE_URL" -qAtX -v ON_ERROR_STOP=1 -c \
@@ -60,8 +68,7 @@ deadline=$((SECONDS + DEADLINE_S))
 while :; do
         done_now=$(jobs_count download complete)
         already=$(jobs_count download already_complete)
-        if [ "$((done_now + already))" -gt 0 ] &&
-                "$BIN" list-snapshots --json 2>/dev/null | grep -q "\"snapshot-$IMAGE_ID\".*\"kernel\":\"active\""; then
+        if [ "$((done_now + already))" -gt 0 ] && snapshot_active; then
                 break
         fi
         kill -0 "$worker" 2>/dev/null || fail "the worker exited before the image was done"
@@ -94,7 +101,7 @@ say "the same image again, in-process: every stage is already done"
 "$BIN" process-image --s3-key "$S3_KEY" --image-id "$IMAGE_ID"
 
 say "metrics (a few lines of /metrics)"
-curl -s "$METRICS_URL" 2>/dev/null | grep -E '^fim_jobs_total|^fim_bytes' | grep -v ' 0$' | head -12 || true
+curl -s "$METRICS_URL" 2>/dev/null | grep -E '^fim_(jobs_total|downloaded_bytes_total|extracted_bytes_total)' | grep -v ' 0$' | head -12 || true
 
 say "worker log (last lines)"
 tail -8 "$WORKER_LOG"

@@ -14,12 +14,22 @@
 #   FIM_SERVICES_DIR  reuse the services of this directory (e.g. /tmp/fim-services) instead of
 #                     starting the demo's own set in FIM_DEMO_DIR/services. The demo never
 #                     stops services it did not start, not even with --clean.
-#   FIM_DEMO_MIRROR   Debian mirror for debootstrap (default: the one apt uses)
+#   FIM_DEMO_MIRROR   Debian mirror for debootstrap (default: the one apt uses, when
+#                     debootstrap can use it; see scripts/demo-mirror.sh)
 #   FIM_VM_DIRECT     1 = run on this host, 0 = boot the VM; default: 1 when dm-thin is present
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=demo-mirror.sh
+. "$ROOT/scripts/demo-mirror.sh"
+
+# Everything below needs root: apt-get, debootstrap, loop devices and device-mapper.
+if [ "$(id -u)" -ne 0 ]; then
+        echo "demo: must run as root (it installs packages, runs debootstrap and sets up a" \
+                "device-mapper thin pool on loop files): sudo bash scripts/demo.sh $*" >&2
+        exit 1
+fi
 
 STATE=${FIM_DEMO_DIR:-/var/tmp/fim-demo}
 if [ -n "${FIM_SERVICES_DIR:-}" ] && [ "$FIM_SERVICES_DIR" != "$STATE/services" ]; then
@@ -38,10 +48,13 @@ export LOCAL_DIR="$STATE/images" LOG_LEVEL=info
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-# dm-thin on this host: the module is loaded (or built in and registered as a target).
+# dm-thin on this host: the module is loaded (or built in and registered as a target), or
+# can be loaded now; a stock kernel ships it as a module that nothing has loaded yet.
 host_has_dm_thin() {
         [ -d /sys/module/dm_thin_pool ] && return 0
-        dmsetup targets 2>/dev/null | grep -q '^thin-pool'
+        dmsetup targets 2>/dev/null | grep -q '^thin-pool' && return 0
+        modprobe dm_thin_pool 2>/dev/null || return 1
+        [ -d /sys/module/dm_thin_pool ] || dmsetup targets 2>/dev/null | grep -q '^thin-pool'
 }
 
 if [ "${1:-}" = --clean ]; then
@@ -116,8 +129,7 @@ fi
 
 say "building a Debian bookworm root filesystem image"
 if [ ! -s "$TARBALL" ]; then
-        mirror=${FIM_DEMO_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
-        mirror=${mirror:-http://deb.debian.org/debian}
+        mirror=${FIM_DEMO_MIRROR:-$(demo_debian_mirror)}
         work=$(mktemp -d /var/tmp/fim-demo-rootfs.XXXXXX)
         echo "debootstrap --variant=minbase bookworm from $mirror (about 2 minutes, once)"
         debootstrap --variant=minbase bookworm "$work/root" "$mirror" >"$work/debootstrap.log" 2>&1 ||

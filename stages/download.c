@@ -399,6 +399,8 @@ static int download_on_stream_data(const void *data, size_t len, void *userdata)
         d->written += len;
         d->hashed += len;
         d->done_bytes = d->written;
+        if (d->p->received_bytes)
+                *d->p->received_bytes += len;
         if (d->written - d->kicked_at >= DOWNLOAD_WRITEBACK_BYTES) {
                 download_start_writeback(d, d->kicked_at, d->written - d->kicked_at);
                 d->kicked_at = d->written;
@@ -453,6 +455,8 @@ static int download_on_part_data(const void *data, size_t len, void *userdata)
                 return r;
         part->written += len;
         d->done_bytes += len;
+        if (d->p->received_bytes)
+                *d->p->received_bytes += len;
         download_progress(d, false);
         return 0;
 }

@@ -33,6 +33,11 @@ struct download_params {
         int64_t total_timeout_ms;          /* bounds the whole call; 0: none */
         int64_t stall_timeout_ms;          /* no bytes for this long: -ETIMEDOUT; 0: none */
         const char *expected_sha256;       /* 64 lower-case hex digits, or NULL */
+        /*
+         * Optional: incremented by every byte of object data received and written in this
+         * call, including those of an attempt that then fails; not the resumed ones.
+         */
+        uint64_t *received_bytes;
 };
 
 struct download_result {

@@ -166,6 +166,7 @@ static int download_fetch(struct fsm_run *run, void *userdata)
         const struct config *cfg = job->ctx->cfg;
         struct s3_client *client = NULL;
         struct download_result result = {0};
+        uint64_t received = 0;
         struct download_params p = {
                 .bucket = job->bucket,
                 .key = job->req.s3_key,
@@ -177,6 +178,7 @@ static int download_fetch(struct fsm_run *run, void *userdata)
                 .total_timeout_ms = (int64_t)cfg->download_timeout * 1000,
                 .stall_timeout_ms = (int64_t)cfg->download_stall_timeout * 1000,
                 .expected_sha256 = job->req.checksum[0] ? job->req.checksum : NULL,
+                .received_bytes = &received,
         };
         int r;
 
@@ -187,16 +189,17 @@ static int download_fetch(struct fsm_run *run, void *userdata)
                 return r;
         r = download_object(client, &p, download_progress, job, &result);
         s3_client_free(client);
+        /* Bytes moved, whether or not this attempt succeeds: what the link carried. */
+        metrics_add_bytes_downloaded(received);
         if (r < 0)
                 return r;
         job->fetched_here = true;
-        metrics_add_bytes_downloaded(result.size - result.resumed_from_offset);
         (void)snprintf(job->etag, sizeof(job->etag), "%s", result.etag);
         download_response_set(fsm_run_response(run), job->req.image_id, job->dest, result.sha256,
                               (int64_t)result.size, true, NULL);
         log_info("object downloaded",
-                 "bucket=%s key='%s' bytes=%" PRIu64 " sha256=%s resumed_from=%" PRIu64 " parts=%u",
-                 job->bucket, job->req.s3_key, result.size, result.sha256,
+                 "bucket=%s key=%s bytes=%" PRIu64 " sha256=%s resumed_from=%" PRIu64 " parts=%u",
+                 log_quote(job->bucket), log_quote(job->req.s3_key), result.size, result.sha256,
                  result.resumed_from_offset, result.parts);
         return 0;
 }

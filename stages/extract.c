@@ -2378,7 +2378,7 @@ static int extract_check_warning(struct extract_ctx *c, struct archive_entry *e)
         const char *name = archive_entry_pathname(e);
 
         if (extract_warning_is_charset(msg) && !c->member_risky) {
-                log_debug("keeping a member name as raw bytes", "warning='%s'", msg);
+                log_debug("keeping a member name as raw bytes", "warning=%s", log_quote(msg));
                 return 0;
         }
         extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));

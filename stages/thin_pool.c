@@ -79,7 +79,6 @@ static void thin_pool_dm_log(int level, const char *file, int line, int dm_errno
                              const char *fmt, ...)
 {
         char text[THIN_POOL_DM_TEXT_MAX];
-        char escaped[2 * THIN_POOL_DM_TEXT_MAX];
         /* The low bits are the syslog-like level; higher bits are library flags. */
         int severity = level & 0x0f;
         bool is_error = severity <= 3;
@@ -94,9 +93,8 @@ static void thin_pool_dm_log(int level, const char *file, int line, int dm_errno
                 (void)snprintf(thin_pool_dm_error, sizeof(thin_pool_dm_error), "%s", text);
         if (!log_enabled(LOG_LEVEL_DEBUG))
                 return;
-        log_escape(text, escaped, sizeof(escaped));
-        log_debug("libdevmapper", "dm_level=%d dm_errno=%d src=%s:%d text=\"%s\"", severity,
-                  dm_errno_or_class, file, line, escaped);
+        log_debug("libdevmapper", "dm_level=%d dm_errno=%d src=%s:%d text=%s", severity,
+                  dm_errno_or_class, file, line, log_quote(text));
 }
 
 static void thin_pool_log_init(void)
@@ -979,8 +977,8 @@ static int thin_pool_create_device_locked(const char *name, const char *uuid, ui
                 return 0;
         (void)snprintf(cause, sizeof(cause), "%s", err_last());
         if (thin_pool_remove_locked(name, false) < 0)
-                log_debug("failed to remove a half-created device", "device='%s' error=\"%s\"",
-                          name, err_last());
+                log_debug("failed to remove a half-created device", "device=%s error=%s",
+                          log_quote(name), log_quote(err_last()));
         return err_set(r, "%s", cause);
 }
 
@@ -1161,8 +1159,8 @@ int thin_pool_deactivate(const char *name, const struct thin_pool_remove_opts *o
                 thin_pool_leave();
                 if (r != -EBUSY || attempt >= attempts)
                         break;
-                log_debug("device busy, will retry", "device='%s' attempt=%u delay_ms=%u", name,
-                          attempt, delay);
+                log_debug("device busy, will retry", "device=%s attempt=%u delay_ms=%u",
+                          log_quote(name), attempt, delay);
                 util_sleep_ms(delay);
                 delay = delay * 2 > o->max_delay_ms ? o->max_delay_ms : delay * 2;
         }
@@ -1507,7 +1505,7 @@ static int thin_pool_reserve_snap_locked(const char *pool_name)
 
         if (r != -EBUSY) /* the kernel's answer while a snapshot is held */
                 return r;
-        log_debug("releasing a stale metadata snapshot", "pool='%s'", pool_name);
+        log_debug("releasing a stale metadata snapshot", "pool=%s", log_quote(pool_name));
         r = thin_pool_message_locked(pool_name, "release_metadata_snap");
         if (r == 0)
                 r = thin_pool_message_locked(pool_name, "reserve_metadata_snap");

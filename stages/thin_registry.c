@@ -210,7 +210,7 @@ static void thin_reconcile_report(thin_reconcile_fn cb, void *userdata,
         va_start(ap, fmt);
         (void)vsnprintf(detail, sizeof(detail), fmt, ap);
         va_end(ap);
-        log_debug("reconcile finding", "id=%" PRIu32 " detail=\"%s\"", id, detail);
+        log_debug("reconcile finding", "id=%" PRIu32 " detail=%s", id, log_quote(detail));
         if (cb)
                 cb(what, id, detail, userdata);
 }

@@ -499,12 +499,16 @@ static int unpack_explain_failure(const struct unpack_job *job, int r)
 struct unpack_progress {
         struct unpack_job *job;
         struct fsm_run *run;
+        uint64_t counted; /* bytes already added to fim_extracted_bytes_total */
 };
 
 static int unpack_progress_cb(uint64_t entries, uint64_t bytes, void *userdata)
 {
         struct unpack_progress *p = userdata;
 
+        /* Counted as written, so that a failed or interrupted extraction counts too. */
+        metrics_add_bytes_extracted(bytes - p->counted);
+        p->counted = bytes;
         if (p->job->ctx->progress)
                 p->job->ctx->progress("unpack", entries, bytes, p->job->ctx->progress_userdata);
         if (fsm_run_should_stop(p->run))
@@ -518,7 +522,7 @@ static int unpack_progress_cb(uint64_t entries, uint64_t bytes, void *userdata)
 static int unpack_extract(struct fsm_run *run, void *userdata)
 {
         struct unpack_job *job = userdata;
-        struct unpack_progress prog = {job, run};
+        struct unpack_progress prog = {job, run, 0};
         struct extract_options opts;
         struct extract_result result;
         char dir[PATH_MAX];
@@ -572,7 +576,9 @@ static int unpack_extract(struct fsm_run *run, void *userdata)
                                      job->req.image_id, strerror(errno)));
                 goto out;
         }
-        metrics_add_bytes_extracted(result.size_bytes);
+        /* The last progress report came at the end; this adds what it may have missed. */
+        if (result.size_bytes > prog.counted)
+                metrics_add_bytes_extracted(result.size_bytes - prog.counted);
         unpack_response_set(run, job, job->device_id, (int64_t)result.size_bytes,
                             (int64_t)result.file_count, true);
         log_info("image extracted",

@@ -138,6 +138,29 @@ static const char *process_field(struct json_object *o, const char *field)
         return json_object_object_get_ex(o, field, &v) ? json_object_get_string(v) : "";
 }
 
+/*
+ * The response of a stage that completed, parsed, as the next stage's input. A run recorded
+ * complete may have no stored response (stage.h) or an unreadable one: the pipeline cannot
+ * go on from it, and rerunning would find the same run, so say which run it is.
+ */
+static int process_response(const struct stage_result *res, const char *stage, const char *next,
+                            struct json_object **ret)
+{
+        struct json_object *o = res->response ? json_tokener_parse(res->response) : NULL;
+
+        if (!o || !json_object_is_type(o, json_type_object)) {
+                json_object_put(o);
+                return err_set(
+                        -EBADMSG,
+                        "%s run %s is complete but has %s stored response, so %s has no input; see 'flyio-image-manager status --run-id %s'",
+                        stage, res->run_id[0] ? res->run_id : "-",
+                        res->response ? "an unreadable" : "no", next,
+                        res->run_id[0] ? res->run_id : "-");
+        }
+        *ret = o;
+        return 0;
+}
+
 struct process_args {
         struct download_request download;
         const char *pool;
@@ -179,7 +202,9 @@ static int process_run(const struct config *cfg, struct db *db, struct lease_kee
         if (!a->json)
                 process_print_text("download", &res[0]);
 
-        resp = json_tokener_parse(res[0].response);
+        r = process_response(&res[0], "download", "unpack", &resp);
+        if (r < 0)
+                goto out;
         (void)snprintf(unpack.image_id, sizeof(unpack.image_id), "%s", a->download.image_id);
         (void)snprintf(unpack.local_path, sizeof(unpack.local_path), "%s",
                        process_field(resp, "local_path"));
@@ -188,6 +213,7 @@ static int process_run(const struct config *cfg, struct db *db, struct lease_kee
         (void)snprintf(unpack.pool_name, sizeof(unpack.pool_name), "%s", a->pool ? a->pool : "");
         unpack.device_size = a->device_size;
         json_object_put(resp);
+        resp = NULL;
         request = unpack_request_encode(&unpack);
         r = request ? process_stage(&ctx, STAGE_UNPACK, request, &res[1]) : -ENOMEM;
         free(request);
@@ -197,7 +223,9 @@ static int process_run(const struct config *cfg, struct db *db, struct lease_kee
         if (!a->json)
                 process_print_text("unpack", &res[1]);
 
-        resp = json_tokener_parse(res[1].response);
+        r = process_response(&res[1], "unpack", "activate", &resp);
+        if (r < 0)
+                goto out;
         (void)snprintf(activate.image_id, sizeof(activate.image_id), "%s", a->download.image_id);
         (void)snprintf(activate.device_id, sizeof(activate.device_id), "%s",
                        process_field(resp, "device_id"));
@@ -206,6 +234,7 @@ static int process_run(const struct config *cfg, struct db *db, struct lease_kee
         (void)snprintf(activate.pool_name, sizeof(activate.pool_name), "%s",
                        a->pool ? a->pool : "");
         json_object_put(resp);
+        resp = NULL;
         request = activate_request_encode(&activate);
         r = request ? process_stage(&ctx, STAGE_ACTIVATE, request, &res[2]) : -ENOMEM;
         free(request);

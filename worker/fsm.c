@@ -507,8 +507,8 @@ static int fsm_fail(struct fsm_run *run, const char *transition, int error, bool
                 return err_wrap(r, "failed to record the failure of run %s", run->run_id);
         res->outcome = FSM_OUTCOME_FAILED;
         res->permanent = permanent;
-        log_warning("run failed", "transition=%s class=%s error=\"%s\"", transition,
-                    permanent ? "permanent" : "exhausted", res->error_text);
+        log_warning("run failed", "transition=%s class=%s error=%s", transition,
+                    permanent ? "permanent" : "exhausted", log_quote(res->error_text));
         return 0;
 }
 

@@ -91,13 +91,11 @@ static enum log_level kafka_client_log_level(int level)
 static void kafka_client_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
         enum log_level ours = kafka_client_log_level(level);
-        char text[ERR_MSG_MAX];
 
         if (!log_enabled(ours))
                 return;
-        log_escape(buf, text, sizeof(text));
-        log_emit(ours, 0, "librdkafka", "facility=%s client=%s text=\"%s\"", fac,
-                 rk ? rd_kafka_name(rk) : "-", text);
+        log_emit(ours, 0, "librdkafka", "facility=%s client=%s text=%s", fac,
+                 rk ? rd_kafka_name(rk) : "-", log_quote(buf));
 }
 
 static int kafka_client_set(rd_kafka_conf_t *conf, const char *name, const char *value)

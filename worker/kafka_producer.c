@@ -50,13 +50,13 @@ static void kafka_producer_error_cb(rd_kafka_t *rk, int err, const char *reason,
 
         if (err != RD_KAFKA_RESP_ERR__FATAL) {
                 /* Transient trouble (broker down, ...): librdkafka retries on its own. */
-                log_warning("kafka producer error, will retry", "kafka_error=%s reason=\"%s\"",
-                            rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+                log_warning("kafka producer error, will retry", "kafka_error=%s reason=%s",
+                            rd_kafka_err2name((rd_kafka_resp_err_t)err), log_quote(reason));
                 return;
         }
         (void)rd_kafka_fatal_error(rk, fatal, sizeof(fatal));
         atomic_store(&p->failed, true);
-        log_err("kafka producer failed fatally, restart needed", "reason=\"%s\"", fatal);
+        log_err("kafka producer failed fatally, restart needed", "reason=%s", log_quote(fatal));
 }
 
 static void *kafka_producer_main(void *arg)

@@ -7,7 +7,9 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <pthread.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/err.h"
@@ -24,6 +26,15 @@
 #include "worker/stage.h"
 
 #define KAFKA_WORKER_MAX_STAGES 8
+/*
+ * /readyz: PostgreSQL is probed this often by a thread of its own, with a fresh connection
+ * each time (bounded by libpq's connect_timeout, so a dead network cannot hang the probe or
+ * shutdown); a probe older than KAFKA_WORKER_DB_STALE_MS counts as a failure. Each consumer
+ * must have polled within KAFKA_WORKER_POLL_STALE_MS (the dispatcher polls every 100 ms).
+ */
+#define KAFKA_WORKER_DB_PROBE_MS 5000
+#define KAFKA_WORKER_DB_STALE_MS 20000
+#define KAFKA_WORKER_POLL_STALE_MS 10000
 
 /* Set by the first SIGTERM/SIGINT (to its number) or by a fatal failure (to -1). */
 static volatile sig_atomic_t kafka_worker_stop;
@@ -66,13 +77,144 @@ int kafka_worker_threads(const struct config *cfg, const struct stage *stage)
 struct kafka_worker {
         const struct kafka_worker_options *opts;
         struct metrics_server *metrics;
-        atomic_bool ready; /* started and not stopping: what /readyz reports */
+        atomic_bool ready; /* started and not stopping; /readyz also asks the probes */
+        struct kafka_worker_db_probe *probe;
         struct lease_keeper *leases;
         struct kafka_producer *producer;
         struct outbox_publisher *publisher;
         struct pool *pools[KAFKA_WORKER_MAX_STAGES];
         size_t npools;
 };
+
+/* The PostgreSQL half of /readyz. */
+struct kafka_worker_db_probe {
+        const char *url;
+        pthread_t thread;
+        pthread_mutex_t lock;
+        pthread_cond_t wake;
+        bool stopping;
+        int64_t ok_ms;   /* monotonic time of the last successful query, 0 before one */
+        char error[256]; /* why the last probe failed, "" when it succeeded */
+        bool failing;
+};
+
+static void kafka_worker_db_probe_once(struct kafka_worker_db_probe *p)
+{
+        struct db *db = NULL;
+        PGresult *res = NULL;
+        int r;
+
+        r = db_connect(p->url, &db);
+        if (r == 0)
+                r = db_query_row(db, &res, "SELECT 1", 0, NULL);
+        pthread_mutex_lock(&p->lock);
+        if (r > 0) {
+                p->ok_ms = util_now_monotonic_ms();
+                p->error[0] = '\0';
+                if (p->failing)
+                        log_notice("readiness probe: PostgreSQL answers again", "");
+                p->failing = false;
+        } else {
+                (void)snprintf(p->error, sizeof(p->error), "PostgreSQL unreachable: %s",
+                               r < 0 ? err_last() : "no row");
+                log_redact(p->error);
+                /* Once per outage: the probe runs every few seconds. */
+                if (!p->failing)
+                        log_warning("readiness probe failed, /readyz reports not ready", "error=%s",
+                                    log_quote(p->error));
+                p->failing = true;
+        }
+        pthread_mutex_unlock(&p->lock);
+        if (res)
+                PQclear(res);
+        db_free(db);
+}
+
+static void kafka_worker_deadline(struct timespec *ts, int64_t ms)
+{
+        (void)clock_gettime(CLOCK_MONOTONIC, ts);
+        ts->tv_sec += (time_t)(ms / 1000);
+        ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+        if (ts->tv_nsec >= 1000000000L) {
+                ts->tv_sec++;
+                ts->tv_nsec -= 1000000000L;
+        }
+}
+
+static void *kafka_worker_db_probe_main(void *arg)
+{
+        struct kafka_worker_db_probe *p = arg;
+
+        pthread_mutex_lock(&p->lock);
+        while (!p->stopping) {
+                struct timespec until;
+
+                pthread_mutex_unlock(&p->lock);
+                kafka_worker_db_probe_once(p);
+                kafka_worker_deadline(&until, KAFKA_WORKER_DB_PROBE_MS);
+                pthread_mutex_lock(&p->lock);
+                if (!p->stopping)
+                        (void)pthread_cond_timedwait(&p->wake, &p->lock, &until);
+        }
+        pthread_mutex_unlock(&p->lock);
+        return NULL;
+}
+
+static int kafka_worker_db_probe_start(const char *url, struct kafka_worker_db_probe **ret)
+{
+        struct kafka_worker_db_probe *p;
+        pthread_condattr_t attr;
+        int r;
+
+        p = calloc(1, sizeof(*p));
+        if (!p)
+                return err_set(-ENOMEM, "out of memory");
+        p->url = url;
+        (void)snprintf(p->error, sizeof(p->error), "PostgreSQL not probed yet");
+        pthread_mutex_init(&p->lock, NULL);
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        pthread_cond_init(&p->wake, &attr);
+        pthread_condattr_destroy(&attr);
+        r = pthread_create(&p->thread, NULL, kafka_worker_db_probe_main, p);
+        if (r != 0) {
+                pthread_cond_destroy(&p->wake);
+                pthread_mutex_destroy(&p->lock);
+                free(p);
+                return err_set(-r, "failed to start the readiness probe: %s", strerror(r));
+        }
+        *ret = p;
+        return 0;
+}
+
+static void kafka_worker_db_probe_stop(struct kafka_worker_db_probe *p)
+{
+        if (!p)
+                return;
+        pthread_mutex_lock(&p->lock);
+        p->stopping = true;
+        pthread_cond_signal(&p->wake);
+        pthread_mutex_unlock(&p->lock);
+        (void)pthread_join(p->thread, NULL);
+        pthread_cond_destroy(&p->wake);
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+}
+
+static bool kafka_worker_db_ready(struct kafka_worker_db_probe *p, char *reason, size_t size)
+{
+        bool ok;
+
+        if (!p)
+                return true;
+        pthread_mutex_lock(&p->lock);
+        ok = p->error[0] == '\0' && util_now_monotonic_ms() - p->ok_ms <= KAFKA_WORKER_DB_STALE_MS;
+        if (!ok)
+                (void)snprintf(reason, size, "%s",
+                               p->error[0] ? p->error : "PostgreSQL probe overdue");
+        pthread_mutex_unlock(&p->lock);
+        return ok;
+}
 
 static int kafka_worker_check_schema(const struct config *cfg)
 {
@@ -189,14 +331,26 @@ static void kafka_worker_log_totals(const struct kafka_worker *w)
         }
 }
 
+/*
+ * Ready: started and not stopping, PostgreSQL answered a recent probe, and every consumer is
+ * polling and has joined its group. Only reads state that other threads keep up to date.
+ */
 static bool kafka_worker_ready(char *reason, size_t reason_size, void *userdata)
 {
         struct kafka_worker *w = userdata;
 
-        if (atomic_load(&w->ready))
-                return true;
-        (void)snprintf(reason, reason_size, "%s", kafka_worker_stop ? "shutting down" : "starting");
-        return false;
+        if (!atomic_load(&w->ready)) {
+                (void)snprintf(reason, reason_size, "%s",
+                               kafka_worker_stop ? "shutting down" : "starting");
+                return false;
+        }
+        if (!kafka_worker_db_ready(w->probe, reason, reason_size))
+                return false;
+        for (size_t i = 0; i < w->npools; i++) {
+                if (!pool_consuming(w->pools[i], KAFKA_WORKER_POLL_STALE_MS, reason, reason_size))
+                        return false;
+        }
+        return true;
 }
 
 /* Pool usage gauges for /metrics, when this worker runs a stage that uses the pool. */
@@ -237,20 +391,23 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         r = metrics_server_start(cfg->metrics_addr, kafka_worker_ready, &w, &w.metrics);
         if (r < 0) {
                 log_err_errno(r, "worker failed to start its metrics endpoint", "addr=%s",
-                              cfg->metrics_addr);
+                              log_quote(cfg->metrics_addr));
                 return 1;
         }
         r = kafka_worker_start(&w);
+        if (r == 0 && cfg->metrics_addr[0])
+                r = kafka_worker_db_probe_start(cfg->database_url, &w.probe);
         if (r < 0) {
                 log_err_errno(r, "worker failed to start", "");
                 metrics_server_stop(w.metrics);
+                kafka_worker_db_probe_stop(w.probe);
                 kafka_worker_stop = -1;
                 (void)kafka_worker_stop_all(&w, util_now_monotonic_ms());
                 kafka_worker_free(&w);
                 return 1;
         }
         log_info("worker started", "host=%s prefix=%s brokers=%s stages=%zu", cfg->host_id,
-                 cfg->kafka_topic_prefix, cfg->kafka_brokers, w.npools);
+                 cfg->kafka_topic_prefix, log_quote(cfg->kafka_brokers), w.npools);
         atomic_store(&w.ready, true);
         while (!kafka_worker_stop) {
                 if (kafka_worker_failed(&w)) {
@@ -270,11 +427,13 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         deadline = util_now_monotonic_ms() + (int64_t)cfg->shutdown_timeout * 1000;
         if (!kafka_worker_stop_all(&w, deadline)) {
                 metrics_server_stop(w.metrics);
+                kafka_worker_db_probe_stop(w.probe);
                 kafka_worker_log_totals(&w);
                 log_warning("worker stopped with runs still going; their leases will expire", "");
                 return failed ? 1 : 0;
         }
         metrics_server_stop(w.metrics);
+        kafka_worker_db_probe_stop(w.probe);
         kafka_worker_log_totals(&w);
         kafka_worker_free(&w);
         log_notice("worker stopped", "");

@@ -411,12 +411,14 @@ static void metrics_render_stage_values(struct metrics_buf *b, const char *famil
 
 static void metrics_render_counters(struct metrics_buf *b)
 {
-        metrics_family(b, "fim_downloaded_bytes_total", "counter",
-                       "Bytes of image tarballs downloaded from S3.");
+        metrics_family(
+                b, "fim_downloaded_bytes_total", "counter",
+                "Bytes of image tarballs received from S3 and written to LOCAL_DIR, failed attempts included.");
         metrics_buf_printf(b, "fim_downloaded_bytes_total %" PRIu64 "\n",
                            metrics_load(metrics.bytes_downloaded));
-        metrics_family(b, "fim_extracted_bytes_total", "counter",
-                       "Bytes of file contents written by extraction.");
+        metrics_family(
+                b, "fim_extracted_bytes_total", "counter",
+                "Bytes of file contents written by extraction, failed extractions included.");
         metrics_buf_printf(b, "fim_extracted_bytes_total %" PRIu64 "\n",
                            metrics_load(metrics.bytes_extracted));
 
@@ -1171,7 +1173,7 @@ int metrics_server_start(const char *addr, metrics_ready_fn ready, void *userdat
                 r = err_set(r, "failed to start the metrics thread: %s", strerror(-r));
                 goto out;
         }
-        log_info("metrics server listening", "addr='%s' port=%u", addr, (unsigned)s->port);
+        log_info("metrics server listening", "addr=%s port=%u", log_quote(addr), (unsigned)s->port);
         *ret_server = steal_ptr(s);
         r = 0;
 out:

@@ -70,7 +70,11 @@ enum metrics_outcome metrics_outcome_of(const struct stage_result *result);
  */
 void metrics_job_finished(enum stage_id stage, enum metrics_outcome outcome, double duration_s);
 
-/* Bytes written to LOCAL_DIR by downloads, and file bytes written by extraction. */
+/*
+ * Bytes actually moved, counted as they are written, so that failed and interrupted attempts
+ * count too (a retried download counts its bytes each time; resumed bytes once): bytes of
+ * tarballs received from S3 and written to LOCAL_DIR, and file bytes written by extraction.
+ */
 void metrics_add_bytes_downloaded(uint64_t n);
 void metrics_add_bytes_extracted(uint64_t n);
 

@@ -88,7 +88,8 @@ static int outbox_send_rows(struct kafka_producer *producer, PGresult *res,
                 r = kafka_producer_send(producer, &rec, &d[i]);
                 if (r < 0) {
                         log_warning_errno(r, "failed to send outbox row, will retry",
-                                          "outbox_id=%s topic='%s'", db_get(res, i, 0), rec.topic);
+                                          "outbox_id=%s topic=%s", db_get(res, i, 0),
+                                          log_quote(rec.topic));
                         break;
                 }
                 sent++;
@@ -109,8 +110,8 @@ static int outbox_collect(struct kafka_producer *producer, PGresult *res, struct
 
                 if (r < 0) {
                         log_warning_errno(r, "outbox row not delivered, will retry",
-                                          "outbox_id=%s topic='%s'", db_get(res, i, 0),
-                                          db_get(res, i, 1));
+                                          "outbox_id=%s topic=%s", db_get(res, i, 0),
+                                          log_quote(db_get(res, i, 1)));
                         continue;
                 }
                 len += (size_t)snprintf(ids + len, size - len, "%s%s", ok ? "," : "",

@@ -144,6 +144,7 @@ struct pool {
 
         atomic_bool failed;
         atomic_uint_fast64_t stats[5];
+        atomic_int_fast64_t polled_ms; /* monotonic time of the dispatcher's last poll */
 };
 
 enum {
@@ -288,11 +289,11 @@ static void pool_set_paused(struct pool *pool, bool pause)
         err = pause ? rd_kafka_pause_partitions(pool->rk, list)
                     : rd_kafka_resume_partitions(pool->rk, list);
         if (err)
-                log_warning("failed to pause or resume partitions", "topic='%s' pause=%d error=%s",
+                log_warning("failed to pause or resume partitions", "topic=%s pause=%d error=%s",
                             pool->topic, pause, rd_kafka_err2name(err));
         else
                 log_debug(pause ? "partitions paused" : "partitions resumed",
-                          "topic='%s' partitions=%d", pool->topic, list->cnt);
+                          "topic=%s partitions=%d", pool->topic, list->cnt);
         rd_kafka_topic_partition_list_destroy(list);
 }
 
@@ -313,8 +314,8 @@ static void pool_store_offset(struct pool *pool, struct pool_partition *p)
         rd_kafka_topic_partition_list_destroy(list);
         if (err) {
                 log_debug("offset not stored",
-                          "topic='%s' partition=%" PRId32 " offset=%" PRId64 " error=%s",
-                          pool->topic, p->partition, point, rd_kafka_err2name(err));
+                          "topic=%s partition=%" PRId32 " offset=%" PRId64 " error=%s", pool->topic,
+                          p->partition, point, rd_kafka_err2name(err));
                 return;
         }
         p->stored = point;
@@ -338,14 +339,14 @@ static void pool_assign(struct pool *pool, rd_kafka_topic_partition_list_t *part
         else
                 err = rd_kafka_assign(pool->rk, parts);
         if (error) {
-                log_err("failed to assign partitions", "topic='%s' error=\"%s\"", pool->topic,
-                        rd_kafka_error_string(error));
+                log_err("failed to assign partitions", "topic=%s error=%s", pool->topic,
+                        log_quote(rd_kafka_error_string(error)));
                 rd_kafka_error_destroy(error);
         } else if (err) {
-                log_err("failed to assign partitions", "topic='%s' error=%s", pool->topic,
+                log_err("failed to assign partitions", "topic=%s error=%s", pool->topic,
                         rd_kafka_err2name(err));
         }
-        log_info("partitions assigned", "topic='%s' count=%d paused=%d", pool->topic, parts->cnt,
+        log_info("partitions assigned", "topic=%s count=%d paused=%d", pool->topic, parts->cnt,
                  pool->paused);
         /* A new assignment starts unpaused: re-apply a pause in force. */
         if (pool->paused)
@@ -365,15 +366,15 @@ static void pool_revoke(struct pool *pool, rd_kafka_topic_partition_list_t *part
                 dropped += job_list_drop(&pool->delayed, parts->elems[i].partition);
                 pool_partition_remove(pool, parts->elems[i].partition);
         }
-        log_info("partitions revoked", "topic='%s' count=%d lost=%d dropped_jobs=%zu", pool->topic,
+        log_info("partitions revoked", "topic=%s count=%d lost=%d dropped_jobs=%zu", pool->topic,
                  parts->cnt, lost, dropped);
         /* With auto-commit on, librdkafka commits the stored offsets of what it removes. */
         if (cooperative) {
                 rd_kafka_error_t *error = rd_kafka_incremental_unassign(pool->rk, parts);
 
                 if (error) {
-                        log_warning("failed to unassign partitions", "error=\"%s\"",
-                                    rd_kafka_error_string(error));
+                        log_warning("failed to unassign partitions", "error=%s",
+                                    log_quote(rd_kafka_error_string(error)));
                         rd_kafka_error_destroy(error);
                 }
         } else {
@@ -392,7 +393,7 @@ static void pool_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         } else if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
                 pool_revoke(pool, parts, cooperative, rd_kafka_assignment_lost(rk) == 1);
         } else {
-                log_warning("rebalance failed", "topic='%s' error=%s", pool->topic,
+                log_warning("rebalance failed", "topic=%s error=%s", pool->topic,
                             rd_kafka_err2name(err));
                 pool_revoke(pool, parts, cooperative, true);
         }
@@ -405,13 +406,15 @@ static void pool_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opa
 
         if (err != RD_KAFKA_RESP_ERR__FATAL) {
                 log_warning("kafka consumer error, will retry",
-                            "topic='%s' kafka_error=%s"
-                            " reason=\"%s\"",
-                            pool->topic, rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+                            "topic=%s kafka_error=%s"
+                            " reason=%s",
+                            pool->topic, rd_kafka_err2name((rd_kafka_resp_err_t)err),
+                            log_quote(reason));
                 return;
         }
         (void)rd_kafka_fatal_error(rk, fatal, sizeof(fatal));
-        log_err("kafka consumer failed fatally", "topic='%s' reason=\"%s\"", pool->topic, fatal);
+        log_err("kafka consumer failed fatally", "topic=%s reason=%s", pool->topic,
+                log_quote(fatal));
         atomic_store(&pool->failed, true);
 }
 
@@ -479,16 +482,16 @@ static enum pool_job_result pool_job_dead_letter(struct pool *pool, struct pool_
                         pool_count(pool, POOL_STAT_DLQ);
                         metrics_dlq(pool->opts.stage->id, f->error_class);
                         log_warning("message sent to the dead-letter topic",
-                                    "topic='%s' partition=%" PRId32 " offset=%" PRId64
-                                    " error_class=%s error=\"%s\"",
+                                    "topic=%s partition=%" PRId32 " offset=%" PRId64
+                                    " error_class=%s error=%s",
                                     pool->topic, job->msg->partition, job->msg->offset,
-                                    f->error_class, f->error_text);
+                                    f->error_class, log_quote(f->error_text));
                         return POOL_JOB_DONE;
                 }
                 if (pool_stop_requested(pool))
                         return POOL_JOB_ABANDON;
                 log_warning_errno(r, "failed to dead-letter a message, will retry",
-                                  "topic='%s' partition=%" PRId32 " offset=%" PRId64
+                                  "topic=%s partition=%" PRId32 " offset=%" PRId64
                                   " retry_in_ms=%" PRId64,
                                   pool->topic, job->msg->partition, job->msg->offset, delay);
                 for (int64_t slept = 0; slept < delay && !pool_stop_requested(pool); slept += 100)
@@ -532,8 +535,8 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
         default:
                 if (pool_stop_requested(pool))
                         return POOL_JOB_ABANDON;
-                log_warning("run interrupted, will retry", "offset=%" PRId64 " error=\"%s\"",
-                            job->msg->offset, res->error_text);
+                log_warning("run interrupted, will retry", "offset=%" PRId64 " error=%s",
+                            job->msg->offset, log_quote(res->error_text));
                 return POOL_JOB_RETRY;
         }
 }
@@ -583,7 +586,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                              r < 0 ? METRICS_OUTCOME_INTERRUPTED : metrics_outcome_of(&res),
                              (double)(util_now_monotonic_ms() - started_ms) / 1000.0);
         log_context_set(res.run_id[0] ? res.run_id : NULL, res.image_id[0] ? res.image_id : NULL,
-                        stage->name, -1);
+                        stage->name, res.run_id[0] ? res.attempts : -1);
         if (r < 0) {
                 /* The call could not proceed (database down, ...): nothing was decided. */
                 log_warning_errno(r, "stage call failed, will retry", "offset=%" PRId64,
@@ -761,8 +764,9 @@ static void pool_receive(struct pool *pool, rd_kafka_message_t *msg)
                 if (now - pool->last_error_log_ms >= POOL_ERROR_LOG_INTERVAL_MS) {
                         pool->last_error_log_ms = now;
                         log_warning("kafka consumer error, will retry",
-                                    "topic='%s' kafka_error=%s reason=\"%s\"", pool->topic,
-                                    rd_kafka_err2name(msg->err), rd_kafka_message_errstr(msg));
+                                    "topic=%s kafka_error=%s reason=%s", pool->topic,
+                                    rd_kafka_err2name(msg->err),
+                                    log_quote(rd_kafka_message_errstr(msg)));
                 }
                 rd_kafka_message_destroy(msg);
                 return;
@@ -801,11 +805,11 @@ static void pool_close_consumer(struct pool *pool)
         rd_kafka_resp_err_t err = rd_kafka_commit(pool->rk, NULL, 0);
 
         if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-                log_warning("failed to commit offsets at shutdown", "topic='%s' kafka_error=%s",
+                log_warning("failed to commit offsets at shutdown", "topic=%s kafka_error=%s",
                             pool->topic, rd_kafka_err2name(err));
         err = rd_kafka_consumer_close(pool->rk);
         if (err)
-                log_warning("failed to close the consumer cleanly", "topic='%s' kafka_error=%s",
+                log_warning("failed to close the consumer cleanly", "topic=%s kafka_error=%s",
                             pool->topic, rd_kafka_err2name(err));
 }
 
@@ -842,10 +846,10 @@ static void pool_shutdown(struct pool *pool)
         if (running > 0)
                 log_warning(
                         "runs still going at the shutdown deadline, leaving them to their leases",
-                        "topic='%s' running=%d", pool->topic, running);
+                        "topic=%s running=%d", pool->topic, running);
         pool_close_consumer(pool);
         log_info("pool stopped",
-                 "topic='%s' dropped_unstarted=%zu completed=%" PRIu64 " already_complete=%" PRIu64
+                 "topic=%s dropped_unstarted=%zu completed=%" PRIu64 " already_complete=%" PRIu64
                  " dead_lettered=%" PRIu64,
                  pool->topic, dropped, (uint64_t)atomic_load(&pool->stats[POOL_STAT_COMPLETED]),
                  (uint64_t)atomic_load(&pool->stats[POOL_STAT_ALREADY]),
@@ -864,29 +868,59 @@ static bool pool_is_stopping(struct pool *pool)
 
 /*
  * Consumer lag of this pool's partitions for /metrics: high watermark minus position, from
- * librdkafka's cached values (no broker round trip).
+ * librdkafka's cached values. A partition assigned but not fetched from yet has no position:
+ * its consumption starts at the group's committed offset, asked from the coordinator (only
+ * then, and only for those partitions), or at the low watermark when nothing was committed
+ * (auto.offset.reset=earliest). Taking the low watermark whenever the position is unknown
+ * would report the whole retained topic as lag after every restart.
  */
 static void pool_report_lag(struct pool *pool)
 {
         rd_kafka_topic_partition_list_t *list = pool_partition_list(pool);
+        rd_kafka_topic_partition_list_t *unknown = NULL;
         int64_t lag = 0;
 
         if (!list) {
                 metrics_lag_set(pool->opts.stage->id, 0);
                 return;
         }
-        if (rd_kafka_position(pool->rk, list) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-                for (int i = 0; i < list->cnt; i++) {
-                        int64_t low, high;
-
-                        if (rd_kafka_get_watermark_offsets(pool->rk, pool->topic,
-                                                           list->elems[i].partition, &low,
-                                                           &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
-                            high < 0)
-                                continue;
-                        lag += high - (list->elems[i].offset >= 0 ? list->elems[i].offset : low);
+        if (rd_kafka_position(pool->rk, list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+                goto out;
+        for (int i = 0; i < list->cnt; i++) {
+                if (list->elems[i].offset < 0) {
+                        if (!unknown)
+                                unknown = rd_kafka_topic_partition_list_new(list->cnt);
+                        (void)rd_kafka_topic_partition_list_add(unknown, pool->topic,
+                                                                list->elems[i].partition);
                 }
         }
+        /* On failure the unknown partitions are left out rather than guessed. */
+        if (unknown && rd_kafka_committed(pool->rk, unknown, 1000) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+                rd_kafka_topic_partition_list_destroy(unknown);
+                unknown = NULL;
+        }
+        for (int i = 0; i < list->cnt; i++) {
+                int64_t low, high, from = list->elems[i].offset;
+                rd_kafka_topic_partition_t *c = NULL;
+
+                if (from < 0) {
+                        c = unknown ? rd_kafka_topic_partition_list_find(unknown, pool->topic,
+                                                                         list->elems[i].partition)
+                                    : NULL;
+                        if (!c || c->err)
+                                continue;
+                }
+                if (rd_kafka_get_watermark_offsets(pool->rk, pool->topic, list->elems[i].partition,
+                                                   &low, &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+                    high < 0)
+                        continue;
+                if (c)
+                        from = c->offset >= 0 ? c->offset : low;
+                lag += high > from ? high - from : 0;
+        }
+out:
+        if (unknown)
+                rd_kafka_topic_partition_list_destroy(unknown);
         rd_kafka_topic_partition_list_destroy(list);
         metrics_lag_set(pool->opts.stage->id, lag);
 }
@@ -907,6 +941,7 @@ static void *pool_dispatch_main(void *arg)
                 pool_release_due(pool);
                 pool_flow_control(pool);
                 msg = rd_kafka_consumer_poll(pool->rk, POOL_POLL_MS);
+                atomic_store(&pool->polled_ms, util_now_monotonic_ms());
                 if (msg)
                         pool_receive(pool, msg);
         }
@@ -1009,6 +1044,7 @@ int pool_new(const struct pool_options *opts, struct pool **ret_pool)
         pthread_mutex_init(&pool->lock, NULL);
         pthread_cond_init(&pool->work, NULL);
         atomic_init(&pool->failed, false);
+        atomic_init(&pool->polled_ms, 0);
         for (size_t i = 0; i < ARRAY_SIZE(pool->stats); i++)
                 atomic_init(&pool->stats[i], 0);
         r = kafka_client_topic(opts->cfg, opts->stage->name, pool->topic, sizeof(pool->topic));
@@ -1105,6 +1141,34 @@ void pool_free(struct pool *pool)
 bool pool_failed(const struct pool *pool)
 {
         return atomic_load(&((struct pool *)pool)->failed);
+}
+
+bool pool_consuming(struct pool *pool, int64_t max_idle_ms, char *reason, size_t reason_size)
+{
+        int64_t polled = atomic_load(&pool->polled_ms);
+        char *member;
+
+        if (atomic_load(&pool->failed)) {
+                (void)snprintf(reason, reason_size, "the %s consumer failed", pool->topic);
+                return false;
+        }
+        if (polled == 0 || util_now_monotonic_ms() - polled > max_idle_ms) {
+                (void)snprintf(reason, reason_size,
+                               "the %s consumer has not polled for %" PRId64 " ms", pool->topic,
+                               polled ? util_now_monotonic_ms() - polled : -1);
+                return false;
+        }
+        /* Thread-safe: librdkafka reads the member id under its own lock. */
+        member = rd_kafka_memberid(pool->rk);
+        if (!member || !member[0]) {
+                (void)snprintf(reason, reason_size, "the %s consumer has not joined its group yet",
+                               pool->topic);
+                if (member)
+                        rd_kafka_mem_free(pool->rk, member);
+                return false;
+        }
+        rd_kafka_mem_free(pool->rk, member);
+        return true;
 }
 
 void pool_get_stats(const struct pool *pool, struct pool_stats *ret)

@@ -10,6 +10,7 @@
 
 #include <signal.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct config;
@@ -62,6 +63,12 @@ void pool_free(struct pool *pool);
 
 /* Whether the pool stopped working on its own (fatal consumer error, out of memory). */
 bool pool_failed(const struct pool *pool);
+
+/*
+ * For /readyz: whether the dispatcher polled the consumer within @max_idle_ms and the consumer
+ * has joined its group. Otherwise writes why not into @reason. Safe from any thread.
+ */
+bool pool_consuming(struct pool *pool, int64_t max_idle_ms, char *reason, size_t reason_size);
 
 /* Counters so far. */
 void pool_get_stats(const struct pool *pool, struct pool_stats *ret);

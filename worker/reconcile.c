@@ -12,9 +12,9 @@ static void reconcile_log(enum thin_reconcile_finding what, uint32_t id, const c
 {
         (void)userdata;
         if (what == THIN_RECONCILE_IN_PROGRESS)
-                log_info("reconcile", "thin_id=%" PRIu32 " detail=\"%s\"", id, detail);
+                log_info("reconcile", "thin_id=%" PRIu32 " detail=%s", id, log_quote(detail));
         else
-                log_notice("reconcile", "thin_id=%" PRIu32 " detail=\"%s\"", id, detail);
+                log_notice("reconcile", "thin_id=%" PRIu32 " detail=%s", id, log_quote(detail));
 }
 
 int reconcile_at_start(const struct config *cfg, struct db *db)

@@ -251,6 +251,21 @@ check "pipe run got past the download" grep -Fq "download: done" "$WORK/pipe.out
 check "no progress when stderr is not a tty" not_contains "$(cat "$WORK/pipe.err")" "MiB ("
 check "no carriage return when stderr is not a tty" test "$(tr -cd '\r' <"$WORK/pipe.err" | wc -c)" -eq 0
 
+# --- process-image after a run complete without a stored response ---------------------------
+# stage.h allows a complete run with no response; the next stage then has no input. It must
+# fail with the run named, not crash (it parsed NULL and died with SIGSEGV).
+NRUN=01JABCDEFGHJKMNPQRSTVWXYZ5
+sql "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request, response, state, next_transition, status, attempt, max_attempts)
+     VALUES ('$NRUN', 'download', 'cli-test-host', 'download/cli-test-host/noresp/s3://nr-bucket/images/noresp.tar/-',
+     '{\"s3_key\":\"images/noresp.tar\",\"image_id\":\"noresp\"}', NULL, 'record', 4, 'complete', 1, 5);
+     INSERT INTO idempotency_keys (key, fsm, host_id, run_id, status)
+     SELECT idempotency_key, fsm, host_id, run_id, 'complete' FROM fsm_runs WHERE run_id = '$NRUN'"
+run "process-image: a complete run without a response" 1 "download run $NRUN is complete but has no stored response" "status --run-id $NRUN" -- \
+        process-image --s3-key images/noresp.tar --image-id noresp --bucket nr-bucket
+run "process-image --json: a complete run without a response" 1 "" -- \
+        process-image --s3-key images/noresp.tar --image-id noresp --bucket nr-bucket --json
+check "--json names the download run and fails" python3 -c 'import json,sys; t=sys.argv[1]; d=json.loads(t[t.index("{"):]); assert d["ok"] is False and d["download"]["run_id"]==sys.argv[2] and "unpack" not in d' "$LAST_OUT" "$NRUN"
+
 # --- verify-system ---------------------------------------------------------------------
 out=$("$BIN" verify-system 2>&1); status=$?
 check "verify-system database pass" grep -Eq "^PASS +database" <<<"$out"

@@ -156,6 +156,11 @@ EOF
 	rm -rf "$root"
 }
 
+# Bytes of regular file data in the tarball $1.
+tar_file_bytes() {
+	python3 -c 'import sys, tarfile; print(sum(m.size for m in tarfile.open(sys.argv[1]) if m.isreg()))' "$1"
+}
+
 # The hostile tarball: a symlink `escape -> /etc`, then `escape/passwd` written through it.
 make_hostile() {
 	python3 - "$1" <<'EOF'
@@ -235,7 +240,8 @@ SQL
 	bash "$repo/tests/infra/s3mb.sh" "$bucket" >/dev/null
 
 	say "building and uploading the test images"
-	# images.tsv, read by guest.sh: id, S3 key, os-release token, payload SHA-256, small files.
+	# images.tsv, read by guest.sh: id, S3 key, os-release token, payload SHA-256, small files,
+	# bytes of regular file data (what extraction writes: hardlinks and symlinks hold none).
 	: >"$work/images.tsv"
 	n=0
 	while read -r id payload small; do
@@ -243,8 +249,8 @@ SQL
 		n=$((n + 1))
 		token="tok$n-$RANDOM$RANDOM"
 		sha="$(make_image "$work/images" "$id" "$token" "$payload" "$small")"
-		printf '%s\t%s\t%s\t%s\t%s\n' "$id" "images/$id.tar" "$token" "$sha" "$small" \
-			>>"$work/images.tsv"
+		printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "images/$id.tar" "$token" "$sha" "$small" \
+			"$(tar_file_bytes "$work/images/$id.tar")" >>"$work/images.tsv"
 	done <<'EOF'
 # id payload-KiB small-files
 e2e-alpha 1024 120
@@ -253,6 +259,7 @@ e2e-charlie 512 200
 e2e-twin-a 768 60
 e2e-kill-unpack 6144 3000
 e2e-kill-activate 1024 100
+e2e-progress 2048 1500
 EOF
 	# The twin: another image id whose tarball is byte for byte e2e-twin-a's.
 	cp "$work/images/e2e-twin-a.tar" "$work/images/e2e-twin-b.tar"
@@ -345,12 +352,24 @@ check_dlq() {
 	fi
 }
 
-# Case 7: no secret in any log or error output, from the guest or from here.
+# Case 7: no secret in any log or error output, from the guest or from here, nor in what the
+# run left in PostgreSQL (every row of every table: run errors, event details, requests,
+# responses, outbox) or in the dead-letter topic (headers and payloads).
 check_secrets() {
-	local secret name hits
+	local secret name hits t
 
-	say "case 7: secrets in logs and error output"
-	echo "looking in: $(cd "$work/logs" && echo *) and the guest's output"
+	say "case 7: secrets in logs, error output, the database and the DLQ"
+	mkdir -p "$work/stored"
+	for t in $(db_psql -c "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"); do
+		db_psql -c "COPY $t TO STDOUT" >"$work/stored/db-$t.txt" 2>>"$work/logs/host-commands.err"
+	done
+	kcat -C -b "$KAFKA_BROKERS" -t "$prefix.dlq" -e -J -q >"$work/stored/dlq.json" \
+		2>>"$work/logs/host-commands.err" || true
+	echo "looking in: $(cd "$work/logs" && echo *), the guest's output, $(cd "$work/stored" && echo *)"
+	if ! grep -q headers "$work/stored/dlq.json" || ! grep -q . "$work/stored/db-fsm_runs.txt" ||
+		! grep -q . "$work/stored/db-fsm_events.txt"; then
+		fail "secrets: the DLQ or the run tables came back empty: nothing to look in"
+	fi
 	for name in AWS_SECRET_ACCESS_KEY DB_PASSWORD; do
 		if [ "$name" = DB_PASSWORD ]; then secret="$db_password"; else secret="$AWS_SECRET_ACCESS_KEY"; fi
 		hits="$(grep -rlF -- "$secret" "$work/logs" "$work/guest.out" 2>/dev/null || true)"
@@ -359,7 +378,64 @@ check_secrets() {
 		else
 			fail "secrets: $name appears in: $(echo "$hits" | tr '\n' ' ')"
 		fi
+		hits="$(grep -rlF -- "$secret" "$work/stored" 2>/dev/null || true)"
+		if [ -z "$hits" ]; then
+			pass "secrets: $name is stored nowhere: $(cat "$work"/stored/db-*.txt | wc -l) database rows, the DLQ records"
+		else
+			fail "secrets: $name is stored in: $(echo "$hits" | tr '\n' ' ')"
+		fi
 	done
+}
+
+# Case 8: every worker log line is one record of key=value fields that parses back (a value
+# bare, or double-quoted with escapes), and every line about a run carries run_id, image_id,
+# stage and attempt, including those written after it (dead letter sent, run interrupted).
+check_log_lines() {
+	local out
+
+	say "case 8: worker log lines parse as key=value and carry the run context"
+	if out="$(python3 - "$work"/logs/worker-*.log <<'PY'
+import re, sys
+
+FIELD = re.compile(r'([a-z_][a-z0-9_]*)=("(?:[^"\\\n]|\\.)*"|[^ "=\\\n]+)(?: |$)')
+bad, lines, runs, after = [], 0, 0, 0
+for path in sys.argv[1:]:
+    for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
+        line = line.rstrip("\n")
+        lines += 1
+        keys, pos = [], 0
+        while pos < len(line):
+            m = FIELD.match(line, pos)
+            if not m:
+                break
+            keys.append(m.group(1))
+            pos = m.end()
+        where = "%s:%d: %s" % (path.rsplit("/", 1)[-1], n, line[:200])
+        if pos != len(line) or keys[:4] != ["ts", "level", "thread", "msg"]:
+            bad.append("does not parse: " + where)
+            continue
+        if len(set(keys)) != len(keys):
+            bad.append("repeats a key: " + where)
+            continue
+        if "run_id" in keys or "image_id" in keys:
+            runs += 1
+            missing = [k for k in ("run_id", "image_id", "stage", "attempt") if k not in keys]
+            if missing:
+                bad.append("lacks %s: %s" % (",".join(missing), where))
+            if re.search(r'msg="(message sent to the dead-letter topic|run interrupted, will retry)"', line):
+                after += 1
+print("%d lines, %d about a run, %d written after a run (DLQ, interrupted)" % (lines, runs, after))
+if after == 0:
+    bad.append("no dead-letter line with the run context: the hostile image should have written one")
+for b in bad[:15]:
+    print(b)
+sys.exit(1 if bad else 0)
+PY
+)"; then
+		pass "logs: every worker line parses; every run line has run_id, image_id, stage, attempt ($out)"
+	else
+		fail "logs: $out"
+	fi
 }
 
 main() {
@@ -369,6 +445,7 @@ main() {
 	run_guest
 	check_dlq
 	check_secrets
+	check_log_lines
 	say "end to end: $((SECONDS - t0)) s"
 	echo "$passed passed, $failed failed"
 	[ "$failed" -eq 0 ]

@@ -308,10 +308,12 @@ static void download_and_check(const struct object *o, unsigned max_connections,
         char dest[512];
         struct download_result res;
         struct download_params p;
+        uint64_t received = 0;
         int r;
 
         dest_path(o->name, dest, sizeof(dest));
         p = params(o, dest);
+        p.received_bytes = &received;
         p.max_connections = max_connections;
         p.expected_sha256 = o->sha256;
         r = download_object(t.client, &p, NULL, NULL, &res);
@@ -321,6 +323,7 @@ static void download_and_check(const struct object *o, unsigned max_connections,
         assert_string_equal(res.sha256, o->sha256);
         assert_int_equal(res.parts, want_parts);
         assert_int_equal(res.resumed_from_offset, 0);
+        assert_int_equal(received, o->size);
         assert_true(res.etag[0] == '"');
         assert_file_is(dest, o);
         assert_false(exists(dest, ".part"));
@@ -553,6 +556,7 @@ static void test_download_resumes_after_cut(void **state)
         struct download_result res;
         struct download_params p;
         char dest[512], cmd[64];
+        uint64_t received = 0;
         int r;
 
         (void)state;
@@ -560,6 +564,7 @@ static void test_download_resumes_after_cut(void **state)
         p = params(o, dest);
         p.parallel_threshold_bytes = 4 * MIB; /* one stream */
         p.expected_sha256 = o->sha256;
+        p.received_bytes = &received;
         (void)snprintf(cmd, sizeof(cmd), "cut %llu GET", (unsigned long long)cut);
         proxy_command(cmd);
         r = download_object(t.proxied, &p, NULL, NULL, &res);
@@ -568,10 +573,14 @@ static void test_download_resumes_after_cut(void **state)
         assert_true(exists(dest, ".part"));
         assert_true(exists(dest, ".part.meta"));
         assert_false(exists(dest, ""));
+        /* The failed attempt's bytes count: everything before the cut, less the head. */
+        assert_true(received > cut - 2048 && received < cut);
 
+        received = 0;
         r = download_object(t.proxied, &p, NULL, NULL, &res);
         if (r < 0)
                 fail_msg("resume failed: %s", err_text(r));
+        assert_int_equal(received, o->size - res.resumed_from_offset);
         assert_string_equal(res.sha256, o->sha256);
         /* Resumed where the cut was, less the response head (status line and headers). */
         assert_true(res.resumed_from_offset > cut - 2048);

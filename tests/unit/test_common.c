@@ -216,6 +216,149 @@ static void test_common_log_line_is_one_parseable_record(void **state)
         free(out);
 }
 
+/*
+ * A strict reader of a whole record: "key=value" fields separated by one space, a key of
+ * [a-z_][a-z0-9_]*, a value bare (no space, quote, backslash or '=') or double-quoted with the
+ * escapes log.c writes (\" \\ \n \r \t \xNN). Returns the number of fields, or -1 when the line
+ * does not parse or repeats a key: a forged field would do one or the other.
+ */
+#define LOGFMT_MAX_FIELDS 24
+
+struct logfmt_field {
+        char key[32];
+        char value[1024];
+};
+
+static int logfmt_parse_value(const char **pp, char *out, size_t size)
+{
+        const char *p = *pp;
+        size_t o = 0;
+
+        if (*p != '"') {
+                while (*p && *p != ' ' && *p != '\n') {
+                        if (*p == '"' || *p == '\\' || *p == '=' || o + 1 >= size)
+                                return -1;
+                        out[o++] = *p++;
+                }
+                out[o] = '\0';
+                *pp = p;
+                return o > 0 ? 0 : -1;
+        }
+        for (p++; *p != '"'; p++) {
+                char c = *p;
+
+                if (c == '\0' || c == '\n' || o + 1 >= size)
+                        return -1;
+                if (c == '\\') {
+                        unsigned x;
+
+                        p++;
+                        if (*p == 'n')
+                                c = '\n';
+                        else if (*p == 'r')
+                                c = '\r';
+                        else if (*p == 't')
+                                c = '\t';
+                        else if (*p == '"' || *p == '\\')
+                                c = *p;
+                        else if (*p == 'x' && sscanf(p + 1, "%2x", &x) == 1 && p[1] && p[2])
+                                c = (char)x, p += 2;
+                        else
+                                return -1;
+                }
+                out[o++] = c;
+        }
+        out[o] = '\0';
+        *pp = p + 1;
+        return 0;
+}
+
+static int logfmt_parse(const char *line, struct logfmt_field *f, int max)
+{
+        const char *p = line;
+        int n = 0;
+
+        while (*p && *p != '\n') {
+                size_t k = 0;
+
+                if (n == max)
+                        return -1;
+                while ((*p >= 'a' && *p <= 'z') || *p == '_' || (k > 0 && *p >= '0' && *p <= '9')) {
+                        if (k + 1 >= sizeof(f[n].key))
+                                return -1;
+                        f[n].key[k++] = *p++;
+                }
+                f[n].key[k] = '\0';
+                if (k == 0 || *p++ != '=')
+                        return -1;
+                if (logfmt_parse_value(&p, f[n].value, sizeof(f[n].value)) < 0)
+                        return -1;
+                for (int i = 0; i < n; i++) {
+                        if (strcmp(f[i].key, f[n].key) == 0)
+                                return -1;
+                }
+                n++;
+                if (*p == ' ')
+                        p++;
+                else if (*p && *p != '\n')
+                        return -1;
+        }
+        return *p == '\n' && p[1] == '\0' ? n : -1;
+}
+
+/* A tar member name made to forge fields, and other text a remote party controls. */
+static const char log_hostile_member[] = "x\" image_id=forged run_id=FAKE y=\"";
+static const char log_hostile_slashes[] = "C:\\dir\\ \\\" end\\";
+static const char log_hostile_lines[] = "one\nlevel=err msg=\"injected\"\r\ttwo\x01";
+static const char log_hostile_pairs[] = "k=v stage=activate attempt=99";
+
+static void emit_hostile_fields(void)
+{
+        int r = err_set(-EINVAL, "member '%s' escapes the root", log_hostile_member);
+
+        /* The image id of a request that failed validation is not to be trusted either. */
+        log_context_set("01JABCDEFGHJKMNPQRSTVWXYZ0", log_hostile_member, "unpack", 3);
+        log_emit(LOG_LEVEL_WARNING, r, log_hostile_lines, "member=%s reason=%s detail=%s",
+                 log_quote(log_hostile_member), log_quote(log_hostile_slashes),
+                 log_quote(log_hostile_pairs));
+        log_context_clear();
+}
+
+static void test_common_log_hostile_values_parse_back_exactly(void **state)
+{
+        static const char *const keys[] = {"ts",      "level",  "thread", "msg",      "member",
+                                           "reason",  "detail", "run_id", "image_id", "stage",
+                                           "attempt", "error",  "errno"};
+        const size_t nkeys = sizeof(keys) / sizeof(keys[0]);
+        struct logfmt_field f[LOGFMT_MAX_FIELDS];
+        char want_error[256];
+        char *out;
+        int n;
+
+        (void)state;
+        out = capture_stderr(emit_hostile_fields);
+        n = logfmt_parse(out, f, LOGFMT_MAX_FIELDS);
+        if (n != (int)nkeys)
+                fail_msg("record does not parse into %zu fields (got %d): %s", nkeys, n, out);
+        for (size_t i = 0; i < nkeys; i++)
+                assert_string_equal(f[i].key, keys[i]);
+        assert_string_equal(f[1].value, "warning");
+        assert_string_equal(f[3].value, log_hostile_lines);
+        assert_string_equal(f[4].value, log_hostile_member);
+        assert_string_equal(f[5].value, log_hostile_slashes);
+        assert_string_equal(f[6].value, log_hostile_pairs);
+        assert_string_equal(f[7].value, "01JABCDEFGHJKMNPQRSTVWXYZ0");
+        assert_string_equal(f[8].value, log_hostile_member);
+        assert_string_equal(f[9].value, "unpack");
+        assert_string_equal(f[10].value, "3");
+        (void)snprintf(want_error, sizeof(want_error), "member '%s' escapes the root",
+                       log_hostile_member);
+        assert_string_equal(f[11].value, want_error);
+        assert_string_equal(f[12].value, "EINVAL");
+        free(out);
+        err_clear();
+}
+
 static void emit_secret_in_quoted_value(void)
 {
         log_warning("auth", "error=%s", log_quote("password \"pa\"ss-w0rd\" rejected"));
@@ -369,6 +512,7 @@ int main(void)
                 cmocka_unit_test(test_common_log_redacts_registered_secrets),
                 cmocka_unit_test(test_common_log_redact_mask_lookalike_secrets_terminate),
                 cmocka_unit_test(test_common_log_line_is_one_parseable_record),
+                cmocka_unit_test(test_common_log_hostile_values_parse_back_exactly),
                 cmocka_unit_test(test_common_log_quote_masks_before_escaping),
                 cmocka_unit_test(test_common_log_escape),
                 cmocka_unit_test(test_common_parse_numbers),
