@@ -24,7 +24,10 @@
  * lost, database unreachable) leave the message in flight, its offset unstored, and put the
  * job on a delayed list with exponential backoff and jitter, capped at the lease duration (a
  * dead owner's lease has run out by then). Other messages of the partition, and other
- * partitions, go on meanwhile, and nothing polls hot.
+ * partitions, go on meanwhile, and nothing polls hot. A stage call that fails outright (the
+ * engine could not claim or record the run) is retried the same way when the error is
+ * transient, at most MAX_ATTEMPTS times unless PostgreSQL is unreachable, and otherwise
+ * dead-lettered: no message can hold its partition's commit point for good.
  *
  * Rebalance. Newly assigned partitions get a fresh tracker under a new epoch. A revoked
  * partition's queued and delayed jobs are dropped (its new owner reads them again from the
@@ -88,6 +91,7 @@ struct pool_job {
         rd_kafka_message_t *msg; /* owned */
         uint64_t epoch;          /* of its partition when received */
         int retries;
+        int failures; /* transient failures of the stage call itself, for its bound */
         int64_t not_before_ms;
         enum pool_job_result result;
 };
@@ -385,7 +389,9 @@ static void pool_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                               rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
         struct pool *pool = opaque;
-        bool cooperative = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+        /* NULL when the group has no protocol yet (a failed rebalance): treat as eager. */
+        const char *protocol = rd_kafka_rebalance_protocol(rk);
+        bool cooperative = protocol && strcmp(protocol, "COOPERATIVE") == 0;
 
         if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
                 pool_assign(pool, parts, cooperative);
@@ -538,6 +544,76 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
         }
 }
 
+/*
+ * The trace id and parent run id as the run will store them. A producer's value that is not
+ * printable ASCII (invalid UTF-8 would make PostgreSQL refuse the run; a long non-ASCII value
+ * would be cut mid-character) is not used: the message still runs, under a new trace id,
+ * without a parent.
+ */
+static void pool_job_headers(struct pool *pool, const struct pool_job *job, struct stage_ctx *ctx,
+                             char *trace_id, size_t trace_size, char *parent, size_t parent_size)
+{
+        int r;
+
+        r = kafka_client_header_text(job->msg, MSG_HEADER_TRACE_ID, trace_id, trace_size);
+        if (r < 0)
+                log_notice("bad trace id header, using a new trace id",
+                           "topic='%s' partition=%" PRId32 " offset=%" PRId64 " error=%s",
+                           pool->topic, job->msg->partition, job->msg->offset,
+                           log_quote(err_last()));
+        if (r <= 0 && ulid_new(trace_id) < 0)
+                ctx->trace_id = NULL;
+        r = kafka_client_header_text(job->msg, MSG_HEADER_PARENT_RUN_ID, parent, parent_size);
+        if (r < 0)
+                log_notice("bad parent run id header, ignoring",
+                           "topic='%s' partition=%" PRId32 " offset=%" PRId64 " error=%s",
+                           pool->topic, job->msg->partition, job->msg->offset,
+                           log_quote(err_last()));
+        ctx->parent_run_id = r > 0 ? parent : NULL;
+        err_clear();
+}
+
+/*
+ * The stage call failed before deciding anything (@r < 0): the engine could not claim or
+ * record the run. A permanent error will not go away by itself (PostgreSQL refusing a value,
+ * an idempotency key too long), so the message is dead-lettered at once. A transient one is
+ * retried with backoff, at most MAX_ATTEMPTS times, then dead-lettered as exhausted: a message
+ * that keeps failing must not hold its partition's commit point, and the pool's delayed-job
+ * budget, forever. PostgreSQL being unreachable is not counted against the message: every
+ * message fails alike then, and the pool waits (paused) until it is back.
+ */
+static enum pool_job_result pool_job_stage_error(struct pool *pool, struct pool_job *job, int r,
+                                                 const struct stage_result *res)
+{
+        bool db_down = r == -ECONNRESET || r == -ECONNREFUSED;
+        char text[ERR_MSG_MAX];
+        struct dlq_failure f = {
+                .stage = pool->opts.stage->name,
+                .error_class = STAGE_ERROR_PERMANENT,
+                .error_text = text,
+                .run_id = res->run_id,
+        };
+
+        if (pool_stop_requested(pool))
+                return POOL_JOB_ABANDON;
+        (void)snprintf(text, sizeof(text), "%s", err_text(r));
+        log_redact(text);
+        if (err_is_transient(r)) {
+                if (!db_down)
+                        job->failures++;
+                if (job->failures < pool->opts.cfg->max_attempts) {
+                        log_warning_errno(r, "stage call failed, will retry",
+                                          "offset=%" PRId64 " failures=%d", job->msg->offset,
+                                          job->failures);
+                        return POOL_JOB_RETRY;
+                }
+                f.error_class = STAGE_ERROR_EXHAUSTED;
+        }
+        /* Logged once, by the dead letter's own line. */
+        f.attempts = job->failures > 0 ? job->failures : 1;
+        return pool_job_dead_letter(pool, job, &f);
+}
+
 static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job *job)
 {
         struct pool *pool = t->pool;
@@ -558,13 +634,8 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
         char *value;
         int r;
 
-        (void)kafka_client_header(job->msg, MSG_HEADER_TRACE_ID, trace_id, sizeof(trace_id));
-        if (!trace_id[0] && ulid_new(trace_id) < 0)
-                ctx.trace_id = NULL;
-        if (kafka_client_header(job->msg, MSG_HEADER_PARENT_RUN_ID, parent, sizeof(parent)) &&
-            parent[0])
-                ctx.parent_run_id = parent;
         log_context_set(NULL, NULL, stage->name, -1);
+        pool_job_headers(pool, job, &ctx, trace_id, sizeof(trace_id), parent, sizeof(parent));
         value = pool_job_value(job->msg, why, sizeof(why));
         if (!value) {
                 struct dlq_failure f = {.stage = stage->name,
@@ -586,9 +657,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                         stage->name, -1);
         if (r < 0) {
                 /* The call could not proceed (database down, ...): nothing was decided. */
-                log_warning_errno(r, "stage call failed, will retry", "offset=%" PRId64,
-                                  job->msg->offset);
-                result = pool_stop_requested(pool) ? POOL_JOB_ABANDON : POOL_JOB_RETRY;
+                result = pool_job_stage_error(pool, job, r, &res);
         } else {
                 result = pool_job_outcome(t, job, &res);
         }
@@ -690,17 +759,25 @@ static void pool_finish(struct pool *pool, struct pool_job *job)
         }
 }
 
-static void pool_drain_done(struct pool *pool)
+/*
+ * Act on the finished jobs. Returns how many jobs were running when the done list was taken:
+ * read under the same lock, so when it is 0 no job can finish later and be missed (during
+ * shutdown nothing new is started).
+ */
+static int pool_drain_done(struct pool *pool)
 {
         struct job_list done;
         struct pool_job *job;
+        int running;
 
         pthread_mutex_lock(&pool->lock);
         done = pool->done;
         memset(&pool->done, 0, sizeof(pool->done));
+        running = pool->running;
         pthread_mutex_unlock(&pool->lock);
         while ((job = job_list_pop(&done)))
                 pool_finish(pool, job);
+        return running;
 }
 
 /* Move delayed jobs whose time has come to the ready list. */
@@ -823,10 +900,7 @@ static void pool_shutdown(struct pool *pool)
         for (;;) {
                 rd_kafka_message_t *msg;
 
-                pool_drain_done(pool);
-                pthread_mutex_lock(&pool->lock);
-                running = pool->running;
-                pthread_mutex_unlock(&pool->lock);
+                running = pool_drain_done(pool);
                 if (running == 0 || util_now_monotonic_ms() >= pool->deadline_ms)
                         break;
                 /* Keep serving the group (heartbeats, rebalances) while runs finish. */
@@ -903,7 +977,7 @@ static void *pool_dispatch_main(void *arg)
                         pool_report_lag(pool);
                         lag_at = util_now_monotonic_ms() + 5000;
                 }
-                pool_drain_done(pool);
+                (void)pool_drain_done(pool);
                 pool_release_due(pool);
                 pool_flow_control(pool);
                 msg = rd_kafka_consumer_poll(pool->rk, POOL_POLL_MS);
@@ -1085,7 +1159,7 @@ void pool_free(struct pool *pool)
 {
         if (!pool)
                 return;
-        pool_drain_done(pool);
+        (void)pool_drain_done(pool);
         (void)job_list_drop(&pool->ready, -1);
         (void)job_list_drop(&pool->delayed, -1);
         while (pool->parts)

@@ -163,7 +163,14 @@ static int sample_handle(const struct stage_ctx *ctx, const char *json, struct s
         int r;
 
         memset(ret, 0, sizeof(*ret));
-        if (!sample_image_id(json, job.image_id, sizeof(job.image_id))) {
+        if (sample_image_id(json, job.image_id, sizeof(job.image_id)) && id == STAGE_DOWNLOAD) {
+                /* The engine call itself failing, as when PostgreSQL refuses a value. */
+                if (sample_has_prefix(job.image_id, "broken-"))
+                        return err_set(-EINVAL, "sample engine refuses '%s'", job.image_id);
+                if (sample_has_prefix(job.image_id, "stuck-"))
+                        return err_set(-EAGAIN, "sample engine is stuck on '%s'", job.image_id);
+        }
+        if (!job.image_id[0]) {
                 ret->outcome = FSM_OUTCOME_FAILED;
                 ret->error = -EINVAL;
                 ret->error_class = STAGE_ERROR_INVALID_REQUEST;
@@ -210,8 +217,12 @@ bool wt_child_main(int argc, char **argv, int *ret_status)
         const char *only = getenv("FIM_TEST_STAGES");
         struct config cfg;
 
-        if (argc < 2 || strcmp(argv[1], "worker") != 0)
+        if (argc < 2 || strcmp(argv[1], "worker") != 0) {
+                /* The test process: FIM_TEST_FILTER="test_worker_poison*" runs some cases. */
+                if (getenv("FIM_TEST_FILTER"))
+                        cmocka_set_test_filter(getenv("FIM_TEST_FILTER"));
                 return false;
+        }
         if (config_load(&cfg, NULL) < 0) {
                 fprintf(stderr, "worker: bad configuration: %s\n", err_last());
                 config_done(&cfg);
@@ -477,19 +488,26 @@ int wt_cli(struct wt_env *e, char *out, size_t size, const char *const *args)
 
 void wt_produce(struct wt_env *e, const char *suffix, const char *key, const char *value)
 {
+        static const char *const names[] = {"attempt"};
+        static const char *const values[] = {"1"};
+
+        wt_produce_headers(e, suffix, key, value, 1, names, values);
+}
+
+void wt_produce_headers(struct wt_env *e, const char *suffix, const char *key, const char *value,
+                        size_t nheaders, const char *const *names, const char *const *values)
+{
         static struct kafka_producer *producer;
         static char brokers[256];
         char topic[KAFKA_NAME_MAX];
         struct kafka_delivery d;
-        const char *names[] = {"attempt"};
-        const char *values[] = {"1"};
         struct kafka_record rec = {
                 .topic = topic,
                 .key = key,
                 .key_len = key ? strlen(key) : 0,
                 .value = value,
                 .value_len = strlen(value),
-                .headers = kafka_headers_new(1, names, values),
+                .headers = kafka_headers_new(nheaders, names, values),
         };
 
         /* One producer per broker address for the whole test program. */

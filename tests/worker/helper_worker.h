@@ -15,6 +15,8 @@
  *   med-*     sleeps 150 ms in every stage
  *   fail-*    fails permanently in the download stage while sample_fail lists the image
  *   flaky-*   fails transiently in the download stage, every time
+ *   broken-*  the download stage's call fails with -EINVAL before any run (engine trouble)
+ *   stuck-*   the download stage's call fails with -EAGAIN before any run, every time
  *
  * A request without a non-empty string "image_id" is an invalid request.
  */
@@ -39,7 +41,8 @@ struct wt_env {
 
 /*
  * If argv asks for it ("worker"), run a sample worker process from the environment and
- * return true with its exit status in *ret_status. Call first thing in main().
+ * return true with its exit status in *ret_status. Call first thing in main(). In the test
+ * process, FIM_TEST_FILTER (a cmocka pattern such as "test_worker_poison*") selects cases.
  */
 bool wt_child_main(int argc, char **argv, int *ret_status);
 
@@ -67,6 +70,10 @@ int wt_worker_stop(struct wt_env *e, pid_t pid, int sig, int timeout_ms);
 
 /* Produce one message to "<prefix>.<suffix>" and wait for the broker; fails the test. */
 void wt_produce(struct wt_env *e, const char *suffix, const char *key, const char *value);
+
+/* The same with the given headers (NUL-terminated values; NULL values are left out). */
+void wt_produce_headers(struct wt_env *e, const char *suffix, const char *key, const char *value,
+                        size_t nheaders, const char *const *names, const char *const *values);
 
 /* Sum of the high watermarks of "<prefix>.<suffix>". */
 long wt_topic_end(struct wt_env *e, const char *suffix);

@@ -296,6 +296,69 @@ static void test_worker_poison_messages_then_replay(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/*
+ * Headers from a producer are not trusted: a trace id or parent run id that is not printable
+ * ASCII (invalid UTF-8, or a long non-ASCII value) is replaced or dropped, and the message
+ * runs. A stage call that fails without a run (engine trouble) is dead-lettered: at once when
+ * the error is permanent, after MAX_ATTEMPTS tries when it is transient. Either way the
+ * messages behind them on the same partition are processed and the partition is committed.
+ */
+static void test_worker_bad_headers_and_engine_errors_do_not_stall(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const names[] = {"attempt", "trace_id", "parent_run_id"};
+        static const char *const invalid[] = {"1", "bad-\xff\xfe-trace", "\xc3\x28"};
+        char long_utf8[200] = "";
+        const char *cut[] = {"1", long_utf8, NULL};
+        static const char *const fine[] = {"1", "trace-ok-1", NULL};
+        struct wt_msg *dlq = NULL;
+        char trace[64];
+        size_t n;
+        pid_t w;
+
+        /* 2-byte characters across the 63-byte bound: a copy cut there is invalid UTF-8. */
+        for (int i = 0; i < 40; i++)
+                strcat(long_utf8, "\xc3\xa9");
+        wt_produce_headers(e, "download", "hdr", "{\"image_id\":\"hdr-1\"}", 3, names, invalid);
+        wt_produce_headers(e, "download", "hdr", "{\"image_id\":\"hdr-2\"}", 3, names, cut);
+        wt_produce_headers(e, "download", "hdr", "{\"image_id\":\"broken-1\"}", 3, names, fine);
+        wt_produce_headers(e, "download", "hdr", "{\"image_id\":\"stuck-1\"}", 3, names, fine);
+        wt_produce_headers(e, "download", "hdr", "{\"image_id\":\"hdr-3\"}", 3, names, fine);
+        w = wt_worker_start(e, NULL);
+        wait_complete(e, "activate", 3, "hdr-%", 30000);
+        wt_wait_committed(e, "download", 30000);
+
+        /* Replaced trace ids are fresh ULIDs; the bad parent was dropped; a good one kept. */
+        for (int i = 1; i <= 2; i++) {
+                (void)snprintf(trace, sizeof(trace), "hdr-%d", i);
+                assert_int_equal(wt_sql(e,
+                                        "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                        " AND request->>'image_id' = '%s' AND parent_run_id IS NULL"
+                                        " AND trace_id ~ '^[0-9A-HJKMNP-TV-Z]{26}$'",
+                                        trace),
+                                 1);
+        }
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                " AND request->>'image_id' = 'hdr-3' AND trace_id = 'trace-ok-1'"),
+                         1);
+
+        assert_int_equal(wt_topic_end(e, "dlq"), 2);
+        n = wt_read_topic(e, "dlq", &dlq);
+        assert_int_equal(n, 2);
+        assert_string_equal(wt_header(find_by_source_offset(dlq, n, 2), DLQ_HEADER_ERROR_CLASS),
+                            "permanent");
+        assert_contains(wt_header(find_by_source_offset(dlq, n, 2), DLQ_HEADER_ERROR),
+                        "sample engine refuses 'broken-1'");
+        assert_string_equal(wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_ERROR_CLASS),
+                            "exhausted");
+        assert_contains(wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_ERROR),
+                        "sample engine is stuck on 'stuck-1'");
+        assert_string_equal(wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_ATTEMPTS), "2");
+        wt_msgs_free(dlq, n);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
 static void test_worker_sigkill_mid_run_completes_once(void **state)
 {
         struct wt_env *e = *state;
@@ -502,6 +565,8 @@ int main(int argc, char **argv)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_poison_messages_then_replay, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(
+                        test_worker_bad_headers_and_engine_errors_do_not_stall, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_sigkill_mid_run_completes_once, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_graceful_shutdown_commits_finished_work,
