@@ -22,6 +22,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
 #include <cmocka.h>
 
 #include "common/util.h"
@@ -507,6 +512,40 @@ static void test_worker_shutdown_deadline_leaves_run_to_lease(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/*
+ * SIGTERM while the worker is still starting (reconciliation waits on PostgreSQL here: a
+ * listener that accepts the connection and never answers) ends it cleanly with status 0.
+ */
+static void test_worker_signal_during_startup_exits_cleanly(void **state)
+{
+        struct wt_env *e = *state;
+        const char *worker[] = {"flyio-image-manager", "worker", "--stages", "unpack", NULL};
+        struct sockaddr_in addr = {.sin_family = AF_INET};
+        socklen_t len = sizeof(addr);
+        char url[160];
+        const char *env[] = {url, NULL};
+        struct pollfd pfd = {.events = POLLIN};
+        int64_t t0;
+        pid_t w;
+
+        pfd.fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        assert_true(pfd.fd >= 0);
+        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        assert_int_equal(bind(pfd.fd, (struct sockaddr *)&addr, sizeof(addr)), 0);
+        assert_int_equal(listen(pfd.fd, 4), 0);
+        assert_int_equal(getsockname(pfd.fd, (struct sockaddr *)&addr, &len), 0);
+        (void)snprintf(url, sizeof(url),
+                       "DATABASE_URL=postgresql://postgres@127.0.0.1:%d/none?connect_timeout=3",
+                       ntohs(addr.sin_port));
+        w = wt_cli_start(e, worker, env);
+        /* A pending connection: the worker is inside reconciliation's connect. */
+        assert_int_equal(poll(&pfd, 1, 15000), 1);
+        t0 = util_now_monotonic_ms();
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 15000), 0);
+        printf("stopped %" PRId64 " ms after SIGTERM\n", util_now_monotonic_ms() - t0);
+        close(pfd.fd);
+}
+
 /* A second SIGTERM during the graceful stop exits at once. */
 static void test_worker_second_signal_exits_at_once(void **state)
 {
@@ -575,6 +614,8 @@ int main(int argc, char **argv)
                                                 setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_second_signal_exits_at_once, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_worker_signal_during_startup_exits_cleanly,
+                                                setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_two_processes_share_partitions, setup,
                                                 teardown),
         };
