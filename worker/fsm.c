@@ -5,7 +5,8 @@
  * UPDATE, so two workers that race for one key serialise there. The outcomes are:
  *   - no row: create the run and the key (the loser of a race on the insert retries the
  *     claim and finds the winner's row);
- *   - key complete: nothing to do, the stored response is returned;
+ *   - key complete: nothing to do, the stored response is returned; if the run has no
+ *     outbox row, the FSM's handoff hook writes the next stage's request now;
  *   - key running with a live lease: another worker has it (BUSY);
  *   - key running with an expired or released lease: take the run over and resume it at
  *     next_transition; a takeover after an expired lease counts as an attempt;
@@ -254,6 +255,29 @@ static int fsm_claim_takeover(struct db *db, struct fsm_run *run, const char *ru
         return 0;
 }
 
+static int fsm_load_response(struct fsm_run *run);
+
+/*
+ * The key's run completed without writing its handoff (process-image runs the stages with
+ * the handoff off, and may stop after one). A request for the key arriving on the stage's
+ * topic means the pipeline should go on: write the handoff now, in the claim transaction.
+ */
+static int fsm_claim_handoff(struct db *db, struct fsm_run *run)
+{
+        int r;
+
+        r = fsm_load_response(run);
+        if (r < 0)
+                return r;
+        r = run->def->handoff(run, db, run->userdata);
+        json_object_put(run->response);
+        run->response = NULL;
+        if (r > 0)
+                log_info("wrote the handoff of a run that completed without one", "run_id=%s",
+                         run->run_id);
+        return r < 0 ? r : 0;
+}
+
 static int fsm_claim_tx(struct db *db, void *userdata)
 {
         struct fsm_run *run = userdata;
@@ -266,7 +290,9 @@ static int fsm_claim_tx(struct db *db, void *userdata)
         run->claimed = false;
         r = db_query_row(db, &res,
                          "SELECT k.status, k.run_id, r.status, r.lease_until > now(),"
-                         " r.lease_owner IS NULL, r.response::text"
+                         " r.lease_owner IS NULL, r.response::text,"
+                         " CASE WHEN k.status = 'complete' THEN EXISTS (SELECT 1 FROM outbox o"
+                         " WHERE o.run_id = k.run_id) END"
                          " FROM idempotency_keys k JOIN fsm_runs r ON r.run_id = k.run_id"
                          " WHERE k.key = $1 FOR UPDATE OF k",
                          1, params);
@@ -284,9 +310,17 @@ static int fsm_claim_tx(struct db *db, void *userdata)
 
                 (void)snprintf(run->run_id, sizeof(run->run_id), "%s", run_id);
                 if (strcmp(key_status, "complete") == 0) {
+                        const char *outbox = db_get(res, 0, 6);
+                        bool handed_off = outbox && strcmp(outbox, "t") == 0;
+
                         run->claim_outcome = FSM_OUTCOME_ALREADY_COMPLETE;
                         run->stored_response = response ? strdup(response) : NULL;
-                        r = 0;
+                        if (response && !run->stored_response)
+                                r = err_set(-ENOMEM, "out of memory");
+                        else if (run->def->handoff && !handed_off)
+                                r = fsm_claim_handoff(db, run);
+                        else
+                                r = 0;
                 } else if (strcmp(key_status, "failed") == 0) {
                         char old[ULID_LEN + 1];
 
@@ -362,6 +396,11 @@ static int fsm_complete_tx(struct db *db, void *userdata)
                 return r;
         if (c->t->commit) {
                 r = c->t->commit(run, db, run->userdata);
+                if (r < 0)
+                        return r;
+        }
+        if (c->last && run->def->handoff) {
+                r = run->def->handoff(run, db, run->userdata);
                 if (r < 0)
                         return r;
         }

@@ -47,6 +47,15 @@ struct fsm_def {
         const struct fsm_transition *transitions;
         size_t transition_count;
         fsm_commit_fn on_failure; /* optional: runs in the transaction that records failure */
+        /*
+         * Optional: write the next stage's request to the outbox (ON CONFLICT DO NOTHING).
+         * Runs in the transaction that completes the run, after the last transition's commit
+         * hook; and in the claim transaction when a request finds its key complete but the run
+         * has no outbox row (it ran with the handoff off, as process-image does), so that the
+         * pipeline goes on from there. Returns 1 when it wrote a request, 0 when none is
+         * wanted, or a negative errno. The run's response is the stored one.
+         */
+        fsm_commit_fn handoff;
 };
 
 struct fsm_options {

@@ -524,7 +524,8 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
                         outbox_publisher_wake(pool->opts.publisher);
                 return POOL_JOB_DONE;
         case FSM_OUTCOME_ALREADY_COMPLETE:
-                /* Its handoff goes out by the publisher's next pass if it had not. */
+                /* An unpublished handoff goes out by the publisher's next pass; a missing one
+                 * (a run made with the handoff off) was written by the claim. */
                 pool_count(pool, POOL_STAT_ALREADY);
                 log_debug("already complete, acknowledged", "offset=%" PRId64, job->msg->offset);
                 return POOL_JOB_DONE;

@@ -25,6 +25,7 @@
 #include "worker/kafka_client.h"
 #include "worker/kafka_producer.h"
 #include "worker/kafka_worker.h"
+#include "worker/lease.h"
 #include "worker/stage.h"
 
 #define WT_TIMEOUT_MS 15000
@@ -108,25 +109,28 @@ static int sample_record_step(struct fsm_run *run, void *userdata)
         return 0;
 }
 
-static int sample_record_commit(struct fsm_run *run, struct db *db, void *userdata)
+/* The handoff hook: the next stage gets the same request. */
+static int sample_handoff(struct fsm_run *run, struct db *db, void *userdata)
 {
         struct sample_job *job = userdata;
+        int r;
 
-        if (job->id == STAGE_ACTIVATE)
+        if (job->id == STAGE_ACTIVATE || !job->ctx->handoff)
                 return 0;
-        return stage_outbox_insert(db, job->ctx, fsm_run_id(run), (enum stage_id)(job->id + 1),
-                                   job->image_id, job->request);
+        r = stage_outbox_insert(db, job->ctx, fsm_run_id(run), (enum stage_id)(job->id + 1),
+                                job->image_id, job->request);
+        return r < 0 ? r : 1;
 }
 
 static const struct fsm_transition sample_transitions[] = {
         {"work", sample_work_step, sample_work_commit},
-        {"record", sample_record_step, sample_record_commit},
+        {"record", sample_record_step, NULL},
 };
 
 static const struct fsm_def sample_defs[STAGE_COUNT] = {
-        [STAGE_DOWNLOAD] = {"download", sample_transitions, 2, NULL},
-        [STAGE_UNPACK] = {"unpack", sample_transitions, 2, NULL},
-        [STAGE_ACTIVATE] = {"activate", sample_transitions, 2, NULL},
+        [STAGE_DOWNLOAD] = {"download", sample_transitions, 2, NULL, sample_handoff},
+        [STAGE_UNPACK] = {"unpack", sample_transitions, 2, NULL, sample_handoff},
+        [STAGE_ACTIVATE] = {"activate", sample_transitions, 2, NULL, sample_handoff},
 };
 
 static bool sample_image_id(const char *json, char *buf, size_t size)
@@ -209,6 +213,30 @@ static const struct stage sample_stages[] = {
         {STAGE_UNPACK, "unpack", sample_unpack},
         {STAGE_ACTIVATE, "activate", sample_activate},
 };
+
+int wt_run_stage(struct wt_env *e, const struct stage *stage, const char *json, bool handoff,
+                 struct stage_result *ret)
+{
+        struct lease_keeper *leases = NULL;
+        struct stage_ctx ctx = {
+                .cfg = &e->cfg,
+                .db = e->db,
+                .worker_id = "wt-host/test/in-process",
+                .handoff = handoff,
+        };
+        int r;
+
+        assert_int_equal(lease_keeper_new(e->url, e->cfg.lease_seconds * 1000, &leases), 0);
+        ctx.leases = leases;
+        r = stage->handle(&ctx, json, ret);
+        lease_keeper_free(leases);
+        return r;
+}
+
+const struct stage *wt_sample_stage(enum stage_id id)
+{
+        return &sample_stages[id];
+}
 
 bool wt_child_main(int argc, char **argv, int *ret_status)
 {

@@ -27,6 +27,7 @@
 #include <sys/types.h>
 
 #include "config/config.h"
+#include "worker/stage.h"
 
 struct db;
 
@@ -45,6 +46,16 @@ struct wt_env {
  * process, FIM_TEST_FILTER (a cmocka pattern such as "test_worker_poison*") selects cases.
  */
 bool wt_child_main(int argc, char **argv, int *ret_status);
+
+/*
+ * Run @stage's handler in this process, as process-image does (@handoff false) or as a worker
+ * does, with the test's configuration and database. Returns what the handler returns.
+ */
+int wt_run_stage(struct wt_env *e, const struct stage *stage, const char *json, bool handoff,
+                 struct stage_result *ret);
+
+/* The sample stage @id, as the worker processes run it. */
+const struct stage *wt_sample_stage(enum stage_id id);
 
 /*
  * Create the database, the sample tables and the topics (3 partitions per stage, 1 for the

@@ -178,6 +178,47 @@ static void test_worker_same_request_100_times_runs_once(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/*
+ * A download run completed in process with the handoff off (process-image stopped after the
+ * download), then the same request is enqueued: the worker finds the key complete, writes the
+ * missing handoff in the claim transaction, and the job goes on to unpack and activate
+ * without a second download run. A further copy hands nothing off again.
+ */
+static void test_worker_completed_without_handoff_continues(void **state)
+{
+        struct wt_env *e = *state;
+        const char *req = "{\"image_id\":\"inproc-1\"}";
+        struct stage_result res = {0};
+        struct wt_msg *unpack = NULL;
+        char run_id[64];
+        pid_t w;
+
+        assert_int_equal(wt_run_stage(e, wt_sample_stage(STAGE_DOWNLOAD), req, false, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        (void)snprintf(run_id, sizeof(run_id), "%s", res.run_id);
+        stage_result_done(&res);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM outbox"), 0);
+
+        wt_produce(e, "download", "inproc-1", req);
+        w = wt_worker_start(e, NULL);
+        wait_complete(e, "activate", 1, "inproc-1", 30000);
+        assert_once_per_stage(e, "inproc-1");
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM sample_calls WHERE stage = 'download'"),
+                         1);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM outbox WHERE run_id = '%s'", run_id), 1);
+        assert_int_equal(wt_read_topic(e, "unpack", &unpack), 1);
+        assert_string_equal(wt_header(&unpack[0], "parent_run_id"), run_id);
+        wt_msgs_free(unpack, 1);
+
+        wt_produce(e, "download", "inproc-1", req);
+        wt_wait_committed(e, "download", 30000);
+        wt_wait_committed(e, "unpack", 15000);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM outbox"), 2);
+        assert_int_equal(wt_topic_end(e, "unpack"), 1);
+        assert_int_equal(wt_topic_end(e, "activate"), 1);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
 static const struct wt_msg *find_by_source_offset(const struct wt_msg *msgs, size_t n,
                                                   int64_t offset)
 {
@@ -602,6 +643,8 @@ int main(int argc, char **argv)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_same_request_100_times_runs_once, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_worker_completed_without_handoff_continues,
+                                                setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_poison_messages_then_replay, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(
