@@ -503,6 +503,38 @@ static enum pool_job_result pool_job_dead_letter(struct pool *pool, struct pool_
         }
 }
 
+/*
+ * A failed run goes to the dead-letter topic, and the run records that its dead letter is
+ * stored. A redelivery of the same message (the worker died before committing its offset)
+ * then finds the failure recorded against this very message: it starts no new run and, when
+ * the dead letter is known to be stored, writes no second one.
+ */
+static enum pool_job_result pool_job_failed(struct pool_thread *t, struct pool_job *job,
+                                            const struct stage_result *res,
+                                            const struct dlq_failure *f)
+{
+        struct pool *pool = t->pool;
+        enum pool_job_result result;
+        int r;
+
+        if (res->dead_lettered) {
+                pool_count(pool, POOL_STAT_ALREADY);
+                log_info("dead letter already stored for this message, acknowledged",
+                         "offset=%" PRId64, job->msg->offset);
+                return POOL_JOB_DONE;
+        }
+        result = pool_job_dead_letter(pool, job, f);
+        if (result != POOL_JOB_DONE || !res->run_id[0])
+                return result;
+        r = fsm_mark_dead_lettered(t->db, res->run_id);
+        if (r < 0)
+                log_warning_errno(r,
+                                  "failed to record the dead letter on its run, ignoring;"
+                                  " a redelivery would write another",
+                                  "offset=%" PRId64, job->msg->offset);
+        return result;
+}
+
 static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_job *job,
                                              struct stage_result *res)
 {
@@ -530,7 +562,7 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
                 log_debug("already complete, acknowledged", "offset=%" PRId64, job->msg->offset);
                 return POOL_JOB_DONE;
         case FSM_OUTCOME_FAILED:
-                return pool_job_dead_letter(pool, job, &f);
+                return pool_job_failed(t, job, res, &f);
         case FSM_OUTCOME_BUSY:
                 log_debug("run busy in another worker, will retry", "offset=%" PRId64,
                           job->msg->offset);
@@ -619,7 +651,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
 {
         struct pool *pool = t->pool;
         const struct stage *stage = pool->opts.stage;
-        char trace_id[64], parent[64], why[256];
+        char trace_id[64], parent[64], why[256], source[KAFKA_NAME_MAX + 48];
         struct stage_result res = {0};
         struct stage_ctx ctx = {
                 .cfg = pool->opts.cfg,
@@ -628,6 +660,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                 .worker_id = t->worker_id,
                 .stop = pool->opts.stop,
                 .trace_id = trace_id,
+                .source = source,
                 .handoff = true,
         };
         enum pool_job_result result;
@@ -637,6 +670,8 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
 
         log_context_set(NULL, NULL, stage->name, -1);
         pool_job_headers(pool, job, &ctx, trace_id, sizeof(trace_id), parent, sizeof(parent));
+        (void)snprintf(source, sizeof(source), "%s/%" PRId32 "/%" PRId64, pool->topic,
+                       job->msg->partition, job->msg->offset);
         value = pool_job_value(job->msg, why, sizeof(why));
         if (!value) {
                 struct dlq_failure f = {.stage = stage->name,

@@ -162,6 +162,7 @@ static int sample_handle(const struct stage_ctx *ctx, const char *json, struct s
                 .stop = ctx->stop,
                 .trace_id = ctx->trace_id,
                 .parent_run_id = ctx->parent_run_id,
+                .source = ctx->source,
         };
         char key[300];
         int r;

@@ -30,6 +30,7 @@
 #include <cmocka.h>
 
 #include "common/util.h"
+#include "db/db.h"
 #include "helper_worker.h"
 #include "stages/request.h"
 #include "worker/dlq.h"
@@ -405,6 +406,98 @@ static void test_worker_bad_headers_and_engine_errors_do_not_stall(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/* Consumer settings of wt_setup, but offsets committed only at close or revocation. */
+#define NO_PERIODIC_COMMIT                                                                         \
+        "FIM_KAFKA_CONSUMER_OPTIONS=session.timeout.ms=6000;heartbeat.interval.ms=500;"            \
+        "max.poll.interval.ms=20000;auto.commit.interval.ms=600000;"                               \
+        "topic.metadata.refresh.interval.ms=2000"
+
+/* The one text value of a query that must return one row. */
+static void sql_text(struct wt_env *e, const char *sql, char *buf, size_t size)
+{
+        PGresult *res = NULL;
+
+        assert_int_equal(db_query_row(e->db, &res, sql, 0, NULL), 1);
+        (void)snprintf(buf, size, "%s", db_get(res, 0, 0) ? db_get(res, 0, 0) : "");
+        PQclear(res);
+}
+
+static long dead_letters_of(struct wt_env *e, const char *image, const char *run_id)
+{
+        struct wt_msg *dlq = NULL;
+        size_t n = wt_read_topic(e, "dlq", &dlq);
+        char value[64];
+        long found = 0;
+
+        (void)snprintf(value, sizeof(value), "{\"image_id\":\"%s\"}", image);
+        for (size_t i = 0; i < n; i++) {
+                const char *id = wt_header(&dlq[i], DLQ_HEADER_RUN_ID);
+
+                if (strcmp(dlq[i].value, value) == 0 && (!run_id || (id && !strcmp(id, run_id))))
+                        found++;
+        }
+        wt_msgs_free(dlq, n);
+        return found;
+}
+
+/*
+ * A worker dead-letters two failing messages and dies before committing their offsets. The
+ * redelivered copies start no new run: the one whose dead letter the run recorded is only
+ * acknowledged; for the other the record is gone (as if the worker had died between the run's
+ * failure and the broker's acknowledgement), so its dead letter is written again, for the
+ * same run. A producer sending the same request again (a new message) does get a new run.
+ */
+static void test_worker_redelivered_failure_is_not_run_again(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const no_commit[] = {NO_PERIODIC_COMMIT, NULL};
+        int64_t committed[16], ends[16];
+        char run1[64], run2[64];
+        int parts;
+        pid_t w;
+
+        assert_int_equal(wt_sql(e, "WITH i AS (INSERT INTO sample_fail VALUES ('fail-r1'),"
+                                   " ('fail-r2') RETURNING 1) SELECT count(*) FROM i"),
+                         2);
+        wt_produce(e, "download", "redeliver", "{\"image_id\":\"fail-r1\"}");
+        wt_produce(e, "download", "redeliver", "{\"image_id\":\"fail-r2\"}");
+        w = wt_worker_start(e, no_commit);
+        wt_wait_sql(e, 2, 30000,
+                    "SELECT count(*) FROM fsm_runs WHERE dead_lettered_at IS NOT NULL"
+                    " AND failed_source LIKE '%%.download/%%'");
+        assert_int_equal(wt_topic_end(e, "dlq"), 2);
+        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
+        parts = wt_committed(e, "download", committed, 16);
+        assert_int_equal(wt_ends(e, "download", ends, 16), parts);
+        for (int p = 0; p < parts; p++)
+                assert_true(ends[p] == 0 || committed[p] < ends[p]);
+
+        assert_int_equal(wt_sql(e, "UPDATE fsm_runs SET dead_lettered_at = NULL"
+                                   " WHERE request->>'image_id' = 'fail-r2' RETURNING 1"),
+                         1);
+        w = wt_worker_start(e, NULL);
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 2);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM sample_calls"), 2);
+        assert_int_equal(wt_topic_end(e, "dlq"), 3);
+        sql_text(e, "SELECT run_id FROM fsm_runs WHERE request->>'image_id' = 'fail-r1'", run1,
+                 sizeof(run1));
+        sql_text(e, "SELECT run_id FROM fsm_runs WHERE request->>'image_id' = 'fail-r2'", run2,
+                 sizeof(run2));
+        assert_int_equal(dead_letters_of(e, "fail-r1", run1), 1);
+        assert_int_equal(dead_letters_of(e, "fail-r2", run2), 2);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE dead_lettered_at IS NULL"),
+                         0);
+
+        /* Sent again on purpose: a new message, so a new run (the cause may be fixed). */
+        wt_produce(e, "download", "redeliver", "{\"image_id\":\"fail-r1\"}");
+        wt_wait_sql(e, 2, 30000,
+                    "SELECT count(*) FROM fsm_runs WHERE request->>'image_id' = 'fail-r1'");
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(dead_letters_of(e, "fail-r1", NULL), 2);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
 static void test_worker_sigkill_mid_run_completes_once(void **state)
 {
         struct wt_env *e = *state;
@@ -649,6 +742,8 @@ int main(int argc, char **argv)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(
                         test_worker_bad_headers_and_engine_errors_do_not_stall, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_redelivered_failure_is_not_run_again,
+                                                setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_sigkill_mid_run_completes_once, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_graceful_shutdown_commits_finished_work,
