@@ -498,6 +498,77 @@ static void test_worker_redelivered_failure_is_not_run_again(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/* A dead letter as a worker writes it, straight onto the DLQ topic. */
+static void put_dead_letter(struct wt_env *e, const char *key, const char *stage,
+                            const char *error_class, const char *run_id)
+{
+        static const char *const names[] = {
+                "attempt",        "trace_id",        DLQ_HEADER_STAGE,       DLQ_HEADER_ERROR_CLASS,
+                DLQ_HEADER_ERROR, DLQ_HEADER_RUN_ID, DLQ_HEADER_LAST_FAILURE};
+        const char *values[] = {"1",    "trace-replay",        stage, error_class, "it failed",
+                                run_id, "2026-01-02T03:04:05Z"};
+        char value[64];
+
+        (void)snprintf(value, sizeof(value), "{\"image_id\":\"%s\"}", key);
+        wt_produce_headers(e, "dlq", key, value, ARRAY_SIZE(names), names, values);
+}
+
+/*
+ * replay-dlq's filters, on dead letters put onto the topic directly: --stage, --run-id (in
+ * any letter case), --limit, and a replay that runs again replays again.
+ */
+static void test_worker_replay_dlq_filters(void **state)
+{
+        struct wt_env *e = *state;
+        const char *by_stage[] = {"flyio-image-manager", "replay-dlq", "--stage", "unpack",
+                                  "--dry-run",           NULL};
+        const char *by_run[] = {"flyio-image-manager", "replay-dlq", "--run-id",
+                                "01hqzx9yfqr8tnkqz7vxyz1234", NULL};
+        const char *limited[] = {
+                "flyio-image-manager", "replay-dlq", "--stage", "download", "--limit", "1", NULL};
+        const char *bad_class[] = {"flyio-image-manager", "replay-dlq", "--error-class", "fatal",
+                                   NULL};
+        struct wt_msg *msgs = NULL;
+        char out[8192];
+        size_t n;
+
+        put_dead_letter(e, "dl-a", "download", "permanent", "01HQZX9YFQR8TNKQZ7VXYZ0001");
+        put_dead_letter(e, "dl-b", "unpack", "exhausted", "01HQZX9YFQR8TNKQZ7VXYZ0002");
+        put_dead_letter(e, "dl-c", "download", "invalid_request", NULL);
+        put_dead_letter(e, "dl-d", "activate", "permanent", "01HQZX9YFQR8TNKQZ7VXYZ1234");
+
+        assert_int_equal(wt_cli(e, out, sizeof(out), bad_class), 2);
+        assert_int_equal(wt_cli(e, out, sizeof(out), by_stage), 0);
+        assert_int_equal(count_occurrences(out, "would replay  "), 1);
+        assert_contains(out, "key='dl-b'");
+        assert_int_equal(wt_topic_end(e, "unpack"), 0);
+
+        /* Lower case finds the upper-case run id; the record goes to its own stage. */
+        assert_int_equal(wt_cli(e, out, sizeof(out), by_run), 0);
+        assert_contains(out, "selected 1, replayed 1, failed 0");
+        assert_contains(out, "key='dl-d'");
+        assert_int_equal(wt_read_topic(e, "activate", &msgs), 1);
+        assert_string_equal(msgs[0].key, "dl-d");
+        assert_string_equal(wt_header(&msgs[0], "attempt"), "2");
+        assert_string_equal(wt_header(&msgs[0], "trace_id"), "trace-replay");
+        assert_non_null(strstr(wt_header(&msgs[0], MSG_HEADER_REPLAYED_FROM), ".dlq/0/3"));
+        assert_null(wt_header(&msgs[0], DLQ_HEADER_ERROR_CLASS));
+        wt_msgs_free(msgs, 1);
+
+        /* The first download record only. */
+        assert_int_equal(wt_cli(e, out, sizeof(out), limited), 0);
+        assert_contains(out, "selected 1, replayed 1, failed 0");
+        n = wt_read_topic(e, "download", &msgs);
+        assert_int_equal(n, 1);
+        assert_string_equal(msgs[0].key, "dl-a");
+        wt_msgs_free(msgs, n);
+
+        /* Nothing remembers the first replay: running it again replays again. */
+        assert_int_equal(wt_cli(e, out, sizeof(out), by_run), 0);
+        assert_contains(out, "selected 1, replayed 1, failed 0");
+        assert_int_equal(wt_topic_end(e, "activate"), 2);
+}
+
 static void test_worker_sigkill_mid_run_completes_once(void **state)
 {
         struct wt_env *e = *state;
@@ -744,6 +815,7 @@ int main(int argc, char **argv)
                         test_worker_bad_headers_and_engine_errors_do_not_stall, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_redelivered_failure_is_not_run_again,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_replay_dlq_filters, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_sigkill_mid_run_completes_once, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_graceful_shutdown_commits_finished_work,
