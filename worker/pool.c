@@ -132,7 +132,7 @@ struct pool {
         struct job_list ready;
         struct job_list done;
         int running;
-        int64_t job_us; /* moving average of a job's duration */
+        int64_t job_us; /* moving average of the duration of a job that finished */
         bool workers_exit;
         bool stopping;
         int64_t deadline_ms;
@@ -142,7 +142,10 @@ struct pool {
         uint64_t epochs;
         struct job_list delayed;
         bool paused;
-        bool draining; /* shutting down: received messages are dropped */
+        /* Since the last pause or resume, for its log line: */
+        size_t load_peak;     /* most jobs queued or running */
+        size_t capacity_peak; /* largest capacity (threads + buffer) flow control allowed */
+        bool draining;        /* shutting down: received messages are dropped */
         bool all_finished;
         int64_t last_error_log_ms;
 
@@ -296,7 +299,10 @@ static void pool_set_paused(struct pool *pool, bool pause)
                             pool->topic, pause, rd_kafka_err2name(err));
         else
                 log_debug(pause ? "partitions paused" : "partitions resumed",
-                          "topic='%s' partitions=%d", pool->topic, list->cnt);
+                          "topic='%s' partitions=%d load_peak=%zu capacity_peak=%zu", pool->topic,
+                          list->cnt, pool->load_peak, pool->capacity_peak);
+        pool->load_peak = 0;
+        pool->capacity_peak = 0;
         rd_kafka_topic_partition_list_destroy(list);
 }
 
@@ -728,7 +734,9 @@ static void *pool_worker_main(void *arg)
                 took_us = (util_now_monotonic_ms() - started) * 1000 + 500;
 
                 pthread_mutex_lock(&pool->lock);
-                pool->job_us = pool->job_us ? (7 * pool->job_us + took_us) / 8 : took_us;
+                /* The pace of finishing messages: a quick "busy, retry later" is not one. */
+                if (job->result != POOL_JOB_RETRY)
+                        pool->job_us = pool->job_us ? (7 * pool->job_us + took_us) / 8 : took_us;
                 pool->running--;
                 metrics_inflight_set(pool->opts.stage->id, pool->running);
                 job_list_push(&pool->done, job);
@@ -856,6 +864,10 @@ static void pool_flow_control(struct pool *pool)
                 buffer = POOL_MAX_BUFFER;
         if (buffer < threads * 2)
                 buffer = threads * 2;
+        if (threads + buffer > pool->capacity_peak)
+                pool->capacity_peak = threads + buffer;
+        if (load > pool->load_peak)
+                pool->load_peak = load;
         if (!pool->paused && (load >= threads + buffer || pool->delayed.n >= delayed_max))
                 pool_set_paused(pool, true);
         else if (pool->paused && load <= threads + buffer / 2 && pool->delayed.n < delayed_max)
