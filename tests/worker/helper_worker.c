@@ -104,8 +104,14 @@ static int sample_work_commit(struct fsm_run *run, struct db *db, void *userdata
 
 static int sample_record_step(struct fsm_run *run, void *userdata)
 {
+        struct sample_job *job = userdata;
+
         (void)run;
-        (void)userdata;
+        if (sample_has_prefix(job->image_id, "slowlast-") && job->id == STAGE_DOWNLOAD) {
+                const char *ms = getenv("FIM_TEST_SLOW_MS");
+
+                util_sleep_ms(ms ? strtol(ms, NULL, 10) : 2000);
+        }
         return 0;
 }
 
@@ -407,9 +413,12 @@ void wt_teardown(struct wt_env *e)
 
 /* ---- processes ---------------------------------------------------------------------- */
 
-/* Fork and exec @path with @argv and the extra settings; the pid is remembered in @e. */
+/*
+ * Fork and exec @path with @argv and the extra settings, stderr appended to @log when not
+ * NULL; the pid is remembered in @e.
+ */
 static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *argv,
-                      const char *const *extra_env)
+                      const char *const *extra_env, const char *log)
 {
         size_t slot = 0;
         pid_t pid;
@@ -423,6 +432,12 @@ static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *arg
         if (pid == 0) {
                 for (size_t i = 0; extra_env && extra_env[i]; i++)
                         (void)putenv((char *)extra_env[i]);
+                if (log) {
+                        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+
+                        if (fd < 0 || dup2(fd, STDERR_FILENO) < 0)
+                                _exit(126);
+                }
                 execv(path, (char *const *)argv);
                 _exit(127);
         }
@@ -432,14 +447,19 @@ static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *arg
 
 pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env)
 {
+        return wt_worker_start_log(e, extra_env, NULL);
+}
+
+pid_t wt_worker_start_log(struct wt_env *e, const char *const *extra_env, const char *log)
+{
         static const char *const argv[] = {"test-worker", "worker", NULL};
 
-        return wt_spawn(e, "/proc/self/exe", argv, extra_env);
+        return wt_spawn(e, "/proc/self/exe", argv, extra_env, log);
 }
 
 pid_t wt_cli_start(struct wt_env *e, const char *const *args, const char *const *extra_env)
 {
-        return wt_spawn(e, FIM_BINARY_DIR "/flyio-image-manager", args, extra_env);
+        return wt_spawn(e, FIM_BINARY_DIR "/flyio-image-manager", args, extra_env, NULL);
 }
 
 static void wt_forget(struct wt_env *e, pid_t pid)

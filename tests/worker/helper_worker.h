@@ -11,7 +11,8 @@
  * transition); "record" writes the handoff to the next stage into the outbox in the
  * transaction that completes the run. What the work step does depends on the image id:
  *
- *   slow-*    sleeps FIM_TEST_SLOW_MS (default 2000) ms in the download stage
+ *   slow-*    sleeps FIM_TEST_SLOW_MS (default 2000) ms in the download stage's work step
+ *   slowlast-* the same in the download stage's last step, "record"
  *   med-*     sleeps 150 ms in every stage
  *   fail-*    fails permanently in the download stage while sample_fail lists the image
  *   flaky-*   fails transiently in the download stage, every time
@@ -69,6 +70,9 @@ void wt_teardown(struct wt_env *e);
 
 /* Start a worker process (stderr goes to ours). Extra "NAME=value" settings may follow. */
 pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env);
+
+/* The same with the worker's stderr appended to the file @log. */
+pid_t wt_worker_start_log(struct wt_env *e, const char *const *extra_env, const char *log);
 
 /* Start the real binary with @args (NULL-terminated) in the background, like a worker. */
 pid_t wt_cli_start(struct wt_env *e, const char *const *args, const char *const *extra_env);

@@ -28,6 +28,7 @@
 #include <sys/socket.h>
 
 #include <cmocka.h>
+#include <librdkafka/rdkafka.h>
 
 #include "common/util.h"
 #include "db/db.h"
@@ -600,42 +601,65 @@ static void test_worker_sigkill_mid_run_completes_once(void **state)
 }
 
 /*
- * After a graceful stop, each partition's committed offset is its end or the offset of a
- * message whose run has not finished: no finished work is left to redo.
+ * After a graceful stop, the committed offset of each partition of "<prefix>.<suffix>" is
+ * exactly its commit point: the offset of its first message whose @stage run has not
+ * completed, or its end when every message's run has. A partition without a committed offset
+ * counts as committed at its low watermark, 0 on the test's fresh topics. Returns the
+ * committed offsets in @ret.
  */
-static void assert_commit_points(struct wt_env *e)
+static void assert_commit_points(struct wt_env *e, const char *suffix, int64_t *ret)
 {
         struct wt_msg *msgs = NULL;
-        int64_t committed[16], ends[16];
-        int parts = wt_committed(e, "download", committed, 16);
-        size_t n = wt_read_topic(e, "download", &msgs);
+        int64_t ends[16], expect[16];
+        int parts = wt_committed(e, suffix, ret, 16);
+        size_t n = wt_read_topic(e, suffix, &msgs);
 
-        assert_int_equal(wt_ends(e, "download", ends, 16), parts);
+        assert_int_equal(wt_ends(e, suffix, ends, 16), parts);
+        for (int p = 0; p < parts; p++) {
+                expect[p] = ends[p];
+                if (ret[p] == RD_KAFKA_OFFSET_INVALID)
+                        ret[p] = 0;
+        }
         for (size_t i = 0; i < n; i++) {
-                int64_t c = committed[msgs[i].partition];
                 long done = wt_sql(e,
-                                   "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                   "SELECT count(*) FROM fsm_runs WHERE fsm = '%s'"
                                    " AND request->>'image_id' = '%s' AND status = 'complete'",
-                                   msgs[i].key);
+                                   suffix, msgs[i].key);
 
-                printf("download[%d]@%" PRId64 " %s complete=%ld committed=%" PRId64 "\n",
-                       msgs[i].partition, msgs[i].offset, msgs[i].key, done, c);
-                if (msgs[i].offset < c)
-                        assert_int_equal(done, 1);
-                else if (msgs[i].offset == c)
-                        assert_int_equal(done, 0);
+                printf("%s[%d]@%" PRId64 " %s complete=%ld committed=%" PRId64 "\n", suffix,
+                       msgs[i].partition, msgs[i].offset, msgs[i].key, done,
+                       ret[msgs[i].partition]);
+                if (!done && msgs[i].offset < expect[msgs[i].partition])
+                        expect[msgs[i].partition] = msgs[i].offset;
+        }
+        for (int p = 0; p < parts; p++) {
+                if (ret[p] != expect[p])
+                        fail_msg("%s[%d]: committed %" PRId64 ", expected %" PRId64 " (end %" PRId64
+                                 ")",
+                                 suffix, p, ret[p], expect[p], ends[p]);
         }
         wt_msgs_free(msgs, n);
 }
 
+/*
+ * SIGINT with runs in their last transition and one in its first, and offsets committed only
+ * at close (no periodic commit to hide a missed one): the runs in their last step complete
+ * after the signal, the other is released after its step; what finished, before or after the
+ * signal, is committed exactly up to the first unfinished message of each partition. A new
+ * worker then redoes nothing that was finished and completes the rest once.
+ */
 static void test_worker_graceful_shutdown_commits_finished_work(void **state)
 {
         struct wt_env *e = *state;
-        static const char *const slow[] = {"FIM_TEST_SLOW_MS=3000", NULL};
+        static const char *const slow[] = {NO_PERIODIC_COMMIT, "FIM_TEST_SLOW_MS=3000",
+                                           "DOWNLOAD_QUEUE_SIZE=3", NULL};
         static const char *const fast[] = {"FIM_TEST_SLOW_MS=200", NULL};
+        int64_t committed[16];
+        struct wt_msg *msgs = NULL;
         char image[32], json[64];
         int64_t t0;
         long events;
+        size_t n;
         pid_t w;
 
         for (int i = 0; i < 4; i++) {
@@ -645,46 +669,64 @@ static void test_worker_graceful_shutdown_commits_finished_work(void **state)
         }
         w = wt_worker_start(e, slow);
         wait_complete(e, "activate", 4, "gs-fast-%", 30000);
-        for (int i = 0; i < 4; i++) {
-                (void)snprintf(image, sizeof(image), "slow-g%d", i);
-                (void)snprintf(json, sizeof(json), "{\"image_id\":\"%s\"}", image);
-                wt_produce(e, "download", image, json);
-        }
+        wt_produce(e, "download", "slowlast-1", "{\"image_id\":\"slowlast-1\"}");
+        wt_produce(e, "download", "slowlast-2", "{\"image_id\":\"slowlast-2\"}");
+        wt_produce(e, "download", "slow-g1", "{\"image_id\":\"slow-g1\"}");
         wt_wait_sql(e, 2, 30000,
-                    "SELECT count(*) FROM sample_calls WHERE image_id LIKE 'slow-g%%'");
+                    "SELECT count(*) FROM fsm_events ev JOIN fsm_runs r USING (run_id)"
+                    " WHERE ev.kind = 'transition_start' AND ev.transition = 'record'"
+                    " AND r.fsm = 'download' AND r.request->>'image_id' LIKE 'slowlast-%%'");
+        wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM sample_calls WHERE image_id = 'slow-g1'");
         t0 = util_now_monotonic_ms();
-        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+        assert_int_equal(wt_worker_stop(e, w, SIGINT, 30000), 0);
         printf("graceful stop took %" PRId64 " ms\n", util_now_monotonic_ms() - t0);
 
-        /* Running transitions finished, then the runs were released, not failed. */
+        /* The last steps finished the runs; the first step's run was released, not failed. */
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                   " AND request->>'image_id' LIKE 'slowlast-%%'"
+                                   " AND status = 'complete'"),
+                         2);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status = 'running'"
+                                   " AND request->>'image_id' = 'slow-g1'"),
+                         1);
         assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE lease_owner IS NOT NULL"),
                          0);
         assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status IN"
                                    " ('failed', 'aborted')"),
                          0);
-        assert_true(wt_sql(e, "SELECT count(*) FROM fsm_events WHERE kind = 'release'") >= 1);
-        assert_commit_points(e);
-        /* Everything finished downstream is committed as well. */
-        wt_wait_committed(e, "unpack", 1000);
-        wt_wait_committed(e, "activate", 1000);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_events WHERE kind = 'release'"), 1);
+
+        /* Committed exactly to the commit points, including the work finished after SIGINT. */
+        assert_commit_points(e, "download", committed);
+        n = wt_read_topic(e, "download", &msgs);
+        for (size_t i = 0; i < n; i++) {
+                if (strncmp(msgs[i].key, "slowlast-", 9) == 0)
+                        assert_true(msgs[i].offset < committed[msgs[i].partition]);
+        }
+        wt_msgs_free(msgs, n);
+        assert_commit_points(e, "unpack", committed);
+        assert_commit_points(e, "activate", committed);
 
         /* A new worker redoes nothing that was finished and completes the rest once. */
         events = wt_sql(e, "SELECT max(id) FROM fsm_events");
         w = wt_worker_start(e, fast);
-        wait_complete(e, "activate", 4, "slow-g%", 60000);
+        wait_complete(e, "activate", 2, "slowlast-%", 60000);
+        wait_complete(e, "activate", 1, "slow-g1", 60000);
         assert_int_equal(wt_sql(e,
                                 "SELECT count(*) FROM fsm_events ev JOIN fsm_runs r"
-                                " USING (run_id) WHERE ev.id > %ld"
-                                " AND r.request->>'image_id' LIKE 'gs-fast-%%'",
+                                " USING (run_id) WHERE ev.id > %ld AND (r.fsm = 'download'"
+                                " AND r.request->>'image_id' <> 'slow-g1'"
+                                " OR r.request->>'image_id' LIKE 'gs-fast-%%')",
                                 events),
                          0);
         assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE attempt <> 1"), 0);
         for (int i = 0; i < 4; i++) {
-                (void)snprintf(image, sizeof(image), "slow-g%d", i);
-                assert_once_per_stage(e, image);
                 (void)snprintf(image, sizeof(image), "gs-fast-%d", i);
                 assert_once_per_stage(e, image);
         }
+        assert_once_per_stage(e, "slowlast-1");
+        assert_once_per_stage(e, "slowlast-2");
+        assert_once_per_stage(e, "slow-g1");
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
@@ -769,6 +811,112 @@ static void test_worker_second_signal_exits_at_once(void **state)
         assert_true(util_now_monotonic_ms() - t0 < 3000);
 }
 
+/*
+ * The download pool's pause/resume lines in a worker's log: the jobs it held (queued or
+ * running) never went beyond the largest capacity it allowed itself by more than @slack (a
+ * message already on its way when the pool paused). Returns the most jobs it held.
+ */
+static size_t check_flow_control_log(const char *path, const char *topic, size_t slack,
+                                     int *ret_paused, int *ret_resumed)
+{
+        FILE *f = fopen(path, "re");
+        char line[4096];
+        size_t max_peak = 0, max_cap = 0;
+
+        assert_non_null(f);
+        *ret_paused = *ret_resumed = 0;
+        while (fgets(line, sizeof(line), f)) {
+                bool paused = strstr(line, "msg=\"partitions paused\"") != NULL;
+                bool resumed = strstr(line, "msg=\"partitions resumed\"") != NULL;
+                const char *peak = strstr(line, " load_peak=");
+                const char *cap = strstr(line, " capacity_peak=");
+                size_t p, c;
+
+                if ((!paused && !resumed) || !strstr(line, topic))
+                        continue;
+                assert_non_null(peak);
+                assert_non_null(cap);
+                *ret_paused += paused;
+                *ret_resumed += resumed;
+                p = (size_t)strtoul(peak + 11, NULL, 10);
+                c = (size_t)strtoul(cap + 15, NULL, 10);
+                max_peak = p > max_peak ? p : max_peak;
+                max_cap = c > max_cap ? c : max_cap;
+        }
+        fclose(f);
+        /* The capacity moves with the pace of jobs, so compare with the largest one. */
+        if (max_peak > max_cap + slack)
+                fail_msg("%s: held %zu jobs, more than any capacity (%zu)", path, max_peak,
+                         max_cap);
+        printf("%s: paused %d times, resumed %d times, held at most %zu jobs, capacity at most"
+               " %zu\n",
+               path, *ret_paused, *ret_resumed, max_peak, max_cap);
+        return max_peak;
+}
+
+/*
+ * Rebalancing while a full pool has slow runs in progress. A second worker joins while the
+ * first one's download pool is full (paused), and takes partitions with runs going on them;
+ * later it leaves gracefully in the middle of its own runs, and the first worker, full again,
+ * gets those partitions back. Every job runs its work step exactly once (moved runs are busy,
+ * then complete or resumed where they stopped), both workers do download work, and the first
+ * pool, with a backlog of dozens of messages throughout, never holds more than its capacity:
+ * a handful of jobs.
+ */
+static void test_worker_rebalance_with_full_pool(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const env[] = {"FIM_TEST_SLOW_MS=700", "LOG_LEVEL=debug", NULL};
+        char image[32], json[64], log1[128], log2[128], topic[128];
+        int paused, resumed, paused2, resumed2;
+        pid_t w1, w2;
+
+        (void)snprintf(log1, sizeof(log1), "/tmp/fim-wt-%s-1.log", e->prefix);
+        (void)snprintf(log2, sizeof(log2), "/tmp/fim-wt-%s-2.log", e->prefix);
+        (void)snprintf(topic, sizeof(topic), "topic='%s.download'", e->prefix);
+        w1 = wt_worker_start_log(e, env, log1);
+        wt_wait_group(e, "download", 1, 30000);
+        for (int i = 0; i < 36; i++) {
+                (void)snprintf(image, sizeof(image), "slow-j%02d", i);
+                (void)snprintf(json, sizeof(json), "{\"image_id\":\"%s\"}", image);
+                wt_produce(e, "download", image, json);
+        }
+        /* Both threads busy, the buffer full: the pool has paused. */
+        wt_wait_sql(e, 1, 30000,
+                    "SELECT (count(*) >= 4)::int FROM sample_calls WHERE stage = 'download'");
+        w2 = wt_worker_start_log(e, env, log2);
+        wt_wait_group(e, "download", 2, 30000);
+        wt_wait_sql(e, 1, 30000,
+                    "SELECT (count(*) >= 3)::int FROM sample_calls c JOIN fsm_runs r"
+                    " USING (run_id) WHERE c.stage = 'download' AND c.pid = %d"
+                    " AND r.status = 'complete'",
+                    (int)w2);
+        assert_true(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'") < 30);
+        assert_int_equal(wt_worker_stop(e, w2, SIGTERM, 30000), 0);
+
+        wait_complete(e, "activate", 36, "slow-j%", 120000);
+        for (int i = 0; i < 36; i++) {
+                (void)snprintf(image, sizeof(image), "slow-j%02d", i);
+                assert_once_per_stage(e, image);
+        }
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM sample_calls WHERE stage = 'download'"),
+                         36);
+        assert_int_equal(wt_sql(e, "SELECT count(DISTINCT pid) FROM sample_calls"
+                                   " WHERE stage = 'download'"),
+                         2);
+        wt_wait_committed(e, "download", 15000);
+        wt_wait_committed(e, "unpack", 15000);
+        wt_wait_committed(e, "activate", 15000);
+        assert_int_equal(wt_worker_stop(e, w1, SIGTERM, 30000), 0);
+
+        /* Slow jobs only: a pool of 2 threads holds 2 + 4 buffered, give or take one. */
+        assert_true(check_flow_control_log(log1, topic, 1, &paused, &resumed) <= 7);
+        (void)check_flow_control_log(log2, topic, 1, &paused2, &resumed2);
+        assert_true(paused >= 2 && resumed >= 1);
+        (void)unlink(log1);
+        (void)unlink(log2);
+}
+
 static void test_worker_two_processes_share_partitions(void **state)
 {
         struct wt_env *e = *state;
@@ -827,6 +975,8 @@ int main(int argc, char **argv)
                 cmocka_unit_test_setup_teardown(test_worker_signal_during_startup_exits_cleanly,
                                                 setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_two_processes_share_partitions, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_worker_rebalance_with_full_pool, setup,
                                                 teardown),
         };
         int status;
