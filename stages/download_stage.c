@@ -12,7 +12,8 @@
  *   verify        after a resume in another process, re-hashes the file on disk and compares
  *                 it with what fetch recorded; a file changed under us is deleted and refetched.
  *   record        marks the image completed and, in the same transaction, writes the unpack
- *                 request to the outbox.
+ *                 request to the outbox (the FSM's handoff hook, which also runs when a
+ *                 request finds the key completed without a handoff, e.g. by process-image).
  *
  * A failed run marks the image 'failed' with the error. Every step is safe to repeat.
  */
@@ -289,23 +290,30 @@ static int download_record(struct fsm_run *run, void *userdata)
 static int download_record_commit(struct fsm_run *run, struct db *db, void *userdata)
 {
         struct download_job *job = userdata;
-        struct unpack_request next = {0};
         char size[24];
+
+        (void)snprintf(size, sizeof(size), "%" PRId64, download_response_i64(run, "size_bytes"));
+        return db_exec(db, NULL,
+                       "UPDATE images SET status = 'completed', local_path = $3, checksum = $4,"
+                       " size_bytes = $5, run_id = $6, error = NULL,"
+                       " downloaded_at = coalesce(downloaded_at, now()), updated_at = now()"
+                       " WHERE host_id = $1 AND image_id = $2",
+                       6,
+                       (const char *const[]){job->ctx->cfg->host_id, job->req.image_id, job->dest,
+                                             download_response_str(run, "checksum"), size,
+                                             fsm_run_id(run)});
+}
+
+/* The unpack request; also written later for a run that completed with the handoff off. */
+static int download_handoff(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct download_job *job = userdata;
+        struct unpack_request next = {0};
         char *payload = NULL;
         int r;
 
-        (void)snprintf(size, sizeof(size), "%" PRId64, download_response_i64(run, "size_bytes"));
-        r = db_exec(db, NULL,
-                    "UPDATE images SET status = 'completed', local_path = $3, checksum = $4,"
-                    " size_bytes = $5, run_id = $6, error = NULL,"
-                    " downloaded_at = coalesce(downloaded_at, now()), updated_at = now()"
-                    " WHERE host_id = $1 AND image_id = $2",
-                    6,
-                    (const char *const[]){job->ctx->cfg->host_id, job->req.image_id, job->dest,
-                                          download_response_str(run, "checksum"), size,
-                                          fsm_run_id(run)});
-        if (r < 0 || !job->ctx->handoff)
-                return r;
+        if (!job->ctx->handoff)
+                return 0;
         (void)snprintf(next.image_id, sizeof(next.image_id), "%s", job->req.image_id);
         (void)snprintf(next.local_path, sizeof(next.local_path), "%s", job->dest);
         (void)snprintf(next.checksum, sizeof(next.checksum), "%s",
@@ -316,7 +324,7 @@ static int download_record_commit(struct fsm_run *run, struct db *db, void *user
         r = stage_outbox_insert(db, job->ctx, fsm_run_id(run), STAGE_UNPACK, job->req.image_id,
                                 payload);
         free(payload);
-        return r;
+        return r < 0 ? r : 1;
 }
 
 static int download_on_failure(struct fsm_run *run, struct db *db, void *userdata)
@@ -344,6 +352,7 @@ static const struct fsm_def download_fsm = {
         .transitions = download_transitions,
         .transition_count = ARRAY_SIZE(download_transitions),
         .on_failure = download_on_failure,
+        .handoff = download_handoff,
 };
 
 /* Mark a stored response as coming from an earlier run. */

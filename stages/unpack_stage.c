@@ -16,7 +16,8 @@
  *                   half-made device and frees its id at once.
  *   verify_layout   mounts it read-only and checks that it holds a tree.
  *   record          marks the origin ready, maps the image to it and, in the same
- *                   transaction, writes the activate request to the outbox.
+ *                   transaction, writes the activate request to the outbox (the FSM's
+ *                   handoff hook, also run for a key found completed without a handoff).
  *
  * The origin stays active so that its device path in the response is usable; snapshots are
  * taken from it by the activate stage.
@@ -653,10 +654,8 @@ static int64_t unpack_response_i64(struct fsm_run *run, const char *field)
 static int unpack_record_commit(struct fsm_run *run, struct db *db, void *userdata)
 {
         struct unpack_job *job = userdata;
-        struct activate_request next = {0};
         struct json_object *v = NULL;
         char files[24], bytes[24], idbuf[16];
-        char *payload;
         uint32_t id;
         int r;
 
@@ -681,8 +680,26 @@ static int unpack_record_commit(struct fsm_run *run, struct db *db, void *userda
                 if (r < 0)
                         return r;
         }
+        return 0;
+}
+
+/* The activate request; also written later for a run that completed with the handoff off. */
+static int unpack_handoff(struct fsm_run *run, struct db *db, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        struct activate_request next = {0};
+        struct json_object *v = NULL;
+        char idbuf[16];
+        char *payload;
+        uint32_t id;
+        int r;
+
         if (!job->ctx->handoff)
                 return 0;
+        if (!json_object_object_get_ex(fsm_run_response(run), "device_id", &v))
+                return err_set(-EIO, "run %s finished without a device", fsm_run_id(run));
+        (void)snprintf(idbuf, sizeof(idbuf), "%s", json_object_get_string(v));
+        id = (uint32_t)strtoul(idbuf, NULL, 10);
         (void)snprintf(next.image_id, sizeof(next.image_id), "%s", job->req.image_id);
         (void)snprintf(next.device_id, sizeof(next.device_id), "%s", idbuf);
         thin_registry_origin_name(id, next.device_name, sizeof(next.device_name));
@@ -693,7 +710,7 @@ static int unpack_record_commit(struct fsm_run *run, struct db *db, void *userda
         r = stage_outbox_insert(db, job->ctx, fsm_run_id(run), STAGE_ACTIVATE, job->req.image_id,
                                 payload);
         free(payload);
-        return r;
+        return r < 0 ? r : 1;
 }
 
 static int unpack_on_failure(struct fsm_run *run, struct db *db, void *userdata)
@@ -729,6 +746,7 @@ static const struct fsm_def unpack_fsm = {
         .transitions = unpack_transitions,
         .transition_count = ARRAY_SIZE(unpack_transitions),
         .on_failure = unpack_on_failure,
+        .handoff = unpack_handoff,
 };
 
 static int unpack_handle(const struct stage_ctx *ctx, const char *request_json,

@@ -10,7 +10,9 @@
  * librdkafka consumer needs a group.id even for assign(); the one given is never joined.
  *
  * A replayed record carries the original key, value and headers (trace id, parent run id),
- * with "attempt" incremented; the stage then starts a new run for its failed key.
+ * with "attempt" incremented and "replayed_from" naming the dead letter; the stage then starts
+ * a new run for its failed key. Nothing is remembered between runs of the command: each run
+ * replays every record that matches, so narrow it with --since, --run-id or --limit.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -19,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "common/err.h"
@@ -31,6 +34,7 @@
 #include "worker/dlq.h"
 #include "worker/kafka_client.h"
 #include "worker/kafka_producer.h"
+#include "worker/stage.h"
 
 #define REPLAY_TIMEOUT_MS 10000
 #define REPLAY_IDLE_MS 30000
@@ -65,13 +69,14 @@ static void cmd_replay_help(void)
                "\n"
                "Read '<KAFKA_TOPIC_PREFIX>.dlq' from its beginning to its current end and\n"
                "re-publish the selected records (original key and value, attempt + 1) to\n"
-               "their stage topic. Every filter given must match.\n"
+               "their stage topic. Every filter given must match. Each run replays every\n"
+               "matching record, also one replayed before.\n"
                "\n"
                "  --stage S          records of stage S (download, unpack, activate)\n"
                "  --error-class C    invalid_request, permanent or exhausted\n"
                "  --since TIME       last failure at or after TIME: RFC 3339\n"
                "                     (2026-12-03T18:00:00Z) or a duration ago (30m, 2h, 7d)\n"
-               "  --run-id ID        the record of one failed run\n"
+               "  --run-id ID        the records of one failed run (any letter case)\n"
                "  --limit N          replay at most N records\n"
                "  --dry-run          only say what would be replayed\n");
 }
@@ -104,6 +109,21 @@ static int cmd_replay_parse_since(const char *s, int64_t *ret_ms)
         return -EINVAL;
 }
 
+static const char *const cmd_replay_error_classes[] = {
+        STAGE_ERROR_INVALID_REQUEST,
+        STAGE_ERROR_PERMANENT,
+        STAGE_ERROR_EXHAUSTED,
+};
+
+static bool cmd_replay_known_class(const char *name)
+{
+        for (size_t i = 0; i < ARRAY_SIZE(cmd_replay_error_classes); i++) {
+                if (strcmp(cmd_replay_error_classes[i], name) == 0)
+                        return true;
+        }
+        return false;
+}
+
 static bool cmd_replay_known_stage(const char *name)
 {
         for (size_t i = 0; i < ARRAY_SIZE(kafka_stage_suffixes); i++) {
@@ -132,10 +152,18 @@ static int cmd_replay_args(int argc, char **argv, struct replay_filter *f)
                 switch (c) {
                 case 's':
                         if (!cmd_replay_known_stage(optarg))
-                                return cli_usage(argv[0], "unknown stage '%s'", optarg);
+                                return cli_usage(
+                                        argv[0],
+                                        "unknown stage '%s' (expected download, unpack or activate)",
+                                        optarg);
                         f->stage = optarg;
                         break;
                 case 'e':
+                        if (!cmd_replay_known_class(optarg))
+                                return cli_usage(
+                                        argv[0],
+                                        "unknown error class '%s' (expected invalid_request, permanent or exhausted)",
+                                        optarg);
                         f->error_class = optarg;
                         break;
                 case 't':
@@ -171,7 +199,8 @@ static bool cmd_replay_selected(const struct replay_filter *f, const struct dlq_
                 return false;
         if (f->error_class && strcmp(f->error_class, rec->error_class) != 0)
                 return false;
-        if (f->run_id && strcmp(f->run_id, rec->run_id) != 0)
+        /* ULIDs are case-insensitive, and `status` accepts them in lower case. */
+        if (f->run_id && strcasecmp(f->run_id, rec->run_id) != 0)
                 return false;
         if (f->since_ms && rec->last_failure_ms < f->since_ms)
                 return false;
@@ -245,6 +274,7 @@ static bool cmd_replay_finished(const struct replay_state *st)
 static int cmd_replay_publish(struct replay_state *st, const rd_kafka_message_t *msg,
                               const struct dlq_record *rec, const char *topic)
 {
+        char from[KAFKA_NAME_MAX + 48];
         struct kafka_delivery d;
         struct kafka_record out = {
                 .topic = topic,
@@ -252,8 +282,11 @@ static int cmd_replay_publish(struct replay_state *st, const rd_kafka_message_t 
                 .key_len = msg->key_len,
                 .value = msg->payload,
                 .value_len = msg->len,
-                .headers = dlq_replay_headers(msg, rec->attempt + 1),
         };
+
+        (void)snprintf(from, sizeof(from), "%s/%" PRId32 "/%" PRId64, st->dlq, msg->partition,
+                       msg->offset);
+        out.headers = dlq_replay_headers(msg, rec->attempt + 1, from);
 
         if (!out.headers)
                 return err_set(-ENOMEM, "out of memory");

@@ -142,6 +142,12 @@ int cmd_worker(int argc, char **argv)
         }
         if (cli_config(&cfg) < 0)
                 return CMD_EXIT_USAGE;
+        /* Before reconciliation, which may take a while: SIGTERM then still stops cleanly. */
+        r = kafka_worker_signals();
+        if (r < 0) {
+                config_done(&cfg);
+                return cli_fail(r);
+        }
         cmd_worker_reconcile(&cfg, stages, n);
         {
                 struct kafka_worker_options wo = {.cfg = &cfg, .stages = stages, .nstages = n};

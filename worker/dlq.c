@@ -33,10 +33,10 @@ bool dlq_is_dlq_header(const char *name)
 
 /*
  * The original's headers, minus dead-letter headers from an earlier trip through the DLQ (a
- * replayed message that fails again gets one fresh set), and minus @skip.
+ * replayed message that fails again gets one fresh set), and minus @skip and @skip2.
  */
 static rd_kafka_headers_t *dlq_copy_headers(const rd_kafka_message_t *msg, const char *skip,
-                                            size_t extra)
+                                            const char *skip2, size_t extra)
 {
         rd_kafka_headers_t *src = NULL, *dst;
         const char *name;
@@ -51,7 +51,8 @@ static rd_kafka_headers_t *dlq_copy_headers(const rd_kafka_message_t *msg, const
         for (size_t i = 0; src && rd_kafka_header_get_all(src, i, &name, &value, &size) ==
                                           RD_KAFKA_RESP_ERR_NO_ERROR;
              i++) {
-                if (dlq_is_dlq_header(name) || (skip && strcmp(name, skip) == 0))
+                if (dlq_is_dlq_header(name) || (skip && strcmp(name, skip) == 0) ||
+                    (skip2 && strcmp(name, skip2) == 0))
                         continue;
                 (void)rd_kafka_header_add(dst, name, -1, value, (ssize_t)size);
         }
@@ -98,7 +99,7 @@ int dlq_send(struct kafka_producer *p, const struct config *cfg, const rd_kafka_
         values[9] = partition;
         values[10] = offset;
 
-        hdrs = dlq_copy_headers(msg, NULL, ARRAY_SIZE(names));
+        hdrs = dlq_copy_headers(msg, NULL, NULL, ARRAY_SIZE(names));
         if (!hdrs)
                 return err_set(-ENOMEM, "out of memory");
         for (size_t i = 0; i < ARRAY_SIZE(names); i++) {
@@ -142,14 +143,17 @@ int dlq_record_parse(const rd_kafka_message_t *msg, struct dlq_record *ret)
         return 0;
 }
 
-rd_kafka_headers_t *dlq_replay_headers(const rd_kafka_message_t *msg, int attempt)
+rd_kafka_headers_t *dlq_replay_headers(const rd_kafka_message_t *msg, int attempt,
+                                       const char *replayed_from)
 {
-        rd_kafka_headers_t *hdrs = dlq_copy_headers(msg, MSG_HEADER_ATTEMPT, 1);
+        rd_kafka_headers_t *hdrs =
+                dlq_copy_headers(msg, MSG_HEADER_ATTEMPT, MSG_HEADER_REPLAYED_FROM, 2);
         char value[16];
 
         if (!hdrs)
                 return NULL;
         (void)snprintf(value, sizeof(value), "%d", attempt);
         (void)rd_kafka_header_add(hdrs, MSG_HEADER_ATTEMPT, -1, value, -1);
+        (void)rd_kafka_header_add(hdrs, MSG_HEADER_REPLAYED_FROM, -1, replayed_from, -1);
         return hdrs;
 }

@@ -16,7 +16,8 @@
  *   source_topic, source_partition, source_offset   where the original was
  *
  * The original "attempt" header stays as it was; replay-dlq re-publishes the original with
- * attempt + 1 and without the headers above.
+ * attempt + 1, "replayed_from" set to the dead letter's "<dlq topic>/<partition>/<offset>",
+ * and without the headers above.
  */
 
 #include <stdbool.h>
@@ -45,6 +46,7 @@ struct kafka_producer;
 #define MSG_HEADER_TRACE_ID "trace_id"
 #define MSG_HEADER_PARENT_RUN_ID "parent_run_id"
 #define MSG_HEADER_ATTEMPT "attempt"
+#define MSG_HEADER_REPLAYED_FROM "replayed_from"
 
 /* Longest error text kept in a header. */
 #define DLQ_ERROR_MAX 1024
@@ -84,9 +86,10 @@ int dlq_record_parse(const rd_kafka_message_t *msg, struct dlq_record *ret);
 
 /*
  * Headers to re-publish a dead letter with: the original's headers without the dead-letter
- * ones, and "attempt" set to @attempt. NULL on ENOMEM.
+ * ones, "attempt" set to @attempt and "replayed_from" to @replayed_from. NULL on ENOMEM.
  */
-rd_kafka_headers_t *dlq_replay_headers(const rd_kafka_message_t *msg, int attempt);
+rd_kafka_headers_t *dlq_replay_headers(const rd_kafka_message_t *msg, int attempt,
+                                       const char *replayed_from);
 
 /* Whether @name is one of the headers dlq_send() adds. */
 bool dlq_is_dlq_header(const char *name);

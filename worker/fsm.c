@@ -5,11 +5,15 @@
  * UPDATE, so two workers that race for one key serialise there. The outcomes are:
  *   - no row: create the run and the key (the loser of a race on the insert retries the
  *     claim and finds the winner's row);
- *   - key complete: nothing to do, the stored response is returned;
+ *   - key complete: nothing to do, the stored response is returned; if the run has no
+ *     outbox row, the FSM's handoff hook writes the next stage's request now;
  *   - key running with a live lease: another worker has it (BUSY);
  *   - key running with an expired or released lease: take the run over and resume it at
  *     next_transition; a takeover after an expired lease counts as an attempt;
- *   - key failed: a new run replaces the failed one (this is how a replay from the DLQ runs).
+ *   - key failed: a new run replaces the failed one (this is how a replay from the DLQ runs),
+ *     unless the request is the very message that failed the run (same opts->source: a
+ *     redelivery after a crash before its offset was committed); then the earlier failure is
+ *     returned and nothing runs.
  *
  * Fencing. Every write that records progress is conditioned on lease_owner being our
  * owner token. If it is not, another worker took the run over after our lease lapsed; we
@@ -60,6 +64,10 @@ struct fsm_run {
         bool claimed;
         char *stored_response;
         bool exhausted_on_takeover;
+        /* FAILED at claim: this message had failed the key's run before. */
+        bool failed_aborted;
+        bool failed_dead_lettered;
+        char *failed_error;
         const char *error_text; /* set while a failure is being recorded */
 };
 
@@ -254,10 +262,51 @@ static int fsm_claim_takeover(struct db *db, struct fsm_run *run, const char *ru
         return 0;
 }
 
+static int fsm_load_response(struct fsm_run *run);
+
+/*
+ * The key's run completed without writing its handoff (process-image runs the stages with
+ * the handoff off, and may stop after one). A request for the key arriving on the stage's
+ * topic means the pipeline should go on: write the handoff now, in the claim transaction.
+ */
+static int fsm_claim_handoff(struct db *db, struct fsm_run *run)
+{
+        int r;
+
+        r = fsm_load_response(run);
+        if (r < 0)
+                return r;
+        r = run->def->handoff(run, db, run->userdata);
+        json_object_put(run->response);
+        run->response = NULL;
+        if (r > 0)
+                log_info("wrote the handoff of a run that completed without one", "run_id=%s",
+                         run->run_id);
+        return r < 0 ? r : 0;
+}
+
+/* The key's run failed on this very message before: report that failure again. */
+static int fsm_claim_failed_before(struct fsm_run *run, PGresult *res)
+{
+        const char *error = db_get(res, 0, 9);
+
+        run->claim_outcome = FSM_OUTCOME_FAILED;
+        run->failed_aborted = strcmp(db_get(res, 0, 2), "aborted") == 0;
+        run->failed_dead_lettered = strcmp(db_get(res, 0, 8), "t") == 0;
+        run->attempt = (int)db_get_i64(res, 0, 10);
+        run->first_failure_ms = db_get_i64(res, 0, 11);
+        run->last_failure_ms = run->first_failure_ms;
+        free(run->failed_error);
+        run->failed_error = strdup(error ? error : "");
+        if (!run->failed_error)
+                return err_set(-ENOMEM, "out of memory");
+        return 0;
+}
+
 static int fsm_claim_tx(struct db *db, void *userdata)
 {
         struct fsm_run *run = userdata;
-        const char *params[1] = {run->key};
+        const char *params[2] = {run->key, run->opts->source};
         PGresult *res = NULL;
         int r;
 
@@ -266,10 +315,15 @@ static int fsm_claim_tx(struct db *db, void *userdata)
         run->claimed = false;
         r = db_query_row(db, &res,
                          "SELECT k.status, k.run_id, r.status, r.lease_until > now(),"
-                         " r.lease_owner IS NULL, r.response::text"
+                         " r.lease_owner IS NULL, r.response::text,"
+                         " CASE WHEN k.status = 'complete' THEN EXISTS (SELECT 1 FROM outbox o"
+                         " WHERE o.run_id = k.run_id) END,"
+                         " coalesce(r.failed_source = $2::text, false),"
+                         " r.dead_lettered_at IS NOT NULL, r.error, r.attempt,"
+                         " (extract(epoch FROM r.finished_at) * 1000)::bigint"
                          " FROM idempotency_keys k JOIN fsm_runs r ON r.run_id = k.run_id"
                          " WHERE k.key = $1 FOR UPDATE OF k",
-                         1, params);
+                         2, params);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -284,9 +338,20 @@ static int fsm_claim_tx(struct db *db, void *userdata)
 
                 (void)snprintf(run->run_id, sizeof(run->run_id), "%s", run_id);
                 if (strcmp(key_status, "complete") == 0) {
+                        const char *outbox = db_get(res, 0, 6);
+                        bool handed_off = outbox && strcmp(outbox, "t") == 0;
+
                         run->claim_outcome = FSM_OUTCOME_ALREADY_COMPLETE;
                         run->stored_response = response ? strdup(response) : NULL;
-                        r = 0;
+                        if (response && !run->stored_response)
+                                r = err_set(-ENOMEM, "out of memory");
+                        else if (run->def->handoff && !handed_off)
+                                r = fsm_claim_handoff(db, run);
+                        else
+                                r = 0;
+                } else if (strcmp(key_status, "failed") == 0 &&
+                           strcmp(db_get(res, 0, 7), "t") == 0) {
+                        r = fsm_claim_failed_before(run, res);
                 } else if (strcmp(key_status, "failed") == 0) {
                         char old[ULID_LEN + 1];
 
@@ -365,6 +430,11 @@ static int fsm_complete_tx(struct db *db, void *userdata)
                 if (r < 0)
                         return r;
         }
+        if (c->last && run->def->handoff) {
+                r = run->def->handoff(run, db, run->userdata);
+                if (r < 0)
+                        return r;
+        }
         r = fsm_event(db, run, "transition_complete", c->t->name, NULL);
         if (r < 0)
                 return r;
@@ -394,18 +464,20 @@ static int fsm_fail_tx(struct db *db, void *userdata)
         struct fsm_run *run = c->run;
         char detail[256];
         const char *status = c->permanent ? "aborted" : "failed";
-        const char *params[6] = {run->run_id, run->owner, status,
-                                 c->text,     detail,     c->permanent ? "permanent" : "transient"};
+        const char *params[7] = {run->run_id,      run->owner,
+                                 status,           c->text,
+                                 detail,           c->permanent ? "permanent" : "transient",
+                                 run->opts->source};
         int r;
 
         (void)snprintf(detail, sizeof(detail), "transition '%s', %s, attempt %d of %d",
                        c->transition, err_name(c->error), run->attempt, run->max_attempts);
         r = fsm_fenced_update(db, run,
                               "UPDATE fsm_runs SET status = $3, error = $4, error_detail = $5,"
-                              " error_class = $6, lease_owner = NULL, lease_until = NULL,"
-                              " finished_at = now(), updated_at = now()"
+                              " error_class = $6, failed_source = $7, lease_owner = NULL,"
+                              " lease_until = NULL, finished_at = now(), updated_at = now()"
                               " WHERE run_id = $1 AND lease_owner = $2",
-                              6, params, &c->fenced_out);
+                              7, params, &c->fenced_out);
         if (r < 0)
                 return r;
         r = db_exec(db, NULL,
@@ -653,6 +725,17 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
         if (!run.claimed) {
                 res.outcome = run.claim_outcome;
                 res.response = steal_ptr(run.stored_response);
+                if (res.outcome == FSM_OUTCOME_FAILED) {
+                        /* The errno is not stored; the text says what it was. */
+                        res.error = -EALREADY;
+                        res.permanent = run.failed_aborted;
+                        res.dead_lettered = run.failed_dead_lettered;
+                        (void)snprintf(res.error_text, sizeof(res.error_text), "%s",
+                                       run.failed_error);
+                        log_info("redelivered message of a failed run, not run again",
+                                 "run_id=%s dead_lettered=%d", run.run_id,
+                                 run.failed_dead_lettered);
+                }
                 r = 0;
                 goto out;
         }
@@ -696,6 +779,7 @@ out:
                 lease_keeper_remove(opts->leases, run.lease);
         json_object_put(run.response);
         free(run.stored_response);
+        free(run.failed_error);
         log_context_clear();
         if (r < 0) {
                 fsm_result_done(&res);
@@ -703,6 +787,14 @@ out:
         }
         *ret_result = res;
         return 0;
+}
+
+int fsm_mark_dead_lettered(struct db *db, const char *run_id)
+{
+        return db_exec(db, NULL,
+                       "UPDATE fsm_runs SET dead_lettered_at = now() WHERE run_id = $1"
+                       " AND status IN ('failed', 'aborted')",
+                       1, (const char *const[]){run_id});
 }
 
 void fsm_result_done(struct fsm_result *result)

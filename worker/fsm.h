@@ -47,6 +47,15 @@ struct fsm_def {
         const struct fsm_transition *transitions;
         size_t transition_count;
         fsm_commit_fn on_failure; /* optional: runs in the transaction that records failure */
+        /*
+         * Optional: write the next stage's request to the outbox (ON CONFLICT DO NOTHING).
+         * Runs in the transaction that completes the run, after the last transition's commit
+         * hook; and in the claim transaction when a request finds its key complete but the run
+         * has no outbox row (it ran with the handoff off, as process-image does), so that the
+         * pipeline goes on from there. Returns 1 when it wrote a request, 0 when none is
+         * wanted, or a negative errno. The run's response is the stored one.
+         */
+        fsm_commit_fn handoff;
 };
 
 struct fsm_options {
@@ -60,13 +69,21 @@ struct fsm_options {
         const volatile sig_atomic_t *stop; /* optional: graceful shutdown requested */
         const char *trace_id;              /* optional */
         const char *parent_run_id;         /* optional: the previous stage's run */
+        /*
+         * Optional: where the request came from ("<topic>/<partition>/<offset>"). A failure
+         * records it; a later call with the same source for the failed key is a redelivery
+         * of that message and comes back FAILED without a new run.
+         */
+        const char *source;
 };
 
 enum fsm_outcome {
         FSM_OUTCOME_COMPLETE,         /* this call finished the run */
         FSM_OUTCOME_ALREADY_COMPLETE, /* the key's run had finished before: nothing ran */
         FSM_OUTCOME_BUSY,             /* another worker holds a live lease on the key's run */
-        FSM_OUTCOME_FAILED,           /* aborted (permanent error) or out of attempts */
+        FSM_OUTCOME_FAILED,           /* aborted (permanent error) or out of attempts, by
+                                         this call or, for a redelivery of the message that
+                                         failed the key's run (opts->source), before it */
         FSM_OUTCOME_INTERRUPTED,      /* stop requested, lease lost or database unreachable */
 };
 
@@ -80,6 +97,7 @@ struct fsm_result {
         char error_text[ERR_MSG_MAX];
         int64_t first_failure_ms; /* wall clock of the run's first error, 0 if none */
         int64_t last_failure_ms;
+        bool dead_lettered; /* FAILED before, and fsm_mark_dead_lettered() was called */
 };
 
 /*
@@ -93,6 +111,12 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
 
 /* Free what a result owns. */
 void fsm_result_done(struct fsm_result *result);
+
+/*
+ * Record that the failed run @run_id has its dead letter stored, so that a redelivery of the
+ * message that failed it is acknowledged without a second one. Returns 0 or a negative errno.
+ */
+int fsm_mark_dead_lettered(struct db *db, const char *run_id);
 
 /* For steps: */
 const char *fsm_run_id(const struct fsm_run *run);

@@ -260,6 +260,35 @@ int kafka_client_header(const rd_kafka_message_t *msg, const char *name, char *b
         return 1;
 }
 
+int kafka_client_header_text(const rd_kafka_message_t *msg, const char *name, char *buf,
+                             size_t size)
+{
+        rd_kafka_headers_t *hdrs = NULL;
+        const unsigned char *value = NULL;
+        size_t len = 0;
+
+        buf[0] = '\0';
+        if (rd_kafka_message_headers(msg, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+                return 0;
+        if (rd_kafka_header_get_last(hdrs, name, (const void **)&value, &len) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+                return 0;
+        if (!value || len == 0)
+                return 0;
+        if (len > size - 1)
+                return err_set(-EINVAL, "header '%s' is %zu bytes, more than %zu", name, len,
+                               size - 1);
+        for (size_t i = 0; i < len; i++) {
+                if (value[i] < 0x20 || value[i] > 0x7e)
+                        return err_set(-EINVAL,
+                                       "header '%s' has byte 0x%02x at %zu, not printable ASCII",
+                                       name, value[i], i);
+        }
+        memcpy(buf, value, len);
+        buf[len] = '\0';
+        return 1;
+}
+
 int kafka_client_topic(const struct config *cfg, const char *suffix, char *buf, size_t size)
 {
         int r = util_snprintf(buf, size, "%s.%s", cfg->kafka_topic_prefix, suffix);

@@ -58,6 +58,16 @@ int kafka_client_new(rd_kafka_type_t type, rd_kafka_conf_t *conf, rd_kafka_t **r
  */
 int kafka_client_header(const rd_kafka_message_t *msg, const char *name, char *buf, size_t size);
 
+/*
+ * Like kafka_client_header() for headers whose value ends up in PostgreSQL text columns and
+ * logs (trace id, parent run id): only printable ASCII (0x20-0x7e) of at most @size - 1 bytes
+ * is copied. Returns 1 when found and copied, 0 when absent or empty, or -EINVAL (buf gets "",
+ * err_last() says why) for anything else, including invalid UTF-8 and a value that a
+ * truncated copy would cut.
+ */
+int kafka_client_header_text(const rd_kafka_message_t *msg, const char *name, char *buf,
+                             size_t size);
+
 /* "<prefix>.<suffix>" into @buf (KAFKA_NAME_MAX). Returns 0 or -ENAMETOOLONG. */
 int kafka_client_topic(const struct config *cfg, const char *suffix, char *buf, size_t size);
 

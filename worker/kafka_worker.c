@@ -46,7 +46,7 @@ static void kafka_worker_on_signal(int signo)
         kafka_worker_stop = signo;
 }
 
-static int kafka_worker_signals(void)
+int kafka_worker_signals(void)
 {
         struct sigaction sa;
 
@@ -382,11 +382,15 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         int r;
 
         FIM_ASSERT(opts->nstages > 0 && opts->nstages <= KAFKA_WORKER_MAX_STAGES);
-        kafka_worker_stop = 0;
+        /* Installing again is harmless, and keeps a signal that came in during start-up. */
         r = kafka_worker_signals();
         if (r < 0) {
                 log_err_errno(r, "worker failed to start", "");
                 return 1;
+        }
+        if (kafka_worker_stop) {
+                log_notice("worker stopped before it started", "signal=%d", (int)kafka_worker_stop);
+                return 0;
         }
         r = metrics_server_start(cfg->metrics_addr, kafka_worker_ready, &w, &w.metrics);
         if (r < 0) {

@@ -23,6 +23,14 @@ struct kafka_worker_options {
 };
 
 /*
+ * Install the SIGTERM/SIGINT handlers: the first signal asks for a graceful stop, a second
+ * exits at once. Call before slow start-up work (reconciliation) so that a signal during it
+ * ends the process cleanly; kafka_worker_run() then returns 0 without starting. Returns 0 or
+ * a negative errno.
+ */
+int kafka_worker_signals(void);
+
+/*
  * Install the signal handlers, run until SIGTERM or SIGINT (or a fatal Kafka error), and shut
  * down. Returns the process exit status: 0 after a clean shutdown, 1 when start-up failed or
  * a component failed fatally.

@@ -24,7 +24,10 @@
  * lost, database unreachable) leave the message in flight, its offset unstored, and put the
  * job on a delayed list with exponential backoff and jitter, capped at the lease duration (a
  * dead owner's lease has run out by then). Other messages of the partition, and other
- * partitions, go on meanwhile, and nothing polls hot.
+ * partitions, go on meanwhile, and nothing polls hot. A stage call that fails outright (the
+ * engine could not claim or record the run) is retried the same way when the error is
+ * transient, at most MAX_ATTEMPTS times unless PostgreSQL is unreachable, and otherwise
+ * dead-lettered: no message can hold its partition's commit point for good.
  *
  * Rebalance. Newly assigned partitions get a fresh tracker under a new epoch. A revoked
  * partition's queued and delayed jobs are dropped (its new owner reads them again from the
@@ -88,6 +91,7 @@ struct pool_job {
         rd_kafka_message_t *msg; /* owned */
         uint64_t epoch;          /* of its partition when received */
         int retries;
+        int failures; /* transient failures of the stage call itself, for its bound */
         int64_t not_before_ms;
         enum pool_job_result result;
 };
@@ -128,7 +132,7 @@ struct pool {
         struct job_list ready;
         struct job_list done;
         int running;
-        int64_t job_us; /* moving average of a job's duration */
+        int64_t job_us; /* moving average of the duration of a job that finished */
         bool workers_exit;
         bool stopping;
         int64_t deadline_ms;
@@ -138,7 +142,10 @@ struct pool {
         uint64_t epochs;
         struct job_list delayed;
         bool paused;
-        bool draining; /* shutting down: received messages are dropped */
+        /* Since the last pause or resume, for its log line: */
+        size_t load_peak;     /* most jobs queued or running */
+        size_t capacity_peak; /* largest capacity (threads + buffer) flow control allowed */
+        bool draining;        /* shutting down: received messages are dropped */
         bool all_finished;
         int64_t last_error_log_ms;
 
@@ -293,7 +300,10 @@ static void pool_set_paused(struct pool *pool, bool pause)
                             pool->topic, pause, rd_kafka_err2name(err));
         else
                 log_debug(pause ? "partitions paused" : "partitions resumed",
-                          "topic=%s partitions=%d", pool->topic, list->cnt);
+                          "topic=%s partitions=%d load_peak=%zu capacity_peak=%zu", pool->topic,
+                          list->cnt, pool->load_peak, pool->capacity_peak);
+        pool->load_peak = 0;
+        pool->capacity_peak = 0;
         rd_kafka_topic_partition_list_destroy(list);
 }
 
@@ -386,7 +396,9 @@ static void pool_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                               rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
         struct pool *pool = opaque;
-        bool cooperative = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+        /* NULL when the group has no protocol yet (a failed rebalance): treat as eager. */
+        const char *protocol = rd_kafka_rebalance_protocol(rk);
+        bool cooperative = protocol && strcmp(protocol, "COOPERATIVE") == 0;
 
         if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
                 pool_assign(pool, parts, cooperative);
@@ -500,6 +512,38 @@ static enum pool_job_result pool_job_dead_letter(struct pool *pool, struct pool_
         }
 }
 
+/*
+ * A failed run goes to the dead-letter topic, and the run records that its dead letter is
+ * stored. A redelivery of the same message (the worker died before committing its offset)
+ * then finds the failure recorded against this very message: it starts no new run and, when
+ * the dead letter is known to be stored, writes no second one.
+ */
+static enum pool_job_result pool_job_failed(struct pool_thread *t, struct pool_job *job,
+                                            const struct stage_result *res,
+                                            const struct dlq_failure *f)
+{
+        struct pool *pool = t->pool;
+        enum pool_job_result result;
+        int r;
+
+        if (res->dead_lettered) {
+                pool_count(pool, POOL_STAT_ALREADY);
+                log_info("dead letter already stored for this message, acknowledged",
+                         "offset=%" PRId64, job->msg->offset);
+                return POOL_JOB_DONE;
+        }
+        result = pool_job_dead_letter(pool, job, f);
+        if (result != POOL_JOB_DONE || !res->run_id[0])
+                return result;
+        r = fsm_mark_dead_lettered(t->db, res->run_id);
+        if (r < 0)
+                log_warning_errno(r,
+                                  "failed to record the dead letter on its run, ignoring;"
+                                  " a redelivery would write another",
+                                  "offset=%" PRId64, job->msg->offset);
+        return result;
+}
+
 static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_job *job,
                                              struct stage_result *res)
 {
@@ -521,12 +565,13 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
                         outbox_publisher_wake(pool->opts.publisher);
                 return POOL_JOB_DONE;
         case FSM_OUTCOME_ALREADY_COMPLETE:
-                /* Its handoff goes out by the publisher's next pass if it had not. */
+                /* An unpublished handoff goes out by the publisher's next pass; a missing one
+                 * (a run made with the handoff off) was written by the claim. */
                 pool_count(pool, POOL_STAT_ALREADY);
                 log_debug("already complete, acknowledged", "offset=%" PRId64, job->msg->offset);
                 return POOL_JOB_DONE;
         case FSM_OUTCOME_FAILED:
-                return pool_job_dead_letter(pool, job, &f);
+                return pool_job_failed(t, job, res, &f);
         case FSM_OUTCOME_BUSY:
                 log_debug("run busy in another worker, will retry", "offset=%" PRId64,
                           job->msg->offset);
@@ -541,11 +586,81 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
         }
 }
 
+/*
+ * The trace id and parent run id as the run will store them. A producer's value that is not
+ * printable ASCII (invalid UTF-8 would make PostgreSQL refuse the run; a long non-ASCII value
+ * would be cut mid-character) is not used: the message still runs, under a new trace id,
+ * without a parent.
+ */
+static void pool_job_headers(struct pool *pool, const struct pool_job *job, struct stage_ctx *ctx,
+                             char *trace_id, size_t trace_size, char *parent, size_t parent_size)
+{
+        int r;
+
+        r = kafka_client_header_text(job->msg, MSG_HEADER_TRACE_ID, trace_id, trace_size);
+        if (r < 0)
+                log_notice("bad trace id header, using a new trace id",
+                           "topic=%s partition=%" PRId32 " offset=%" PRId64 " error=%s",
+                           pool->topic, job->msg->partition, job->msg->offset,
+                           log_quote(err_last()));
+        if (r <= 0 && ulid_new(trace_id) < 0)
+                ctx->trace_id = NULL;
+        r = kafka_client_header_text(job->msg, MSG_HEADER_PARENT_RUN_ID, parent, parent_size);
+        if (r < 0)
+                log_notice("bad parent run id header, ignoring",
+                           "topic=%s partition=%" PRId32 " offset=%" PRId64 " error=%s",
+                           pool->topic, job->msg->partition, job->msg->offset,
+                           log_quote(err_last()));
+        ctx->parent_run_id = r > 0 ? parent : NULL;
+        err_clear();
+}
+
+/*
+ * The stage call failed before deciding anything (@r < 0): the engine could not claim or
+ * record the run. A permanent error will not go away by itself (PostgreSQL refusing a value,
+ * an idempotency key too long), so the message is dead-lettered at once. A transient one is
+ * retried with backoff, at most MAX_ATTEMPTS times, then dead-lettered as exhausted: a message
+ * that keeps failing must not hold its partition's commit point, and the pool's delayed-job
+ * budget, forever. PostgreSQL being unreachable is not counted against the message: every
+ * message fails alike then, and the pool waits (paused) until it is back.
+ */
+static enum pool_job_result pool_job_stage_error(struct pool *pool, struct pool_job *job, int r,
+                                                 const struct stage_result *res)
+{
+        bool db_down = r == -ECONNRESET || r == -ECONNREFUSED;
+        char text[ERR_MSG_MAX];
+        struct dlq_failure f = {
+                .stage = pool->opts.stage->name,
+                .error_class = STAGE_ERROR_PERMANENT,
+                .error_text = text,
+                .run_id = res->run_id,
+        };
+
+        if (pool_stop_requested(pool))
+                return POOL_JOB_ABANDON;
+        (void)snprintf(text, sizeof(text), "%s", err_text(r));
+        log_redact(text);
+        if (err_is_transient(r)) {
+                if (!db_down)
+                        job->failures++;
+                if (job->failures < pool->opts.cfg->max_attempts) {
+                        log_warning_errno(r, "stage call failed, will retry",
+                                          "offset=%" PRId64 " failures=%d", job->msg->offset,
+                                          job->failures);
+                        return POOL_JOB_RETRY;
+                }
+                f.error_class = STAGE_ERROR_EXHAUSTED;
+        }
+        /* Logged once, by the dead letter's own line. */
+        f.attempts = job->failures > 0 ? job->failures : 1;
+        return pool_job_dead_letter(pool, job, &f);
+}
+
 static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job *job)
 {
         struct pool *pool = t->pool;
         const struct stage *stage = pool->opts.stage;
-        char trace_id[64], parent[64], why[256];
+        char trace_id[64], parent[64], why[256], source[KAFKA_NAME_MAX + 48];
         struct stage_result res = {0};
         struct stage_ctx ctx = {
                 .cfg = pool->opts.cfg,
@@ -554,6 +669,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                 .worker_id = t->worker_id,
                 .stop = pool->opts.stop,
                 .trace_id = trace_id,
+                .source = source,
                 .handoff = true,
         };
         enum pool_job_result result;
@@ -561,13 +677,10 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
         char *value;
         int r;
 
-        (void)kafka_client_header(job->msg, MSG_HEADER_TRACE_ID, trace_id, sizeof(trace_id));
-        if (!trace_id[0] && ulid_new(trace_id) < 0)
-                ctx.trace_id = NULL;
-        if (kafka_client_header(job->msg, MSG_HEADER_PARENT_RUN_ID, parent, sizeof(parent)) &&
-            parent[0])
-                ctx.parent_run_id = parent;
         log_context_set(NULL, NULL, stage->name, -1);
+        pool_job_headers(pool, job, &ctx, trace_id, sizeof(trace_id), parent, sizeof(parent));
+        (void)snprintf(source, sizeof(source), "%s/%" PRId32 "/%" PRId64, pool->topic,
+                       job->msg->partition, job->msg->offset);
         value = pool_job_value(job->msg, why, sizeof(why));
         if (!value) {
                 struct dlq_failure f = {.stage = stage->name,
@@ -589,9 +702,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                         stage->name, res.run_id[0] ? res.attempts : -1);
         if (r < 0) {
                 /* The call could not proceed (database down, ...): nothing was decided. */
-                log_warning_errno(r, "stage call failed, will retry", "offset=%" PRId64,
-                                  job->msg->offset);
-                result = pool_stop_requested(pool) ? POOL_JOB_ABANDON : POOL_JOB_RETRY;
+                result = pool_job_stage_error(pool, job, r, &res);
         } else {
                 result = pool_job_outcome(t, job, &res);
         }
@@ -626,7 +737,9 @@ static void *pool_worker_main(void *arg)
                 took_us = (util_now_monotonic_ms() - started) * 1000 + 500;
 
                 pthread_mutex_lock(&pool->lock);
-                pool->job_us = pool->job_us ? (7 * pool->job_us + took_us) / 8 : took_us;
+                /* The pace of finishing messages: a quick "busy, retry later" is not one. */
+                if (job->result != POOL_JOB_RETRY)
+                        pool->job_us = pool->job_us ? (7 * pool->job_us + took_us) / 8 : took_us;
                 pool->running--;
                 metrics_inflight_set(pool->opts.stage->id, pool->running);
                 job_list_push(&pool->done, job);
@@ -693,17 +806,25 @@ static void pool_finish(struct pool *pool, struct pool_job *job)
         }
 }
 
-static void pool_drain_done(struct pool *pool)
+/*
+ * Act on the finished jobs. Returns how many jobs were running when the done list was taken:
+ * read under the same lock, so when it is 0 no job can finish later and be missed (during
+ * shutdown nothing new is started).
+ */
+static int pool_drain_done(struct pool *pool)
 {
         struct job_list done;
         struct pool_job *job;
+        int running;
 
         pthread_mutex_lock(&pool->lock);
         done = pool->done;
         memset(&pool->done, 0, sizeof(pool->done));
+        running = pool->running;
         pthread_mutex_unlock(&pool->lock);
         while ((job = job_list_pop(&done)))
                 pool_finish(pool, job);
+        return running;
 }
 
 /* Move delayed jobs whose time has come to the ready list. */
@@ -746,6 +867,10 @@ static void pool_flow_control(struct pool *pool)
                 buffer = POOL_MAX_BUFFER;
         if (buffer < threads * 2)
                 buffer = threads * 2;
+        if (threads + buffer > pool->capacity_peak)
+                pool->capacity_peak = threads + buffer;
+        if (load > pool->load_peak)
+                pool->load_peak = load;
         if (!pool->paused && (load >= threads + buffer || pool->delayed.n >= delayed_max))
                 pool_set_paused(pool, true);
         else if (pool->paused && load <= threads + buffer / 2 && pool->delayed.n < delayed_max)
@@ -827,10 +952,7 @@ static void pool_shutdown(struct pool *pool)
         for (;;) {
                 rd_kafka_message_t *msg;
 
-                pool_drain_done(pool);
-                pthread_mutex_lock(&pool->lock);
-                running = pool->running;
-                pthread_mutex_unlock(&pool->lock);
+                running = pool_drain_done(pool);
                 if (running == 0 || util_now_monotonic_ms() >= pool->deadline_ms)
                         break;
                 /* Keep serving the group (heartbeats, rebalances) while runs finish. */
@@ -937,7 +1059,7 @@ static void *pool_dispatch_main(void *arg)
                         pool_report_lag(pool);
                         lag_at = util_now_monotonic_ms() + 5000;
                 }
-                pool_drain_done(pool);
+                (void)pool_drain_done(pool);
                 pool_release_due(pool);
                 pool_flow_control(pool);
                 msg = rd_kafka_consumer_poll(pool->rk, POOL_POLL_MS);
@@ -1121,7 +1243,7 @@ void pool_free(struct pool *pool)
 {
         if (!pool)
                 return;
-        pool_drain_done(pool);
+        (void)pool_drain_done(pool);
         (void)job_list_drop(&pool->ready, -1);
         (void)job_list_drop(&pool->delayed, -1);
         while (pool->parts)

@@ -71,6 +71,7 @@ void stage_result_from_fsm(struct stage_result *ret, struct fsm_result *fsm)
         ret->attempts = fsm->attempts;
         ret->first_failure_ms = fsm->first_failure_ms;
         ret->last_failure_ms = fsm->last_failure_ms;
+        ret->dead_lettered = fsm->dead_lettered;
         (void)snprintf(ret->error_text, sizeof(ret->error_text), "%s", fsm->error_text);
         if (fsm->outcome == FSM_OUTCOME_FAILED)
                 ret->error_class = fsm->permanent ? STAGE_ERROR_PERMANENT : STAGE_ERROR_EXHAUSTED;
@@ -155,6 +156,7 @@ int stage_execute(const struct stage_ctx *ctx, const struct fsm_def *def, const 
                 .stop = ctx->stop,
                 .trace_id = ctx->trace_id,
                 .parent_run_id = ctx->parent_run_id,
+                .source = ctx->source,
         };
         struct fsm_result fres = {0};
         int r;

@@ -40,6 +40,7 @@ struct stage_ctx {
         const volatile sig_atomic_t *stop; /* optional */
         const char *trace_id;              /* optional, carried to the handoff */
         const char *parent_run_id;         /* optional: previous stage's run */
+        const char *source;                /* optional: "<topic>/<partition>/<offset>" */
         bool handoff;                      /* write the next stage's request to the outbox */
         /* Optional progress callback for terminals (process-image). */
         void (*progress)(const char *stage, uint64_t done, uint64_t total, void *userdata);
@@ -61,6 +62,7 @@ struct stage_result {
         int attempts;
         int64_t first_failure_ms;
         int64_t last_failure_ms;
+        bool dead_lettered; /* FAILED: a redelivery whose dead letter is already stored */
         char image_id[256]; /* from the request when it decoded, for logs and metrics */
 };
 

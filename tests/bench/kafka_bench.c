@@ -7,10 +7,12 @@
  *       partition at its end), MS counted from SINCE_MS (wall clock, epoch ms)
  *   kafka_bench stable BROKERS TIMEOUT_MS GROUP...
  *       wait until every GROUP is stable with at least one member (a worker has joined)
- *   kafka_bench bare BROKERS TOPIC COUNT
- *       the baseline: a plain consumer in a fresh group that reads COUNT messages and stores
- *       each offset (auto-commit, as the worker does), then commits; prints its rate from the
- *       first message to the final commit
+ *   kafka_bench bare BROKERS GROUP COUNT TOPIC...
+ *       the baseline: a plain consumer in GROUP subscribed to the TOPICs that reads COUNT
+ *       messages and stores each offset (auto-commit every 100 ms, as the bench's workers
+ *       do), then commits and leaves. The bench script starts it before producing and times
+ *       it from the first produce to the group's last commit, as it times the workers; its
+ *       own line "bare N MS" (first message to final commit) is for information
  *
  * Built by the bench script with cc and pkg-config; depends on librdkafka only.
  */
@@ -209,27 +211,28 @@ static int cmd_stable(const char *brokers, int64_t timeout, int n, char **groups
         return 0;
 }
 
-static int cmd_bare(const char *brokers, const char *topic, long count)
+static int cmd_bare(const char *brokers, const char *group, long count, int ntopics, char **topics)
 {
-        char group[128];
         const char *props[] = {"group.id",
                                group,
                                "enable.auto.offset.store",
                                "false",
                                "enable.auto.commit",
                                "true",
+                               "auto.commit.interval.ms",
+                               "100",
                                "auto.offset.reset",
                                "earliest",
                                NULL};
-        rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(ntopics);
         rd_kafka_t *rk;
         int64_t first = 0, end;
         long n = 0;
 
-        (void)snprintf(group, sizeof(group), "bench-bare-%ld-%" PRId64, (long)getpid(), now_ms());
         rk = client(RD_KAFKA_CONSUMER, brokers, props);
         rd_kafka_poll_set_consumer(rk);
-        rd_kafka_topic_partition_list_add(sub, topic, RD_KAFKA_PARTITION_UA);
+        for (int i = 0; i < ntopics; i++)
+                rd_kafka_topic_partition_list_add(sub, topics[i], RD_KAFKA_PARTITION_UA);
         if (rd_kafka_subscribe(rk, sub)) {
                 fprintf(stderr, "kafka_bench: subscribe failed\n");
                 return 1;
@@ -244,8 +247,9 @@ static int cmd_bare(const char *brokers, const char *topic, long count)
 
                         if (!first)
                                 first = now_ms();
-                        rd_kafka_topic_partition_list_add(l, topic, m->partition)->offset =
-                                m->offset + 1;
+                        rd_kafka_topic_partition_list_add(l, rd_kafka_topic_name(m->rkt),
+                                                          m->partition)
+                                ->offset = m->offset + 1;
                         (void)rd_kafka_offsets_store(rk, l);
                         rd_kafka_topic_partition_list_destroy(l);
                         n++;
@@ -270,11 +274,11 @@ int main(int argc, char **argv)
                                 argc - 5, argv + 5);
         if (argc >= 5 && strcmp(argv[1], "stable") == 0)
                 return cmd_stable(argv[2], strtoll(argv[3], NULL, 10), argc - 4, argv + 4);
-        if (argc == 5 && strcmp(argv[1], "bare") == 0)
-                return cmd_bare(argv[2], argv[3], strtol(argv[4], NULL, 10));
+        if (argc >= 6 && strcmp(argv[1], "bare") == 0)
+                return cmd_bare(argv[2], argv[3], strtol(argv[4], NULL, 10), argc - 5, argv + 5);
         fprintf(stderr, "usage: kafka_bench produce BROKERS TOPIC < key<TAB>value lines\n"
                         "       kafka_bench wait BROKERS SINCE_MS TIMEOUT_MS GROUP=TOPIC:COUNT...\n"
                         "       kafka_bench stable BROKERS TIMEOUT_MS GROUP...\n"
-                        "       kafka_bench bare BROKERS TOPIC COUNT\n");
+                        "       kafka_bench bare BROKERS GROUP COUNT TOPIC...\n");
         return 2;
 }

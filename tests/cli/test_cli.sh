@@ -102,6 +102,8 @@ run "process-image bad image id" 2 "image_id" -- process-image --s3-key k --imag
 run "process-image bad size" 2 "multiple of 512" -- process-image --s3-key k --image-id a --device-size 1000
 run "gc needs a target" 2 "exactly one of --image-id and --all-unreferenced" -- gc
 run "enqueue bad key" 2 "s3_key" -- enqueue --s3-key ../x --image-id a
+run "replay-dlq bad error class" 2 "unknown error class 'fatal' \(expected invalid_request, permanent or exhausted\)" -- replay-dlq --error-class fatal
+run "replay-dlq bad stage" 2 "unknown stage 'dlq' \(expected download, unpack or activate\)" -- replay-dlq --stage dlq
 
 # --- configuration errors and secrets ------------------------------------------------------
 # An invalid configuration is a usage error (status 2): running the command again won't fix it.

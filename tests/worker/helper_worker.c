@@ -25,6 +25,7 @@
 #include "worker/kafka_client.h"
 #include "worker/kafka_producer.h"
 #include "worker/kafka_worker.h"
+#include "worker/lease.h"
 #include "worker/stage.h"
 
 #define WT_TIMEOUT_MS 15000
@@ -103,30 +104,39 @@ static int sample_work_commit(struct fsm_run *run, struct db *db, void *userdata
 
 static int sample_record_step(struct fsm_run *run, void *userdata)
 {
+        struct sample_job *job = userdata;
+
         (void)run;
-        (void)userdata;
+        if (sample_has_prefix(job->image_id, "slowlast-") && job->id == STAGE_DOWNLOAD) {
+                const char *ms = getenv("FIM_TEST_SLOW_MS");
+
+                util_sleep_ms(ms ? strtol(ms, NULL, 10) : 2000);
+        }
         return 0;
 }
 
-static int sample_record_commit(struct fsm_run *run, struct db *db, void *userdata)
+/* The handoff hook: the next stage gets the same request. */
+static int sample_handoff(struct fsm_run *run, struct db *db, void *userdata)
 {
         struct sample_job *job = userdata;
+        int r;
 
-        if (job->id == STAGE_ACTIVATE)
+        if (job->id == STAGE_ACTIVATE || !job->ctx->handoff)
                 return 0;
-        return stage_outbox_insert(db, job->ctx, fsm_run_id(run), (enum stage_id)(job->id + 1),
-                                   job->image_id, job->request);
+        r = stage_outbox_insert(db, job->ctx, fsm_run_id(run), (enum stage_id)(job->id + 1),
+                                job->image_id, job->request);
+        return r < 0 ? r : 1;
 }
 
 static const struct fsm_transition sample_transitions[] = {
         {"work", sample_work_step, sample_work_commit},
-        {"record", sample_record_step, sample_record_commit},
+        {"record", sample_record_step, NULL},
 };
 
 static const struct fsm_def sample_defs[STAGE_COUNT] = {
-        [STAGE_DOWNLOAD] = {"download", sample_transitions, 2, NULL},
-        [STAGE_UNPACK] = {"unpack", sample_transitions, 2, NULL},
-        [STAGE_ACTIVATE] = {"activate", sample_transitions, 2, NULL},
+        [STAGE_DOWNLOAD] = {"download", sample_transitions, 2, NULL, sample_handoff},
+        [STAGE_UNPACK] = {"unpack", sample_transitions, 2, NULL, sample_handoff},
+        [STAGE_ACTIVATE] = {"activate", sample_transitions, 2, NULL, sample_handoff},
 };
 
 static bool sample_image_id(const char *json, char *buf, size_t size)
@@ -158,12 +168,20 @@ static int sample_handle(const struct stage_ctx *ctx, const char *json, struct s
                 .stop = ctx->stop,
                 .trace_id = ctx->trace_id,
                 .parent_run_id = ctx->parent_run_id,
+                .source = ctx->source,
         };
         char key[300];
         int r;
 
         memset(ret, 0, sizeof(*ret));
-        if (!sample_image_id(json, job.image_id, sizeof(job.image_id))) {
+        if (sample_image_id(json, job.image_id, sizeof(job.image_id)) && id == STAGE_DOWNLOAD) {
+                /* The engine call itself failing, as when PostgreSQL refuses a value. */
+                if (sample_has_prefix(job.image_id, "broken-"))
+                        return err_set(-EINVAL, "sample engine refuses '%s'", job.image_id);
+                if (sample_has_prefix(job.image_id, "stuck-"))
+                        return err_set(-EAGAIN, "sample engine is stuck on '%s'", job.image_id);
+        }
+        if (!job.image_id[0]) {
                 ret->outcome = FSM_OUTCOME_FAILED;
                 ret->error = -EINVAL;
                 ret->error_class = STAGE_ERROR_INVALID_REQUEST;
@@ -203,6 +221,30 @@ static const struct stage sample_stages[] = {
         {STAGE_ACTIVATE, "activate", sample_activate},
 };
 
+int wt_run_stage(struct wt_env *e, const struct stage *stage, const char *json, bool handoff,
+                 struct stage_result *ret)
+{
+        struct lease_keeper *leases = NULL;
+        struct stage_ctx ctx = {
+                .cfg = &e->cfg,
+                .db = e->db,
+                .worker_id = "wt-host/test/in-process",
+                .handoff = handoff,
+        };
+        int r;
+
+        assert_int_equal(lease_keeper_new(e->url, e->cfg.lease_seconds * 1000, &leases), 0);
+        ctx.leases = leases;
+        r = stage->handle(&ctx, json, ret);
+        lease_keeper_free(leases);
+        return r;
+}
+
+const struct stage *wt_sample_stage(enum stage_id id)
+{
+        return &sample_stages[id];
+}
+
 bool wt_child_main(int argc, char **argv, int *ret_status)
 {
         const struct stage *stages[STAGE_COUNT];
@@ -210,8 +252,12 @@ bool wt_child_main(int argc, char **argv, int *ret_status)
         const char *only = getenv("FIM_TEST_STAGES");
         struct config cfg;
 
-        if (argc < 2 || strcmp(argv[1], "worker") != 0)
+        if (argc < 2 || strcmp(argv[1], "worker") != 0) {
+                /* The test process: FIM_TEST_FILTER="test_worker_poison*" runs some cases. */
+                if (getenv("FIM_TEST_FILTER"))
+                        cmocka_set_test_filter(getenv("FIM_TEST_FILTER"));
                 return false;
+        }
         if (config_load(&cfg, NULL) < 0) {
                 fprintf(stderr, "worker: bad configuration: %s\n", err_last());
                 config_done(&cfg);
@@ -367,9 +413,12 @@ void wt_teardown(struct wt_env *e)
 
 /* ---- processes ---------------------------------------------------------------------- */
 
-/* Fork and exec @path with @argv and the extra settings; the pid is remembered in @e. */
+/*
+ * Fork and exec @path with @argv and the extra settings, stderr appended to @log when not
+ * NULL; the pid is remembered in @e.
+ */
 static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *argv,
-                      const char *const *extra_env)
+                      const char *const *extra_env, const char *log)
 {
         size_t slot = 0;
         pid_t pid;
@@ -383,6 +432,12 @@ static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *arg
         if (pid == 0) {
                 for (size_t i = 0; extra_env && extra_env[i]; i++)
                         (void)putenv((char *)extra_env[i]);
+                if (log) {
+                        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+
+                        if (fd < 0 || dup2(fd, STDERR_FILENO) < 0)
+                                _exit(126);
+                }
                 execv(path, (char *const *)argv);
                 _exit(127);
         }
@@ -392,14 +447,19 @@ static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *arg
 
 pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env)
 {
+        return wt_worker_start_log(e, extra_env, NULL);
+}
+
+pid_t wt_worker_start_log(struct wt_env *e, const char *const *extra_env, const char *log)
+{
         static const char *const argv[] = {"test-worker", "worker", NULL};
 
-        return wt_spawn(e, "/proc/self/exe", argv, extra_env);
+        return wt_spawn(e, "/proc/self/exe", argv, extra_env, log);
 }
 
 pid_t wt_cli_start(struct wt_env *e, const char *const *args, const char *const *extra_env)
 {
-        return wt_spawn(e, FIM_BINARY_DIR "/flyio-image-manager", args, extra_env);
+        return wt_spawn(e, FIM_BINARY_DIR "/flyio-image-manager", args, extra_env, NULL);
 }
 
 static void wt_forget(struct wt_env *e, pid_t pid)
@@ -477,19 +537,26 @@ int wt_cli(struct wt_env *e, char *out, size_t size, const char *const *args)
 
 void wt_produce(struct wt_env *e, const char *suffix, const char *key, const char *value)
 {
+        static const char *const names[] = {"attempt"};
+        static const char *const values[] = {"1"};
+
+        wt_produce_headers(e, suffix, key, value, 1, names, values);
+}
+
+void wt_produce_headers(struct wt_env *e, const char *suffix, const char *key, const char *value,
+                        size_t nheaders, const char *const *names, const char *const *values)
+{
         static struct kafka_producer *producer;
         static char brokers[256];
         char topic[KAFKA_NAME_MAX];
         struct kafka_delivery d;
-        const char *names[] = {"attempt"};
-        const char *values[] = {"1"};
         struct kafka_record rec = {
                 .topic = topic,
                 .key = key,
                 .key_len = key ? strlen(key) : 0,
                 .value = value,
                 .value_len = strlen(value),
-                .headers = kafka_headers_new(1, names, values),
+                .headers = kafka_headers_new(nheaders, names, values),
         };
 
         /* One producer per broker address for the whole test program. */

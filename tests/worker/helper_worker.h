@@ -11,10 +11,13 @@
  * transition); "record" writes the handoff to the next stage into the outbox in the
  * transaction that completes the run. What the work step does depends on the image id:
  *
- *   slow-*    sleeps FIM_TEST_SLOW_MS (default 2000) ms in the download stage
+ *   slow-*    sleeps FIM_TEST_SLOW_MS (default 2000) ms in the download stage's work step
+ *   slowlast-* the same in the download stage's last step, "record"
  *   med-*     sleeps 150 ms in every stage
  *   fail-*    fails permanently in the download stage while sample_fail lists the image
  *   flaky-*   fails transiently in the download stage, every time
+ *   broken-*  the download stage's call fails with -EINVAL before any run (engine trouble)
+ *   stuck-*   the download stage's call fails with -EAGAIN before any run, every time
  *
  * A request without a non-empty string "image_id" is an invalid request.
  */
@@ -25,6 +28,7 @@
 #include <sys/types.h>
 
 #include "config/config.h"
+#include "worker/stage.h"
 
 struct db;
 
@@ -39,9 +43,20 @@ struct wt_env {
 
 /*
  * If argv asks for it ("worker"), run a sample worker process from the environment and
- * return true with its exit status in *ret_status. Call first thing in main().
+ * return true with its exit status in *ret_status. Call first thing in main(). In the test
+ * process, FIM_TEST_FILTER (a cmocka pattern such as "test_worker_poison*") selects cases.
  */
 bool wt_child_main(int argc, char **argv, int *ret_status);
+
+/*
+ * Run @stage's handler in this process, as process-image does (@handoff false) or as a worker
+ * does, with the test's configuration and database. Returns what the handler returns.
+ */
+int wt_run_stage(struct wt_env *e, const struct stage *stage, const char *json, bool handoff,
+                 struct stage_result *ret);
+
+/* The sample stage @id, as the worker processes run it. */
+const struct stage *wt_sample_stage(enum stage_id id);
 
 /*
  * Create the database, the sample tables and the topics (3 partitions per stage, 1 for the
@@ -56,6 +71,9 @@ void wt_teardown(struct wt_env *e);
 /* Start a worker process (stderr goes to ours). Extra "NAME=value" settings may follow. */
 pid_t wt_worker_start(struct wt_env *e, const char *const *extra_env);
 
+/* The same with the worker's stderr appended to the file @log. */
+pid_t wt_worker_start_log(struct wt_env *e, const char *const *extra_env, const char *log);
+
 /* Start the real binary with @args (NULL-terminated) in the background, like a worker. */
 pid_t wt_cli_start(struct wt_env *e, const char *const *args, const char *const *extra_env);
 
@@ -67,6 +85,10 @@ int wt_worker_stop(struct wt_env *e, pid_t pid, int sig, int timeout_ms);
 
 /* Produce one message to "<prefix>.<suffix>" and wait for the broker; fails the test. */
 void wt_produce(struct wt_env *e, const char *suffix, const char *key, const char *value);
+
+/* The same with the given headers (NUL-terminated values; NULL values are left out). */
+void wt_produce_headers(struct wt_env *e, const char *suffix, const char *key, const char *value,
+                        size_t nheaders, const char *const *names, const char *const *values);
 
 /* Sum of the high watermarks of "<prefix>.<suffix>". */
 long wt_topic_end(struct wt_env *e, const char *suffix);

@@ -24,6 +24,8 @@
 #include "common/util.h"
 #include "helper_worker.h"
 #include "stages/download.h"
+#include "stages/request.h"
+#include "worker/stage.h"
 
 struct dl_env {
         struct wt_env wt;
@@ -45,6 +47,9 @@ static int setup(void **state)
         (void)snprintf(d->images, sizeof(d->images), "%s/images", d->dir);
         assert_int_equal(mkdir(d->images, 0755), 0);
         assert_int_equal(setenv("LOCAL_DIR", d->images, 1), 0);
+        /* The test's own in-process runs see what the workers see. */
+        config_done(&d->wt.cfg);
+        assert_int_equal(config_load(&d->wt.cfg, NULL), 0);
         *state = d;
         return 0;
 }
@@ -148,11 +153,68 @@ static void test_worker_download_stage_hands_off_to_unpack(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/*
+ * process-image downloaded the image (handoff off) and stopped before unpacking. The same
+ * request enqueued later finds the download key complete and, since that run handed nothing
+ * off, the worker writes the unpack request now: the image is not stranded.
+ */
+static void test_worker_download_completed_in_process_hands_off_later(void **state)
+{
+        struct dl_env *d = *state;
+        struct wt_env *e = &d->wt;
+        char key[128], image[80], sha[DOWNLOAD_SHA256_HEX_LEN + 1], out[4096], local[256];
+        const char *worker[] = {"flyio-image-manager", "worker", "--stages", "download", NULL};
+        const char *enqueue[] = {
+                "flyio-image-manager", "enqueue", "--s3-key", key, "--image-id", image,
+                "--checksum",          sha,       NULL};
+        struct download_request req = {0};
+        struct stage_result res = {0};
+        struct wt_msg *msgs = NULL;
+        struct json_object *next;
+        char run_id[64];
+        char *json;
+        pid_t w;
+
+        (void)snprintf(key, sizeof(key), "wt/%s/later.tar", e->prefix);
+        (void)snprintf(image, sizeof(image), "later-%s", e->prefix);
+        seed_object(d, key, sha);
+        (void)snprintf(req.s3_key, sizeof(req.s3_key), "%s", key);
+        (void)snprintf(req.image_id, sizeof(req.image_id), "%s", image);
+        (void)snprintf(req.checksum, sizeof(req.checksum), "%s", sha);
+        json = download_request_encode(&req);
+        assert_non_null(json);
+        assert_int_equal(wt_run_stage(e, stage_get(STAGE_DOWNLOAD), json, false, &res), 0);
+        free(json);
+        if (res.outcome != FSM_OUTCOME_COMPLETE)
+                fail_msg("in-process download: %s", res.error_text);
+        (void)snprintf(run_id, sizeof(run_id), "%s", res.run_id);
+        stage_result_done(&res);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM outbox"), 0);
+
+        w = wt_cli_start(e, worker, NULL);
+        assert_int_equal(wt_cli(e, out, sizeof(out), enqueue), 0);
+        wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL");
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 1);
+        assert_int_equal(wt_read_topic(e, "unpack", &msgs), 1);
+        assert_string_equal(wt_header(&msgs[0], "parent_run_id"), run_id);
+        next = json_tokener_parse(msgs[0].value);
+        assert_non_null(next);
+        (void)snprintf(local, sizeof(local), "%s/%s.tar", d->images, image);
+        assert_string_equal(json_str(next, "local_path"), local);
+        assert_string_equal(json_str(next, "checksum"), sha);
+        json_object_put(next);
+        wt_msgs_free(msgs, 1);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
 int main(int argc, char **argv)
 {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_worker_download_stage_hands_off_to_unpack,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(
+                        test_worker_download_completed_in_process_hands_off_later, setup, teardown),
         };
         int status;
 
