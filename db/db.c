@@ -42,6 +42,8 @@ static int db_error(struct db *db, const PGresult *res)
         else if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 ||
                  strncmp(state, "53", 2) == 0 || strcmp(state, "55P03") == 0)
                 r = -EAGAIN;
+        else if (strcmp(state, "57014") == 0)
+                r = -ETIMEDOUT; /* statement_timeout or a cancel: worth another try later */
         else if (strcmp(state, "23505") == 0)
                 r = -EEXIST;
         else
@@ -164,46 +166,91 @@ int db_query_row(struct db *db, PGresult **ret_res, const char *sql, int nparams
         return 1;
 }
 
-int db_tx(struct db *db, db_tx_fn fn, void *userdata)
+/*
+ * BEGIN, @fn, COMMIT once. Returns 0 with @fn's result in *ret_result once committed; a
+ * negative errno when it rolled back (or never began); or DB_COMMIT_UNKNOWN when the
+ * connection was lost while COMMIT was in flight, so that nobody knows whether it committed.
+ */
+static int db_tx_once(struct db *db, db_tx_fn fn, void *userdata, int *ret_result)
 {
-        int r = 0;
+        int r, commit;
+
+        r = db_exec_script(db, "BEGIN");
+        if (r < 0)
+                return r;
+        r = fn(db, userdata);
+        if (r < 0) {
+                /* Keep fn's message: the rollback's own outcome matters less. */
+                if (PQstatus(db->conn) != CONNECTION_BAD)
+                        PQclear(PQexec(db->conn, "ROLLBACK"));
+                return r;
+        }
+        *ret_result = r;
+        commit = db_exec_script(db, "COMMIT");
+        if (commit == 0)
+                return 0;
+        /*
+         * A server that answers COMMIT with an error (a serialization failure or a deferred
+         * constraint) has rolled back. A lost connection tells nothing: the commit record may
+         * have been written just before it dropped.
+         */
+        if (commit != -ECONNRESET)
+                return commit;
+        return err_wrap(
+                DB_COMMIT_UNKNOWN,
+                "connection lost during COMMIT, the transaction may or may not have committed");
+}
+
+int db_tx_checked(struct db *db, db_tx_fn fn, db_tx_check_fn committed, void *userdata)
+{
+        bool unknown = false;
+        int result = 0, r = 0;
 
         for (int attempt = 1; attempt <= DB_TX_ATTEMPTS; attempt++) {
+                if (attempt > 1) {
+                        log_debug("retrying transaction", "attempt=%d sqlstate=%s unknown=%d",
+                                  attempt, db->sqlstate, unknown);
+                        util_sleep_ms(20LL << attempt);
+                }
                 if (PQstatus(db->conn) == CONNECTION_BAD) {
                         r = db_reconnect(db);
                         if (r < 0)
-                                goto retry;
+                                continue;
                 }
-                r = db_exec_script(db, "BEGIN");
-                if (r < 0)
-                        goto retry;
-                r = fn(db, userdata);
-                if (r < 0) {
-                        int saved = r;
-
-                        /* Keep fn's message: the rollback's own outcome matters less. */
-                        if (PQstatus(db->conn) != CONNECTION_BAD)
-                                (void)PQclear(PQexec(db->conn, "ROLLBACK"));
-                        r = saved;
-                        goto retry;
+                if (unknown) {
+                        /* Find out before doing anything twice. */
+                        r = committed(db, userdata);
+                        if (r > 0)
+                                return result;
+                        if (r < 0 && r != -EAGAIN && r != -ECONNRESET)
+                                return r;
+                        if (r < 0)
+                                continue;
+                        unknown = false;
                 }
-                {
-                        int commit = db_exec_script(db, "COMMIT");
-
-                        if (commit < 0) {
-                                r = commit;
-                                goto retry;
-                        }
+                r = db_tx_once(db, fn, userdata, &result);
+                if (r == 0)
+                        return result;
+                if (r == DB_COMMIT_UNKNOWN) {
+                        if (!committed)
+                                return r;
+                        unknown = true;
+                        continue;
                 }
-                return r;
-retry:
                 /* Only database-level transient failures repeat the transaction. */
                 if (r != -EAGAIN && r != -ECONNRESET)
                         return r;
-                log_debug("retrying transaction", "attempt=%d sqlstate=%s", attempt, db->sqlstate);
-                util_sleep_ms(20LL << attempt);
         }
+        if (unknown)
+                return err_wrap(
+                        DB_COMMIT_UNKNOWN,
+                        "could not find out whether a transaction committed after its connection was lost");
         return r;
+}
+
+int db_tx(struct db *db, db_tx_fn fn, void *userdata)
+{
+        return db_tx_checked(db, fn, NULL, userdata);
 }
 
 int db_schema_latest(void)
