@@ -286,6 +286,50 @@ struct db_migrate_state {
         int version;
 };
 
+static const struct db_migration *db_migration_find(int version)
+{
+        for (unsigned i = 0; i < db_migrations_count; i++) {
+                if (db_migrations[i].version == version)
+                        return &db_migrations[i];
+        }
+        return NULL;
+}
+
+/*
+ * Compare the checksum recorded for each applied migration with this binary's copy: a
+ * migration edited after it ran means the database does not have the schema this binary
+ * describes. With @record, migrations applied before checksums were kept get this binary's
+ * (the first binary to look vouches for them). Returns 0 or -ESTALE naming the migration.
+ */
+static int db_migrations_verify(struct db *db, bool record)
+{
+        PGresult *res = NULL;
+        int r;
+
+        r = db_exec(db, &res, "SELECT version, checksum FROM schema_migrations ORDER BY version", 0,
+                    NULL);
+        if (r < 0)
+                return r;
+        for (int i = 0; i < PQntuples(res) && r == 0; i++) {
+                const struct db_migration *m = db_migration_find((int)db_get_i64(res, i, 0));
+                const char *sum = db_get(res, i, 1);
+
+                if (!m)
+                        continue; /* newer than this binary: db_schema_check says so */
+                if (!sum && record)
+                        r = db_exec(db, NULL,
+                                    "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                                    2, (const char *const[]){db_get(res, i, 0), m->checksum});
+                else if (sum && strcmp(sum, m->checksum) != 0)
+                        r = err_set(
+                                -ESTALE,
+                                "migration %04d_%s was changed after it was applied: the database recorded SHA-256 %.12s..., this binary's copy is %.12s...; restore the applied text of migrations/%04d_%s.sql and put the change in a new migration",
+                                m->version, m->name, sum, m->checksum, m->version, m->name);
+        }
+        PQclear(res);
+        return r;
+}
+
 static int db_migrate_tx(struct db *db, void *userdata)
 {
         struct db_migrate_state *st = userdata;
@@ -296,10 +340,16 @@ static int db_migrate_tx(struct db *db, void *userdata)
         r = db_exec_script(db, "SELECT pg_advisory_xact_lock(" DB_MIGRATION_LOCK_KEY ")");
         if (r < 0)
                 return r;
-        r = db_exec_script(db, "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                               " version integer PRIMARY KEY,"
-                               " name text NOT NULL,"
-                               " applied_at timestamptz NOT NULL DEFAULT now())");
+        r = db_exec_script(db,
+                           "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                           " version integer PRIMARY KEY,"
+                           " name text NOT NULL,"
+                           " applied_at timestamptz NOT NULL DEFAULT now(),"
+                           " checksum text);"
+                           "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text");
+        if (r < 0)
+                return r;
+        r = db_migrations_verify(db, true);
         if (r < 0)
                 return r;
         r = db_schema_version(db, &current);
@@ -308,7 +358,7 @@ static int db_migrate_tx(struct db *db, void *userdata)
         for (unsigned i = 0; i < db_migrations_count; i++) {
                 const struct db_migration *m = &db_migrations[i];
                 char version[16];
-                const char *params[2] = {version, m->name};
+                const char *params[3] = {version, m->name, m->checksum};
 
                 if (m->version <= current)
                         continue;
@@ -318,8 +368,9 @@ static int db_migrate_tx(struct db *db, void *userdata)
                                         m->name);
                 (void)snprintf(version, sizeof(version), "%d", m->version);
                 r = db_exec(db, NULL,
-                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", 2,
-                            params);
+                            "INSERT INTO schema_migrations (version, name, checksum)"
+                            " VALUES ($1, $2, $3)",
+                            3, params);
                 if (r < 0)
                         return r;
                 st->applied++;
@@ -345,6 +396,7 @@ int db_migrate(struct db *db, int *ret_applied, int *ret_version)
 int db_schema_check(struct db *db)
 {
         int version, latest = db_schema_latest();
+        PGresult *res = NULL;
         int r;
 
         r = db_schema_version(db, &version);
@@ -360,7 +412,16 @@ int db_schema_check(struct db *db)
                         -ESTALE,
                         "database schema is at version %d, newer than this binary knows (%d): upgrade flyio-image-manager",
                         version, latest);
-        return 0;
+        /* A database migrated before checksums were kept has none to compare yet. */
+        r = db_query_row(
+                db, &res,
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('schema_migrations')"
+                " AND attname = 'checksum' AND NOT attisdropped",
+                0, NULL);
+        if (r <= 0)
+                return r;
+        PQclear(res);
+        return db_migrations_verify(db, false);
 }
 
 const char *db_get(const PGresult *res, int row, int col)

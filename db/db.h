@@ -103,8 +103,9 @@ int db_schema_version(struct db *db, int *ret_version);
 int db_schema_latest(void);
 
 /*
- * Refuse to work against a schema older or newer than this binary's: returns -ESTALE with a
- * message that says what fixes it (run migrate, or upgrade the binary).
+ * Refuse to work against a schema older or newer than this binary's, or one whose applied
+ * migrations were changed since: returns -ESTALE with a message that says what fixes it (run
+ * migrate, upgrade the binary, restore the migration).
  */
 int db_schema_check(struct db *db);
 

@@ -356,6 +356,50 @@ static void test_db_tx_commit_killed_by_the_server(void **state)
         pg_test_drop(url);
 }
 
+/* An applied migration whose text changed is refused, by migrate and by the schema check. */
+static void test_db_changed_migration_is_refused(void **state)
+{
+        char url[512], sql[256];
+        struct db *db;
+        int applied, version;
+
+        (void)state;
+        pg_test_create(url, sizeof(url));
+        db = pg_test_connect(url);
+        assert_int_equal(pg_test_scalar(db, "SELECT count(*) FROM schema_migrations"
+                                            " WHERE checksum ~ '^[0-9a-f]{64}$'"),
+                         (long)db_migrations_count);
+        (void)snprintf(sql, sizeof(sql),
+                       "SELECT count(*) FROM schema_migrations WHERE version = 1"
+                       " AND checksum = '%s'",
+                       db_migrations[0].checksum);
+        assert_int_equal(pg_test_scalar(db, sql), 1);
+
+        /* As if migrations/0001_initial.sql had been edited after it ran here. */
+        assert_int_equal(db_exec_script(db,
+                                        "UPDATE schema_migrations SET checksum = repeat('0', 64)"
+                                        " WHERE version = 1"),
+                         0);
+        assert_int_equal(db_migrate(db, &applied, &version), -ESTALE);
+        assert_non_null(
+                strstr(err_last(), "migration 0001_initial was changed after it was applied"));
+        assert_non_null(
+                strstr(err_last(), "restore the applied text of migrations/0001_initial.sql"));
+        assert_int_equal(db_schema_check(db), -ESTALE);
+        assert_non_null(strstr(err_last(), "0001_initial"));
+
+        /* A database migrated before checksums were kept: migrate records them, quietly. */
+        assert_int_equal(db_exec_script(db, "ALTER TABLE schema_migrations DROP COLUMN checksum"),
+                         0);
+        assert_int_equal(db_schema_check(db), 0);
+        assert_int_equal(db_migrate(db, &applied, &version), 0);
+        assert_int_equal(applied, 0);
+        assert_int_equal(pg_test_scalar(db, sql), 1);
+        assert_int_equal(db_schema_check(db), 0);
+        db_free(db);
+        pg_test_drop(url);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -365,6 +409,7 @@ int main(void)
                 cmocka_unit_test(test_db_tx_retries_transient_failures),
                 cmocka_unit_test(test_db_tx_lost_commit_is_not_blindly_repeated),
                 cmocka_unit_test(test_db_tx_commit_killed_by_the_server),
+                cmocka_unit_test(test_db_changed_migration_is_refused),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
