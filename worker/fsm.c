@@ -32,11 +32,20 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "config/config.h"
 #include "db/db.h"
 #include "worker/lease.h"
 #include "worker/metrics.h"
 
 #define FSM_CLAIM_ATTEMPTS 5
+
+/*
+ * An owner is "<worker id>/<10 token characters>", and worker ids are the host id plus at
+ * most 64 characters of pid, stage and thread number (worker/pool.c, process-image).
+ */
+#define FSM_OWNER_TOKEN_LEN 10
+_Static_assert(CONFIG_HOST_ID_MAX + 64 + 1 + FSM_OWNER_TOKEN_LEN <= LEASE_OWNER_MAX,
+               "a lease owner built from the longest HOST_ID must fit LEASE_OWNER_MAX");
 
 struct fsm_run {
         struct db *db;
@@ -44,7 +53,7 @@ struct fsm_run {
         const struct fsm_options *opts;
         void *userdata;
         char run_id[ULID_LEN + 1];
-        char owner[320];
+        char owner[LEASE_OWNER_MAX + 1];
         const char *key;
         const char *request;
         struct json_object *response;
@@ -637,6 +646,7 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
         };
         struct fsm_result res = {0};
         char token[ULID_LEN + 1];
+        int64_t claim_ms;
         int r;
 
         FIM_ASSERT(def->transition_count > 0 && opts->leases && opts->max_attempts > 0);
@@ -644,8 +654,14 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
         if (r < 0)
                 return err_set(r, "failed to make a lease token");
         /* A token per execution: two threads of one worker never share an owner. */
-        (void)snprintf(run.owner, sizeof(run.owner), "%s/%s", opts->worker_id, token + 16);
+        r = util_snprintf(run.owner, sizeof(run.owner), "%s/%s", opts->worker_id,
+                          token + ULID_LEN - FSM_OWNER_TOKEN_LEN);
+        if (r < 0)
+                return err_set(r, "worker id '%.64s...' is too long for a lease owner (at most %d)",
+                               opts->worker_id, LEASE_OWNER_MAX - FSM_OWNER_TOKEN_LEN - 1);
 
+        /* The claim grants the lease at some point after this. */
+        claim_ms = util_now_monotonic_ms();
         r = fsm_claim(&run);
         if (r < 0)
                 goto out;
@@ -657,7 +673,7 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
                 goto out;
         }
 
-        r = lease_keeper_add(opts->leases, run.run_id, run.owner, &run.lease);
+        r = lease_keeper_add(opts->leases, run.run_id, run.owner, claim_ms, &run.lease);
         if (r < 0)
                 goto out;
         r = fsm_load_response(&run);

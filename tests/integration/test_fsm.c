@@ -10,6 +10,7 @@
  * transition, whatever crashed.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -19,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -28,6 +30,7 @@
 #include "common/util.h"
 #include "db/db.h"
 #include "helper_pg.h"
+#include "helper_pgproxy.h"
 #include "worker/fsm.h"
 #include "worker/lease.h"
 
@@ -40,8 +43,18 @@ struct sample {
         int fail_errno;      /* negative errno returned by fail_at */
         int fail_times;      /* how many calls of fail_at fail (-1: all) */
         int fail_calls;
-        int failures_recorded; /* on_failure hook calls */
+        int failures_recorded;               /* on_failure hook calls */
+        const char *arm_at;                  /* step that arms a COMMIT fault on g_proxy ... */
+        enum pgproxy_commit_fault arm_fault; /* ... this one */
+        bool cut_when_failing;               /* fail_at cuts g_proxy's connections first */
+        const char *stop_at;                 /* step that asks for a graceful stop */
+        const char *wait_stop_at;            /* step that runs until told to stop */
+        int64_t stopped_after_ms;            /* ... and how long that took */
 };
+
+/* For the tests that put a proxy between the engine and PostgreSQL. */
+static struct pgproxy *g_proxy;
+static volatile sig_atomic_t g_stop;
 
 static int sample_step(struct fsm_run *run, void *userdata, const char *name)
 {
@@ -57,6 +70,17 @@ static int sample_step(struct fsm_run *run, void *userdata, const char *name)
                     params);
         if (r < 0)
                 return r;
+        if (s->arm_at && strcmp(s->arm_at, name) == 0)
+                pgproxy_arm_commit(g_proxy, s->arm_fault);
+        if (s->stop_at && strcmp(s->stop_at, name) == 0)
+                g_stop = 1;
+        if (s->wait_stop_at && strcmp(s->wait_stop_at, name) == 0) {
+                int64_t start = util_now_monotonic_ms();
+
+                while (!fsm_run_should_stop(run) && util_now_monotonic_ms() - start < 20000)
+                        util_sleep_ms(10);
+                s->stopped_after_ms = util_now_monotonic_ms() - start;
+        }
         if (s->hang_at && strcmp(s->hang_at, name) == 0) {
                 if (s->hang_ms < 0)
                         for (;;)
@@ -65,8 +89,11 @@ static int sample_step(struct fsm_run *run, void *userdata, const char *name)
         }
         if (s->fail_at && strcmp(s->fail_at, name) == 0) {
                 s->fail_calls++;
-                if (s->fail_times < 0 || s->fail_calls <= s->fail_times)
+                if (s->fail_times < 0 || s->fail_calls <= s->fail_times) {
+                        if (s->cut_when_failing)
+                                pgproxy_cut(g_proxy);
                         return err_set(s->fail_errno, "sample step '%s' failed on purpose", name);
+                }
         }
         json_object_object_add(fsm_run_response(run), name, json_object_new_boolean(1));
         return 0;
@@ -160,25 +187,33 @@ static struct fsm_options sample_options(struct lease_keeper *leases, const char
                 .retry_base_ms = 100,
                 .retry_max_ms = 400,
                 .leases = leases,
+                .stop = &g_stop,
         };
         return o;
+}
+
+/* Execute once with a fresh connection to @db_url and a lease keeper on @keeper_url. */
+static int sample_execute_via(const char *db_url, const char *keeper_url, const char *key,
+                              struct sample *s, struct fsm_result *res)
+{
+        struct db *db = pg_test_connect(db_url);
+        struct lease_keeper *leases = NULL;
+        struct fsm_options o;
+        int r;
+
+        assert_int_equal(lease_keeper_new(keeper_url, LEASE_MS, &leases), 0);
+        o = sample_options(leases, "test-worker");
+        r = fsm_execute(db, &sample_fsm, &o, key, "{\"image_id\":\"sample-image\"}", s, res);
+        lease_keeper_free(leases);
+        db_free(db);
+        return r;
 }
 
 /* Execute once in this process with a fresh connection and lease keeper. */
 static int sample_execute(const char *url, const char *key, struct sample *s,
                           struct fsm_result *res)
 {
-        struct db *db = pg_test_connect(url);
-        struct lease_keeper *leases = NULL;
-        struct fsm_options o;
-        int r;
-
-        assert_int_equal(lease_keeper_new(url, LEASE_MS, &leases), 0);
-        o = sample_options(leases, "test-worker");
-        r = fsm_execute(db, &sample_fsm, &o, key, "{\"image_id\":\"sample-image\"}", s, res);
-        lease_keeper_free(leases);
-        db_free(db);
-        return r;
+        return sample_execute_via(url, url, key, s, res);
 }
 
 /* Keep executing while another worker holds the run, up to a deadline. */
@@ -458,6 +493,151 @@ static void test_fsm_exhausts_attempts(void **state)
         fsm_result_done(&res);
 }
 
+struct lease_thread {
+        const char *url;
+        struct lease_keeper *leases;
+        struct sample s;
+        struct fsm_result res;
+        int r;
+};
+
+static void *lease_thread_main(void *arg)
+{
+        struct lease_thread *t = arg;
+        struct db *db = NULL;
+        struct fsm_options o = sample_options(t->leases, "test-worker");
+
+        if (db_connect(t->url, &db) < 0) {
+                t->r = -ECONNREFUSED;
+                return NULL;
+        }
+        t->r = fsm_execute(db, &sample_fsm, &o, "lease-loss", "{\"image_id\":\"sample-image\"}",
+                           &t->s, &t->res);
+        db_free(db);
+        return NULL;
+}
+
+struct add_remove {
+        struct lease_keeper *leases;
+        bool done;
+};
+
+static void *add_remove_main(void *arg)
+{
+        struct add_remove *a = arg;
+        struct lease *extra = NULL;
+
+        if (lease_keeper_add(a->leases, "01JABCDEFGHJKMNPQRSTVWXYZ0", "other",
+                             util_now_monotonic_ms(), &extra) == 0)
+                lease_keeper_remove(a->leases, extra);
+        a->done = true;
+        return NULL;
+}
+
+/*
+ * How long registering and removing a lease takes, from another thread, as a worker thread
+ * does it; if it blocks for a second, unblock the keeper (so the test ends) and fail.
+ */
+static int64_t add_remove_took_ms(struct lease_keeper *leases)
+{
+        struct add_remove a = {leases, false};
+        int64_t start = util_now_monotonic_ms();
+        struct timespec until;
+        pthread_t thread;
+        int r;
+
+        assert_int_equal(pthread_create(&thread, NULL, add_remove_main, &a), 0);
+        (void)clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 1;
+        r = pthread_timedjoin_np(thread, NULL, &until);
+        if (r == ETIMEDOUT) {
+                pgproxy_set_mode(g_proxy, PGPROXY_PASS);
+                pgproxy_cut(g_proxy);
+                assert_int_equal(pthread_join(thread, NULL), 0);
+                fail_msg(
+                        "lease_keeper_add/remove blocked while the keeper waited for the database");
+        }
+        assert_int_equal(r, 0);
+        assert_true(a.done);
+        return util_now_monotonic_ms() - start;
+}
+
+/*
+ * The lease keeper cannot reach the database (it hangs, or it refuses connections) while
+ * the engine can: no extension succeeds, so within a lease duration the lease counts as lost
+ * and the run stops, as it would after a takeover, leaving the run to whoever takes it next.
+ * Meanwhile registering and removing leases never waits for the stuck keeper.
+ */
+static void test_fsm_lease_lost_when_database_unreachable(void **state)
+{
+        static const enum pgproxy_mode modes[] = {PGPROXY_BLACKHOLE, PGPROXY_REFUSE};
+        struct env *e = *state;
+        char purl[600];
+
+        for (size_t m = 0; m < 2; m++) {
+                struct lease_thread t = {.url = e->url, .s = {.wait_stop_at = "b"}};
+                struct fsm_result again;
+                struct sample s = {0};
+                pthread_t thread;
+                int64_t cut, took;
+
+                assert_int_equal(db_exec_script(e->db, "TRUNCATE fsm_events, idempotency_keys,"
+                                                       " fsm_runs, sample_calls, sample_effects"),
+                                 0);
+                g_proxy = pgproxy_start(e->url);
+                pgproxy_url(g_proxy, e->url, purl, sizeof(purl));
+                assert_int_equal(lease_keeper_new(purl, LEASE_MS, &t.leases), 0);
+                assert_int_equal(pthread_create(&thread, NULL, lease_thread_main, &t), 0);
+                while (count_where(e->db,
+                                   "SELECT count(*) FROM sample_calls WHERE transition = '%s'%s",
+                                   "b", "") == 0)
+                        util_sleep_ms(10);
+                pgproxy_set_mode(g_proxy, modes[m]);
+                cut = util_now_monotonic_ms();
+
+                /* After the keeper's next tick it is stuck (or failing); add/remove are not. */
+                util_sleep_ms(LEASE_MS / 3 + 200);
+                took = add_remove_took_ms(t.leases);
+                if (took > 100)
+                        fail_msg("lease_keeper_add/remove waited %lld ms for the keeper",
+                                 (long long)took);
+
+                assert_int_equal(pthread_join(thread, NULL), 0);
+                took = util_now_monotonic_ms() - cut;
+                assert_int_equal(t.r, 0);
+                assert_int_equal(t.res.outcome, FSM_OUTCOME_INTERRUPTED);
+                /* Lost between 2/3 and 1 lease duration after the last extension. */
+                if (took < LEASE_MS / 2 || took > LEASE_MS + 400)
+                        fail_msg("mode %zu: the run stopped %lld ms after the database went away",
+                                 m, (long long)took);
+                assert_true(t.s.stopped_after_ms < 20000);
+                /* Nothing recorded after the loss: b is not complete, the lease not released. */
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
+                                             " AND next_transition = 1 AND lease_owner LIKE '%s'",
+                                             t.res.run_id, "test-worker/%"),
+                                 1);
+                pgproxy_set_mode(g_proxy, PGPROXY_PASS);
+                pgproxy_cut(g_proxy); /* unblocks the keeper's call, so that it can stop */
+                lease_keeper_free(t.leases);
+                pgproxy_stop(g_proxy);
+                g_proxy = NULL;
+
+                /* Whoever comes next takes the run over once the lease has lapsed. */
+                sample_execute_until_not_busy(e->url, "lease-loss", &s, &again);
+                assert_int_equal(again.outcome, FSM_OUTCOME_COMPLETE);
+                assert_string_equal(again.run_id, t.res.run_id);
+                assert_int_equal(again.attempts, 2);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM sample_effects WHERE"
+                                             " run_id = '%s'%s",
+                                             again.run_id, ""),
+                                 4);
+                fsm_result_done(&again);
+                fsm_result_done(&t.res);
+        }
+}
+
 static void test_fsm_backoff_bounds(void **state)
 {
         (void)state;
@@ -492,6 +672,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(
                         test_fsm_permanent_error_aborts_then_replay_runs_again, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_exhausts_attempts, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_lease_lost_when_database_unreachable,
+                                                setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
