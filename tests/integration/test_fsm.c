@@ -493,6 +493,186 @@ static void test_fsm_exhausts_attempts(void **state)
         fsm_result_done(&res);
 }
 
+/* ---- the database connection fails under the engine ------------------------------------ */
+
+/* Check the run of @res: complete, one effect and @calls_b step calls of b, no takeover. */
+static void assert_clean_completion(struct env *e, const struct fsm_result *res, int attempts)
+{
+        assert_int_equal(res->outcome, FSM_OUTCOME_COMPLETE);
+        assert_int_equal(res->attempts, attempts);
+        for (size_t t = 0; t < sample_fsm.transition_count; t++)
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM sample_effects WHERE"
+                                             " run_id = '%s' AND transition = '%s'",
+                                             res->run_id, sample_transitions[t].name),
+                                 1);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                     " AND kind = '%s'",
+                                     res->run_id, "resume"),
+                         0);
+}
+
+/*
+ * The claim's COMMIT went through but its reply was lost (or it never arrived): the engine
+ * finds out which, instead of claiming again and finding its own live lease (BUSY).
+ */
+static void test_fsm_lost_commit_of_claim_is_resolved(void **state)
+{
+        static const enum pgproxy_commit_fault faults[] = {PGPROXY_COMMIT_DROP_AFTER,
+                                                           PGPROXY_COMMIT_DROP_BEFORE};
+        struct env *e = *state;
+        char purl[600];
+
+        g_proxy = pgproxy_start(e->url);
+        pgproxy_url(g_proxy, e->url, purl, sizeof(purl));
+        for (size_t i = 0; i < 2; i++) {
+                struct sample s = {0};
+                struct fsm_result res;
+                char key[32];
+
+                (void)snprintf(key, sizeof(key), "lost-claim-%zu", i);
+                /* The first COMMIT of an execution is the claim's. */
+                pgproxy_arm_commit(g_proxy, faults[i]);
+                assert_int_equal(sample_execute_via(purl, e->url, key, &s, &res), 0);
+                assert_true(pgproxy_commit_fault_done(g_proxy));
+                assert_clean_completion(e, &res, 1);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_runs WHERE"
+                                             " idempotency_key = '%s'%s",
+                                             key, ""),
+                                 1);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                             " AND kind = '%s'",
+                                             res.run_id, "start"),
+                                 1);
+                fsm_result_done(&res);
+        }
+        pgproxy_stop(g_proxy);
+        g_proxy = NULL;
+}
+
+/*
+ * A transition's completion committed but its reply was lost (or it was not committed): the
+ * engine looks for its own transition_complete event, so the effect is recorded once and the
+ * step is not run again.
+ */
+static void test_fsm_lost_commit_of_completion_is_resolved(void **state)
+{
+        static const struct {
+                const char *at;
+                enum pgproxy_commit_fault fault;
+        } cases[] = {
+                {"b", PGPROXY_COMMIT_DROP_AFTER},
+                {"d", PGPROXY_COMMIT_DROP_AFTER}, /* the last one also completes the run */
+                {"b", PGPROXY_COMMIT_DROP_BEFORE},
+        };
+        struct env *e = *state;
+        char purl[600];
+
+        g_proxy = pgproxy_start(e->url);
+        pgproxy_url(g_proxy, e->url, purl, sizeof(purl));
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+                /* Armed inside the step: the next COMMIT is that transition's completion. */
+                struct sample s = {.arm_at = cases[i].at, .arm_fault = cases[i].fault};
+                struct fsm_result res;
+                char key[32];
+
+                (void)snprintf(key, sizeof(key), "lost-complete-%zu", i);
+                assert_int_equal(sample_execute_via(purl, e->url, key, &s, &res), 0);
+                assert_true(pgproxy_commit_fault_done(g_proxy));
+                assert_clean_completion(e, &res, 1);
+                for (size_t t = 0; t < sample_fsm.transition_count; t++)
+                        assert_int_equal(count_where(e->db,
+                                                     "SELECT count(*) FROM sample_calls WHERE"
+                                                     " run_id = '%s' AND transition = '%s'",
+                                                     res.run_id, sample_transitions[t].name),
+                                         1);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                             " AND kind = '%s'",
+                                             res.run_id, "transition_complete"),
+                                 4);
+                fsm_result_done(&res);
+        }
+        pgproxy_stop(g_proxy);
+        g_proxy = NULL;
+}
+
+/*
+ * One dropped connection between transactions costs a reconnect, not a lease timeout and an
+ * attempt: the transition_start event, the retry record and the release on shutdown all
+ * reconnect and retry like transactions do.
+ */
+static void test_fsm_dropped_connection_costs_no_attempt(void **state)
+{
+        struct env *e = *state;
+        char purl[600];
+        struct fsm_result res;
+        int64_t start;
+
+        g_proxy = pgproxy_start(e->url);
+        pgproxy_url(g_proxy, e->url, purl, sizeof(purl));
+        {
+                /* b's completion commits, then the connection drops before c's start event. */
+                struct sample s = {.arm_at = "b", .arm_fault = PGPROXY_COMMIT_CUT_AFTER_REPLY};
+
+                start = util_now_monotonic_ms();
+                assert_int_equal(sample_execute_via(purl, e->url, "drop-start", &s, &res), 0);
+                assert_true(pgproxy_commit_fault_done(g_proxy));
+                assert_clean_completion(e, &res, 1);
+                assert_true(util_now_monotonic_ms() - start < LEASE_MS);
+                fsm_result_done(&res);
+        }
+        {
+                /* c fails transiently, and the connection is gone when the retry is recorded. */
+                struct sample s = {.fail_at = "c",
+                                   .fail_errno = -ECONNRESET,
+                                   .fail_times = 1,
+                                   .cut_when_failing = true};
+
+                assert_int_equal(sample_execute_via(purl, e->url, "drop-retry", &s, &res), 0);
+                assert_clean_completion(e, &res, 2);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                             " AND kind = '%s'",
+                                             res.run_id, "retry"),
+                                 1);
+                fsm_result_done(&res);
+        }
+        {
+                /* Shutdown after b; the connection drops before the run is released. */
+                struct sample s = {
+                        .stop_at = "b", .arm_at = "b", .arm_fault = PGPROXY_COMMIT_CUT_AFTER_REPLY};
+
+                g_stop = 0;
+                assert_int_equal(sample_execute_via(purl, e->url, "drop-release", &s, &res), 0);
+                g_stop = 0;
+                assert_int_equal(res.outcome, FSM_OUTCOME_INTERRUPTED);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
+                                             " AND lease_owner IS NULL AND status = '%s'",
+                                             res.run_id, "running"),
+                                 1);
+                assert_int_equal(count_where(e->db,
+                                             "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                             " AND kind = '%s'",
+                                             res.run_id, "release"),
+                                 1);
+                fsm_result_done(&res);
+
+                /* Released, so the next worker resumes at once, without an attempt. */
+                s = (struct sample){0};
+                assert_int_equal(sample_execute(e->url, "drop-release", &s, &res), 0);
+                assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+                assert_int_equal(res.attempts, 1);
+                fsm_result_done(&res);
+        }
+        pgproxy_stop(g_proxy);
+        g_proxy = NULL;
+}
+
 struct lease_thread {
         const char *url;
         struct lease_keeper *leases;
@@ -672,6 +852,12 @@ int main(void)
                 cmocka_unit_test_setup_teardown(
                         test_fsm_permanent_error_aborts_then_replay_runs_again, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_exhausts_attempts, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_lost_commit_of_claim_is_resolved, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_lost_commit_of_completion_is_resolved,
+                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_dropped_connection_costs_no_attempt, setup,
+                                                teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_lease_lost_when_database_unreachable,
                                                 setup, teardown),
         };
