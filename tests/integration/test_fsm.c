@@ -413,25 +413,76 @@ static void test_fsm_lease_expiry_takeover_fences_paused_owner(void **state)
         fsm_result_done(&res);
 }
 
+/*
+ * How long each retry waited, from the database's own clock: the "retry in N ms" event and
+ * the transition_start that followed it. Returns the number of retries found.
+ */
+static int retry_gaps(struct db *db, const char *run_id, int64_t *ret_delay, double *ret_gap,
+                      int max)
+{
+        PGresult *res = NULL;
+        int n;
+
+        assert_int_equal(db_exec(db, &res,
+                                 "SELECT r.detail, extract(epoch FROM s.at - r.at) * 1000"
+                                 " FROM fsm_events r CROSS JOIN LATERAL"
+                                 " (SELECT at FROM fsm_events s WHERE s.run_id = r.run_id"
+                                 "  AND s.id > r.id AND s.kind = 'transition_start'"
+                                 "  ORDER BY s.id LIMIT 1) s"
+                                 " WHERE r.run_id = $1 AND r.kind = 'retry' ORDER BY r.id",
+                                 1, (const char *const[]){run_id}),
+                         0);
+        n = PQntuples(res);
+        assert_true(n <= max);
+        for (int i = 0; i < n; i++) {
+                long long delay;
+
+                assert_int_equal(sscanf(db_get(res, i, 0), "retry in %lld ms", &delay), 1);
+                ret_delay[i] = delay;
+                ret_gap[i] = strtod(db_get(res, i, 1), NULL);
+        }
+        PQclear(res);
+        return n;
+}
+
 static void test_fsm_transient_errors_retry_with_backoff(void **state)
 {
+        /* Slack for one short transaction between the end of a sleep and the next event. */
+        const double epsilon_ms = 100;
         struct env *e = *state;
-        struct sample s = {.fail_at = "c", .fail_errno = -ECONNRESET, .fail_times = 2};
+        struct sample s = {.fail_at = "c", .fail_errno = -ECONNRESET, .fail_times = 4};
         struct fsm_result res;
-        int64_t start = util_now_monotonic_ms(), elapsed;
+        int64_t delay[8];
+        double gap[8], fraction[8];
+        int n, distinct = 0;
 
         assert_int_equal(sample_execute(e->url, "retry-key", &s, &res), 0);
-        elapsed = util_now_monotonic_ms() - start;
         assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
-        assert_int_equal(res.attempts, 3);
-        /* Backoffs of attempt 1 and 2 with base 100 ms: [50,100] + [100,200] ms. */
-        assert_true(elapsed >= 150);
-        assert_true(elapsed < 150 + 300 + 2000);
-        assert_int_equal(count_where(e->db,
-                                     "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
-                                     " AND kind = '%s'",
-                                     res.run_id, "retry"),
-                         2);
+        assert_int_equal(res.attempts, 5);
+        n = retry_gaps(e->db, res.run_id, delay, gap, 8);
+        assert_int_equal(n, 4);
+        for (int i = 0; i < n; i++) {
+                /* Nominal delay d of retry i+1 with base 100 ms, cap 400 ms: 100, 200, 400, 400. */
+                int64_t d = 100 << i > 400 ? 400 : 100 << i;
+
+                if (delay[i] < d / 2 || delay[i] > d)
+                        fail_msg("retry %d: delay %lld ms outside [%lld, %lld]", i + 1,
+                                 (long long)delay[i], (long long)(d / 2), (long long)d);
+                /*
+                 * The engine really waited that long (less 2 ms: it counts whole milliseconds,
+                 * the server microseconds), and not much longer.
+                 */
+                if (gap[i] < (double)delay[i] - 2 || gap[i] > (double)delay[i] + epsilon_ms)
+                        fail_msg("retry %d: waited %.1f ms for a delay of %lld ms", i + 1, gap[i],
+                                 (long long)delay[i]);
+                fraction[i] = (double)(delay[i] - d / 2) / (double)(d / 2);
+        }
+        /* The random half varies: without jitter every fraction would be the same. */
+        for (int i = 1; i < n; i++) {
+                if (fraction[i] != fraction[0])
+                        distinct++;
+        }
+        assert_true(distinct > 0);
         assert_int_equal(count_where(e->db,
                                      "SELECT count(*) FROM sample_effects WHERE run_id = '%s'%s",
                                      res.run_id, ""),
@@ -822,7 +873,7 @@ static void test_fsm_backoff_bounds(void **state)
 {
         (void)state;
         for (int attempt = 1; attempt <= 12; attempt++) {
-                int64_t d = 1000;
+                int64_t d = 1000, lo = INT64_MAX, hi = 0;
 
                 for (int i = 1; i < attempt; i++)
                         d = d * 2 > 30000 ? 30000 : d * 2;
@@ -831,9 +882,15 @@ static void test_fsm_backoff_bounds(void **state)
 
                         assert_true(b >= d / 2);
                         assert_true(b <= d);
+                        lo = b < lo ? b : lo;
+                        hi = b > hi ? b : hi;
                 }
+                /* The random half is used: the spread covers most of [d/2, d]. */
+                assert_true(hi - lo > d / 4);
+                /* Both ends are reachable. */
+                assert_true(fsm_backoff_ms(attempt, 1000, 30000, 0) == d / 2);
+                assert_true(fsm_backoff_ms(attempt, 1000, 30000, (uint32_t)(d / 2)) == d);
         }
-        assert_true(fsm_backoff_ms(1, 1000, 30000, 0) == 500);
         assert_true(fsm_backoff_ms(40, 1000, 30000, 0) == 15000);
 }
 
