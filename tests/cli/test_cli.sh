@@ -169,6 +169,13 @@ run "migrate against a newer schema fails" 1 "schema is at version 9999, newer t
 check "newer schema: no nothing-to-do" not_contains "$LAST_OUT" "nothing to do"
 run "commands refuse a newer schema" 1 "newer than this binary knows" -- list-images
 sql "DELETE FROM schema_migrations WHERE version = 9999"
+# An applied migration whose text changed since: refused, naming it.
+sum1=$(sql "SELECT checksum FROM schema_migrations WHERE version = 1")
+check "migrate recorded a checksum" grep -Eq '^[0-9a-f]{64}$' <<<"$sum1"
+sql "UPDATE schema_migrations SET checksum = repeat('0', 64) WHERE version = 1"
+run "migrate refuses a changed migration" 1 "migration 0001_initial was changed after it was applied" -- migrate
+run "commands refuse a changed migration" 1 "migration 0001_initial was changed after it was applied" -- list-images
+sql "UPDATE schema_migrations SET checksum = '$sum1' WHERE version = 1"
 
 # --- list-images ------------------------------------------------------------------------
 run "list-images empty" 0 "^IMAGE_ID +STATUS +SIZE +CHECKSUM" -- list-images

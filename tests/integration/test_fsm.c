@@ -869,6 +869,59 @@ static void test_fsm_lease_lost_when_database_unreachable(void **state)
         }
 }
 
+/*
+ * A lease owner that does not fit is refused, not truncated: a truncated owner would never
+ * match its own lease. The longest HOST_ID config allows still fits (static assertion in
+ * fsm.c); this is what happens past it.
+ */
+static void test_fsm_long_owner_is_refused(void **state)
+{
+        struct env *e = *state;
+        struct lease_keeper *leases = NULL;
+        struct lease *lease = NULL;
+        struct fsm_options o;
+        struct fsm_result res;
+        char worker[LEASE_OWNER_MAX + 2];
+        struct sample s = {0};
+
+        memset(worker, 'w', sizeof(worker) - 1);
+        worker[sizeof(worker) - 1] = '\0';
+        assert_int_equal(lease_keeper_new(e->url, LEASE_MS, &leases), 0);
+        assert_int_equal(lease_keeper_add(leases, "01JABCDEFGHJKMNPQRSTVWXYZ0", worker,
+                                          util_now_monotonic_ms(), &lease),
+                         -ENAMETOOLONG);
+        worker[LEASE_OWNER_MAX] = '\0';
+        assert_int_equal(lease_keeper_add(leases, "01JABCDEFGHJKMNPQRSTVWXYZ0", worker,
+                                          util_now_monotonic_ms(), &lease),
+                         0);
+        lease_keeper_remove(leases, lease);
+
+        /* The engine adds "/<token>" to the worker id: one that leaves no room is refused. */
+        worker[LEASE_OWNER_MAX - 10] = '\0';
+        o = sample_options(leases, worker);
+        assert_int_equal(fsm_execute(e->db, &sample_fsm, &o, "long-owner", "{}", &s, &res),
+                         -ENAMETOOLONG);
+        assert_non_null(strstr(err_last(), "too long for a lease owner"));
+        assert_int_equal(count_where(e->db, "SELECT count(*) FROM fsm_runs%s%s", "", ""), 0);
+        /*
+         * The longest that fits, through a step that outlasts two lease durations: only
+         * extensions that match the owner in full keep the lease from being lost.
+         */
+        worker[LEASE_OWNER_MAX - 11] = '\0';
+        o = sample_options(leases, worker);
+        s.hang_at = "b";
+        s.hang_ms = 2 * LEASE_MS;
+        assert_int_equal(fsm_execute(e->db, &sample_fsm, &o, "long-owner", "{}", &s, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                     " AND length(worker) = %d",
+                                     res.run_id, LEASE_OWNER_MAX),
+                         10);
+        fsm_result_done(&res);
+        lease_keeper_free(leases);
+}
+
 static void test_fsm_backoff_bounds(void **state)
 {
         (void)state;
@@ -917,6 +970,7 @@ int main(void)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_lease_lost_when_database_unreachable,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_long_owner_is_refused, setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
