@@ -228,15 +228,15 @@ int cmd_verify_system(int argc, char **argv)
                                 return CMD_EXIT_USAGE;
                         break;
                 case 'h':
-                        printf("Usage: flyio-image-manager verify-system [--json] [--skip GROUP[,GROUP]]\n"
+                        printf("Usage: flyio-image-manager verify-system [--json] [--skip LIST]\n"
                                "\n"
                                "Check the version, configuration, database and schema, LOCAL_DIR\n"
                                "free space, the devicemapper pool, S3 access and the Kafka\n"
                                "brokers. Prints one line per check; exits 1 if any check fails,\n"
                                "2 if the configuration is invalid.\n"
                                "\n"
-                               "  --skip GROUP   leave out database, disk, devicemapper, s3 or kafka\n"
-                               "                 (e.g. on a host that does not run that part yet)\n");
+                               "  --skip LIST    leave out groups of checks, comma-separated: database,\n"
+                               "                 disk, devicemapper, s3, kafka (shown as SKIP)\n");
                         return CMD_EXIT_OK;
                 default:
                         return CMD_EXIT_USAGE;
