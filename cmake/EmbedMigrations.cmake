@@ -1,4 +1,5 @@
-# Turns migrations/NNNN_name.sql into a C table { version, name, sql } sorted by version.
+# Turns migrations/NNNN_name.sql into a C table { version, name, sql, SHA-256 of the file }
+# sorted by version.
 # Run as: cmake -DOUT=<file.c> -DDIR=<migrations dir> -P EmbedMigrations.cmake
 file(GLOB files ${DIR}/*.sql)
 list(SORT files)
@@ -14,9 +15,10 @@ foreach(f ${files})
   math(EXPR version "${CMAKE_MATCH_1} + 0")
   set(name ${CMAKE_MATCH_2})
   file(READ ${f} hex HEX)
+  file(SHA256 ${f} checksum)
   string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," bytes "${hex}")
   string(APPEND body "static const char migration_${i}[] = {${bytes} 0x00};\n")
-  string(APPEND table "        {${version}, \"${name}\", migration_${i}},\n")
+  string(APPEND table "        {${version}, \"${name}\", migration_${i}, \"${checksum}\"},\n")
   math(EXPR i "${i} + 1")
 endforeach()
 file(WRITE ${OUT}.tmp

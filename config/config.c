@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <libpq-fe.h>
@@ -18,14 +19,22 @@
 #define CONFIG_DEFAULT_FILE "/etc/flyio-image-manager/config"
 
 enum config_type {
-        CONFIG_STRING,   /* any text, may be empty */
-        CONFIG_NONEMPTY, /* text that must not be empty */
-        CONFIG_SECRET,   /* text, never printed */
-        CONFIG_DB_URL,   /* libpq conninfo or URI; its password is a secret */
-        CONFIG_BUCKET,   /* S3 bucket name rules */
-        CONFIG_NAME,     /* identifier: letters, digits, '-', '_', '.' */
-        CONFIG_INT,      /* integer within [min, max] */
-        CONFIG_SIZE,     /* byte size with optional K/M/G/T suffix */
+        CONFIG_STRING,      /* any text, may be empty */
+        CONFIG_NONEMPTY,    /* text that must not be empty */
+        CONFIG_SECRET,      /* text without control characters, never printed */
+        CONFIG_ACCESS_KEY,  /* an S3 access key id: printable, no '/', ',' or spaces */
+        CONFIG_DB_URL,      /* libpq conninfo or URI; its password is a secret */
+        CONFIG_BUCKET,      /* S3 bucket name rules */
+        CONFIG_NAME,        /* identifier: letters, digits, '-', '_', '.'; at most max long */
+        CONFIG_DM_NAME,     /* a device-mapper device name */
+        CONFIG_ABS_PATH,    /* an absolute path */
+        CONFIG_HTTP_URL,    /* empty, or http(s)://host[:port][/prefix] */
+        CONFIG_LISTEN_ADDR, /* empty, or [host]:port */
+        CONFIG_BROKERS,     /* comma-separated [scheme://]host[:port] */
+        CONFIG_REGION,      /* an AWS region name */
+        CONFIG_INT,         /* integer within [min, max] */
+        CONFIG_SIZE,        /* byte size with optional K/M/G/T suffix, within [min, max] */
+        CONFIG_DEVICE_SIZE, /* a CONFIG_SIZE that is also a multiple of 512 */
         CONFIG_BOOL,
         CONFIG_LOG_LEVEL,
 };
@@ -35,10 +44,27 @@ struct config_key {
         enum config_type type;
         size_t offset;
         const char *default_value;
-        int min;
-        int max;
+        int64_t min; /* CONFIG_INT, CONFIG_SIZE, CONFIG_DEVICE_SIZE: the bounds */
+        int64_t max; /* ... and for text types the longest value, 0 meaning no limit */
         const char *help;
 };
+
+#define KIB INT64_C(1024)
+#define MIB (KIB << 10)
+#define GIB (MIB << 10)
+#define TIB (GIB << 10)
+
+/*
+ * The longest LOCAL_DIR: a file name of up to NAME_MAX bytes must still fit below it within
+ * PATH_MAX.
+ */
+#define CONFIG_LOCAL_DIR_MAX (4096 - 255 - 2)
+
+/* Kafka topic names hold at most 249 characters; the longest suffix is ".download". */
+#define CONFIG_TOPIC_PREFIX_MAX (249 - 9)
+
+/* AWS access key ids are at most 128 characters. */
+#define CONFIG_ACCESS_KEY_MAX 128
 
 #define STR(field) offsetof(struct config, field)
 
@@ -46,13 +72,13 @@ struct config_key {
 static const struct config_key config_keys[] = {
         {"S3_BUCKET", CONFIG_BUCKET, STR(s3_bucket), "flyio-container-images", 0, 0,
          "default bucket for requests without one"},
-        {"AWS_REGION", CONFIG_NONEMPTY, STR(s3_region), "us-east-1", 0, 0, "S3 region"},
-        {"AWS_ACCESS_KEY_ID", CONFIG_STRING, STR(s3_access_key), "", 0, 0,
+        {"AWS_REGION", CONFIG_REGION, STR(s3_region), "us-east-1", 0, 63, "S3 region"},
+        {"AWS_ACCESS_KEY_ID", CONFIG_ACCESS_KEY, STR(s3_access_key), "", 0, CONFIG_ACCESS_KEY_MAX,
          "S3 access key; empty means anonymous requests"},
         {"AWS_SECRET_ACCESS_KEY", CONFIG_SECRET, STR(s3_secret_key), "", 0, 0, "S3 secret key"},
         {"AWS_SESSION_TOKEN", CONFIG_SECRET, STR(s3_session_token), "", 0, 0,
          "temporary-credential session token"},
-        {"S3_ENDPOINT", CONFIG_STRING, STR(s3_endpoint), "", 0, 0,
+        {"S3_ENDPOINT", CONFIG_HTTP_URL, STR(s3_endpoint), "", 0, 2048,
          "S3-compatible endpoint URL; empty means AWS"},
         {"S3_FORCE_PATH_STYLE", CONFIG_BOOL, STR(s3_force_path_style), "false", 0, 0,
          "path-style instead of virtual-host addressing"},
@@ -62,15 +88,19 @@ static const struct config_key config_keys[] = {
          "seed FSM path; unused, state lives in DATABASE_URL"},
         {"DATABASE_URL", CONFIG_DB_URL, STR(database_url), "postgresql:///flyio_images", 0, 0,
          "PostgreSQL conninfo or URI"},
-        {"HOST_ID", CONFIG_NAME, STR(host_id), NULL, 0, 0,
+        {"HOST_ID", CONFIG_NAME, STR(host_id), NULL, 0, CONFIG_HOST_ID_MAX,
          "this host's id in shared tables; default the hostname"},
-        {"POOL_NAME", CONFIG_NAME, STR(pool_name), "pool", 0, 0, "devicemapper thin pool name"},
-        {"LOCAL_DIR", CONFIG_NONEMPTY, STR(local_dir), "/var/lib/flyio/images", 0, 0,
-         "directory for downloaded tarballs"},
-        {"DEVICE_SIZE", CONFIG_SIZE, STR(device_size), "10G", 0, 0, "default thin device size"},
+        {"POOL_NAME", CONFIG_DM_NAME, STR(pool_name), "pool", 0, REQUEST_DM_NAME_MAX,
+         "devicemapper thin pool name"},
+        {"LOCAL_DIR", CONFIG_ABS_PATH, STR(local_dir), "/var/lib/flyio/images", 0,
+         CONFIG_LOCAL_DIR_MAX, "directory for downloaded tarballs"},
+        /* A request may ask for at most 16 TiB (request_validate_device_size). */
+        {"DEVICE_SIZE", CONFIG_DEVICE_SIZE, STR(device_size), "10G", MIB, 16 * TIB,
+         "default thin device size"},
         {"POOL_HIGH_WATER_PERCENT", CONFIG_INT, STR(pool_high_water_percent), "90", 1, 100,
          "refuse new unpacks above this pool data or metadata usage"},
-        {"MAX_OBJECT_SIZE", CONFIG_SIZE, STR(max_object_size), "32G", 0, 0,
+        /* Smaller than two tar blocks is no tarball; larger cannot fit the largest device. */
+        {"MAX_OBJECT_SIZE", CONFIG_SIZE, STR(max_object_size), "32G", KIB, 16 * TIB,
          "largest tarball the download stage accepts"},
         {"DOWNLOAD_QUEUE_SIZE", CONFIG_INT, STR(download_queue_size), "5", 1, 1024,
          "concurrent downloads per worker"},
@@ -84,16 +114,21 @@ static const struct config_key config_keys[] = {
          "seconds one unpack may take"},
         {"DOWNLOAD_STALL_TIMEOUT", CONFIG_INT, STR(download_stall_timeout), "30", 1, 3600,
          "seconds without a byte before a download is retried"},
-        {"DOWNLOAD_PARALLEL_THRESHOLD", CONFIG_SIZE, STR(download_parallel_threshold), "64M", 0, 0,
-         "objects above this size download as parallel ranged parts"},
-        {"DOWNLOAD_PART_SIZE", CONFIG_SIZE, STR(download_part_size), "16M", 0, 0,
+        /* An object no larger than the smallest part gains nothing from being split. */
+        {"DOWNLOAD_PARALLEL_THRESHOLD", CONFIG_SIZE, STR(download_parallel_threshold), "64M",
+         5 * MIB, 16 * TIB, "objects above this size download as parallel ranged parts"},
+        /*
+         * S3's multipart bounds (5 MiB to 5 GiB per part). Ranged GETs do not strictly need
+         * them, but a smaller part turns one object into up to 10000 tiny requests.
+         */
+        {"DOWNLOAD_PART_SIZE", CONFIG_SIZE, STR(download_part_size), "16M", 5 * MIB, 5 * GIB,
          "size of one ranged part"},
         {"DOWNLOAD_CONNECTIONS", CONFIG_INT, STR(download_connections), "4", 1, 64,
          "connections per parallel download"},
-        {"KAFKA_BROKERS", CONFIG_NONEMPTY, STR(kafka_brokers), "127.0.0.1:9092", 0, 0,
+        {"KAFKA_BROKERS", CONFIG_BROKERS, STR(kafka_brokers), "127.0.0.1:9092", 0, 0,
          "Kafka bootstrap servers"},
-        {"KAFKA_TOPIC_PREFIX", CONFIG_NAME, STR(kafka_topic_prefix), "images", 0, 0,
-         "topics are <prefix>.download, .unpack, .activate, .dlq"},
+        {"KAFKA_TOPIC_PREFIX", CONFIG_NAME, STR(kafka_topic_prefix), "images", 0,
+         CONFIG_TOPIC_PREFIX_MAX, "topics are <prefix>.download, .unpack, .activate, .dlq"},
         {"MAX_ATTEMPTS", CONFIG_INT, STR(max_attempts), "5", 1, 100,
          "tries of a run before it goes to the dead-letter topic"},
         {"RETRY_BASE_MS", CONFIG_INT, STR(retry_base_ms), "1000", 1, 3600000,
@@ -104,7 +139,7 @@ static const struct config_key config_keys[] = {
          "a run whose worker stops heartbeating this long is taken over"},
         {"SHUTDOWN_TIMEOUT", CONFIG_INT, STR(shutdown_timeout), "60", 0, 86400,
          "seconds in-flight work may take to finish after SIGTERM"},
-        {"METRICS_ADDR", CONFIG_STRING, STR(metrics_addr), "", 0, 0,
+        {"METRICS_ADDR", CONFIG_LISTEN_ADDR, STR(metrics_addr), "", 0, 0,
          "host:port for /metrics, /healthz, /readyz; empty disables"},
         {"LOG_LEVEL", CONFIG_LOG_LEVEL, STR(log_level), "info", 0, 0,
          "debug, info, notice, warning or err"},
@@ -132,15 +167,188 @@ static const void *config_field_const(const struct config *cfg, const struct con
         return (const char *)cfg + key->offset;
 }
 
-static bool config_is_name(const char *s)
+static bool config_has_control(const char *s)
 {
-        if (s[0] == '\0' || strlen(s) > 255)
+        for (; *s; s++) {
+                if ((unsigned char)*s < 0x20 || *s == 0x7f)
+                        return true;
+        }
+        return false;
+}
+
+/* Letters, digits, '-', '_' and '.'; 1 to @max characters (0: 255). */
+static bool config_is_name(const char *s, int64_t max)
+{
+        size_t len = strlen(s);
+
+        if (len == 0 || len > (size_t)(max ? max : 255))
                 return false;
         for (; *s; s++) {
                 if (!isalnum((unsigned char)*s) && *s != '-' && *s != '_' && *s != '.')
                         return false;
         }
         return true;
+}
+
+/* A host name, an IPv4 address, or an IPv6 address in brackets; exactly @len bytes of @h. */
+static bool config_is_host(const char *h, size_t len)
+{
+        if (len >= 2 && h[0] == '[')
+                return h[len - 1] == ']' && len > 2 &&
+                       strspn(h + 1, "0123456789abcdefABCDEF:.") == len - 2;
+        if (len == 0 || len > 253)
+                return false;
+        for (size_t i = 0; i < len; i++) {
+                if (!isalnum((unsigned char)h[i]) && h[i] != '-' && h[i] != '.' && h[i] != '_')
+                        return false;
+        }
+        return true;
+}
+
+/* A decimal port within [@min, 65535], exactly @len bytes of @p. */
+static bool config_is_port(const char *p, size_t len, int min)
+{
+        unsigned v = 0;
+
+        if (len == 0 || len > 5 || strspn(p, "0123456789") < len)
+                return false;
+        for (size_t i = 0; i < len; i++)
+                v = v * 10 + (unsigned)(p[i] - '0');
+        return v >= (unsigned)min && v <= 65535;
+}
+
+/*
+ * "host[:port]" in exactly @len bytes: the host may be an IPv6 literal in brackets (the
+ * only form in which it may hold a ':'). @port_min < 0 means the port is optional.
+ */
+static bool config_is_host_port(const char *s, size_t len, bool empty_host, int port_min)
+{
+        const char *end = s + len;
+        const char *colon = NULL;
+        size_t hlen;
+
+        if (len > 0 && s[0] == '[') {
+                const char *close = memchr(s, ']', len);
+
+                if (!close)
+                        return false;
+                if (close + 1 < end && close[1] != ':')
+                        return false;
+                colon = close + 1 < end ? close + 1 : NULL;
+        } else {
+                colon = memchr(s, ':', len);
+                if (colon && memchr(colon + 1, ':', (size_t)(end - colon - 1)))
+                        return false;
+        }
+        hlen = colon ? (size_t)(colon - s) : len;
+        if (!(hlen == 0 && empty_host) && !config_is_host(s, hlen))
+                return false;
+        if (!colon)
+                return port_min < 0;
+        return config_is_port(colon + 1, (size_t)(end - colon - 1), port_min < 0 ? 1 : port_min);
+}
+
+/* "http(s)://host[:port][/prefix]" without credentials, query, fragment or spaces. */
+static bool config_is_http_url(const char *s)
+{
+        size_t scheme, auth;
+
+        if (strncasecmp(s, "http://", 7) == 0)
+                scheme = 7;
+        else if (strncasecmp(s, "https://", 8) == 0)
+                scheme = 8;
+        else
+                return false;
+        if (strcspn(s, "@?# \t\r\n") != strlen(s) || config_has_control(s))
+                return false;
+        auth = strcspn(s + scheme, "/");
+        return config_is_host_port(s + scheme, auth, false, -1);
+}
+
+/* A comma-separated list of "[scheme://]host[:port]", as librdkafka takes it. */
+static bool config_is_broker_list(const char *s)
+{
+        if (s[0] == '\0')
+                return false;
+        for (;;) {
+                size_t len = strcspn(s, ",");
+                const char *sep = strstr(s, "://");
+                const char *hp = s;
+
+                if (sep && sep < s + len) {
+                        for (const char *c = s; c < sep; c++) {
+                                if (!isalpha((unsigned char)*c) && *c != '_')
+                                        return false;
+                        }
+                        if (sep == s)
+                                return false;
+                        hp = sep + 3;
+                }
+                if (!config_is_host_port(hp, len - (size_t)(hp - s), false, -1))
+                        return false;
+                if (s[len] == '\0')
+                        return true;
+                s += len + 1;
+        }
+}
+
+/* An AWS region: it becomes a DNS label (s3.<region>.amazonaws.com) and the SigV4 scope. */
+static bool config_is_region(const char *s, int64_t max)
+{
+        size_t len = strlen(s);
+
+        if (len == 0 || len > (size_t)max || s[0] == '-' || s[len - 1] == '-')
+                return false;
+        for (; *s; s++) {
+                if (!isalnum((unsigned char)*s) && *s != '-')
+                        return false;
+        }
+        return true;
+}
+
+/* An access key id goes into "Credential=<id>/<date>/...", a comma-separated header. */
+static bool config_is_access_key(const char *s, int64_t max)
+{
+        if (strlen(s) > (size_t)max)
+                return false;
+        for (; *s; s++) {
+                if (*s <= 0x20 || *s >= 0x7f || *s == '/' || *s == ',')
+                        return false;
+        }
+        return true;
+}
+
+/* A byte count for messages: "16T", "5M", or plain bytes when no suffix divides it. */
+static void config_format_size(int64_t v, char *buf, size_t size)
+{
+        static const struct {
+                int64_t unit;
+                char suffix;
+        } units[] = {{TIB, 'T'}, {GIB, 'G'}, {MIB, 'M'}, {KIB, 'K'}};
+
+        for (size_t i = 0; i < ARRAY_SIZE(units); i++) {
+                if (v >= units[i].unit && v % units[i].unit == 0) {
+                        (void)snprintf(buf, size, "%" PRId64 "%c", v / units[i].unit,
+                                       units[i].suffix);
+                        return;
+                }
+        }
+        (void)snprintf(buf, size, "%" PRId64, v);
+}
+
+/*
+ * A value as error messages show it: control characters as '?', and cut (with "...") past
+ * 200 bytes, so that a pasted file or a newline cannot flood or forge the output.
+ */
+static void config_shown_value(const char *value, char *buf, size_t size)
+{
+        size_t n = 0;
+
+        for (; value[n] && n < 200 && n + 4 < size; n++)
+                buf[n] = (unsigned char)value[n] < 0x20 || value[n] == 0x7f ? '?' : value[n];
+        buf[n] = '\0';
+        if (value[n])
+                (void)snprintf(buf + n, size - n, "...");
 }
 
 static int config_set_string(char **field, const char *value)
@@ -310,19 +518,111 @@ static int config_register_db_secrets(const char *url)
         return ret;
 }
 
+static int config_check_size(const struct config_key *key, const char *value, const char *shown,
+                             const char *from)
+{
+        char lo[32], hi[32];
+        uint64_t u;
+        bool ok;
+
+        ok = util_parse_size(value, &u) == 0 && u >= (uint64_t)key->min &&
+             u <= (uint64_t)key->max && (key->type != CONFIG_DEVICE_SIZE || u % 512 == 0);
+        if (ok)
+                return 0;
+        config_format_size(key->min, lo, sizeof(lo));
+        config_format_size(key->max, hi, sizeof(hi));
+        return err_set(
+                -EINVAL,
+                "%s='%s': expected a size from %s to %s%s, in bytes or with a K, M, G or T suffix%s",
+                key->name, shown, lo, hi,
+                key->type == CONFIG_DEVICE_SIZE ? " that is a multiple of 512 bytes" : "", from);
+}
+
+static int config_check_text(const struct config_key *key, const char *value, const char *shown,
+                             const char *from)
+{
+        switch (key->type) {
+        case CONFIG_SECRET:
+                /* A newline in a header value would end the header: refuse, quietly. */
+                if (config_has_control(value))
+                        return err_set(
+                                -EINVAL,
+                                "%s: expected a value without control characters (not shown: it is a secret)%s",
+                                key->name, from);
+                return 0;
+        case CONFIG_ACCESS_KEY:
+                if (!config_is_access_key(value, key->max))
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected an access key id of at most %d printable characters without spaces, '/' or ','%s",
+                                key->name, shown, (int)key->max, from);
+                return 0;
+        case CONFIG_NAME:
+                if (!config_is_name(value, key->max))
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected a name of letters, digits, '-', '_' or '.' (at most %d characters)%s",
+                                key->name, shown, (int)key->max, from);
+                return 0;
+        case CONFIG_DM_NAME:
+                if (request_validate_dm_name(key->name, value) < 0)
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected a device-mapper name of letters, digits, '-', '_' or '.' (at most %d characters, not '.' or '..')%s",
+                                key->name, shown, (int)key->max, from);
+                return 0;
+        case CONFIG_ABS_PATH:
+                if (value[0] != '/' || strlen(value) > (size_t)key->max ||
+                    config_has_control(value))
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected an absolute path (starting with '/', at most %d characters)%s",
+                                key->name, shown, (int)key->max, from);
+                return 0;
+        case CONFIG_HTTP_URL:
+                if (value[0] && (strlen(value) > (size_t)key->max || !config_is_http_url(value)))
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected an http:// or https:// URL as scheme://host[:port][/prefix], without credentials, query or spaces (or empty for AWS)%s",
+                                key->name, shown, from);
+                return 0;
+        case CONFIG_LISTEN_ADDR:
+                if (value[0] && !config_is_host_port(value, strlen(value), true, 0))
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected host:port with a port from 0 to 65535 (e.g. 127.0.0.1:9464, :9464 or [::1]:9464), or empty to disable%s",
+                                key->name, shown, from);
+                return 0;
+        case CONFIG_BROKERS:
+                if (!config_is_broker_list(value))
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected a comma-separated list of host[:port] (e.g. kafka1:9092,kafka2:9092)%s",
+                                key->name, shown, from);
+                return 0;
+        case CONFIG_REGION:
+                if (!config_is_region(value, key->max))
+                        return err_set(
+                                -EINVAL,
+                                "%s='%s': expected a region name of letters, digits and '-' (e.g. us-east-1)%s",
+                                key->name, shown, from);
+                return 0;
+        default:
+                return 0;
+        }
+}
+
 static int config_check(const struct config_key *key, const char *value, const char *shown,
                         const char *from)
 {
         char *errmsg = NULL;
         PQconninfoOption *opts;
-        uint64_t u;
         int i;
         bool b;
         enum log_level lvl;
 
         switch (key->type) {
         case CONFIG_STRING:
-        case CONFIG_SECRET:
                 return 0;
         case CONFIG_NONEMPTY:
                 if (value[0] == '\0')
@@ -348,31 +648,20 @@ static int config_check(const struct config_key *key, const char *value, const c
                                 "%s='%s': expected an S3 bucket name (3-63 lowercase letters, digits, '-' and '.')%s",
                                 key->name, shown, from);
                 return 0;
-        case CONFIG_NAME:
-                if (!config_is_name(value))
-                        return err_set(
-                                -EINVAL,
-                                "%s='%s': expected a name of letters, digits, '-', '_' or '.' (at most 255)%s",
-                                key->name, shown, from);
-                return 0;
         case CONFIG_INT:
-                if (util_parse_int(value, key->min, key->max, &i) < 0) {
+                if (util_parse_int(value, (int)key->min, (int)key->max, &i) < 0) {
                         if (key->min == 1 && key->max >= 1024)
                                 return err_set(
                                         -EINVAL,
                                         "%s='%s': expected a positive integer (at most %d)%s",
-                                        key->name, shown, key->max, from);
+                                        key->name, shown, (int)key->max, from);
                         return err_set(-EINVAL, "%s='%s': expected an integer from %d to %d%s",
-                                       key->name, shown, key->min, key->max, from);
+                                       key->name, shown, (int)key->min, (int)key->max, from);
                 }
                 return 0;
         case CONFIG_SIZE:
-                if (util_parse_size(value, &u) < 0 || u == 0)
-                        return err_set(
-                                -EINVAL,
-                                "%s='%s': expected a positive size in bytes, optionally with a K, M, G or T suffix%s",
-                                key->name, shown, from);
-                return 0;
+        case CONFIG_DEVICE_SIZE:
+                return config_check_size(key, value, shown, from);
         case CONFIG_BOOL:
                 if (util_parse_bool(value, &b) < 0)
                         return err_set(-EINVAL, "%s='%s': expected true or false%s", key->name,
@@ -385,8 +674,9 @@ static int config_check(const struct config_key *key, const char *value, const c
                                 "%s='%s': expected one of debug, info, notice, warning, err%s",
                                 key->name, shown, from);
                 return 0;
+        default:
+                return config_check_text(key, value, shown, from);
         }
-        return -EINVAL;
 }
 
 int config_set(struct config *cfg, const char *name, const char *value, enum config_source src)
@@ -398,13 +688,16 @@ int config_set(struct config *cfg, const char *name, const char *value, enum con
                 [CONFIG_SOURCE_FLAG] = " (from a command-line flag)",
         };
         const struct config_key *key = config_find(name);
+        char shown[256];
         void *field;
-        const char *shown;
         int r;
 
         if (!key)
                 return err_set(-ENOENT, "unknown setting '%s'", name);
-        shown = key->type == CONFIG_SECRET ? "[redacted]" : value;
+        if (key->type == CONFIG_SECRET)
+                (void)snprintf(shown, sizeof(shown), "[redacted]");
+        else
+                config_shown_value(value, shown, sizeof(shown));
         r = config_check(key, value, shown, from_names[src]);
         if (r < 0)
                 return r;
@@ -413,9 +706,10 @@ int config_set(struct config *cfg, const char *name, const char *value, enum con
         cfg->sources[key - config_keys] = (unsigned char)src;
         switch (key->type) {
         case CONFIG_INT:
-                (void)util_parse_int(value, key->min, key->max, (int *)field);
+                (void)util_parse_int(value, (int)key->min, (int)key->max, (int *)field);
                 return 0;
         case CONFIG_SIZE:
+        case CONFIG_DEVICE_SIZE:
                 (void)util_parse_size(value, (uint64_t *)field);
                 return 0;
         case CONFIG_BOOL:
@@ -455,7 +749,7 @@ int config_init(struct config *cfg)
                 if (r < 0)
                         return r;
         }
-        if (gethostname(host, sizeof(host)) < 0 || !config_is_name(host))
+        if (gethostname(host, sizeof(host)) < 0 || !config_is_name(host, CONFIG_HOST_ID_MAX))
                 (void)snprintf(host, sizeof(host), "localhost");
         host[sizeof(host) - 1] = '\0';
         return config_set(cfg, "HOST_ID", host, CONFIG_SOURCE_DEFAULT);
@@ -467,6 +761,7 @@ void config_done(struct config *cfg)
                 switch (config_keys[i].type) {
                 case CONFIG_INT:
                 case CONFIG_SIZE:
+                case CONFIG_DEVICE_SIZE:
                 case CONFIG_BOOL:
                         break;
                 default:
@@ -566,9 +861,6 @@ int config_validate(const struct config *cfg)
         if (cfg->retry_max_ms < cfg->retry_base_ms)
                 return err_set(-EINVAL, "RETRY_MAX_MS=%d is below RETRY_BASE_MS=%d",
                                cfg->retry_max_ms, cfg->retry_base_ms);
-        if (cfg->device_size % 512 != 0)
-                return err_set(-EINVAL, "DEVICE_SIZE=%" PRIu64 ": expected a multiple of 512 bytes",
-                               cfg->device_size);
         return 0;
 }
 
@@ -637,6 +929,7 @@ int config_get_display(const struct config *cfg, const char *name, char *buf, si
                 (void)snprintf(buf, size, "%d", *(const int *)field);
                 break;
         case CONFIG_SIZE:
+        case CONFIG_DEVICE_SIZE:
                 (void)snprintf(buf, size, "%" PRIu64, *(const uint64_t *)field);
                 break;
         case CONFIG_BOOL:

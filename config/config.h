@@ -17,6 +17,12 @@
 #include <stdint.h>
 #include <stdio.h>
 
+/*
+ * The longest HOST_ID. A host id goes into lease owners (with a pid, stage and token, within
+ * LEASE_OWNER_MAX), idempotency keys and Kafka client ids, so it is bounded well below those.
+ */
+#define CONFIG_HOST_ID_MAX 128
+
 struct config {
         /* S3 */
         char *s3_bucket;

@@ -42,6 +42,8 @@ static int db_error(struct db *db, const PGresult *res)
         else if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 ||
                  strncmp(state, "53", 2) == 0 || strcmp(state, "55P03") == 0)
                 r = -EAGAIN;
+        else if (strcmp(state, "57014") == 0)
+                r = -ETIMEDOUT; /* statement_timeout or a cancel: worth another try later */
         else if (strcmp(state, "23505") == 0)
                 r = -EEXIST;
         else
@@ -164,46 +166,91 @@ int db_query_row(struct db *db, PGresult **ret_res, const char *sql, int nparams
         return 1;
 }
 
-int db_tx(struct db *db, db_tx_fn fn, void *userdata)
+/*
+ * BEGIN, @fn, COMMIT once. Returns 0 with @fn's result in *ret_result once committed; a
+ * negative errno when it rolled back (or never began); or DB_COMMIT_UNKNOWN when the
+ * connection was lost while COMMIT was in flight, so that nobody knows whether it committed.
+ */
+static int db_tx_once(struct db *db, db_tx_fn fn, void *userdata, int *ret_result)
 {
-        int r = 0;
+        int r, commit;
+
+        r = db_exec_script(db, "BEGIN");
+        if (r < 0)
+                return r;
+        r = fn(db, userdata);
+        if (r < 0) {
+                /* Keep fn's message: the rollback's own outcome matters less. */
+                if (PQstatus(db->conn) != CONNECTION_BAD)
+                        PQclear(PQexec(db->conn, "ROLLBACK"));
+                return r;
+        }
+        *ret_result = r;
+        commit = db_exec_script(db, "COMMIT");
+        if (commit == 0)
+                return 0;
+        /*
+         * A server that answers COMMIT with an error (a serialization failure or a deferred
+         * constraint) has rolled back. A lost connection tells nothing: the commit record may
+         * have been written just before it dropped.
+         */
+        if (commit != -ECONNRESET)
+                return commit;
+        return err_wrap(
+                DB_COMMIT_UNKNOWN,
+                "connection lost during COMMIT, the transaction may or may not have committed");
+}
+
+int db_tx_checked(struct db *db, db_tx_fn fn, db_tx_check_fn committed, void *userdata)
+{
+        bool unknown = false;
+        int result = 0, r = 0;
 
         for (int attempt = 1; attempt <= DB_TX_ATTEMPTS; attempt++) {
+                if (attempt > 1) {
+                        log_debug("retrying transaction", "attempt=%d sqlstate=%s unknown=%d",
+                                  attempt, db->sqlstate, unknown);
+                        util_sleep_ms(20LL << attempt);
+                }
                 if (PQstatus(db->conn) == CONNECTION_BAD) {
                         r = db_reconnect(db);
                         if (r < 0)
-                                goto retry;
+                                continue;
                 }
-                r = db_exec_script(db, "BEGIN");
-                if (r < 0)
-                        goto retry;
-                r = fn(db, userdata);
-                if (r < 0) {
-                        int saved = r;
-
-                        /* Keep fn's message: the rollback's own outcome matters less. */
-                        if (PQstatus(db->conn) != CONNECTION_BAD)
-                                (void)PQclear(PQexec(db->conn, "ROLLBACK"));
-                        r = saved;
-                        goto retry;
+                if (unknown) {
+                        /* Find out before doing anything twice. */
+                        r = committed(db, userdata);
+                        if (r > 0)
+                                return result;
+                        if (r < 0 && r != -EAGAIN && r != -ECONNRESET)
+                                return r;
+                        if (r < 0)
+                                continue;
+                        unknown = false;
                 }
-                {
-                        int commit = db_exec_script(db, "COMMIT");
-
-                        if (commit < 0) {
-                                r = commit;
-                                goto retry;
-                        }
+                r = db_tx_once(db, fn, userdata, &result);
+                if (r == 0)
+                        return result;
+                if (r == DB_COMMIT_UNKNOWN) {
+                        if (!committed)
+                                return r;
+                        unknown = true;
+                        continue;
                 }
-                return r;
-retry:
                 /* Only database-level transient failures repeat the transaction. */
                 if (r != -EAGAIN && r != -ECONNRESET)
                         return r;
-                log_debug("retrying transaction", "attempt=%d sqlstate=%s", attempt, db->sqlstate);
-                util_sleep_ms(20LL << attempt);
         }
+        if (unknown)
+                return err_wrap(
+                        DB_COMMIT_UNKNOWN,
+                        "could not find out whether a transaction committed after its connection was lost");
         return r;
+}
+
+int db_tx(struct db *db, db_tx_fn fn, void *userdata)
+{
+        return db_tx_checked(db, fn, NULL, userdata);
 }
 
 int db_schema_latest(void)
@@ -239,6 +286,50 @@ struct db_migrate_state {
         int version;
 };
 
+static const struct db_migration *db_migration_find(int version)
+{
+        for (unsigned i = 0; i < db_migrations_count; i++) {
+                if (db_migrations[i].version == version)
+                        return &db_migrations[i];
+        }
+        return NULL;
+}
+
+/*
+ * Compare the checksum recorded for each applied migration with this binary's copy: a
+ * migration edited after it ran means the database does not have the schema this binary
+ * describes. With @record, migrations applied before checksums were kept get this binary's
+ * (the first binary to look vouches for them). Returns 0 or -ESTALE naming the migration.
+ */
+static int db_migrations_verify(struct db *db, bool record)
+{
+        PGresult *res = NULL;
+        int r;
+
+        r = db_exec(db, &res, "SELECT version, checksum FROM schema_migrations ORDER BY version", 0,
+                    NULL);
+        if (r < 0)
+                return r;
+        for (int i = 0; i < PQntuples(res) && r == 0; i++) {
+                const struct db_migration *m = db_migration_find((int)db_get_i64(res, i, 0));
+                const char *sum = db_get(res, i, 1);
+
+                if (!m)
+                        continue; /* newer than this binary: db_schema_check says so */
+                if (!sum && record)
+                        r = db_exec(db, NULL,
+                                    "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                                    2, (const char *const[]){db_get(res, i, 0), m->checksum});
+                else if (sum && strcmp(sum, m->checksum) != 0)
+                        r = err_set(
+                                -ESTALE,
+                                "migration %04d_%s was changed after it was applied: the database recorded SHA-256 %.12s..., this binary's copy is %.12s...; restore the applied text of migrations/%04d_%s.sql and put the change in a new migration",
+                                m->version, m->name, sum, m->checksum, m->version, m->name);
+        }
+        PQclear(res);
+        return r;
+}
+
 static int db_migrate_tx(struct db *db, void *userdata)
 {
         struct db_migrate_state *st = userdata;
@@ -249,10 +340,16 @@ static int db_migrate_tx(struct db *db, void *userdata)
         r = db_exec_script(db, "SELECT pg_advisory_xact_lock(" DB_MIGRATION_LOCK_KEY ")");
         if (r < 0)
                 return r;
-        r = db_exec_script(db, "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                               " version integer PRIMARY KEY,"
-                               " name text NOT NULL,"
-                               " applied_at timestamptz NOT NULL DEFAULT now())");
+        r = db_exec_script(db,
+                           "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                           " version integer PRIMARY KEY,"
+                           " name text NOT NULL,"
+                           " applied_at timestamptz NOT NULL DEFAULT now(),"
+                           " checksum text);"
+                           "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text");
+        if (r < 0)
+                return r;
+        r = db_migrations_verify(db, true);
         if (r < 0)
                 return r;
         r = db_schema_version(db, &current);
@@ -261,7 +358,7 @@ static int db_migrate_tx(struct db *db, void *userdata)
         for (unsigned i = 0; i < db_migrations_count; i++) {
                 const struct db_migration *m = &db_migrations[i];
                 char version[16];
-                const char *params[2] = {version, m->name};
+                const char *params[3] = {version, m->name, m->checksum};
 
                 if (m->version <= current)
                         continue;
@@ -271,8 +368,9 @@ static int db_migrate_tx(struct db *db, void *userdata)
                                         m->name);
                 (void)snprintf(version, sizeof(version), "%d", m->version);
                 r = db_exec(db, NULL,
-                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", 2,
-                            params);
+                            "INSERT INTO schema_migrations (version, name, checksum)"
+                            " VALUES ($1, $2, $3)",
+                            3, params);
                 if (r < 0)
                         return r;
                 st->applied++;
@@ -298,6 +396,7 @@ int db_migrate(struct db *db, int *ret_applied, int *ret_version)
 int db_schema_check(struct db *db)
 {
         int version, latest = db_schema_latest();
+        PGresult *res = NULL;
         int r;
 
         r = db_schema_version(db, &version);
@@ -313,7 +412,16 @@ int db_schema_check(struct db *db)
                         -ESTALE,
                         "database schema is at version %d, newer than this binary knows (%d): upgrade flyio-image-manager",
                         version, latest);
-        return 0;
+        /* A database migrated before checksums were kept has none to compare yet. */
+        r = db_query_row(
+                db, &res,
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('schema_migrations')"
+                " AND attname = 'checksum' AND NOT attisdropped",
+                0, NULL);
+        if (r <= 0)
+                return r;
+        PQclear(res);
+        return db_migrations_verify(db, false);
 }
 
 const char *db_get(const PGresult *res, int row, int col)

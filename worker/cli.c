@@ -16,6 +16,7 @@
 #include "worker/commands.h"
 
 #define CLI_MAX_SETS 64
+#define CLI_PROGRAM "flyio-image-manager"
 
 static struct {
         const char *config_file;
@@ -77,7 +78,10 @@ int cli_usage(const char *command, const char *fmt, ...)
         va_start(ap, fmt);
         vfprintf(stderr, fmt, ap);
         va_end(ap);
-        fprintf(stderr, "\nTry 'flyio-image-manager %s --help'.\n", command);
+        if (strcmp(command, CLI_PROGRAM) == 0)
+                fprintf(stderr, "\nTry '" CLI_PROGRAM " --help'.\n");
+        else
+                fprintf(stderr, "\nTry '" CLI_PROGRAM " %s --help'.\n", command);
         return CMD_EXIT_USAGE;
 }
 
@@ -96,33 +100,91 @@ void cli_getopt_reset(void)
         cli_globals.argv = NULL;
 }
 
-int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts)
+/* The long option spelled exactly as the "--name[=value]" word @arg, or NULL. */
+static const struct option *cli_long_option(const struct option *longopts, const char *arg)
+{
+        size_t len = strcspn(arg + 2, "=");
+
+        for (const struct option *o = longopts; o->name; o++) {
+                if (strlen(o->name) == len && strncmp(o->name, arg + 2, len) == 0)
+                        return o;
+        }
+        return NULL;
+}
+
+/* Explain a '?' from getopt_long: an unknown flag, or a value given to a flag that takes none. */
+static void cli_bad_option(const char *who, const char *what, char **argv,
+                           const struct option *longopts)
+{
+        const char *bad = argv[optind - 1];
+
+        if (bad && strncmp(bad, "--", 2) == 0) {
+                const struct option *o = cli_long_option(longopts, bad);
+
+                if (o && o->has_arg == no_argument && strchr(bad, '='))
+                        cli_usage(who, "flag '--%s' takes no value", o->name);
+                else
+                        cli_usage(who, "unknown %s '%.*s'", what, (int)strcspn(bad, "="), bad);
+        } else if (optopt && (!bad || bad[0] != '-' || bad[1] == '-')) {
+                cli_usage(who, "unknown %s '-%c'", what, optopt);
+        } else {
+                cli_usage(who, "unknown %s '%s'", what, bad);
+        }
+}
+
+/*
+ * getopt_long accepts any unambiguous prefix of a long option ("--stat" for "--status").
+ * Scripts that rely on one break as soon as another flag with that prefix is added, so
+ * only whole names are accepted. Returns 0, or prints a usage error and returns -1.
+ */
+static int cli_check_whole_name(const char *who, char **argv, const struct option *longopts,
+                                int index)
+{
+        const struct option *o = &longopts[index];
+        /* The word is the last one consumed, or the one before it when it took the value. */
+        const char *word = argv[optind - 1];
+
+        if (o->has_arg == required_argument && optarg == argv[optind - 1])
+                word = argv[optind - 2];
+        if (strncmp(word, "--", 2) != 0 || cli_long_option(longopts, word) == o)
+                return 0;
+        cli_usage(who, "unknown flag '%.*s' (abbreviations are not accepted: write '--%s')",
+                  (int)strcspn(word, "="), word, o->name);
+        return -1;
+}
+
+/* cli_getopt for @who; @posix stops at the first non-option (the global options). */
+static int cli_getopt_as(const char *who, const char *what, bool posix, int argc, char **argv,
+                         const char *shortopts, const struct option *longopts)
 {
         char opts[128];
+        int index = -1;
         int c;
 
+        /* Leading ':' makes getopt report a missing argument as ':' instead of '?'. */
+        (void)snprintf(opts, sizeof(opts), "%s:%s", posix ? "+" : "", shortopts);
+        opterr = 0;
+        c = getopt_long(argc, argv, opts, longopts, &index);
+        if (c == '?') {
+                cli_bad_option(who, what, argv, longopts);
+                return '?';
+        }
+        if (c == ':') {
+                cli_usage(who, "flag '%s' needs a value", argv[optind - 1]);
+                return '?';
+        }
+        if (c != -1 && index >= 0 && cli_check_whole_name(who, argv, longopts, index) < 0)
+                return '?';
+        return c;
+}
+
+int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts)
+{
         if (cli_globals.argv != argv) {
                 cli_globals.argv = argv;
                 optind = 0; /* full re-initialisation in glibc */
         }
-        /* Leading ':' makes getopt report a missing argument as ':' instead of '?'. */
-        (void)snprintf(opts, sizeof(opts), ":%s", shortopts);
-        opterr = 0;
-        c = getopt_long(argc, argv, opts, longopts, NULL);
-        if (c == '?') {
-                const char *bad = argv[optind - 1];
-
-                if (optopt && (!bad || bad[0] != '-' || bad[1] == '-'))
-                        cli_usage(argv[0], "unknown flag '-%c'", optopt);
-                else
-                        cli_usage(argv[0], "unknown flag '%s'", bad);
-                return '?';
-        }
-        if (c == ':') {
-                cli_usage(argv[0], "flag '%s' needs a value", argv[optind - 1]);
-                return '?';
-        }
-        return c;
+        return cli_getopt_as(argv[0], "flag", false, argc, argv, shortopts, longopts);
 }
 
 int cli_bool_flag(int argc, char **argv, const char *flag, bool *ret_value)
@@ -285,10 +347,10 @@ int cli_main(int argc, char **argv)
         const char *name;
         int c;
 
+        cli_globals.argv = argv;
+        optind = 0;
         for (;;) {
-                optind = optind ? optind : 1;
-                opterr = 0;
-                c = getopt_long(argc, argv, "+:h", opts, NULL);
+                c = cli_getopt_as(CLI_PROGRAM, "global flag", true, argc, argv, "h", opts);
                 if (c == -1)
                         break;
                 switch (c) {
@@ -297,24 +359,20 @@ int cli_main(int argc, char **argv)
                         break;
                 case 's':
                         if (cli_globals.nsets == CLI_MAX_SETS)
-                                return cli_usage("flyio-image-manager", "too many --set flags");
+                                return cli_usage(CLI_PROGRAM, "too many --set flags");
                         cli_globals.sets[cli_globals.nsets++] = optarg;
                         break;
                 case 'l':
                         cli_globals.log_level = optarg;
                         break;
                 case 'V':
-                        printf("flyio-image-manager %s\n", FIM_VERSION);
+                        printf(CLI_PROGRAM " %s\n", FIM_VERSION);
                         return CMD_EXIT_OK;
                 case 'h':
                         cli_print_help(stdout);
                         return CMD_EXIT_OK;
-                case ':':
-                        return cli_usage("flyio-image-manager", "flag '%s' needs a value",
-                                         argv[optind - 1]);
                 default:
-                        return cli_usage("flyio-image-manager", "unknown global flag '%s'",
-                                         argv[optind - 1]);
+                        return CMD_EXIT_USAGE;
                 }
         }
         if (optind >= argc) {
@@ -331,5 +389,5 @@ int cli_main(int argc, char **argv)
                         return cli_commands[i].run(subc, sub);
                 }
         }
-        return cli_usage("flyio-image-manager", "unknown command '%s'", name);
+        return cli_usage(CLI_PROGRAM, "unknown command '%s'", name);
 }

@@ -23,8 +23,8 @@ int cli_main(int argc, char **argv);
  * Load the configuration: defaults, file, environment, then --set flags. Prints on error.
  * Commands exit with status 2 (CMD_EXIT_USAGE) when it fails: an invalid setting, an
  * unreadable --config file or an inconsistent pair of settings is a mistake in how the
- * command was invoked, which running it again will not fix (verify-system, which reports
- * every check, is the exception: it lists it as a failed check and exits 1).
+ * command was invoked, which running it again will not fix (verify-system also lists it as
+ * a failed check before it exits 2).
  */
 int cli_config(struct config *cfg);
 
@@ -39,7 +39,9 @@ int cli_usage(const char *command, const char *fmt, ...) __attribute__((format(p
 
 /*
  * getopt_long wrapper with our error messages: returns the option, -1 at the end, or '?'
- * after printing a usage error for an unknown option or a missing argument. Resets getopt
+ * after printing a usage error for an unknown option, a missing argument, a value given to a
+ * flag that takes none, or an abbreviated long option (only whole names are accepted, so
+ * that adding a flag never changes what an existing command line means). Resets getopt
  * state on the first call for a new argv.
  */
 int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *longopts);

@@ -1,7 +1,7 @@
 /*
- * `verify-system`: one line per check, PASS or FAIL with the reason; exit 1 if any fails.
- * The checks are the seed's (version, devicemapper pool, database, S3, disk space) plus the
- * schema version.
+ * `verify-system`: one line per check, PASS or FAIL with the reason; exit 1 if any fails,
+ * 2 if the configuration itself is invalid (like every command). The checks are the seed's
+ * (version, devicemapper pool, database, S3, disk space) plus the schema version and Kafka.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -35,6 +35,69 @@ struct verify_report {
         int failures;
         struct json_object *checks;
 };
+
+/* The groups of checks --skip can leave out, and the check lines each one reports. */
+enum verify_group {
+        VERIFY_DATABASE = 1 << 0,
+        VERIFY_DISK = 1 << 1,
+        VERIFY_DEVICEMAPPER = 1 << 2,
+        VERIFY_S3 = 1 << 3,
+        VERIFY_KAFKA = 1 << 4,
+};
+
+static const struct {
+        const char *name;
+        enum verify_group group;
+} verify_groups[] = {
+        {"database", VERIFY_DATABASE},
+        {"disk", VERIFY_DISK},
+        {"devicemapper", VERIFY_DEVICEMAPPER},
+        {"s3", VERIFY_S3},
+        {"kafka", VERIFY_KAFKA},
+};
+
+/* Parse a --skip value: group names separated by commas. Returns 0 or prints, returns 2. */
+static int verify_parse_skip(const char *command, const char *value, unsigned *skip)
+{
+        const char *p = value;
+
+        for (;;) {
+                size_t len = strcspn(p, ",");
+                bool found = false;
+
+                for (size_t i = 0; i < ARRAY_SIZE(verify_groups); i++) {
+                        if (strlen(verify_groups[i].name) == len &&
+                            strncmp(verify_groups[i].name, p, len) == 0) {
+                                *skip |= verify_groups[i].group;
+                                found = true;
+                        }
+                }
+                if (!found)
+                        return cli_usage(
+                                command,
+                                "--skip '%.*s': expected database, disk, devicemapper, s3 or kafka (comma-separated)",
+                                (int)len, p);
+                if (p[len] == '\0')
+                        return 0;
+                p += len + 1;
+        }
+}
+
+/* A check left out on purpose: shown, never a failure. */
+static void verify_report_skip(struct verify_report *rep, const char *name)
+{
+        if (rep->json) {
+                struct json_object *o = json_object_new_object();
+
+                json_object_object_add(o, "check", json_object_new_string(name));
+                json_object_object_add(o, "ok", json_object_new_boolean(true));
+                json_object_object_add(o, "skipped", json_object_new_boolean(true));
+                json_object_object_add(o, "detail", json_object_new_string("skipped (--skip)"));
+                json_object_array_add(rep->checks, o);
+                return;
+        }
+        printf("%-4s  %-14s %s\n", "SKIP", name, "skipped (--skip)");
+}
 
 void verify_report_add(struct verify_report *rep, const char *name, bool ok, const char *fmt, ...)
 {
@@ -117,15 +180,42 @@ static void verify_local_dir(struct verify_report *rep, const struct config *cfg
                           cfg->local_dir, free_bytes >> 20, VERIFY_MIN_FREE_BYTES >> 20);
 }
 
+static void verify_run_checks(struct verify_report *rep, const struct config *cfg, unsigned skip)
+{
+        if (skip & VERIFY_DATABASE)
+                verify_report_skip(rep, "database");
+        else
+                verify_database(rep, cfg);
+        if (skip & VERIFY_DISK)
+                verify_report_skip(rep, "disk");
+        else
+                verify_local_dir(rep, cfg);
+        if (skip & VERIFY_DEVICEMAPPER)
+                verify_report_skip(rep, "devicemapper");
+        else
+                verify_devicemapper(rep, cfg);
+        if (skip & VERIFY_S3)
+                verify_report_skip(rep, "s3");
+        else
+                verify_s3(rep, cfg);
+        if (skip & VERIFY_KAFKA)
+                verify_report_skip(rep, "kafka");
+        else
+                verify_kafka(rep, cfg);
+}
+
 int cmd_verify_system(int argc, char **argv)
 {
         static const struct option opts[] = {
                 {"json", no_argument, NULL, 'j'},
+                {"skip", required_argument, NULL, 's'},
                 {"help", no_argument, NULL, 'h'},
                 {0, 0, 0, 0},
         };
         struct verify_report rep = {0};
         struct config cfg;
+        unsigned skip = 0;
+        bool config_ok;
         int c;
 
         while ((c = cli_getopt(argc, argv, "h", opts)) != -1) {
@@ -133,12 +223,20 @@ int cmd_verify_system(int argc, char **argv)
                 case 'j':
                         rep.json = true;
                         break;
+                case 's':
+                        if (verify_parse_skip(argv[0], optarg, &skip) != 0)
+                                return CMD_EXIT_USAGE;
+                        break;
                 case 'h':
-                        printf("Usage: flyio-image-manager verify-system [--json]\n"
+                        printf("Usage: flyio-image-manager verify-system [--json] [--skip LIST]\n"
                                "\n"
                                "Check the version, configuration, database and schema, LOCAL_DIR\n"
                                "free space, the devicemapper pool, S3 access and the Kafka\n"
-                               "brokers. Prints one line per check; exits 1 if any check fails.\n");
+                               "brokers. Prints one line per check; exits 1 if any check fails,\n"
+                               "2 if the configuration is invalid.\n"
+                               "\n"
+                               "  --skip LIST    leave out groups of checks, comma-separated: database,\n"
+                               "                 disk, devicemapper, s3, kafka (shown as SKIP)\n");
                         return CMD_EXIT_OK;
                 default:
                         return CMD_EXIT_USAGE;
@@ -148,15 +246,12 @@ int cmd_verify_system(int argc, char **argv)
                 return CMD_EXIT_USAGE;
         rep.checks = json_object_new_array();
         verify_version(&rep);
-        if (cli_config(&cfg) < 0) {
+        config_ok = cli_config(&cfg) == 0;
+        if (!config_ok) {
                 verify_report_add(&rep, "configuration", false, "%s", err_last());
         } else {
                 verify_report_add(&rep, "configuration", true, "valid (HOST_ID=%s)", cfg.host_id);
-                verify_database(&rep, &cfg);
-                verify_local_dir(&rep, &cfg);
-                verify_devicemapper(&rep, &cfg);
-                verify_s3(&rep, &cfg);
-                verify_kafka(&rep, &cfg);
+                verify_run_checks(&rep, &cfg, skip);
         }
         config_done(&cfg);
         if (rep.json) {
@@ -171,5 +266,8 @@ int cmd_verify_system(int argc, char **argv)
                 printf("%s: %d check%s failed\n", rep.failures ? "FAILED" : "OK", rep.failures,
                        rep.failures == 1 ? "" : "s");
         }
+        /* An invalid configuration is a usage error, as for every other command. */
+        if (!config_ok)
+                return CMD_EXIT_USAGE;
         return rep.failures ? CMD_EXIT_FAILURE : CMD_EXIT_OK;
 }

@@ -36,11 +36,20 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "config/config.h"
 #include "db/db.h"
 #include "worker/lease.h"
 #include "worker/metrics.h"
 
 #define FSM_CLAIM_ATTEMPTS 5
+
+/*
+ * An owner is "<worker id>/<10 token characters>", and worker ids are the host id plus at
+ * most 64 characters of pid, stage and thread number (worker/pool.c, process-image).
+ */
+#define FSM_OWNER_TOKEN_LEN 10
+_Static_assert(CONFIG_HOST_ID_MAX + 64 + 1 + FSM_OWNER_TOKEN_LEN <= LEASE_OWNER_MAX,
+               "a lease owner built from the longest HOST_ID must fit LEASE_OWNER_MAX");
 
 struct fsm_run {
         struct db *db;
@@ -48,7 +57,7 @@ struct fsm_run {
         const struct fsm_options *opts;
         void *userdata;
         char run_id[ULID_LEN + 1];
-        char owner[320];
+        char owner[LEASE_OWNER_MAX + 1];
         const char *key;
         const char *request;
         struct json_object *response;
@@ -139,17 +148,76 @@ static void fsm_log_context(const struct fsm_run *run)
         log_context_set(run->run_id, run->opts->subject, run->def->name, run->attempt);
 }
 
-static int fsm_event(struct db *db, const struct fsm_run *run, const char *kind,
-                     const char *transition, const char *detail)
+static int fsm_event_at(struct db *db, const struct fsm_run *run, int attempt, const char *kind,
+                        const char *transition, const char *detail)
 {
-        char attempt[16];
-        const char *params[6] = {run->run_id, kind, transition, attempt, run->owner, detail};
+        char n[16];
+        const char *params[6] = {run->run_id, kind, transition, n, run->owner, detail};
 
-        (void)snprintf(attempt, sizeof(attempt), "%d", run->attempt);
+        (void)snprintf(n, sizeof(n), "%d", attempt);
         return db_exec(db, NULL,
                        "INSERT INTO fsm_events (run_id, kind, transition, attempt, worker, detail)"
                        " VALUES ($1, $2, $3, $4, $5, $6)",
                        6, params);
+}
+
+static int fsm_event(struct db *db, const struct fsm_run *run, const char *kind,
+                     const char *transition, const char *detail)
+{
+        return fsm_event_at(db, run, run->attempt, kind, transition, detail);
+}
+
+/*
+ * Whether this execution wrote event @kind for @transition at @attempt: 1 or 0. Every event
+ * carries the per-execution owner token, so after a COMMIT whose outcome was lost, finding
+ * the event that the transaction wrote proves that it committed (db_tx_check_fn).
+ */
+static int fsm_event_written(struct db *db, const struct fsm_run *run, int attempt,
+                             const char *kind, const char *transition)
+{
+        char n[16];
+        const char *params[5] = {run->run_id, kind, run->owner, n, transition};
+        PGresult *res = NULL;
+        int r;
+
+        (void)snprintf(n, sizeof(n), "%d", attempt);
+        r = db_query_row(db, &res,
+                         "SELECT 1 FROM fsm_events WHERE run_id = $1 AND kind = $2 AND worker = $3"
+                         " AND attempt = $4 AND transition IS NOT DISTINCT FROM $5 LIMIT 1",
+                         5, params);
+        if (r > 0)
+                PQclear(res);
+        return r;
+}
+
+/* One event in its own transaction, retried over lost connections without duplicates. */
+struct fsm_event_ctx {
+        struct fsm_run *run;
+        const char *kind;
+        const char *transition;
+        const char *detail;
+};
+
+static int fsm_event_tx(struct db *db, void *userdata)
+{
+        const struct fsm_event_ctx *c = userdata;
+
+        return fsm_event(db, c->run, c->kind, c->transition, c->detail);
+}
+
+static int fsm_event_tx_committed(struct db *db, void *userdata)
+{
+        const struct fsm_event_ctx *c = userdata;
+
+        return fsm_event_written(db, c->run, c->run->attempt, c->kind, c->transition);
+}
+
+static int fsm_event_durable(struct fsm_run *run, const char *kind, const char *transition,
+                             const char *detail)
+{
+        struct fsm_event_ctx c = {run, kind, transition, detail};
+
+        return db_tx_checked(run->db, fsm_event_tx, fsm_event_tx_committed, &c);
 }
 
 /* ---- claim ---------------------------------------------------------------------------- */
@@ -401,6 +469,14 @@ static int fsm_fenced_update(struct db *db, struct fsm_run *run, const char *sql
         return 0;
 }
 
+/* The completion committed iff its transition_complete event, with our owner, is there. */
+static int fsm_complete_tx_committed(struct db *db, void *userdata)
+{
+        const struct fsm_complete_ctx *c = userdata;
+
+        return fsm_event_written(db, c->run, c->run->attempt, "transition_complete", c->t->name);
+}
+
 static int fsm_complete_tx(struct db *db, void *userdata)
 {
         struct fsm_complete_ctx *c = userdata;
@@ -494,42 +570,102 @@ static int fsm_fail_tx(struct db *db, void *userdata)
         return fsm_event(db, run, c->permanent ? "abort" : "fail", c->transition, c->text);
 }
 
-/* Record a transient failure and the coming retry; bumps the attempt counter. */
-static int fsm_retry_record(struct fsm_run *run, const char *transition, const char *text,
-                            int64_t delay_ms)
+struct fsm_retry_ctx {
+        struct fsm_run *run;
+        const char *transition;
+        const char *text;
+        int64_t delay_ms;
+};
+
+static int fsm_retry_tx(struct db *db, void *userdata)
 {
-        char attempt[16], detail[ERR_MSG_MAX + 64];
-        const char *params[4] = {run->run_id, run->owner, attempt, text};
+        const struct fsm_retry_ctx *c = userdata;
+        struct fsm_run *run = c->run;
+        char attempt[16], detail[64];
+        const char *params[4] = {run->run_id, run->owner, attempt, c->text};
         bool fenced_out = false;
         int r;
 
-        r = fsm_event(run->db, run, "error", transition, text);
+        r = fsm_event(db, run, "error", c->transition, c->text);
         if (r < 0)
                 return r;
         (void)snprintf(attempt, sizeof(attempt), "%d", run->attempt + 1);
-        r = fsm_fenced_update(run->db, run,
+        r = fsm_fenced_update(db, run,
                               "UPDATE fsm_runs SET attempt = $3, error = $4,"
                               " error_class = 'transient', updated_at = now()"
                               " WHERE run_id = $1 AND lease_owner = $2",
                               4, params, &fenced_out);
         if (r < 0)
                 return r;
-        run->attempt++;
-        (void)snprintf(detail, sizeof(detail), "retry in %" PRId64 " ms", delay_ms);
-        return fsm_event(run->db, run, "retry", transition, detail);
+        (void)snprintf(detail, sizeof(detail), "retry in %" PRId64 " ms", c->delay_ms);
+        return fsm_event_at(db, run, run->attempt + 1, "retry", c->transition, detail);
 }
 
-/* Give the run back so that the next worker resumes it at once, without an attempt. */
-static void fsm_release(struct fsm_run *run, const char *why)
+static int fsm_retry_tx_committed(struct db *db, void *userdata)
 {
-        const char *params[2] = {run->run_id, run->owner};
-        bool fenced_out = false;
+        const struct fsm_retry_ctx *c = userdata;
 
-        if (fsm_fenced_update(run->db, run,
+        return fsm_event_written(db, c->run, c->run->attempt + 1, "retry", c->transition);
+}
+
+/*
+ * Record a transient failure and the coming retry, and bump the attempt counter: one
+ * transaction, so that a lost connection neither loses the attempt nor counts it twice.
+ */
+static int fsm_retry_record(struct fsm_run *run, const char *transition, const char *text,
+                            int64_t delay_ms)
+{
+        struct fsm_retry_ctx c = {run, transition, text, delay_ms};
+        int r;
+
+        r = db_tx_checked(run->db, fsm_retry_tx, fsm_retry_tx_committed, &c);
+        if (r < 0)
+                return r;
+        run->attempt++;
+        return 0;
+}
+
+struct fsm_release_ctx {
+        struct fsm_run *run;
+        const char *why;
+};
+
+static int fsm_release_tx(struct db *db, void *userdata)
+{
+        const struct fsm_release_ctx *c = userdata;
+        const char *params[2] = {c->run->run_id, c->run->owner};
+        bool fenced_out = false;
+        int r;
+
+        r = fsm_fenced_update(db, c->run,
                               "UPDATE fsm_runs SET lease_owner = NULL, lease_until = now(),"
                               " updated_at = now() WHERE run_id = $1 AND lease_owner = $2",
-                              2, params, &fenced_out) == 0)
-                (void)fsm_event(run->db, run, "release", NULL, why);
+                              2, params, &fenced_out);
+        if (r < 0)
+                return r;
+        return fsm_event(db, c->run, "release", NULL, c->why);
+}
+
+static int fsm_release_tx_committed(struct db *db, void *userdata)
+{
+        const struct fsm_release_ctx *c = userdata;
+
+        return fsm_event_written(db, c->run, c->run->attempt, "release", NULL);
+}
+
+/*
+ * Give the run back so that the next worker resumes it at once, without an attempt. When
+ * this fails the run stays leased to us, and resumes (as an attempt) once the lease lapses.
+ */
+static void fsm_release(struct fsm_run *run, const char *why)
+{
+        struct fsm_release_ctx c = {run, why};
+        int r;
+
+        r = db_tx_checked(run->db, fsm_release_tx, fsm_release_tx_committed, &c);
+        if (r < 0 && r != -ESTALE)
+                log_warning_errno(r, "failed to release the run, it resumes when its lease lapses",
+                                  "lease_ms=%d", lease_keeper_lease_ms(run->opts->leases));
 }
 
 /* Sleep up to @ms, waking early for shutdown or a lost lease. */
@@ -562,6 +698,14 @@ static void fsm_note_failure(struct fsm_run *run)
                 run->first_failure_ms = run->last_failure_ms;
 }
 
+static int fsm_fail_tx_committed(struct db *db, void *userdata)
+{
+        const struct fsm_fail_ctx *c = userdata;
+
+        return fsm_event_written(db, c->run, c->run->attempt, c->permanent ? "abort" : "fail",
+                                 c->transition);
+}
+
 static int fsm_fail(struct fsm_run *run, const char *transition, int error, bool permanent,
                     struct fsm_result *res)
 {
@@ -569,7 +713,7 @@ static int fsm_fail(struct fsm_run *run, const char *transition, int error, bool
         int r;
 
         run->error_text = res->error_text;
-        r = db_tx(run->db, fsm_fail_tx, &c);
+        r = db_tx_checked(run->db, fsm_fail_tx, fsm_fail_tx_committed, &c);
         run->error_text = NULL;
         if (c.fenced_out) {
                 res->outcome = FSM_OUTCOME_INTERRUPTED;
@@ -603,7 +747,7 @@ static int fsm_run_transitions(struct fsm_run *run, struct fsm_result *res)
                         res->outcome = FSM_OUTCOME_INTERRUPTED;
                         return 0;
                 }
-                r = fsm_event(run->db, run, "transition_start", t->name, NULL);
+                r = fsm_event_durable(run, "transition_start", t->name, NULL);
                 if (r < 0)
                         goto db_trouble;
                 log_debug("transition start", "transition=%s", t->name);
@@ -614,7 +758,7 @@ static int fsm_run_transitions(struct fsm_run *run, struct fsm_result *res)
                         return 0;
                 }
                 if (step >= 0) {
-                        r = db_tx(run->db, fsm_complete_tx, &c);
+                        r = db_tx_checked(run->db, fsm_complete_tx, fsm_complete_tx_committed, &c);
                         if (c.fenced_out) {
                                 res->outcome = FSM_OUTCOME_INTERRUPTED;
                                 return 0;
@@ -665,13 +809,33 @@ db_trouble:
         return 0;
 }
 
+/*
+ * Whether the claim transaction that fsm_claim_tx ran last committed. A claim that took the
+ * run left our per-execution owner token on it; one that only read (busy, already complete)
+ * wrote nothing and is simply run again.
+ */
+static int fsm_claim_tx_committed(struct db *db, void *userdata)
+{
+        const struct fsm_run *run = userdata;
+        PGresult *res = NULL;
+        int r;
+
+        if (!run->claimed)
+                return 0;
+        r = db_query_row(db, &res, "SELECT 1 FROM fsm_runs WHERE run_id = $1 AND lease_owner = $2",
+                         2, (const char *const[]){run->run_id, run->owner});
+        if (r > 0)
+                PQclear(res);
+        return r;
+}
+
 static int fsm_claim(struct fsm_run *run)
 {
         int r = 0;
 
         for (int i = 0; i < FSM_CLAIM_ATTEMPTS; i++) {
                 run->claim_outcome = FSM_OUTCOME_COMPLETE;
-                r = db_tx(run->db, fsm_claim_tx, run);
+                r = db_tx_checked(run->db, fsm_claim_tx, fsm_claim_tx_committed, run);
                 if (r != -EALREADY)
                         return r;
         }
@@ -709,6 +873,7 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
         };
         struct fsm_result res = {0};
         char token[ULID_LEN + 1];
+        int64_t claim_ms;
         int r;
 
         FIM_ASSERT(def->transition_count > 0 && opts->leases && opts->max_attempts > 0);
@@ -716,8 +881,14 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
         if (r < 0)
                 return err_set(r, "failed to make a lease token");
         /* A token per execution: two threads of one worker never share an owner. */
-        (void)snprintf(run.owner, sizeof(run.owner), "%s/%s", opts->worker_id, token + 16);
+        r = util_snprintf(run.owner, sizeof(run.owner), "%s/%s", opts->worker_id,
+                          token + ULID_LEN - FSM_OWNER_TOKEN_LEN);
+        if (r < 0)
+                return err_set(r, "worker id '%.64s...' is too long for a lease owner (at most %d)",
+                               opts->worker_id, LEASE_OWNER_MAX - FSM_OWNER_TOKEN_LEN - 1);
 
+        /* The claim grants the lease at some point after this. */
+        claim_ms = util_now_monotonic_ms();
         r = fsm_claim(&run);
         if (r < 0)
                 goto out;
@@ -740,7 +911,7 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
                 goto out;
         }
 
-        r = lease_keeper_add(opts->leases, run.run_id, run.owner, &run.lease);
+        r = lease_keeper_add(opts->leases, run.run_id, run.owner, claim_ms, &run.lease);
         if (r < 0)
                 goto out;
         r = fsm_load_response(&run);

@@ -8,6 +8,7 @@ set -uo pipefail
 BIN=${1:?usage: test_cli.sh path/to/flyio-image-manager}
 : "${FIM_PG_ADMIN_URL:?FIM_PG_ADMIN_URL is not set: run through scripts/test.sh}"
 : "${S3_ENDPOINT:?S3_ENDPOINT is not set: run through scripts/test.sh (the progress test needs S3)}"
+: "${KAFKA_BROKERS:?KAFKA_BROKERS is not set: run through scripts/test.sh (verify-system checks Kafka)}"
 # The S3 credentials of the test server, for the tests that download; every other command
 # runs without credentials.
 S3_CREDS=(AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:?AWS_ACCESS_KEY_ID is not set: run through scripts/test.sh}"
@@ -84,7 +85,18 @@ run "global help" 0 "Usage: flyio-image-manager" "process-image" "verify-system"
 run "version" 0 "^flyio-image-manager [0-9]" -- --version
 run "no command" 2 "Usage:" --
 run "unknown command" 2 "unknown command 'frobnicate'" -- frobnicate
-run "unknown global flag" 2 "unknown global flag" -- --bogus list-images
+run "unknown global flag" 2 "unknown global flag '--bogus'" "^Try 'flyio-image-manager --help'\.$" -- --bogus list-images
+check "global usage names the program once" not_contains "$LAST_OUT" "flyio-image-manager flyio-image-manager"
+run "unknown command hint" 2 "^Try 'flyio-image-manager --help'\.$" -- frobnicate
+run "global flag takes no value" 2 "flag '--help' takes no value" -- --help=yes
+run "global flag abbreviated" 2 "unknown flag '--conf' \(abbreviations are not accepted: write '--config'\)" -- --conf /dev/null show-config
+run "flag takes no value" 2 "list-images: flag '--json' takes no value" -- list-images --json=1
+check "no-value flag not reported as a short flag" not_contains "$LAST_OUT" "'-j'"
+run "help takes no value" 2 "status: flag '--help' takes no value" -- status --help=yes
+run "flag abbreviated" 2 "list-images: unknown flag '--stat' \(abbreviations are not accepted: write '--status'\)" -- list-images --stat completed
+run "flag abbreviated with =" 2 "unknown flag '--stat' \(abbreviations" -- list-images --stat=completed
+run "flag abbreviated after an argument" 2 "unknown flag '--run-i' \(abbreviations" -- status --run-i 01JABCDEFGHJKMNPQRSTVWXYZ0
+run "bool flag abbreviated" 2 "unknown flag '--active' \(abbreviations" -- list-snapshots --active
 for cmd in migrate list-images list-snapshots status verify-system show-config process-image \
         gc extract download pool-setup worker enqueue replay-dlq; do
         run "$cmd --help" 0 "Usage: flyio-image-manager $cmd" -- "$cmd" --help
@@ -159,6 +171,13 @@ run "migrate against a newer schema fails" 1 "schema is at version 9999, newer t
 check "newer schema: no nothing-to-do" not_contains "$LAST_OUT" "nothing to do"
 run "commands refuse a newer schema" 1 "newer than this binary knows" -- list-images
 sql "DELETE FROM schema_migrations WHERE version = 9999"
+# An applied migration whose text changed since: refused, naming it.
+sum1=$(sql "SELECT checksum FROM schema_migrations WHERE version = 1")
+check "migrate recorded a checksum" grep -Eq '^[0-9a-f]{64}$' <<<"$sum1"
+sql "UPDATE schema_migrations SET checksum = repeat('0', 64) WHERE version = 1"
+run "migrate refuses a changed migration" 1 "migration 0001_initial was changed after it was applied" -- migrate
+run "commands refuse a changed migration" 1 "migration 0001_initial was changed after it was applied" -- list-images
+sql "UPDATE schema_migrations SET checksum = '$sum1' WHERE version = 1"
 
 # --- list-images ------------------------------------------------------------------------
 run "list-images empty" 0 "^IMAGE_ID +STATUS +SIZE +CHECKSUM" -- list-images
@@ -285,6 +304,30 @@ check "verify-system disk fail" grep -Eq "^FAIL +disk +LOCAL_DIR '/nonexistent' 
 check "verify-system fail status" test "$status" -eq 1
 out=$("$BIN" verify-system --json 2>/dev/null)
 check "verify-system json" python3 -c 'import json,sys; d=json.loads(sys.argv[1]); names=[c["check"] for c in d["checks"]]; assert "database" in names and "version" in names and isinstance(d["ok"], bool)' "$out"
+# An invalid configuration is a usage error here too (README: status 2), still reported.
+out=$(LOCAL_DIR=relative/images "$BIN" verify-system 2>&1); status=$?
+check "verify-system invalid config exits 2" test "$status" -eq 2
+check "verify-system invalid config reported" grep -Eq "^FAIL +configuration +LOCAL_DIR='relative/images': expected an absolute path" <<<"$out"
+run "verify-system bad --skip" 2 "--skip 'pool': expected database, disk, devicemapper, s3 or kafka" -- verify-system --skip pool
+# Every check passes: exit 0. The stage topics exist under a prefix of our own, S3 is
+# reached with the test server's credentials, and only the device-mapper group, which this
+# host cannot have, is skipped (and shown as such) unless device-mapper is here.
+VPREFIX="fimcli$$"
+if bash "$HERE/../infra/kafka-topics.sh" create "$VPREFIX" 1 >/dev/null 2>&1; then
+        SKIP=(--skip devicemapper)
+        [ -w /dev/mapper/control ] && SKIP=()
+        out=$(env "${S3_CREDS[@]}" KAFKA_TOPIC_PREFIX="$VPREFIX" "$BIN" verify-system "${SKIP[@]}" 2>&1); status=$?
+        check "verify-system all pass exits 0" test "$status" -eq 0
+        check "verify-system all pass says OK" grep -Eq "^OK: 0 checks failed$" <<<"$out"
+        check "verify-system all pass has no FAIL" not_contains "$out" "FAIL"
+        check "verify-system all pass checked kafka topics" grep -Eq "^PASS +kafka-topics" <<<"$out"
+        check "verify-system all pass checked s3" grep -Eq "^PASS +s3 " <<<"$out"
+        [ ${#SKIP[@]} -gt 0 ] && check "verify-system skip shown" grep -Eq "^SKIP +devicemapper +skipped \(--skip\)" <<<"$out"
+        bash "$HERE/../infra/kafka-topics.sh" delete "$VPREFIX" >/dev/null 2>&1
+else
+        echo "FAIL could not create Kafka topics '$VPREFIX.*' for the verify-system pass test"
+        failed=$((failed + 1))
+fi
 
 echo
 echo "$passed passed, $failed failed"

@@ -253,6 +253,194 @@ static void test_config_db_password_masked_in_every_form(void **state)
         }
 }
 
+/*
+ * Every setting whose value is used later: accepted at its limits, refused just past them
+ * with a message that names the variable, shows the value and says what was expected.
+ */
+static void test_config_values_at_and_past_their_limits(void **state)
+{
+        static const struct {
+                const char *name;
+                const char *value;
+                const char *message; /* NULL: accepted */
+        } cases[] = {
+                /* LOCAL_DIR: an absolute path, or unpack requests for it fail validation. */
+                {"LOCAL_DIR", "/", NULL},
+                {"LOCAL_DIR", "/var/lib/images/", NULL},
+                {"LOCAL_DIR", "images", "LOCAL_DIR='images': expected an absolute path"},
+                {"LOCAL_DIR", "./images", "LOCAL_DIR='./images': expected an absolute path"},
+                {"LOCAL_DIR", "", "LOCAL_DIR='': expected an absolute path"},
+                {"LOCAL_DIR", "/a\nb", "LOCAL_DIR='/a?b': expected an absolute path"},
+                /* S3_ENDPOINT: empty (AWS) or an http(s) URL. */
+                {"S3_ENDPOINT", "", NULL},
+                {"S3_ENDPOINT", "http://127.0.0.1:9000", NULL},
+                {"S3_ENDPOINT", "https://s3.example.com/prefix/", NULL},
+                {"S3_ENDPOINT", "HTTP://[::1]:65535", NULL},
+                {"S3_ENDPOINT", "ftp://x y",
+                 "S3_ENDPOINT='ftp://x y': expected an http:// or https:// URL"},
+                {"S3_ENDPOINT", "http://x y", "S3_ENDPOINT='http://x y': expected an http"},
+                {"S3_ENDPOINT", "127.0.0.1:9000", "expected an http:// or https:// URL"},
+                {"S3_ENDPOINT", "http://", "S3_ENDPOINT='http://': expected"},
+                {"S3_ENDPOINT", "http://h:65536", "S3_ENDPOINT='http://h:65536': expected"},
+                {"S3_ENDPOINT", "http://h:0", "S3_ENDPOINT='http://h:0': expected"},
+                {"S3_ENDPOINT", "http://user:pw@h", "expected an http:// or https:// URL"},
+                {"S3_ENDPOINT", "http://h/?x=1", "expected an http:// or https:// URL"},
+                /* METRICS_ADDR: empty (off) or host:port. */
+                {"METRICS_ADDR", "", NULL},
+                {"METRICS_ADDR", ":9100", NULL},
+                {"METRICS_ADDR", "127.0.0.1:0", NULL},
+                {"METRICS_ADDR", "[::1]:65535", NULL},
+                {"METRICS_ADDR", "garbage", "METRICS_ADDR='garbage': expected host:port"},
+                {"METRICS_ADDR", "h:65536", "METRICS_ADDR='h:65536': expected host:port"},
+                {"METRICS_ADDR", "::1:9100", "METRICS_ADDR='::1:9100': expected host:port"},
+                {"METRICS_ADDR", "h:", "METRICS_ADDR='h:': expected host:port"},
+                {"METRICS_ADDR", "h:x", "METRICS_ADDR='h:x': expected host:port"},
+                /* AWS_REGION: a DNS label and SigV4 scope. */
+                {"AWS_REGION", "eu-central-1", NULL},
+                {"AWS_REGION", "auto", NULL},
+                {"AWS_REGION", "us east", "AWS_REGION='us east': expected a region name"},
+                {"AWS_REGION", "", "AWS_REGION='': expected a region name"},
+                {"AWS_REGION", "us/east", "AWS_REGION='us/east': expected a region name"},
+                {"AWS_REGION", "-us", "AWS_REGION='-us': expected a region name"},
+                {"AWS_REGION", "a123456789012345678901234567890123456789012345678901234567890bc",
+                 NULL},
+                {"AWS_REGION", "a123456789012345678901234567890123456789012345678901234567890bcd",
+                 "expected a region name"},
+                /* DEVICE_SIZE: 1M to the 16 TiB a request may ask for, in whole sectors. */
+                {"DEVICE_SIZE", "1M", NULL},
+                {"DEVICE_SIZE", "16T", NULL},
+                {"DEVICE_SIZE", "17592186044416", NULL},
+                {"DEVICE_SIZE", "17592186044928",
+                 "DEVICE_SIZE='17592186044928': expected a size from 1M to 16T that is a multiple of 512 bytes"},
+                {"DEVICE_SIZE", "9000000T",
+                 "DEVICE_SIZE='9000000T': expected a size from 1M to 16T"},
+                {"DEVICE_SIZE", "1048064", "DEVICE_SIZE='1048064': expected a size from 1M"},
+                {"DEVICE_SIZE", "1048577", "multiple of 512 bytes"},
+                {"DEVICE_SIZE", "99999999999999999999", "expected a size"},
+                /* DOWNLOAD_PART_SIZE: S3's part bounds. */
+                {"DOWNLOAD_PART_SIZE", "5M", NULL},
+                {"DOWNLOAD_PART_SIZE", "5G", NULL},
+                {"DOWNLOAD_PART_SIZE", "1",
+                 "DOWNLOAD_PART_SIZE='1': expected a size from 5M to 5G"},
+                {"DOWNLOAD_PART_SIZE", "5242879", "expected a size from 5M to 5G"},
+                {"DOWNLOAD_PART_SIZE", "5368709121", "expected a size from 5M to 5G"},
+                {"DOWNLOAD_PARALLEL_THRESHOLD", "5M", NULL},
+                {"DOWNLOAD_PARALLEL_THRESHOLD", "16T", NULL},
+                {"DOWNLOAD_PARALLEL_THRESHOLD", "4M", "expected a size from 5M to 16T"},
+                {"DOWNLOAD_PARALLEL_THRESHOLD", "17T", "expected a size from 5M to 16T"},
+                {"MAX_OBJECT_SIZE", "1K", NULL},
+                {"MAX_OBJECT_SIZE", "16T", NULL},
+                {"MAX_OBJECT_SIZE", "1023",
+                 "MAX_OBJECT_SIZE='1023': expected a size from 1K to 16T"},
+                {"MAX_OBJECT_SIZE", "16385G", "expected a size from 1K to 16T"},
+                {"MAX_OBJECT_SIZE", "0", "expected a size from 1K to 16T"},
+                /* HOST_ID: bounded so that lease owners and keys built from it fit. */
+                {"HOST_ID", "h", NULL},
+                {"HOST_ID", "host-1.example.com", NULL},
+                {"HOST_ID", "", "HOST_ID='': expected a name"},
+                {"HOST_ID", "a/b",
+                 "HOST_ID='a/b': expected a name of letters, digits, '-', '_' or '.' (at most 128 characters)"},
+                /* POOL_NAME: a device-mapper name. */
+                {"POOL_NAME", "pool-1", NULL},
+                {"POOL_NAME", "..", "POOL_NAME='..': expected a device-mapper name"},
+                {"POOL_NAME", "a b", "POOL_NAME='a b': expected a device-mapper name"},
+                /* KAFKA_BROKERS: what librdkafka's bootstrap.servers takes. */
+                {"KAFKA_BROKERS", "k1:9092,k2:9092", NULL},
+                {"KAFKA_BROKERS", "kafka", NULL},
+                {"KAFKA_BROKERS", "SASL_SSL://k1:9093,[::1]:9092", NULL},
+                {"KAFKA_BROKERS", "", "KAFKA_BROKERS='': expected a comma-separated list"},
+                {"KAFKA_BROKERS", "k1:9092,", "KAFKA_BROKERS='k1:9092,': expected"},
+                {"KAFKA_BROKERS", "k 1:9092", "expected a comma-separated list of host[:port]"},
+                {"KAFKA_BROKERS", "k1:99999", "expected a comma-separated list of host[:port]"},
+                {"KAFKA_BROKERS", "://k1", "expected a comma-separated list of host[:port]"},
+                /* KAFKA_TOPIC_PREFIX: prefix + ".download" is a topic name of at most 249. */
+                {"KAFKA_TOPIC_PREFIX", "images.host-1", NULL},
+                {"KAFKA_TOPIC_PREFIX", "images/x",
+                 "KAFKA_TOPIC_PREFIX='images/x': expected a name"},
+                /* AWS_ACCESS_KEY_ID: part of a comma-separated Authorization header. */
+                {"AWS_ACCESS_KEY_ID", "", NULL},
+                {"AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE", NULL},
+                {"AWS_ACCESS_KEY_ID", "AKIA X",
+                 "AWS_ACCESS_KEY_ID='AKIA X': expected an access key id"},
+                {"AWS_ACCESS_KEY_ID", "a/b", "expected an access key id"},
+                {"AWS_ACCESS_KEY_ID", "a,b", "expected an access key id"},
+                /* Secrets: no control characters (a header injection), and never echoed. */
+                {"AWS_SESSION_TOKEN", "tok\r\nX-Evil: 1",
+                 "AWS_SESSION_TOKEN: expected a value without control characters (not shown: it is a secret)"},
+                {"AWS_SECRET_ACCESS_KEY", "abc\n",
+                 "AWS_SECRET_ACCESS_KEY: expected a value without control characters"},
+                /* Integers at their bounds. */
+                {"LEASE_SECONDS", "2", NULL},
+                {"LEASE_SECONDS", "1", "LEASE_SECONDS='1': expected an integer from 2 to 86400"},
+                {"LEASE_SECONDS", "86401", "expected an integer from 2 to 86400"},
+                {"POOL_HIGH_WATER_PERCENT", "100", NULL},
+                {"POOL_HIGH_WATER_PERCENT", "101", "expected an integer from 1 to 100"},
+                {"DOWNLOAD_CONNECTIONS", "64", NULL},
+                {"DOWNLOAD_CONNECTIONS", "65", "expected an integer from 1 to 64"},
+                {"MAX_ATTEMPTS", "0", "expected an integer from 1 to 100"},
+        };
+        struct config cfg;
+
+        (void)state;
+        clear_env();
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+                int r;
+
+                assert_int_equal(config_init(&cfg), 0);
+                err_clear();
+                r = config_set(&cfg, cases[i].name, cases[i].value, CONFIG_SOURCE_ENV);
+                if (!cases[i].message && r != 0)
+                        fail_msg("%s='%s' refused: %s", cases[i].name, cases[i].value, err_last());
+                if (cases[i].message && r != -EINVAL)
+                        fail_msg("%s='%s' accepted", cases[i].name, cases[i].value);
+                if (cases[i].message && !strstr(err_last(), cases[i].message))
+                        fail_msg("%s='%s': message '%s' lacks '%s'", cases[i].name, cases[i].value,
+                                 err_last(), cases[i].message);
+                if (cases[i].message && !strstr(err_last(), "(from the environment)"))
+                        fail_msg("%s: message '%s' does not say where the value came from",
+                                 cases[i].name, err_last());
+                config_done(&cfg);
+                log_forget_secrets();
+        }
+}
+
+/* Lengths: exactly at the limit passes, one more is refused. */
+static void test_config_lengths_at_and_past_their_limits(void **state)
+{
+        static const struct {
+                const char *name;
+                size_t max;
+                char fill;
+                char first;
+        } cases[] = {
+                {"HOST_ID", CONFIG_HOST_ID_MAX, 'h', 'h'}, {"POOL_NAME", 127, 'p', 'p'},
+                {"KAFKA_TOPIC_PREFIX", 240, 't', 't'},     {"AWS_ACCESS_KEY_ID", 128, 'A', 'A'},
+                {"LOCAL_DIR", 4096 - 255 - 2, 'd', '/'},
+        };
+        struct config cfg;
+        char value[5000];
+
+        (void)state;
+        clear_env();
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+                memset(value, cases[i].fill, cases[i].max + 1);
+                value[0] = cases[i].first;
+                value[cases[i].max] = '\0';
+                assert_int_equal(config_init(&cfg), 0);
+                if (config_set(&cfg, cases[i].name, value, CONFIG_SOURCE_FLAG) != 0)
+                        fail_msg("%s of %zu characters refused: %s", cases[i].name, cases[i].max,
+                                 err_last());
+                value[cases[i].max] = cases[i].fill;
+                value[cases[i].max + 1] = '\0';
+                assert_int_equal(config_set(&cfg, cases[i].name, value, CONFIG_SOURCE_FLAG),
+                                 -EINVAL);
+                assert_non_null(strstr(err_last(), cases[i].name));
+                /* A long value is cut in the message, not echoed whole. */
+                assert_true(strlen(err_last()) < 600);
+                config_done(&cfg);
+        }
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -262,6 +450,8 @@ int main(void)
                 cmocka_unit_test(test_config_secrets_never_printed),
                 cmocka_unit_test(test_config_precedence_one_setting_every_level),
                 cmocka_unit_test(test_config_db_password_masked_in_every_form),
+                cmocka_unit_test(test_config_values_at_and_past_their_limits),
+                cmocka_unit_test(test_config_lengths_at_and_past_their_limits),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
