@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
@@ -401,6 +402,7 @@ enum {
         CASE_WALK = 1 << 2,        /* resolve without openat2 */
         CASE_CHUNKED = 1 << 3,     /* feed libarchive 777-byte chunks */
         CASE_SMALL_TREE = 1 << 4,  /* 1 MiB for remembered directories */
+        CASE_SPARSE = 1 << 5,      /* max_sparse_entries 100 */
 };
 
 struct hostile_case {
@@ -485,7 +487,36 @@ static const struct hostile_case hostile_cases[] = {
         {"symlink_escape_abs.tar.gz", -EPERM, "'a/passwd'", 0},
         {"symlink_escape_abs.tar.zst", -EPERM, "'a/passwd'", 0},
         {"symlink_escape_abs.tar.xz", -EPERM, "'a/passwd'", 0},
+        {"lone_zero_then_member.tar", -EBADMSG, "lone zero block at offset 1024 after member 'a'",
+         0},
+        {"sparse_old_chain.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse_10_count.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse_01_map.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse_00_records.tar", -E2BIG, "'sp': sparse map has more than 100 entries",
+         CASE_SPARSE},
+        {"sparse_sun_holes.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse150_gnu.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse150_pax00.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse150_pax01.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse150_pax10.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse_old_huge.tar.gz", -E2BIG, "'sp': sparse map has more than 65536 entries", 0},
+        {"sparse_10_huge.tar.gz", -E2BIG, "'sp': sparse map has more than 65536 entries", 0},
+        {"sparse_map_longer_than_data.tar", -EBADMSG, "'sp': file data ends at offset 3072", 0},
+        {"sparse_map_shorter_than_data.tar", -EBADMSG,
+         "'sp': file data ends at offset 2022, inside", 0},
 };
+
+/* The options a hostile case runs with (see its flags). */
+static void hostile_options(const struct hostile_case *tc, struct extract_options *opts)
+{
+        extract_options_init(opts);
+        if (tc->flags & CASE_LIMITS) {
+                opts->max_entries = 100;
+                opts->max_total_bytes = 1 << 20;
+        }
+        if (tc->flags & CASE_SPARSE)
+                opts->max_sparse_entries = 100;
+}
 
 /* Expand "@" to the sentinel path and "#" to the canary name. */
 static void expand_member(const char *in, char *out, size_t size)
@@ -513,11 +544,7 @@ static void test_extract_hostile(void **state)
         char *after;
         int r;
 
-        extract_options_init(&opts);
-        if (tc->flags & CASE_LIMITS) {
-                opts.max_entries = 100;
-                opts.max_total_bytes = 1 << 20;
-        }
+        hostile_options(tc, &opts);
         extract_disable_openat2 = (tc->flags & CASE_WALK) != 0;
         extract_chunk_size = (tc->flags & CASE_CHUNKED) ? 777 : 0;
         if (tc->flags & CASE_SMALL_TREE)
@@ -804,6 +831,145 @@ static void test_extract_sparse(void **state)
         }
         free(data);
         assert_mtime("sparse", T0, 0);
+}
+
+/* GNU tar's sparse maps of 150 segments, in all four formats: within the default limit. */
+static void test_extract_sparse150(void **state)
+{
+        static const char *const files[] = {"sparse150_gnu.tar", "sparse150_pax00.tar",
+                                            "sparse150_pax01.tar", "sparse150_pax10.tar"};
+        struct extract_options opts;
+
+        (void)state;
+        extract_options_init(&opts);
+        opts.max_sparse_entries = 160;
+        for (size_t f = 0; f < ARRAY_SIZE(files); f++) {
+                struct extract_result res;
+                char path[PATH_MAX];
+                size_t len;
+                char *data;
+
+                prepare(false);
+                res = extract_ok(files[f], f % 2 ? &opts : NULL);
+                assert_int_equal(res.size_bytes, 150 * 4096);
+                rootpath(path, sizeof(path), "sparse");
+                data = read_file(path, &len);
+                assert_int_equal(len, 150u << 16);
+                for (size_t i = 0; i < len; i++) {
+                        size_t seg = i >> 16;
+                        size_t in = i & 0xffff;
+                        char want = in >= 8192 && in < 8192 + 4096 ? (char)('A' + seg % 26) : 0;
+
+                        if (data[i] != want)
+                                fail_msg("%s: byte %zu is %d, want %d", files[f], i, data[i], want);
+                }
+                free(data);
+        }
+}
+
+/*
+ * Image layers stored as tars inside the image (thousands of GNU long names, pax headers) are
+ * file data: they extract byte for byte, however many header-like blocks they hold, whatever
+ * the chunking of the stream.
+ */
+static void test_extract_nested_tar(void **state)
+{
+        static const struct {
+                const char *member;
+                const char *source;
+        } layers[] = {{"usr/share/layer.tar", "nested_layer.gnu"},
+                      {"usr/share/layer-pax.tar", "nested_layer.pax"}};
+        static const size_t chunks[] = {0, 777, 65536 + 512};
+
+        (void)state;
+        for (size_t k = 0; k < ARRAY_SIZE(chunks); k++) {
+                struct extract_result res;
+
+                prepare(false);
+                extract_chunk_size = chunks[k];
+                res = extract_ok("nested_layer.tar", NULL);
+                extract_chunk_size = 0;
+                assert_int_equal(res.file_count, 3);
+                for (size_t i = 0; i < ARRAY_SIZE(layers); i++) {
+                        char path[PATH_MAX];
+                        size_t want_len;
+                        size_t got_len;
+                        char *want;
+                        char *got;
+
+                        xsnprintf(path, sizeof(path), "%s/%s", corpus, layers[i].source);
+                        want = read_file(path, &want_len);
+                        rootpath(path, sizeof(path), layers[i].member);
+                        got = read_file(path, &got_len);
+                        assert_true(want_len > (1u << 20));
+                        assert_int_equal(got_len, want_len);
+                        assert_int_equal(memcmp(got, want, want_len), 0);
+                        free(want);
+                        free(got);
+                }
+                assert_root_content("after", "after the layers");
+        }
+}
+
+static void test_extract_lone_zero_at_end(void **state)
+{
+        (void)state;
+        prepare(false);
+        (void)extract_ok("lone_zero_at_end.tar", NULL);
+        assert_root_content("a", "A");
+}
+
+static long rss_kib(void)
+{
+        FILE *f = fopen("/proc/self/status", "re");
+        char line[256];
+        long kib = -1;
+
+        assert_non_null(f);
+        while (fgets(line, sizeof(line), f)) {
+                if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+                        break;
+        }
+        (void)fclose(f);
+        assert_true(kib >= 0);
+        return kib;
+}
+
+/*
+ * Sparse maps of millions of entries in small archives are refused before libarchive has
+ * kept more than a few MiB of them: run in a child, whose peak memory we can read.
+ */
+static void test_extract_sparse_memory_bounded(void **state)
+{
+        static const char *const files[] = {"sparse_old_huge.tar.gz", "sparse_10_huge.tar.gz"};
+        const long limit_kib = 48 << 10;
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(files); i++) {
+                char path[PATH_MAX];
+                struct rusage ru;
+                long before;
+                int status;
+                pid_t pid;
+
+                prepare(false);
+                xsnprintf(path, sizeof(path), "%s/%s", corpus, files[i]);
+                before = rss_kib();
+                pid = fork();
+                assert_true(pid >= 0);
+                if (pid == 0) {
+                        int r = extract_path(rootdir, path, NULL, NULL);
+
+                        _exit(r == -E2BIG && strstr(err_last(), "more than 65536 entries") ? 0 : 1);
+                }
+                assert_int_equal(wait4(pid, &status, 0, &ru), pid);
+                assert_true(WIFEXITED(status));
+                if (WEXITSTATUS(status) != 0)
+                        fail_msg("%s: not refused for its sparse map", files[i]);
+                if (ru.ru_maxrss - before > limit_kib)
+                        fail_msg("%s: peak memory grew by %ld KiB, more than %ld", files[i],
+                                 ru.ru_maxrss - before, limit_kib);
+        }
 }
 
 static void test_extract_long_names(void **state)
@@ -1137,11 +1303,7 @@ static void test_extract_no_fd_leak(void **state)
                 const struct hostile_case *tc = &hostile_cases[i];
                 struct extract_options opts;
 
-                extract_options_init(&opts);
-                if (tc->flags & CASE_LIMITS) {
-                        opts.max_entries = 100;
-                        opts.max_total_bytes = 1 << 20;
-                }
+                hostile_options(tc, &opts);
                 if (tc->flags & CASE_SMALL_TREE)
                         extract_tree_memory_max = 1 << 20;
                 prepare(tc->flags & CASE_PREEXISTING);
@@ -1338,6 +1500,53 @@ static void test_extract_pax_nul_field(void **state)
                          0);
 }
 
+static void test_extract_pax_sparse(void **state)
+{
+        static const struct {
+                const char *body;
+                uint64_t entries;
+                bool map10;
+                const char *name;
+        } cases[] = {
+                {"18 path=some/name\n", 0, false, "some/name"},
+                {"30 GNU.sparse.map=0,1,2,3,4,5\n22 GNU.sparse.name=nm\n", 3, false, "nm"},
+                {"20 GNU.sparse.map=7\n", 0, false, NULL},
+                {"23 GNU.sparse.offset=0\n25 GNU.sparse.numbytes=1\n"
+                 "23 GNU.sparse.offset=2\n25 GNU.sparse.numbytes=3\n",
+                 3, false, NULL},
+                {"24 SUN.holesdata= 0 2 4\n", 3, false, NULL},
+                {"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n", 0, true, NULL},
+                {"22 GNU.sparse.major=1\n", 0, true, NULL},
+                {"22 GNU.sparse.minor=0\n", 0, true, NULL},
+                {"22 GNU.sparse.major=0\n22 GNU.sparse.minor=1\n", 0, false, NULL},
+                {"22 GNU.sparse.major=2\n", 0, false, NULL},
+                /* Records after a malformed one are not applied. */
+                {"99 GNU.sparse.major=1\n", 0, false, NULL},
+                {"21 GNU.sparse.major=1\n", 0, false, NULL}, /* no newline where it ends */
+                {"26 GNU.sparse.map=0,1,2,3\nxx junk\n22 GNU.sparse.map=0,1\n", 2, false, NULL},
+        };
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+                const unsigned char *name = NULL;
+                size_t name_len = 0;
+                bool map10 = false;
+                uint64_t got = extract_pax_sparse((const unsigned char *)cases[i].body,
+                                                  strlen(cases[i].body), &map10, &name, &name_len);
+
+                if (got != cases[i].entries || map10 != cases[i].map10)
+                        fail_msg("case %zu: %llu entries, map10 %d", i, (unsigned long long)got,
+                                 map10);
+                if (!cases[i].name) {
+                        assert_null(name);
+                        continue;
+                }
+                assert_non_null(name);
+                assert_int_equal(name_len, strlen(cases[i].name));
+                assert_memory_equal(name, cases[i].name, name_len);
+        }
+}
+
 static void test_extract_tar_number(void **state)
 {
         static const struct {
@@ -1483,6 +1692,11 @@ int main(void)
                 cmocka_unit_test(test_extract_dirs_duplicates_merged),
                 cmocka_unit_test(test_extract_no_fd_leak),
                 cmocka_unit_test(test_extract_odd_timestamps),
+                cmocka_unit_test(test_extract_pax_sparse),
+                cmocka_unit_test(test_extract_sparse150),
+                cmocka_unit_test(test_extract_sparse_memory_bounded),
+                cmocka_unit_test(test_extract_nested_tar),
+                cmocka_unit_test(test_extract_lone_zero_at_end),
         };
         static struct CMUnitTest tests[HOSTILE_MAX + ARRAY_SIZE(fixed) + 8];
         size_t n = 0;
