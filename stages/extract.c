@@ -454,8 +454,10 @@ void extract_options_init(struct extract_options *opts)
 }
 
 /*
- * Copy @s for a message: control bytes, quotes and backslashes become \xNN, and names longer
- * than EXTRACT_NAME_SHOWN are cut with "...". @out holds at least EXTRACT_NAME_SHOWN*4+8.
+ * Copy @s for a message: control bytes, single and double quotes and backslashes become \xNN,
+ * and names longer than EXTRACT_NAME_SHOWN are cut with "...". @out holds at least
+ * EXTRACT_NAME_SHOWN*4+8. Member names are the archive's choice: escaped this way they cannot
+ * end the quotes around them, nor start a new line or a fake key=value field in a log record.
  */
 FIM_TESTABLE void extract_quote(const char *s, char *out, size_t size)
 {
@@ -470,7 +472,7 @@ FIM_TESTABLE void extract_quote(const char *s, char *out, size_t size)
                         o += 3;
                         break;
                 }
-                if (ch < 0x20 || ch == 0x7f || ch == '\'' || ch == '\\') {
+                if (ch < 0x20 || ch == 0x7f || ch == '\'' || ch == '"' || ch == '\\') {
                         out[o++] = '\\';
                         out[o++] = 'x';
                         out[o++] = hex[ch >> 4];
@@ -2164,12 +2166,16 @@ FIM_TESTABLE bool extract_warning_is_charset(const char *msg)
 
 /* --- Safe path resolution (see RESOLUTION above) --- */
 
-/* openat2() beneath the root with no symlinks; -ENOSYS when the kernel has none. */
+/*
+ * openat2() beneath the root with no symlinks and no mount point crossed; -ENOSYS when the
+ * kernel has none.
+ */
 static int extract_openat2_dir(struct extract_ctx *c, const char *path)
 {
         struct open_how how = {
                 .flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
-                .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+                .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+                           RESOLVE_NO_XDEV,
         };
         long fd = syscall(SYS_openat2, c->root_fd, path, &how, sizeof(how));
 
@@ -2181,9 +2187,10 @@ static int extract_openat2_dir(struct extract_ctx *c, const char *path)
 /*
  * Open the directory @name in @dirfd without following it, creating it (mode 0755, whatever
  * the umask) when missing and @create. -ELOOP when it is a symlink, -ENOTDIR when it is
- * something else that is not a directory.
+ * something else that is not a directory, -EXDEV when it is on another device than @dev (a
+ * mount point; bind mounts of the same filesystem are caught by openat2() only).
  */
-static int extract_open_component(int dirfd, const char *name, bool create, int *ret_fd)
+static int extract_open_component(int dirfd, const char *name, bool create, dev_t dev, int *ret_fd)
 {
         const int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
         bool made = false;
@@ -2210,6 +2217,15 @@ static int extract_open_component(int dirfd, const char *name, bool create, int 
                 (void)close(fd);
                 return r;
         }
+        if (fstat(fd, &st) < 0) {
+                r = -errno;
+                (void)close(fd);
+                return r;
+        }
+        if (st.st_dev != dev) {
+                (void)close(fd);
+                return -EXDEV;
+        }
         *ret_fd = fd;
         return 0;
 }
@@ -2217,19 +2233,24 @@ static int extract_open_component(int dirfd, const char *name, bool create, int 
 /* The message for a failed extract_open_component() on the path prefix @prefix. */
 static int extract_component_error(struct extract_ctx *c, int r, const char *prefix)
 {
+        char shown[EXTRACT_NAME_SHOWN * 4 + 8];
+
+        extract_quote(prefix, shown, sizeof(shown));
         switch (r) {
         case -ELOOP:
-                return err_set(-EPERM, "parent '%s' is a symlink", prefix);
+                return err_set(-EPERM, "parent '%s' is a symlink", shown);
         case -ENOTDIR:
-                return err_set(r, "parent '%s' is not a directory", prefix);
+                return err_set(r, "parent '%s' is not a directory", shown);
         case -ENOENT:
-                return err_set(r, "parent '%s' does not exist", prefix);
+                return err_set(r, "parent '%s' does not exist", shown);
+        case -EXDEV:
+                return err_set(r, "'%s' is a mount point", shown);
         case -ENOSPC:
         case -EDQUOT:
                 return err_set(-ENOSPC, "target filesystem is full after writing %llu bytes",
                                (unsigned long long)c->bytes);
         default:
-                return err_set(r, "failed to open parent '%s': %s", prefix, strerror(-r));
+                return err_set(r, "failed to open parent '%s': %s", shown, strerror(-r));
         }
 }
 
@@ -2271,7 +2292,7 @@ static int extract_open_dir(struct extract_ctx *c, const char *dir, size_t len, 
                 while (end < len && buf[end] != '/')
                         end++;
                 buf[end] = '\0';
-                r = extract_open_component(fd, buf + pos, create, &next);
+                r = extract_open_component(fd, buf + pos, create, c->root_dev, &next);
                 (void)close(fd);
                 if (r < 0)
                         return extract_component_error(c, r, buf);
@@ -2294,10 +2315,11 @@ static void extract_cache_drop(struct extract_ctx *c)
 }
 
 /*
- * Find the parent directory of the normalised path @path (depth >= 1). Returns a borrowed
- * fd (the root or the cached parent) and the last component in @ret_leaf.
+ * Find the parent directory of the normalised path @path (depth >= 1), creating missing
+ * directories when @create. Returns a borrowed fd (the root or the cached parent) and the last
+ * component in @ret_leaf.
  */
-static int extract_parent(struct extract_ctx *c, const char *path, int *ret_dirfd,
+static int extract_parent(struct extract_ctx *c, const char *path, bool create, int *ret_dirfd,
                           const char **ret_leaf)
 {
         const char *slash = strrchr(path, '/');
@@ -2317,7 +2339,7 @@ static int extract_parent(struct extract_ctx *c, const char *path, int *ret_dirf
                 return 0;
         }
         extract_cache_drop(c);
-        r = extract_open_dir(c, path, len, true, &fd);
+        r = extract_open_dir(c, path, len, create, &fd);
         if (r < 0)
                 return r;
         memcpy(c->cache_path, path, len);
@@ -2420,30 +2442,40 @@ static bool extract_xattr_allowed(struct extract_ctx *c, const char *name)
 }
 
 /* Apply the allowed xattrs to @fd (or count them all as skipped when @fd < 0). */
-static int extract_xattrs(struct extract_ctx *c, struct archive_entry *e, int fd)
+static int extract_xattrs(struct extract_ctx *c, struct archive_entry *entry, int fd)
 {
         const char *name;
         const void *value;
         size_t size;
+        int e;
 
-        if (archive_entry_acl_types(e) != 0)
+        if (archive_entry_acl_types(entry) != 0)
                 c->res.skipped_xattrs++;
-        if (archive_entry_xattr_reset(e) == 0)
+        if (archive_entry_xattr_reset(entry) == 0)
                 return 0;
-        while (archive_entry_xattr_next(e, &name, &value, &size) == ARCHIVE_OK) {
+        while (archive_entry_xattr_next(entry, &name, &value, &size) == ARCHIVE_OK) {
                 if (fd < 0 || !name || !extract_xattr_allowed(c, name)) {
                         c->res.skipped_xattrs++;
                         continue;
                 }
                 if (fsetxattr(fd, name, value, size, 0) == 0)
                         continue;
-                /* Values the filesystem or kernel refuse are the image's problem, not ours. */
-                if (errno == ENOTSUP || errno == EINVAL || errno == ERANGE || errno == E2BIG ||
-                    errno == EPERM) {
+                e = errno;
+                /*
+                 * Values the filesystem or kernel refuse are the image's problem, not ours, and
+                 * GNU tar only warns about them too. ENOSPC here means the attribute does not
+                 * fit beside the file's others (ext4 gives them one block), not that the
+                 * filesystem is full: that fails the next write.
+                 */
+                if (e == ENOTSUP || e == EINVAL || e == ERANGE || e == E2BIG || e == EPERM ||
+                    e == ENOSPC) {
+                        log_debug("skipping an extended attribute the filesystem refused",
+                                  "member=%s xattr=%s size=%zu errno=%s", log_quote(c->last_member),
+                                  log_quote(name), size, err_name(-e));
                         c->res.skipped_xattrs++;
                         continue;
                 }
-                return extract_fail_errno(c, errno, "set an extended attribute");
+                return extract_fail_errno(c, e, "set an extended attribute");
         }
         return 0;
 }
@@ -2699,7 +2731,7 @@ static int extract_directory(struct extract_ctx *c, struct archive_entry *e, uns
         int r;
 
         if (depth > 0) {
-                r = extract_parent(c, c->path, &dirfd, &leaf);
+                r = extract_parent(c, c->path, true, &dirfd, &leaf);
                 if (r < 0)
                         return err_wrap(r, "failed to extract '%s'", c->last_member);
                 if (mkdirat(dirfd, leaf, 0700) < 0) {
@@ -2720,12 +2752,19 @@ static int extract_directory(struct extract_ctx *c, struct archive_entry *e, uns
         }
 
         if (archive_entry_xattr_count(e) > 0) {
+                struct stat st;
+
                 fd = depth > 0
                              ? openat(dirfd, leaf, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
                              : fcntl(c->root_fd, F_DUPFD_CLOEXEC, 3);
                 if (fd < 0)
                         return extract_fail_errno(c, errno, "open the directory");
-                r = extract_xattrs(c, e, fd);
+                if (fstat(fd, &st) < 0)
+                        r = extract_fail_errno(c, errno, "stat the directory");
+                else if (st.st_dev != c->root_dev)
+                        r = extract_fail(c, -EXDEV, "directory is a mount point");
+                else
+                        r = extract_xattrs(c, e, fd);
                 (void)close(fd);
         } else {
                 r = extract_xattrs(c, e, -1);
@@ -2773,40 +2812,69 @@ static int extract_hardlink_target(struct extract_ctx *c, const char *target, co
 
 /*
  * Whether the missing hardlink target c->link_path is an entry we skipped on purpose (a
- * device node, FIFO or socket): the link is then skipped and counted the same way.
+ * device node, FIFO or socket): the link is then skipped the same way. Returns its
+ * EXTRACT_NODE_DEVICE or EXTRACT_NODE_OTHER flag, or 0.
  */
-static bool extract_hardlink_skipped(struct extract_ctx *c)
+static unsigned extract_hardlink_skipped(struct extract_ctx *c)
 {
         unsigned flags = extract_remembered(c, c->link_path);
 
         if (flags & EXTRACT_NODE_DEVICE)
+                return EXTRACT_NODE_DEVICE;
+        return flags & EXTRACT_NODE_OTHER;
+}
+
+/*
+ * A member we do not create (a device, FIFO, socket or unknown type, flagged @flag, or a
+ * hardlink to one): count it and remember it, so that hardlinks to it are skipped too. Like
+ * any later member it wins over what an earlier one put at its name, which is removed (never
+ * followed); otherwise a later hardlink to the name would link the stale entry. Missing
+ * parents are not created for it, and then there is nothing to remove.
+ */
+static int extract_skip_entry(struct extract_ctx *c, unsigned flag)
+{
+        const char *leaf;
+        int dirfd;
+        int r;
+
+        r = extract_parent(c, c->path, false, &dirfd, &leaf);
+        if (r == -ENOENT) {
+                err_clear();
+        } else if (r < 0) {
+                return err_wrap(r, "failed to extract '%s'", c->last_member);
+        } else {
+                r = extract_make_room(c, dirfd, leaf);
+                if (r < 0)
+                        return r;
+        }
+        if (flag == EXTRACT_NODE_DEVICE)
                 c->res.skipped_devices++;
-        else if (flags & EXTRACT_NODE_OTHER)
-                c->res.skipped_other++;
         else
-                return false;
-        return true;
+                c->res.skipped_other++;
+        return extract_remember(c, flag, NULL);
 }
 
 /*
  * Resolve c->link_path safely: its parent directory in @ret_fd (owned) and its last
  * component in @ret_leaf. It must be a regular file or a symlink this extraction created.
- * Returns 1 (and no fd) when it names an entry that was skipped rather than created.
+ * Returns EXTRACT_NODE_DEVICE or EXTRACT_NODE_OTHER (and no fd) when it names an entry that
+ * was skipped rather than created.
  */
 static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int *ret_fd,
                                    const char **ret_leaf)
 {
         const char *slash = strrchr(c->link_path, '/');
         const char *leaf = slash ? slash + 1 : c->link_path;
+        unsigned skipped;
         struct stat st;
         int fd = -1;
         int r;
 
         r = extract_open_dir(c, c->link_path, slash ? (size_t)(slash - c->link_path) : 0, false,
                              &fd);
-        if (r == -ENOENT && extract_hardlink_skipped(c)) {
+        if (r == -ENOENT && (skipped = extract_hardlink_skipped(c)) != 0) {
                 err_clear();
-                return 1;
+                return (int)skipped;
         }
         if (r == -ENOENT)
                 return err_wrap(
@@ -2816,8 +2884,8 @@ static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int
                 return err_wrap(r, "failed to extract '%s': hardlink target '%s'", c->last_member,
                                 shown);
         if (fstatat(fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno == ENOENT && extract_hardlink_skipped(c))
-                        r = 1;
+                if (errno == ENOENT && (skipped = extract_hardlink_skipped(c)) != 0)
+                        r = (int)skipped;
                 else if (errno == ENOENT)
                         r = extract_fail(c, -ENOENT, "hardlink target '%s' has not been extracted",
                                          shown);
@@ -2857,10 +2925,12 @@ static int extract_hardlink(struct extract_ctx *c, const char *target)
                 return r < 0 ? r : 0;
         }
         r = extract_hardlink_source(c, shown, &tfd, &tleaf);
-        if (r != 0)
-                return r < 0 ? r : 0;
+        if (r > 0)
+                return extract_skip_entry(c, (unsigned)r);
+        if (r < 0)
+                return r;
 
-        r = extract_parent(c, c->path, &dirfd, &leaf);
+        r = extract_parent(c, c->path, true, &dirfd, &leaf);
         if (r < 0) {
                 r = err_wrap(r, "failed to extract '%s'", c->last_member);
                 goto out;
@@ -2916,15 +2986,12 @@ static int extract_entry(struct extract_ctx *c, struct archive_entry *e)
         case AE_IFCHR:
         case AE_IFBLK:
         case AE_IFIFO:
-                /* Remembered so that hardlinks to it can be skipped too. */
-                c->res.skipped_devices++;
-                return extract_remember(c, EXTRACT_NODE_DEVICE, NULL);
+                return extract_skip_entry(c, EXTRACT_NODE_DEVICE);
         default:
-                c->res.skipped_other++;
-                return extract_remember(c, EXTRACT_NODE_OTHER, NULL);
+                return extract_skip_entry(c, EXTRACT_NODE_OTHER);
         }
 
-        r = extract_parent(c, c->path, &dirfd, &leaf);
+        r = extract_parent(c, c->path, true, &dirfd, &leaf);
         if (r < 0)
                 return err_wrap(r, "failed to extract '%s'", c->last_member);
         if (type == AE_IFLNK)
@@ -3078,7 +3145,7 @@ static int extract_check_warning(struct extract_ctx *c, struct archive_entry *e)
         const char *name = archive_entry_pathname(e);
 
         if (extract_warning_is_charset(msg) && !c->member_risky) {
-                log_debug("keeping a member name as raw bytes", "warning='%s'", msg);
+                log_debug("keeping a member name as raw bytes", "warning=%s", log_quote(msg));
                 return 0;
         }
         extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));

@@ -37,7 +37,10 @@
  *   -EFBIG         more file data than max_total_bytes, or a sparse file whose size (or
  *                  data offset) is past max_total_bytes
  *   -ENAMETOOLONG  a path longer than max_path_length or deeper than max_path_depth
- *   -ENOSPC        the target filesystem is full
+ *   -EXDEV         a member's path crosses a mount point inside the root (only possible
+ *                  with a root that has mounts below it, e.g. the CLI's --root)
+ *   -ENOSPC        the target filesystem is full (an extended attribute that does not fit
+ *                  on the filesystem is skipped and counted instead, as GNU tar does)
  *   -ECANCELED     (or whatever it returned) the progress callback asked to stop
  *   other          an I/O error from the target filesystem (-EIO, ...)
  *
@@ -108,8 +111,8 @@ struct extract_result {
         /* Character and block devices and FIFOs, and hardlinks to them: never created. */
         uint64_t skipped_devices;
         /*
-         * Extended attributes outside user.* and security.capability, user.overlay.*, and
-         * POSIX ACLs.
+         * Extended attributes outside user.* and security.capability, user.overlay.*, POSIX
+         * ACLs, and allowed ones the target filesystem refused (too large, unsupported).
          */
         uint64_t skipped_xattrs;
         /* Sockets, unknown types, hardlinks to those, and hardlinks to themselves. */

@@ -356,6 +356,17 @@ def hostile(sent, canary):
         (b"GNU.sparse.map", b"0,1")), data=b"d" + b"\x00" * 10 + b"unaligned header") + \
         b"\x00" * 1024
 
+    # Devices and FIFOs replace what is at their name like any other member, and follow the
+    # same rules on the way there.
+    out["device_over_nonempty_dir.tar"] = (
+        Tar().dir("d").add("d/f", data=b"x").add("d", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        .bytes())
+    out["device_under_symlink.tar"] = (
+        Tar().symlink("a", sent).add("a/null", tarfile.CHRTYPE, devmajor=1, devminor=3).bytes())
+    # Names with quotes and control bytes are escaped in messages.
+    out["dotdot_quoted.tar"] = Tar().add('../x"\nkey=v', data=b"x").bytes()
+    out["symlink_parent_quoted.tar"] = (
+        Tar().symlink("a\tb", sent).add("a\tb/x", data=b"x").bytes())
     return out
 
 
@@ -505,6 +516,24 @@ def valid(sent):
     out["gnu_format.tar"] = (Tar(tarfile.GNU_FORMAT).dir("d").add("d/f", data=b"gnu")
                              .symlink("d/s", "f").bytes())
     out["lone_zero_at_end.tar"] = raw_tar((raw_header(b"a", b"0", 1), b"A"))[:1024 + 512]
+    # Three user xattrs of 3000 bytes: ext4 keeps a file's xattrs in one block, so some of them
+    # do not fit (ENOSPC). GNU tar warns and goes on; so do we, counting them.
+    big = {"SCHILY.xattr.user.%s" % k: k * 3000 for k in "abc"}
+    out["xattr_too_big.tar"] = (Tar().add("f", data=b"data", pax=big)
+                                .add("g", data=b"after").bytes())
+    # For a root with a mount point at "mnt" (the test mounts it).
+    out["into_mount.tar"] = Tar().add("mnt/f", data=b"x").bytes()
+    out["into_mount_dir.tar"] = Tar().dir("mnt", mode=0o700, uid=1234).bytes()
+    out["into_mount_deep.tar"] = Tar().add("mnt/sub/f", data=b"x").bytes()
+    # A later device or FIFO wins over what an earlier member put at its name (as does a
+    # hardlink to one): a hardlink to the name then finds the skipped entry, never the stale
+    # one.
+    out["duplicates_special.tar"] = (
+        Tar().add("x", data=b"stale-x").add("x", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        .hardlink("h1", "x")
+        .add("f", data=b"stale-f").hardlink("f", "x").hardlink("h2", "f")
+        .dir("d").add("d", tarfile.FIFOTYPE)
+        .symlink("s", sent + "/etc/passwd").add("s", tarfile.FIFOTYPE).bytes())
     return out
 
 

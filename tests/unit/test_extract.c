@@ -27,6 +27,7 @@
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
 #include <unistd.h>
@@ -504,6 +505,10 @@ static const struct hostile_case hostile_cases[] = {
         {"sparse_map_longer_than_data.tar", -EBADMSG, "'sp': file data ends at offset 3072", 0},
         {"sparse_map_shorter_than_data.tar", -EBADMSG,
          "'sp': file data ends at offset 2022, inside", 0},
+        {"device_over_nonempty_dir.tar", -EEXIST, "'d': would replace a non-empty directory", 0},
+        {"device_under_symlink.tar", -EPERM, "'a/null': parent 'a' is a symlink", 0},
+        {"dotdot_quoted.tar", -EPERM, "'../x\\x22\\x0akey=v'", 0},
+        {"symlink_parent_quoted.tar", -EPERM, "'a\\x09b/x': parent 'a\\x09b' is a symlink", 0},
 };
 
 /* The options a hostile case runs with (see its flags). */
@@ -917,6 +922,160 @@ static void test_extract_lone_zero_at_end(void **state)
         prepare(false);
         (void)extract_ok("lone_zero_at_end.tar", NULL);
         assert_root_content("a", "A");
+}
+
+/*
+ * A device or FIFO (or a hardlink to one) replaces what an earlier member put at its name, so
+ * that later hardlinks to the name are skipped too rather than linking the stale entry; a
+ * symlink replaced that way is removed, not followed.
+ */
+static void test_extract_duplicates_special(void **state)
+{
+        static const char *const gone[] = {"x", "h1", "f", "h2", "d", "s"};
+        struct extract_result res;
+        char *before;
+        char *after;
+
+        (void)state;
+        prepare(false);
+        before = snapshot();
+        res = extract_ok("duplicates_special.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        /* x (device), h1 -> x, f -> x, h2 -> f, d (FIFO), s (FIFO) */
+        assert_int_equal(res.skipped_devices, 6);
+        assert_int_equal(res.hardlink_count, 0);
+        for (size_t i = 0; i < ARRAY_SIZE(gone); i++) {
+                if (exists_root(gone[i]))
+                        fail_msg("'%s' is still there", gone[i]);
+        }
+}
+
+/* Whether @path is on ext2/3/4 (one magic number for all three). */
+static bool is_ext4(const char *path)
+{
+        struct statfs sf;
+
+        return statfs(path, &sf) == 0 && sf.f_type == 0xEF53;
+}
+
+/* Mount a fresh ext4 image at @dir; false when this machine cannot (no loop devices). */
+static bool mount_ext4(const char *dir)
+{
+        char image[PATH_MAX];
+        char opts[PATH_MAX + 16];
+        int fd;
+
+        xsnprintf(image, sizeof(image), "%s/ext4.img", base);
+        fd = open(image, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        assert_int_equal(ftruncate(fd, 32 << 20), 0);
+        (void)close(fd);
+
+        const char *const mkfs[] = {"mkfs.ext4", "-q", "-F", image, NULL};
+
+        if (run_argv(mkfs) != 0)
+                return false;
+        xsnprintf(opts, sizeof(opts), "loop");
+
+        const char *const mnt[] = {"mount", "-o", opts, image, dir, NULL};
+
+        return run_argv(mnt) == 0;
+}
+
+/*
+ * Extended attributes that do not fit on ext4 (ENOSPC from fsetxattr) are skipped and counted,
+ * as GNU tar does, not reported as a full filesystem.
+ */
+static void test_extract_xattr_enospc(void **state)
+{
+        char dir[PATH_MAX];
+        char path[PATH_MAX];
+        struct extract_result res;
+        bool mounted = false;
+        ssize_t n;
+        int root_fd;
+        int r;
+
+        (void)state;
+        prepare(false);
+        xsnprintf(dir, sizeof(dir), "%s/ext4", work);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        if (!is_ext4(dir)) {
+                mounted = mount_ext4(dir);
+                if (!mounted) {
+                        fprintf(stderr, "no ext4 here (and no loop mount): skipping\n");
+                        skip();
+                }
+        }
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_true(root_fd >= 0);
+        xsnprintf(path, sizeof(path), "%s/xattr_too_big.tar", corpus);
+        r = extract_file(root_fd, path, NULL, &res);
+        (void)close(root_fd);
+        xsnprintf(path, sizeof(path), "%s/f", dir);
+        n = listxattr(path, NULL, 0);
+        if (r == 0) {
+                char *data = read_file(path, NULL);
+
+                assert_string_equal(data, "data");
+                free(data);
+                xsnprintf(path, sizeof(path), "%s/g", dir);
+                data = read_file(path, NULL);
+                assert_string_equal(data, "after");
+                free(data);
+        }
+        if (mounted)
+                (void)umount(dir);
+        if (r < 0)
+                fail_msg("extraction failed: %s (%s)", err_last(), err_name(r));
+        /* Not all three fit, and the ones that did not are counted (names are 7 bytes). */
+        assert_true(res.skipped_xattrs >= 1 && res.skipped_xattrs <= 3);
+        assert_int_equal(n, (ssize_t)(3 - res.skipped_xattrs) * 7);
+}
+
+/* A root with a mount point below it: nothing is written into the mounted filesystem. */
+static void test_extract_mount_point(void **state)
+{
+        static const char *const files[] = {"into_mount.tar", "into_mount_dir.tar",
+                                            "into_mount_deep.tar"};
+        char mnt[PATH_MAX];
+
+        (void)state;
+        for (size_t walk = 0; walk < 2; walk++) {
+                for (size_t i = 0; i < ARRAY_SIZE(files); i++) {
+                        struct stat st;
+                        int r;
+
+                        prepare(false);
+                        rootpath(mnt, sizeof(mnt), "mnt");
+                        assert_int_equal(mkdir(mnt, 0755), 0);
+                        if (mount("tmpfs", mnt, "tmpfs", 0, "size=1m,mode=0755") < 0)
+                                skip();
+                        extract_disable_openat2 = walk;
+                        r = extract_corpus(files[i], NULL, NULL);
+                        extract_disable_openat2 = false;
+                        assert_int_equal(lstat(mnt, &st), 0);
+                        {
+                                char f[PATH_MAX];
+                                struct stat fst;
+
+                                xsnprintf(f, sizeof(f), "%s/f", mnt);
+                                assert_int_not_equal(lstat(f, &fst), 0);
+                                xsnprintf(f, sizeof(f), "%s/sub", mnt);
+                                assert_int_not_equal(lstat(f, &fst), 0);
+                        }
+                        (void)umount(mnt);
+                        if (r != -EXDEV || !strstr(err_last(), "'mnt' is a mount point"))
+                                fail_msg("%s (walk %zu): got %s '%s'", files[i], walk, err_name(r),
+                                         err_last());
+                        /* The mounted root kept its mode and owner. */
+                        assert_int_equal(st.st_mode & 07777, 0755);
+                        assert_int_equal(st.st_uid, 0);
+                }
+        }
 }
 
 static long rss_kib(void)
@@ -1464,6 +1623,9 @@ static void test_extract_quote(void **state)
         (void)state;
         extract_quote("a'b\\c\n\x7f", out, sizeof(out));
         assert_string_equal(out, "a\\x27b\\x5cc\\x0a\\x7f");
+        /* No quote of either kind survives, so a name cannot end a quoted log value. */
+        extract_quote("x\" k=v\r", out, sizeof(out));
+        assert_string_equal(out, "x\\x22 k=v\\x0d");
         memset(big, 'y', sizeof(big) - 1);
         big[sizeof(big) - 1] = '\0';
         extract_quote(big, out, sizeof(out));
@@ -1697,6 +1859,9 @@ int main(void)
                 cmocka_unit_test(test_extract_sparse_memory_bounded),
                 cmocka_unit_test(test_extract_nested_tar),
                 cmocka_unit_test(test_extract_lone_zero_at_end),
+                cmocka_unit_test(test_extract_duplicates_special),
+                cmocka_unit_test(test_extract_xattr_enospc),
+                cmocka_unit_test(test_extract_mount_point),
         };
         static struct CMUnitTest tests[HOSTILE_MAX + ARRAY_SIZE(fixed) + 8];
         size_t n = 0;
