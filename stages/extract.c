@@ -37,13 +37,44 @@
  * Numeric fields (the size of a header body) are parsed exactly as libarchive parses them,
  * tabs and signs included, or a body it reads could escape the scan.
  *
+ * The one framing the scan does trust is libarchive's own, after the fact: once it has accepted
+ * a member, the member's data (the size of a regular file, or the segments of a sparse one) is
+ * skipped. Otherwise a tar inside an image (a preloaded image layer, say) is thousands of
+ * header-looking blocks that would all wait as suspects until libarchive is past them. When the
+ * member is done, libarchive must have read at least that much data: had it read less, the scan
+ * would have skipped blocks it then read as headers, and the archive is refused.
+ *
  * The scan also remembers which blocks were all zeros, to insist on the end-of-archive
  * marker right after the last member: libarchive takes a stream that stops between two
- * members for a complete archive, and that is what a truncated download looks like.
+ * members for a complete archive, and that is what a truncated download looks like. It also
+ * takes a single zero block for the end, and silently drops whatever follows (GNU tar only
+ * warns and drops it too, other readers go on): data after a lone zero block is refused.
  * libarchive warnings are errors (they mean it ignored part of a header) except its exact
  * "name can't be converted to the locale"; and since only the last warning's message
  * survives, that one is accepted only when the scan saw nothing in the member's headers
  * that could have raised another (a malformed or unusual pax body, many extension headers).
+ *
+ * SPARSE MAPS
+ *
+ * libarchive keeps a sparse file's whole map in memory, some 64 bytes per entry, and an entry
+ * costs the archive as little as 4 bytes of well-compressible text: a 25 KB download could claim
+ * gigabytes before libarchive hands us the member. So the scan counts map entries the way
+ * libarchive reads them, and refuses a member whose map has more than max_sparse_entries:
+ *   - old GNU 'S' headers: 4 entries in the header, 21 in each extension block after it for
+ *     as long as each says another follows. Header-looking blocks among another header's
+ *     extension blocks are counted too, as a group that ends at the same block;
+ *   - pax records (GNU 0.0 and 0.1, Solaris): counted when the body is complete;
+ *   - GNU 1.0 maps, announced by pax records and stored at the start of the member's data:
+ *     the scan reads the entry count on the map's first line.
+ * A finding is a suspect like the others, fatal when it lies in the member's headers. That is
+ * too late for a map that spans many chunks of the stream, which libarchive reads whole before
+ * it returns the member; so the read callback also refuses while libarchive is reading headers
+ * (inside archive_read_next_header()) and asks for bytes past a map's "mark", the point where it
+ * has read more entries than the limit. While reading headers libarchive needs nothing beyond
+ * the member's headers and sparse map plus one block; a map found in file data lies further out,
+ * its mark more so, and one found in an earlier member is below where these headers start. So
+ * the refusal only happens when libarchive is reading that map, after at most one chunk too
+ * many: memory stays within the limit plus a chunk's worth of entries.
  *
  * NAMES
  *
@@ -103,7 +134,8 @@
  * MEMORY AND SPEED
  *
  * Data is streamed: memory does not grow with file sizes. What grows with the archive is
- * the tree of remembered paths and the inode set. The tree holds every directory member
+ * the tree of remembered paths and the inode set (and, inside libarchive, the sparse map of the
+ * current member: see SPARSE MAPS). The tree holds every directory member
  * (for its deferred metadata) and every skipped entry (so that hardlinks to it can be
  * skipped), as (parent, component) nodes of some 80 bytes plus the component, each stored
  * once however often the archive repeats it; a hash with a random key finds them. It is
@@ -146,8 +178,12 @@
 #define EXTRACT_META_MAX ((size_t)1 << 20)
 /* Header bodies being collected at the same time by the NUL scan (see extract_scan_block). */
 #define EXTRACT_SCAN_SLOTS 16
-/* Suspect header blocks remembered at once, and the bytes of each name kept for messages. */
-#define EXTRACT_MAX_SUSPECTS 4096u
+/*
+ * Suspect header blocks remembered at once, and the bytes of each name kept for messages. The
+ * scan skips the data of members libarchive has accepted, so only what it saw of the data before
+ * (at most two handed-out chunks, 4096 blocks) and the header blocks themselves count here.
+ */
+#define EXTRACT_MAX_SUSPECTS 16384u
 #define EXTRACT_SUSPECT_NAME 100
 /* Longest member name shown in a message, in bytes of the original. */
 #define EXTRACT_NAME_SHOWN 160
@@ -178,6 +214,24 @@
 #define EXTRACT_PAX_RISKY 3
 /* A header block of an extension type (x, X, g, L, K, A, V). */
 #define EXTRACT_SPECIAL 4
+/* A sparse map with more entries than max_sparse_entries (see SPARSE MAPS below). */
+#define EXTRACT_SPARSE_MANY 5
+/*
+ * Old GNU sparse headers whose extension blocks overlap, and GNU 1.0 sparse maps expected or
+ * being read at once: one of each in real archives, a few more only in crafted ones.
+ */
+#define EXTRACT_SCAN_CHAINS 16
+#define EXTRACT_SCAN_MAPS 8
+/* Longest line libarchive reads in a GNU 1.0 sparse map (gnu_sparse_10_atol()). */
+#define EXTRACT_SPARSE_LINE_MAX 100u
+/*
+ * Offsets of the old GNU sparse header fields: 4 map entries, "isextended", and in each
+ * extension block 21 entries and its own "isextended". An entry is 24 bytes (offset, size).
+ */
+#define EXTRACT_GNU_SPARSE 386u
+#define EXTRACT_GNU_ISEXTENDED 482u
+#define EXTRACT_GNU_EXT_ISEXTENDED 504u
+#define EXTRACT_GNU_SPARSE_ENTRY 24u
 /*
  * More extension headers than this in front of one member is suspicious: libarchive gives up
  * after 32 with a warning that a later charset warning could hide. GNU tar writes at most 3.
@@ -249,12 +303,46 @@ struct extract_scan_slot {
         uint64_t offset; /* of its header block */
 };
 
-/* A header-looking block whose name field or body holds a name cut at a NUL byte. */
+/*
+ * A header-looking block whose name field or body holds a name cut at a NUL byte, or that is
+ * otherwise fatal or notable if libarchive uses it as a header.
+ */
 struct extract_suspect {
         uint64_t offset; /* of the header block */
-        int kind;        /* EXTRACT_NUL_NAME, _NUL_LINK, _PAX_RISKY or _SPECIAL */
+        int kind;        /* EXTRACT_NUL_NAME, _NUL_LINK, _PAX_RISKY, _SPECIAL or _SPARSE_MANY */
         const char *where;
+        /*
+         * _SPARSE_MANY: the declared or counted entries, and the stream offset past which a
+         * header read means libarchive is reading this map (see SPARSE MAPS).
+         */
+        uint64_t count;
+        uint64_t mark;
+        /* Where the member header is that will name it, when @name is still empty, or 0. */
+        uint64_t name_at;
         char name[EXTRACT_SUSPECT_NAME + 1]; /* up to the NUL */
+};
+
+/* An old GNU sparse header whose extension blocks are being counted. */
+struct extract_scan_chain {
+        uint64_t offset;  /* of the header block */
+        uint64_t entries; /* in the header block */
+        uint64_t base;    /* the group's extension entries when it started */
+        bool flagged;     /* already a suspect */
+        bool map_after;   /* a GNU 1.0 map was announced for it: it follows the chain */
+        char name[EXTRACT_SUSPECT_NAME + 1];
+};
+
+/* A GNU 1.0 sparse map: expected after a member header at @at, or being read from @at on. */
+struct extract_scan_map {
+        bool open;       /* being read; else its member header is expected at @at */
+        uint64_t at;     /* the next block it needs */
+        uint64_t start;  /* of the map (when open) */
+        uint64_t header; /* of the member header (when open) */
+        size_t line_len; /* of the line being read */
+        bool comment;    /* the line starts with '#' */
+        bool digits;     /* the line has digits */
+        uint64_t value;  /* saturated */
+        char name[EXTRACT_SUSPECT_NAME + 1];
 };
 
 struct extract_scan {
@@ -264,6 +352,20 @@ struct extract_scan {
         struct extract_scan_slot slots[EXTRACT_SCAN_SLOTS];
         /* Which of the last EXTRACT_ZERO_RING blocks were all zeros, by block number. */
         uint64_t zero_bits[EXTRACT_ZERO_RING / 64];
+        /*
+         * Old GNU sparse headers whose extension blocks are being counted. They overlap when a
+         * header-looking block sits among another's extension blocks, and then end together,
+         * since each block says whether one more follows: one group, @chain_total entries.
+         */
+        struct extract_scan_chain chains[EXTRACT_SCAN_CHAINS];
+        size_t n_chains;
+        uint64_t chain_total;
+        struct extract_scan_map maps[EXTRACT_SCAN_MAPS];
+        size_t n_maps;
+        /* The data of the member libarchive accepted last, which the scan need not read. */
+        uint64_t skip_start;
+        uint64_t skip_end;
+        bool skipping; /* in it, and what the scan followed is forgotten */
 };
 
 struct extract_ctx {
@@ -292,10 +394,17 @@ struct extract_ctx {
         uint64_t stream_limit;
         const unsigned char *pending; /* rest of the outer reader's block, not handed out */
         size_t pending_len;
+        size_t scan_ahead; /* bytes at pending already scanned */
         struct extract_scan scan;
         struct extract_suspect *suspects;
         size_t n_suspects;
         size_t cap_suspects;
+        size_t n_sparse_suspects; /* of kind EXTRACT_SPARSE_MANY */
+        size_t n_unnamed;         /* of those, waiting for a name from a later header */
+        /* Inside archive_read_next_header(): libarchive is reading headers, not file data. */
+        bool in_header;
+        /* c->stream_r's message names the member already. */
+        bool stream_named;
         /* The current member's headers hold a risky pax body or many extension headers. */
         bool member_risky;
         /* Stream offset just past the previous member's data and padding. */
@@ -338,14 +447,17 @@ void extract_options_init(struct extract_options *opts)
                 .max_entries = EXTRACT_DEFAULT_MAX_ENTRIES,
                 .max_path_depth = EXTRACT_DEFAULT_MAX_PATH_DEPTH,
                 .max_path_length = EXTRACT_DEFAULT_MAX_PATH_LENGTH,
+                .max_sparse_entries = EXTRACT_DEFAULT_MAX_SPARSE_ENTRIES,
                 .preserve_owner = true,
                 .progress_interval_ms = EXTRACT_DEFAULT_PROGRESS_INTERVAL_MS,
         };
 }
 
 /*
- * Copy @s for a message: control bytes, quotes and backslashes become \xNN, and names longer
- * than EXTRACT_NAME_SHOWN are cut with "...". @out holds at least EXTRACT_NAME_SHOWN*4+8.
+ * Copy @s for a message: control bytes, single and double quotes and backslashes become \xNN,
+ * and names longer than EXTRACT_NAME_SHOWN are cut with "...". @out holds at least
+ * EXTRACT_NAME_SHOWN*4+8. Member names are the archive's choice: escaped this way they cannot
+ * end the quotes around them, nor start a new line or a fake key=value field in a log record.
  */
 FIM_TESTABLE void extract_quote(const char *s, char *out, size_t size)
 {
@@ -360,7 +472,7 @@ FIM_TESTABLE void extract_quote(const char *s, char *out, size_t size)
                         o += 3;
                         break;
                 }
-                if (ch < 0x20 || ch == 0x7f || ch == '\'' || ch == '\\') {
+                if (ch < 0x20 || ch == 0x7f || ch == '\'' || ch == '"' || ch == '\\') {
                         out[o++] = '\\';
                         out[o++] = 'x';
                         out[o++] = hex[ch >> 4];
@@ -966,6 +1078,126 @@ FIM_TESTABLE bool extract_pax_risky(const unsigned char *d, size_t n)
         return false;
 }
 
+/* @n rounded up to whole tar blocks; @n is far below UINT64_MAX. */
+static uint64_t extract_round_block(uint64_t n)
+{
+        return (n + EXTRACT_TAR_BLOCK - 1) / EXTRACT_TAR_BLOCK * EXTRACT_TAR_BLOCK;
+}
+
+/* A decimal pax value as libarchive reads it (tar_atol10()): blanks, a sign, digits. */
+static int64_t extract_pax_decimal(const unsigned char *p, size_t n)
+{
+        uint64_t v = 0;
+        bool neg = false;
+        size_t i = 0;
+
+        while (i < n && (p[i] == ' ' || p[i] == '\t'))
+                i++;
+        if (i < n && p[i] == '-') {
+                neg = true;
+                i++;
+        }
+        for (; i < n && p[i] >= '0' && p[i] <= '9'; i++) {
+                if (v > (uint64_t)INT64_MAX / 10)
+                        return neg ? INT64_MIN : INT64_MAX;
+                v = v * 10 + (uint64_t)(p[i] - '0');
+        }
+        if (v > (uint64_t)INT64_MAX)
+                return neg ? INT64_MIN : INT64_MAX;
+        return neg ? -(int64_t)v : (int64_t)v;
+}
+
+static size_t extract_count_byte(const unsigned char *p, size_t n, unsigned char ch)
+{
+        size_t count = 0;
+
+        for (size_t i = 0; i < n; i++)
+                count += p[i] == ch;
+        return count;
+}
+
+/*
+ * What a pax header body says about sparse files, read the way pax_attribute() in libarchive's
+ * tar reader applies it, as an upper bound: the sparse map entries its records add (a
+ * GNU.sparse.map pair, a GNU.sparse.numbytes record, and the first GNU.sparse.offset when no
+ * numbytes came before it in the archive; a SUN.holesdata number), whether it announces a GNU
+ * 1.0 map in the member's data (GNU.sparse.major 1 and minor 0; either may come from an
+ * earlier member, so one of them is enough), and the member's name for messages. Records
+ * after a malformed one are not applied, nor counted.
+ */
+FIM_TESTABLE uint64_t extract_pax_sparse(const unsigned char *d, size_t n, bool *ret_map10,
+                                         const unsigned char **ret_name, size_t *ret_name_len)
+{
+        const unsigned char *name = NULL;
+        const unsigned char *path = NULL;
+        size_t name_len = 0;
+        size_t path_len = 0;
+        bool major_seen = false;
+        bool minor_seen = false;
+        bool offset_seen = false;
+        int64_t major = 0;
+        int64_t minor = 0;
+        uint64_t entries = 0;
+        size_t pos = 0;
+
+        while (pos < n) {
+                const unsigned char *key;
+                const unsigned char *eq;
+                const unsigned char *end;
+                const unsigned char *v;
+                size_t len = 0;
+                size_t i = pos;
+                size_t kl;
+                size_t vl;
+
+                while (i < n && d[i] >= '0' && d[i] <= '9' && len <= n) {
+                        len = len * 10 + (size_t)(d[i] - '0');
+                        i++;
+                }
+                if (i >= n || d[i] != ' ' || len == 0 || len > n - pos || pos + len <= i + 1 ||
+                    d[pos + len - 1] != '\n')
+                        break;
+                key = d + i + 1;
+                end = d + pos + len - 1;
+                eq = memchr(key, '=', (size_t)(end - key));
+                pos += len;
+                if (!eq)
+                        break;
+                kl = (size_t)(eq - key);
+                v = eq + 1;
+                vl = (size_t)(end - v);
+#define EXTRACT_KEY_IS(k) (kl == sizeof(k) - 1 && memcmp(key, k, kl) == 0)
+                if (EXTRACT_KEY_IS("GNU.sparse.map")) {
+                        entries += (extract_count_byte(v, vl, ',') + 1) / 2;
+                } else if (EXTRACT_KEY_IS("GNU.sparse.numbytes")) {
+                        entries++;
+                } else if (EXTRACT_KEY_IS("GNU.sparse.offset")) {
+                        entries += !offset_seen;
+                        offset_seen = true;
+                } else if (EXTRACT_KEY_IS("SUN.holesdata")) {
+                        entries += extract_count_byte(v, vl, ' ');
+                } else if (EXTRACT_KEY_IS("GNU.sparse.major")) {
+                        major_seen = true;
+                        major = extract_pax_decimal(v, vl);
+                } else if (EXTRACT_KEY_IS("GNU.sparse.minor")) {
+                        minor_seen = true;
+                        minor = extract_pax_decimal(v, vl);
+                } else if (EXTRACT_KEY_IS("GNU.sparse.name")) {
+                        name = v;
+                        name_len = vl;
+                } else if (EXTRACT_KEY_IS("path")) {
+                        path = v;
+                        path_len = vl;
+                }
+#undef EXTRACT_KEY_IS
+        }
+        *ret_map10 = (major_seen || minor_seen) && (!major_seen || major == 1) &&
+                     (!minor_seen || minor == 0);
+        *ret_name = name ? name : path;
+        *ret_name_len = name ? name_len : path_len;
+        return entries;
+}
+
 /*
  * Remember that the header block at @offset holds a name cut at a NUL byte; @name (up to @n
  * bytes) is the field. Whether the block is a header libarchive uses, rather than file data
@@ -992,12 +1224,81 @@ static int extract_scan_suspect(struct extract_ctx *c, const unsigned char *name
                 c->cap_suspects = cap;
         }
         s = &c->suspects[c->n_suspects++];
-        s->offset = offset;
-        s->kind = kind;
-        s->where = where;
+        *s = (struct extract_suspect){.offset = offset, .kind = kind, .where = where};
         n = strnlen((const char *)name, n < EXTRACT_SUSPECT_NAME ? n : EXTRACT_SUSPECT_NAME);
         memcpy(s->name, name, n);
         s->name[n] = '\0';
+        return 0;
+}
+
+/*
+ * Remember a sparse map of @count entries, more than the limit, in the member whose header
+ * block (or, for pax records, extension header) is at @offset; libarchive reading headers
+ * past @mark means it is reading this map (see SPARSE MAPS).
+ */
+static int extract_scan_sparse(struct extract_ctx *c, uint64_t offset, uint64_t mark,
+                               uint64_t count, const unsigned char *name, size_t n,
+                               const char *where)
+{
+        int r = extract_scan_suspect(c, name, n, EXTRACT_SPARSE_MANY, where, offset);
+
+        if (r < 0)
+                return r;
+        c->suspects[c->n_suspects - 1].count = count;
+        c->suspects[c->n_suspects - 1].mark = mark;
+        c->n_sparse_suspects++;
+        return 0;
+}
+
+static void extract_copy_name(char *out, const unsigned char *name, size_t n)
+{
+        n = strnlen((const char *)name, n < EXTRACT_SUSPECT_NAME ? n : EXTRACT_SUSPECT_NAME);
+        memcpy(out, name, n);
+        out[n] = '\0';
+}
+
+/* Expect the member header of an announced GNU 1.0 sparse map at @at. */
+static int extract_scan_expect_map(struct extract_ctx *c, uint64_t at, const unsigned char *name,
+                                   size_t n)
+{
+        struct extract_scan *scan = &c->scan;
+        struct extract_scan_map *m;
+
+        if (scan->n_maps == EXTRACT_SCAN_MAPS)
+                return err_set(-EBADMSG, "too many overlapping sparse headers near offset %llu",
+                               (unsigned long long)at);
+        m = &scan->maps[scan->n_maps++];
+        *m = (struct extract_scan_map){.at = at};
+        extract_copy_name(m->name, name, n);
+        return 0;
+}
+
+/* Sparse map facts from a finished pax body @s (x, X or g). */
+static int extract_scan_pax_sparse(struct extract_ctx *c, const struct extract_scan_slot *s)
+{
+        uint64_t next = s->offset + EXTRACT_TAR_BLOCK + extract_round_block(s->want);
+        const unsigned char *name = NULL;
+        size_t name_len = 0;
+        bool map10 = false;
+        uint64_t entries = extract_pax_sparse(s->buf, s->len, &map10, &name, &name_len);
+        int r;
+
+        if (!name) {
+                name = (const unsigned char *)"";
+                name_len = 0;
+        }
+        /* libarchive applies the records once it has read the header after the body. */
+        if (entries > c->opts.max_sparse_entries) {
+                r = extract_scan_sparse(c, s->offset, next, entries, name, name_len, "pax header");
+                if (r < 0)
+                        return r;
+                if (c->suspects[c->n_suspects - 1].name[0] == '\0') {
+                        c->suspects[c->n_suspects - 1].name_at = next;
+                        c->n_unnamed++;
+                }
+        }
+        if (map10)
+                return extract_scan_expect_map(c, next, name, name_len);
         return 0;
 }
 
@@ -1021,6 +1322,8 @@ static int extract_scan_finish_slot(struct extract_ctx *c, struct extract_scan_s
                 else if (extract_pax_risky(s->buf, s->len))
                         r = extract_scan_suspect(c, s->buf, 0, EXTRACT_PAX_RISKY, "pax header",
                                                  s->offset);
+                if (r == 0)
+                        r = extract_scan_pax_sparse(c, s);
         }
         free(s->buf);
         *s = (struct extract_scan_slot){0};
@@ -1042,16 +1345,30 @@ static int extract_check_suspects(struct extract_ctx *c, struct archive_entry *e
         size_t keep = 0;
 
         c->member_risky = false;
+        c->n_sparse_suspects = 0;
+        c->n_unnamed = 0;
         for (size_t i = 0; i < c->n_suspects; i++) {
                 const struct extract_suspect *s = &c->suspects[i];
                 char shown[EXTRACT_NAME_SHOWN * 4 + 8];
 
                 if (s->offset >= end) {
+                        c->n_sparse_suspects += s->kind == EXTRACT_SPARSE_MANY;
+                        c->n_unnamed += s->kind == EXTRACT_SPARSE_MANY && s->name_at != 0;
                         c->suspects[keep++] = *s;
                         continue;
                 }
                 if (s->offset < start)
                         continue;
+                if (s->kind == EXTRACT_SPARSE_MANY) {
+                        const char *name = archive_entry_pathname(e);
+
+                        extract_quote(name ? name : "", c->last_member, sizeof(c->last_member));
+                        return err_set(
+                                -E2BIG,
+                                "failed to extract '%s': sparse map has more than %llu entries, the limit (%s at offset %llu)",
+                                c->last_member, (unsigned long long)c->opts.max_sparse_entries,
+                                s->where, (unsigned long long)s->offset);
+                }
                 if (s->kind == EXTRACT_PAX_RISKY) {
                         c->member_risky = true;
                         continue;
@@ -1105,18 +1422,279 @@ static int extract_scan_was_zero(const struct extract_scan *scan, uint64_t offse
 }
 
 /*
- * Look at one aligned block: feed it to the header bodies being collected, then, if it has
- * a valid header checksum, check its name fields and start collecting its body when it is
- * a GNU long name or pax header. Every such block counts, not only those libarchive will
- * use, so no framing trick can hide a header from the scan; extract_check_suspects() later
- * keeps only the findings in blocks libarchive did use. Bodies are collected in parallel
- * because a block that merely looks like a header must not hide a real one behind it; more
- * than EXTRACT_SCAN_SLOTS overlapping bodies only happen in crafted input, which is refused.
+ * Read one block of the GNU 1.0 sparse map @m: its first line that is not a '#' comment holds
+ * the number of entries, as gnu_sparse_10_read() in libarchive reads it (lines of at most
+ * EXTRACT_SPARSE_LINE_MAX bytes, decimal digits only). Returns 1 once the map is done with:
+ * the number is known (and a suspect when above the limit) or libarchive would refuse the line.
+ */
+static int extract_scan_map_block(struct extract_ctx *c, struct extract_scan_map *m,
+                                  const unsigned char *b)
+{
+        for (size_t i = 0; i < EXTRACT_TAR_BLOCK; i++) {
+                unsigned char ch = b[i];
+
+                if (m->line_len == 0)
+                        m->comment = ch == '#';
+                if (++m->line_len > EXTRACT_SPARSE_LINE_MAX)
+                        return 1;
+                if (ch == '\n' && m->comment) {
+                        m->line_len = 0;
+                        continue;
+                }
+                if (ch == '\n') {
+                        if (m->value <= c->opts.max_sparse_entries)
+                                return 1;
+                        if (extract_scan_sparse(c, m->header, m->start, m->value,
+                                                (const unsigned char *)m->name, sizeof(m->name),
+                                                "GNU 1.0 sparse map") < 0)
+                                return -1;
+                        return 1;
+                }
+                if (m->comment)
+                        continue;
+                if (ch < '0' || ch > '9')
+                        return 1;
+                m->digits = true;
+                m->value = m->value > UINT64_MAX / 16 ? UINT64_MAX / 16
+                                                      : m->value * 10 + (uint64_t)(ch - '0');
+        }
+        return 0;
+}
+
+/*
+ * The GNU 1.0 maps: read the open ones that need this block (a map lies in consecutive
+ * blocks), forget those the stream has passed, and see whether a header is expected here.
+ * Returns the index of an expectation at @offset in @ret_expect (or -1).
+ */
+static int extract_scan_maps(struct extract_ctx *c, const unsigned char *b, uint64_t offset,
+                             ssize_t *ret_expect)
+{
+        struct extract_scan *scan = &c->scan;
+        size_t keep = 0;
+        int r;
+
+        *ret_expect = -1;
+        for (size_t i = 0; i < scan->n_maps; i++) {
+                struct extract_scan_map *m = &scan->maps[i];
+
+                if (m->at < offset)
+                        continue;
+                if (m->open && m->at == offset) {
+                        r = extract_scan_map_block(c, m, b);
+                        if (r < 0)
+                                return r;
+                        if (r > 0)
+                                continue;
+                        m->at += EXTRACT_TAR_BLOCK;
+                }
+                if (!m->open && m->at == offset) {
+                        /* Expectations at one offset are the same expectation. */
+                        if (*ret_expect >= 0)
+                                continue;
+                        *ret_expect = (ssize_t)keep;
+                }
+                scan->maps[keep++] = *m;
+        }
+        scan->n_maps = keep;
+        return 0;
+}
+
+/*
+ * The block at @offset continues the open group of old GNU sparse headers as an extension
+ * block: count its entries (up to 21, until one whose offset field starts with a NUL, as
+ * gnu_sparse_old_parse() reads them) for each header of the group, and end the group when
+ * the block says no other follows. Announced GNU 1.0 maps start after it.
+ */
+static int extract_scan_chain_block(struct extract_ctx *c, const unsigned char *b, uint64_t offset)
+{
+        struct extract_scan *scan = &c->scan;
+        struct extract_scan_map *m;
+        uint64_t n = 0;
+        int r;
+
+        if (scan->n_chains == 0)
+                return 0;
+        while (n < 21 && b[n * EXTRACT_GNU_SPARSE_ENTRY] != 0)
+                n++;
+        scan->chain_total += n;
+        for (size_t i = 0; i < scan->n_chains; i++) {
+                struct extract_scan_chain *ch = &scan->chains[i];
+                uint64_t count = ch->entries + scan->chain_total - ch->base;
+
+                if (ch->flagged || count <= c->opts.max_sparse_entries)
+                        continue;
+                ch->flagged = true;
+                r = extract_scan_sparse(c, ch->offset, offset + EXTRACT_TAR_BLOCK, count,
+                                        (const unsigned char *)ch->name, sizeof(ch->name),
+                                        "old GNU sparse header");
+                if (r < 0)
+                        return r;
+        }
+        if (b[EXTRACT_GNU_EXT_ISEXTENDED] != 0)
+                return 0;
+        for (size_t i = 0; i < scan->n_chains; i++) {
+                const struct extract_scan_chain *ch = &scan->chains[i];
+
+                if (!ch->map_after)
+                        continue;
+                r = extract_scan_expect_map(c, offset + EXTRACT_TAR_BLOCK,
+                                            (const unsigned char *)ch->name, sizeof(ch->name));
+                if (r < 0)
+                        return r;
+                m = &scan->maps[scan->n_maps - 1];
+                m->open = true;
+                m->start = m->at;
+                m->header = ch->offset;
+        }
+        scan->n_chains = 0;
+        scan->chain_total = 0;
+        return 0;
+}
+
+/*
+ * A member header block at @offset (not an extension header): with the GNU magic and a first
+ * sparse map entry, libarchive reads up to 4 entries from it and, when its "isextended" byte
+ * is set, the extension blocks after it (gnu_sparse_old_read()). Start counting them. Returns
+ * the new chain in @ret_chain, or NULL when there is no extension block to count.
+ */
+static int extract_scan_chain_start(struct extract_ctx *c, const unsigned char *b, uint64_t offset,
+                                    struct extract_scan_chain **ret_chain)
+{
+        struct extract_scan *scan = &c->scan;
+        struct extract_scan_chain *ch;
+        uint64_t n = 0;
+        int r;
+
+        *ret_chain = NULL;
+        if (memcmp(b + 257, "ustar  \0", 8) != 0 || b[EXTRACT_GNU_SPARSE] == 0)
+                return 0;
+        while (n < 4 && b[EXTRACT_GNU_SPARSE + n * EXTRACT_GNU_SPARSE_ENTRY] != 0)
+                n++;
+        if (n > c->opts.max_sparse_entries) {
+                r = extract_scan_sparse(c, offset, offset + EXTRACT_TAR_BLOCK, n, b, 100,
+                                        "old GNU sparse header");
+                if (r < 0)
+                        return r;
+        }
+        if (b[EXTRACT_GNU_ISEXTENDED] == 0)
+                return 0;
+        /* An open group goes on past this block (it would have ended above): join it. */
+        if (scan->n_chains == EXTRACT_SCAN_CHAINS)
+                return err_set(-EBADMSG, "too many overlapping sparse headers near offset %llu",
+                               (unsigned long long)offset);
+        if (scan->n_chains == 0)
+                scan->chain_total = 0;
+        ch = &scan->chains[scan->n_chains++];
+        *ch = (struct extract_scan_chain){
+                .offset = offset,
+                .entries = n,
+                .base = scan->chain_total,
+                .flagged = n > c->opts.max_sparse_entries,
+        };
+        extract_copy_name(ch->name, b, 100);
+        *ret_chain = ch;
+        return 0;
+}
+
+/*
+ * A header block at @offset where the member header of an announced GNU 1.0 map (@m) was
+ * expected: an extension header moves the expectation to the header after it; a member
+ * header starts the map after itself (or after its old GNU extension blocks, @chain).
+ */
+static void extract_scan_map_header(struct extract_scan_map *m, const unsigned char *b,
+                                    uint64_t offset, struct extract_scan_chain *chain)
+{
+        char type = (char)b[156];
+        int64_t size = extract_tar_number(b + 124, 12);
+
+        if (type == 'V') {
+                m->at = offset + EXTRACT_TAR_BLOCK;
+                return;
+        }
+        if (strchr("xXgLKA", type) && type != '\0') {
+                /* libarchive refuses bodies of other sizes: the expectation is then dropped. */
+                m->at = size >= 0 && (uint64_t)size <= EXTRACT_META_MAX
+                                ? offset + EXTRACT_TAR_BLOCK + extract_round_block((uint64_t)size)
+                                : 0;
+                return;
+        }
+        if (m->name[0] == '\0')
+                extract_copy_name(m->name, b, 100);
+        if (chain) {
+                chain->map_after = true;
+                memcpy(chain->name, m->name, sizeof(m->name));
+                m->at = 0;
+                return;
+        }
+        m->open = true;
+        m->at = offset + EXTRACT_TAR_BLOCK;
+        m->start = offset + EXTRACT_TAR_BLOCK;
+        m->header = offset;
+}
+
+/*
+ * The header block at @offset names the sparse suspects from pax records without a name that
+ * wait for it, or, when it is an extension header, passes them on to the header after it.
+ */
+static void extract_scan_name_suspects(struct extract_ctx *c, const unsigned char *b,
+                                       uint64_t offset)
+{
+        char type = (char)b[156];
+        int64_t size = extract_tar_number(b + 124, 12);
+        uint64_t next = 0;
+
+        if (type == 'V')
+                next = offset + EXTRACT_TAR_BLOCK;
+        else if (type != '\0' && strchr("xXgLKA", type) && size >= 0 &&
+                 (uint64_t)size <= EXTRACT_META_MAX)
+                next = offset + EXTRACT_TAR_BLOCK + extract_round_block((uint64_t)size);
+        else if (type != '\0' && strchr("xXgLKA", type))
+                return;
+        for (size_t i = 0; i < c->n_suspects; i++) {
+                struct extract_suspect *s = &c->suspects[i];
+
+                if (s->kind != EXTRACT_SPARSE_MANY || s->name_at != offset)
+                        continue;
+                if (next != 0) {
+                        s->name_at = next;
+                        continue;
+                }
+                extract_copy_name(s->name, b, 100);
+                s->name_at = 0;
+                c->n_unnamed--;
+        }
+}
+
+/* Forget what the scan follows across blocks: the file data it skips cannot hold headers. */
+static void extract_scan_forget(struct extract_scan *scan)
+{
+        for (size_t i = 0; i < EXTRACT_SCAN_SLOTS; i++) {
+                free(scan->slots[i].buf);
+                scan->slots[i] = (struct extract_scan_slot){0};
+        }
+        scan->n_chains = 0;
+        scan->chain_total = 0;
+        scan->n_maps = 0;
+}
+
+/*
+ * Look at one aligned block: feed it to the header bodies, old GNU sparse extension blocks
+ * and GNU 1.0 sparse maps being followed, then, if it has a valid header checksum, check its
+ * name fields, start collecting its body when it is a GNU long name or pax header, and start
+ * following its sparse map. Every such block counts, not only those libarchive will use, so
+ * no framing trick can hide a header from the scan; extract_check_suspects() later keeps only
+ * the findings in blocks libarchive did use. Bodies are collected in parallel because a block
+ * that merely looks like a header must not hide a real one behind it; more than
+ * EXTRACT_SCAN_SLOTS overlapping bodies only happen in crafted input, which is refused. The
+ * exception is the data of the member libarchive accepted last (skip_start to skip_end): that
+ * is file data, whatever it looks like, and extract_loop() checks that libarchive agreed.
  */
 static int extract_scan_block(struct extract_ctx *c, const unsigned char *b)
 {
         struct extract_scan *scan = &c->scan;
+        struct extract_scan_chain *chain = NULL;
         uint64_t offset = scan->offset;
+        ssize_t expect;
         int64_t size;
         char type;
         int r;
@@ -1124,6 +1702,12 @@ static int extract_scan_block(struct extract_ctx *c, const unsigned char *b)
         scan->offset += EXTRACT_TAR_BLOCK;
         extract_scan_mark_zero(scan, offset,
                                b[0] == 0 && memcmp(b, b + 1, EXTRACT_TAR_BLOCK - 1) == 0);
+        if (offset >= scan->skip_start && offset < scan->skip_end) {
+                if (!scan->skipping)
+                        extract_scan_forget(scan);
+                scan->skipping = true;
+                return 0;
+        }
         for (size_t i = 0; i < EXTRACT_SCAN_SLOTS; i++) {
                 struct extract_scan_slot *s = &scan->slots[i];
                 size_t n;
@@ -1139,8 +1723,17 @@ static int extract_scan_block(struct extract_ctx *c, const unsigned char *b)
                                 return r;
                 }
         }
-        if (!extract_block_is_header(b))
+        r = extract_scan_chain_block(c, b, offset);
+        if (r < 0)
+                return r;
+        r = extract_scan_maps(c, b, offset, &expect);
+        if (r < 0)
+                return r;
+        if (!extract_block_is_header(b)) {
+                if (expect >= 0)
+                        scan->maps[expect].at = 0; /* dropped at the next block */
                 return 0;
+        }
         type = (char)b[156];
         r = 0;
         if (extract_field_has_nul(b, 100))
@@ -1154,6 +1747,16 @@ static int extract_scan_block(struct extract_ctx *c, const unsigned char *b)
         if (r < 0)
                 return r;
 
+        if (type != 'x' && type != 'X' && type != 'g' && type != 'L' && type != 'K' &&
+            type != 'A' && type != 'V') {
+                r = extract_scan_chain_start(c, b, offset, &chain);
+                if (r < 0)
+                        return r;
+        }
+        if (expect >= 0)
+                extract_scan_map_header(&scan->maps[expect], b, offset, chain);
+        if (c->n_unnamed > 0)
+                extract_scan_name_suspects(c, b, offset);
         if (type == 'A' || type == 'V') /* extension headers whose bodies hold no names */
                 return extract_scan_suspect(c, b, 0, EXTRACT_SPECIAL, "extension header", offset);
         if (type != 'x' && type != 'X' && type != 'g' && type != 'L' && type != 'K')
@@ -1376,7 +1979,55 @@ static int extract_xz_next(struct extract_ctx *c, const void **ret_buf, size_t *
         return *ret_len > 0 ? ARCHIVE_OK : ARCHIVE_EOF;
 }
 
-/* The inner reader's read callback: decompressed bytes from the outer reader. */
+/*
+ * While libarchive reads a member's headers it needs nothing past them but one block (see
+ * SPARSE MAPS): when it asks for the bytes at or past the mark of a sparse map found at or after
+ * the end of the previous member, it is reading that map. Refuse before it keeps more of it.
+ */
+static int extract_check_sparse_reading(struct extract_ctx *c)
+{
+        for (size_t i = 0; i < c->n_suspects; i++) {
+                const struct extract_suspect *s = &c->suspects[i];
+                char shown[EXTRACT_NAME_SHOWN * 4 + 8];
+
+                if (s->kind != EXTRACT_SPARSE_MANY || s->offset < c->member_end ||
+                    c->stream_bytes < s->mark)
+                        continue;
+                /*
+                 * The member header that names it is not complete yet: libarchive cannot
+                 * apply the records without it, and asks for it first.
+                 */
+                if (s->name_at != 0 && c->scan.offset < s->name_at + EXTRACT_TAR_BLOCK)
+                        continue;
+                extract_quote(s->name, shown, sizeof(shown));
+                c->stream_named = true;
+                return err_set(
+                        -E2BIG,
+                        "failed to extract '%s': sparse map has more than %llu entries, the limit (%s at offset %llu)",
+                        shown, (unsigned long long)c->opts.max_sparse_entries, s->where,
+                        (unsigned long long)s->offset);
+        }
+        return 0;
+}
+
+/* How many of the next @len bytes to hand out: none past the next sparse map's mark. */
+static size_t extract_sparse_cut(const struct extract_ctx *c, size_t len)
+{
+        for (size_t i = 0; i < c->n_suspects; i++) {
+                const struct extract_suspect *s = &c->suspects[i];
+
+                if (s->kind == EXTRACT_SPARSE_MANY && s->mark > c->stream_bytes &&
+                    s->mark - c->stream_bytes < len)
+                        len = (size_t)(s->mark - c->stream_bytes);
+        }
+        return len;
+}
+
+/*
+ * The inner reader's read callback: decompressed bytes from the outer reader. Each piece is
+ * scanned before any of it is handed out; a piece is handed out in parts when a sparse map's
+ * mark lies inside it, so that libarchive has to ask again before it reads past the mark.
+ */
 static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const void **ret_buf)
 {
         struct extract_ctx *c = userdata;
@@ -1409,26 +2060,41 @@ static la_ssize_t extract_stream_read(struct archive *a, void *userdata, const v
                 c->pending_len = size;
         }
         /* Hand out bounded chunks so that the scan stays close to what libarchive parses. */
+        if (c->scan_ahead == 0) {
+                len = extract_chunk_size ? extract_chunk_size : EXTRACT_READ_BLOCK;
+                if (len > c->pending_len)
+                        len = c->pending_len;
+                if (c->stream_bytes + len > c->stream_limit) {
+                        c->stream_r = err_set(-EFBIG, "more than %llu bytes after decompression",
+                                              (unsigned long long)c->stream_limit);
+                        goto fail;
+                }
+                r = extract_scan_feed(c, c->pending, len);
+                if (r == 0)
+                        r = extract_progress(c, false);
+                if (r < 0) {
+                        c->stream_r = r;
+                        goto fail;
+                }
+                c->scan_ahead = len;
+        }
+        if (c->n_sparse_suspects > 0) {
+                if (c->in_header) {
+                        r = extract_check_sparse_reading(c);
+                        if (r < 0) {
+                                c->stream_r = r;
+                                goto fail;
+                        }
+                }
+                len = extract_sparse_cut(c, c->scan_ahead);
+        } else {
+                len = c->scan_ahead;
+        }
         buf = c->pending;
-        len = extract_chunk_size ? extract_chunk_size : EXTRACT_READ_BLOCK;
-        if (len > c->pending_len)
-                len = c->pending_len;
         c->pending += len;
         c->pending_len -= len;
-
+        c->scan_ahead -= len;
         c->stream_bytes += len;
-        if (c->stream_bytes > c->stream_limit) {
-                c->stream_r = err_set(-EFBIG, "more than %llu bytes after decompression",
-                                      (unsigned long long)c->stream_limit);
-                goto fail;
-        }
-        r = extract_scan_feed(c, buf, len);
-        if (r == 0)
-                r = extract_progress(c, false);
-        if (r < 0) {
-                c->stream_r = r;
-                goto fail;
-        }
         *ret_buf = buf;
         return (la_ssize_t)len;
 fail:
@@ -1439,6 +2105,8 @@ fail:
 /* Report an error raised in the read callback (c->stream_r), with the member it hit. */
 static int extract_stream_error(struct extract_ctx *c)
 {
+        if (c->stream_named)
+                return c->stream_r;
         if (c->entries == 0)
                 return err_wrap(c->stream_r, "failed to read archive");
         return err_wrap(c->stream_r, "failed to read archive at or after member '%s'",
@@ -1498,12 +2166,16 @@ FIM_TESTABLE bool extract_warning_is_charset(const char *msg)
 
 /* --- Safe path resolution (see RESOLUTION above) --- */
 
-/* openat2() beneath the root with no symlinks; -ENOSYS when the kernel has none. */
+/*
+ * openat2() beneath the root with no symlinks and no mount point crossed; -ENOSYS when the
+ * kernel has none.
+ */
 static int extract_openat2_dir(struct extract_ctx *c, const char *path)
 {
         struct open_how how = {
                 .flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
-                .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+                .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+                           RESOLVE_NO_XDEV,
         };
         long fd = syscall(SYS_openat2, c->root_fd, path, &how, sizeof(how));
 
@@ -1515,9 +2187,10 @@ static int extract_openat2_dir(struct extract_ctx *c, const char *path)
 /*
  * Open the directory @name in @dirfd without following it, creating it (mode 0755, whatever
  * the umask) when missing and @create. -ELOOP when it is a symlink, -ENOTDIR when it is
- * something else that is not a directory.
+ * something else that is not a directory, -EXDEV when it is on another device than @dev (a
+ * mount point; bind mounts of the same filesystem are caught by openat2() only).
  */
-static int extract_open_component(int dirfd, const char *name, bool create, int *ret_fd)
+static int extract_open_component(int dirfd, const char *name, bool create, dev_t dev, int *ret_fd)
 {
         const int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
         bool made = false;
@@ -1544,6 +2217,15 @@ static int extract_open_component(int dirfd, const char *name, bool create, int 
                 (void)close(fd);
                 return r;
         }
+        if (fstat(fd, &st) < 0) {
+                r = -errno;
+                (void)close(fd);
+                return r;
+        }
+        if (st.st_dev != dev) {
+                (void)close(fd);
+                return -EXDEV;
+        }
         *ret_fd = fd;
         return 0;
 }
@@ -1551,19 +2233,24 @@ static int extract_open_component(int dirfd, const char *name, bool create, int 
 /* The message for a failed extract_open_component() on the path prefix @prefix. */
 static int extract_component_error(struct extract_ctx *c, int r, const char *prefix)
 {
+        char shown[EXTRACT_NAME_SHOWN * 4 + 8];
+
+        extract_quote(prefix, shown, sizeof(shown));
         switch (r) {
         case -ELOOP:
-                return err_set(-EPERM, "parent '%s' is a symlink", prefix);
+                return err_set(-EPERM, "parent '%s' is a symlink", shown);
         case -ENOTDIR:
-                return err_set(r, "parent '%s' is not a directory", prefix);
+                return err_set(r, "parent '%s' is not a directory", shown);
         case -ENOENT:
-                return err_set(r, "parent '%s' does not exist", prefix);
+                return err_set(r, "parent '%s' does not exist", shown);
+        case -EXDEV:
+                return err_set(r, "'%s' is a mount point", shown);
         case -ENOSPC:
         case -EDQUOT:
                 return err_set(-ENOSPC, "target filesystem is full after writing %llu bytes",
                                (unsigned long long)c->bytes);
         default:
-                return err_set(r, "failed to open parent '%s': %s", prefix, strerror(-r));
+                return err_set(r, "failed to open parent '%s': %s", shown, strerror(-r));
         }
 }
 
@@ -1605,7 +2292,7 @@ static int extract_open_dir(struct extract_ctx *c, const char *dir, size_t len, 
                 while (end < len && buf[end] != '/')
                         end++;
                 buf[end] = '\0';
-                r = extract_open_component(fd, buf + pos, create, &next);
+                r = extract_open_component(fd, buf + pos, create, c->root_dev, &next);
                 (void)close(fd);
                 if (r < 0)
                         return extract_component_error(c, r, buf);
@@ -1628,10 +2315,11 @@ static void extract_cache_drop(struct extract_ctx *c)
 }
 
 /*
- * Find the parent directory of the normalised path @path (depth >= 1). Returns a borrowed
- * fd (the root or the cached parent) and the last component in @ret_leaf.
+ * Find the parent directory of the normalised path @path (depth >= 1), creating missing
+ * directories when @create. Returns a borrowed fd (the root or the cached parent) and the last
+ * component in @ret_leaf.
  */
-static int extract_parent(struct extract_ctx *c, const char *path, int *ret_dirfd,
+static int extract_parent(struct extract_ctx *c, const char *path, bool create, int *ret_dirfd,
                           const char **ret_leaf)
 {
         const char *slash = strrchr(path, '/');
@@ -1651,7 +2339,7 @@ static int extract_parent(struct extract_ctx *c, const char *path, int *ret_dirf
                 return 0;
         }
         extract_cache_drop(c);
-        r = extract_open_dir(c, path, len, true, &fd);
+        r = extract_open_dir(c, path, len, create, &fd);
         if (r < 0)
                 return r;
         memcpy(c->cache_path, path, len);
@@ -1754,30 +2442,40 @@ static bool extract_xattr_allowed(struct extract_ctx *c, const char *name)
 }
 
 /* Apply the allowed xattrs to @fd (or count them all as skipped when @fd < 0). */
-static int extract_xattrs(struct extract_ctx *c, struct archive_entry *e, int fd)
+static int extract_xattrs(struct extract_ctx *c, struct archive_entry *entry, int fd)
 {
         const char *name;
         const void *value;
         size_t size;
+        int e;
 
-        if (archive_entry_acl_types(e) != 0)
+        if (archive_entry_acl_types(entry) != 0)
                 c->res.skipped_xattrs++;
-        if (archive_entry_xattr_reset(e) == 0)
+        if (archive_entry_xattr_reset(entry) == 0)
                 return 0;
-        while (archive_entry_xattr_next(e, &name, &value, &size) == ARCHIVE_OK) {
+        while (archive_entry_xattr_next(entry, &name, &value, &size) == ARCHIVE_OK) {
                 if (fd < 0 || !name || !extract_xattr_allowed(c, name)) {
                         c->res.skipped_xattrs++;
                         continue;
                 }
                 if (fsetxattr(fd, name, value, size, 0) == 0)
                         continue;
-                /* Values the filesystem or kernel refuse are the image's problem, not ours. */
-                if (errno == ENOTSUP || errno == EINVAL || errno == ERANGE || errno == E2BIG ||
-                    errno == EPERM) {
+                e = errno;
+                /*
+                 * Values the filesystem or kernel refuse are the image's problem, not ours, and
+                 * GNU tar only warns about them too. ENOSPC here means the attribute does not
+                 * fit beside the file's others (ext4 gives them one block), not that the
+                 * filesystem is full: that fails the next write.
+                 */
+                if (e == ENOTSUP || e == EINVAL || e == ERANGE || e == E2BIG || e == EPERM ||
+                    e == ENOSPC) {
+                        log_debug("skipping an extended attribute the filesystem refused",
+                                  "member=%s xattr=%s size=%zu errno=%s", log_quote(c->last_member),
+                                  log_quote(name), size, err_name(-e));
                         c->res.skipped_xattrs++;
                         continue;
                 }
-                return extract_fail_errno(c, errno, "set an extended attribute");
+                return extract_fail_errno(c, e, "set an extended attribute");
         }
         return 0;
 }
@@ -2033,7 +2731,7 @@ static int extract_directory(struct extract_ctx *c, struct archive_entry *e, uns
         int r;
 
         if (depth > 0) {
-                r = extract_parent(c, c->path, &dirfd, &leaf);
+                r = extract_parent(c, c->path, true, &dirfd, &leaf);
                 if (r < 0)
                         return err_wrap(r, "failed to extract '%s'", c->last_member);
                 if (mkdirat(dirfd, leaf, 0700) < 0) {
@@ -2054,12 +2752,19 @@ static int extract_directory(struct extract_ctx *c, struct archive_entry *e, uns
         }
 
         if (archive_entry_xattr_count(e) > 0) {
+                struct stat st;
+
                 fd = depth > 0
                              ? openat(dirfd, leaf, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
                              : fcntl(c->root_fd, F_DUPFD_CLOEXEC, 3);
                 if (fd < 0)
                         return extract_fail_errno(c, errno, "open the directory");
-                r = extract_xattrs(c, e, fd);
+                if (fstat(fd, &st) < 0)
+                        r = extract_fail_errno(c, errno, "stat the directory");
+                else if (st.st_dev != c->root_dev)
+                        r = extract_fail(c, -EXDEV, "directory is a mount point");
+                else
+                        r = extract_xattrs(c, e, fd);
                 (void)close(fd);
         } else {
                 r = extract_xattrs(c, e, -1);
@@ -2107,40 +2812,69 @@ static int extract_hardlink_target(struct extract_ctx *c, const char *target, co
 
 /*
  * Whether the missing hardlink target c->link_path is an entry we skipped on purpose (a
- * device node, FIFO or socket): the link is then skipped and counted the same way.
+ * device node, FIFO or socket): the link is then skipped the same way. Returns its
+ * EXTRACT_NODE_DEVICE or EXTRACT_NODE_OTHER flag, or 0.
  */
-static bool extract_hardlink_skipped(struct extract_ctx *c)
+static unsigned extract_hardlink_skipped(struct extract_ctx *c)
 {
         unsigned flags = extract_remembered(c, c->link_path);
 
         if (flags & EXTRACT_NODE_DEVICE)
+                return EXTRACT_NODE_DEVICE;
+        return flags & EXTRACT_NODE_OTHER;
+}
+
+/*
+ * A member we do not create (a device, FIFO, socket or unknown type, flagged @flag, or a
+ * hardlink to one): count it and remember it, so that hardlinks to it are skipped too. Like
+ * any later member it wins over what an earlier one put at its name, which is removed (never
+ * followed); otherwise a later hardlink to the name would link the stale entry. Missing
+ * parents are not created for it, and then there is nothing to remove.
+ */
+static int extract_skip_entry(struct extract_ctx *c, unsigned flag)
+{
+        const char *leaf;
+        int dirfd;
+        int r;
+
+        r = extract_parent(c, c->path, false, &dirfd, &leaf);
+        if (r == -ENOENT) {
+                err_clear();
+        } else if (r < 0) {
+                return err_wrap(r, "failed to extract '%s'", c->last_member);
+        } else {
+                r = extract_make_room(c, dirfd, leaf);
+                if (r < 0)
+                        return r;
+        }
+        if (flag == EXTRACT_NODE_DEVICE)
                 c->res.skipped_devices++;
-        else if (flags & EXTRACT_NODE_OTHER)
-                c->res.skipped_other++;
         else
-                return false;
-        return true;
+                c->res.skipped_other++;
+        return extract_remember(c, flag, NULL);
 }
 
 /*
  * Resolve c->link_path safely: its parent directory in @ret_fd (owned) and its last
  * component in @ret_leaf. It must be a regular file or a symlink this extraction created.
- * Returns 1 (and no fd) when it names an entry that was skipped rather than created.
+ * Returns EXTRACT_NODE_DEVICE or EXTRACT_NODE_OTHER (and no fd) when it names an entry that
+ * was skipped rather than created.
  */
 static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int *ret_fd,
                                    const char **ret_leaf)
 {
         const char *slash = strrchr(c->link_path, '/');
         const char *leaf = slash ? slash + 1 : c->link_path;
+        unsigned skipped;
         struct stat st;
         int fd = -1;
         int r;
 
         r = extract_open_dir(c, c->link_path, slash ? (size_t)(slash - c->link_path) : 0, false,
                              &fd);
-        if (r == -ENOENT && extract_hardlink_skipped(c)) {
+        if (r == -ENOENT && (skipped = extract_hardlink_skipped(c)) != 0) {
                 err_clear();
-                return 1;
+                return (int)skipped;
         }
         if (r == -ENOENT)
                 return err_wrap(
@@ -2150,8 +2884,8 @@ static int extract_hardlink_source(struct extract_ctx *c, const char *shown, int
                 return err_wrap(r, "failed to extract '%s': hardlink target '%s'", c->last_member,
                                 shown);
         if (fstatat(fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno == ENOENT && extract_hardlink_skipped(c))
-                        r = 1;
+                if (errno == ENOENT && (skipped = extract_hardlink_skipped(c)) != 0)
+                        r = (int)skipped;
                 else if (errno == ENOENT)
                         r = extract_fail(c, -ENOENT, "hardlink target '%s' has not been extracted",
                                          shown);
@@ -2191,10 +2925,12 @@ static int extract_hardlink(struct extract_ctx *c, const char *target)
                 return r < 0 ? r : 0;
         }
         r = extract_hardlink_source(c, shown, &tfd, &tleaf);
-        if (r != 0)
-                return r < 0 ? r : 0;
+        if (r > 0)
+                return extract_skip_entry(c, (unsigned)r);
+        if (r < 0)
+                return r;
 
-        r = extract_parent(c, c->path, &dirfd, &leaf);
+        r = extract_parent(c, c->path, true, &dirfd, &leaf);
         if (r < 0) {
                 r = err_wrap(r, "failed to extract '%s'", c->last_member);
                 goto out;
@@ -2250,15 +2986,12 @@ static int extract_entry(struct extract_ctx *c, struct archive_entry *e)
         case AE_IFCHR:
         case AE_IFBLK:
         case AE_IFIFO:
-                /* Remembered so that hardlinks to it can be skipped too. */
-                c->res.skipped_devices++;
-                return extract_remember(c, EXTRACT_NODE_DEVICE, NULL);
+                return extract_skip_entry(c, EXTRACT_NODE_DEVICE);
         default:
-                c->res.skipped_other++;
-                return extract_remember(c, EXTRACT_NODE_OTHER, NULL);
+                return extract_skip_entry(c, EXTRACT_NODE_OTHER);
         }
 
-        r = extract_parent(c, c->path, &dirfd, &leaf);
+        r = extract_parent(c, c->path, true, &dirfd, &leaf);
         if (r < 0)
                 return err_wrap(r, "failed to extract '%s'", c->last_member);
         if (type == AE_IFLNK)
@@ -2342,6 +3075,20 @@ static int extract_apply_dirs(struct extract_ctx *c)
         return 0;
 }
 
+/* Refuse an archive whose end-of-archive marker is the lone zero block at @offset. */
+static int extract_lone_zero(struct extract_ctx *c, uint64_t offset)
+{
+        if (c->entries == 0)
+                return err_set(
+                        -EBADMSG,
+                        "failed to read archive: a lone zero block at offset %llu ends it, but more data follows (members after it would be lost)",
+                        (unsigned long long)offset);
+        return err_set(
+                -EBADMSG,
+                "failed to read archive: a lone zero block at offset %llu after member '%s' ends it, but more data follows (members after it would be lost)",
+                (unsigned long long)offset, c->last_member);
+}
+
 /*
  * libarchive also reports the end of the archive when the stream simply stops between two
  * members, which is what a truncated download looks like. Insist that it read the all-zero
@@ -2352,11 +3099,19 @@ static int extract_apply_dirs(struct extract_ctx *c)
 static int extract_check_end(struct extract_ctx *c)
 {
         la_int64_t consumed = archive_filter_bytes(c->inner, 0);
+        uint64_t end = (uint64_t)consumed;
+        bool first_zero;
+        bool after;
 
         if (consumed < (la_int64_t)EXTRACT_TAR_BLOCK)
                 return err_set(-EBADMSG, "failed to read archive: it is empty");
-        if ((uint64_t)consumed < c->member_end + EXTRACT_TAR_BLOCK ||
-            extract_scan_was_zero(&c->scan, (uint64_t)consumed - EXTRACT_TAR_BLOCK) != 1) {
+        first_zero = end >= c->member_end + 2 * EXTRACT_TAR_BLOCK &&
+                     extract_scan_was_zero(&c->scan, end - 2 * EXTRACT_TAR_BLOCK) == 1;
+        if (end < c->member_end + EXTRACT_TAR_BLOCK ||
+            extract_scan_was_zero(&c->scan, end - EXTRACT_TAR_BLOCK) != 1) {
+                /* Some libarchive versions take the block after a lone zero block with it. */
+                if (first_zero)
+                        return extract_lone_zero(c, end - 2 * EXTRACT_TAR_BLOCK);
                 if (c->entries == 0)
                         return err_set(-EBADMSG, "failed to read archive: it is truncated");
                 return err_set(
@@ -2364,6 +3119,18 @@ static int extract_check_end(struct extract_ctx *c)
                         "failed to read archive: it is truncated after member '%s' (no end-of-archive marker)",
                         c->last_member);
         }
+        if (first_zero)
+                return 0;
+        /*
+         * One zero block: fine at the very end of the stream (GNU tar warns, nothing is lost),
+         * but anything after it would be members that libarchive, GNU tar and Python's tarfile
+         * all drop while other readers may not.
+         */
+        after = extract_scan_was_zero(&c->scan, end) == 0;
+        for (size_t i = 0; !after && c->scan.offset == end && i < c->scan.carry_len; i++)
+                after = c->scan.carry[i] != 0;
+        if (after)
+                return extract_lone_zero(c, end - EXTRACT_TAR_BLOCK);
         return 0;
 }
 
@@ -2390,6 +3157,35 @@ static int extract_check_warning(struct extract_ctx *c, struct archive_entry *e)
         return extract_fail(c, -EBADMSG, "bad header: %s", msg ? msg : "unknown warning");
 }
 
+/*
+ * Where the current member's data and padding end, as far as libarchive's entry tells, for a
+ * member whose data starts at @start: the size of a regular file, or the sum of the segments
+ * of a sparse one. That is what libarchive reads in valid archives, never more; other types
+ * have no data in valid archives, and the scan just reads what they have.
+ */
+static uint64_t extract_data_end(struct archive_entry *e, uint64_t start)
+{
+        la_int64_t offset;
+        la_int64_t len;
+        uint64_t size = 0;
+
+        if (archive_entry_filetype(e) != AE_IFREG)
+                return start;
+        if (archive_entry_sparse_reset(e) == 0) {
+                if (archive_entry_size(e) <= 0)
+                        return start;
+                size = (uint64_t)archive_entry_size(e);
+        }
+        while (archive_entry_sparse_next(e, &offset, &len) == ARCHIVE_OK) {
+                if (len < 0 || (uint64_t)len > UINT64_MAX / 4 - size)
+                        return start;
+                size += (uint64_t)len;
+        }
+        if (size > UINT64_MAX / 4)
+                return start;
+        return start + extract_round_block(size);
+}
+
 static int extract_loop(struct extract_ctx *c)
 {
         struct archive_entry *e;
@@ -2398,7 +3194,9 @@ static int extract_loop(struct extract_ctx *c)
         for (;;) {
                 int warn;
 
+                c->in_header = true;
                 warn = r = archive_read_next_header(c->inner, &e);
+                c->in_header = false;
                 if (r == ARCHIVE_EOF)
                         break;
                 if (r != ARCHIVE_OK && r != ARCHIVE_WARN)
@@ -2411,6 +3209,9 @@ static int extract_loop(struct extract_ctx *c)
                         if (r < 0)
                                 return r;
                 }
+                c->scan.skip_start = (uint64_t)archive_filter_bytes(c->inner, 0);
+                c->scan.skip_end = extract_data_end(e, c->scan.skip_start);
+                c->scan.skipping = false;
                 r = extract_entry(c, e);
                 if (r < 0)
                         return r;
@@ -2418,6 +3219,25 @@ static int extract_loop(struct extract_ctx *c)
                 if (archive_read_data_skip(c->inner) != ARCHIVE_OK)
                         return extract_archive_error(c, "bad file data");
                 c->member_end = (uint64_t)archive_filter_bytes(c->inner, 0);
+                /*
+                 * libarchive reads the next header where this member's data ends, which, when
+                 * a sparse map and the size disagree, can be inside a block, out of the scan's
+                 * sight. And the scan skipped up to skip_end: had libarchive stopped short of
+                 * it, the scan would have skipped blocks it reads as headers.
+                 */
+                if (c->member_end % EXTRACT_TAR_BLOCK != 0)
+                        return extract_fail(
+                                c, -EBADMSG,
+                                "file data ends at offset %llu, inside a block: its header's sizes disagree",
+                                (unsigned long long)c->member_end);
+                if (c->scan.skip_end > c->member_end)
+                        return extract_fail(
+                                c, -EBADMSG,
+                                "file data ends at offset %llu, before the end its header declares (offset %llu)",
+                                (unsigned long long)c->member_end,
+                                (unsigned long long)c->scan.skip_end);
+                c->scan.skip_start = 0;
+                c->scan.skip_end = 0;
                 r = extract_progress(c, false);
                 if (r < 0)
                         return r;
@@ -2470,6 +3290,8 @@ static int extract_ctx_init(struct extract_ctx *c, int root_fd, const struct ext
                 extract_options_init(&c->opts);
         if (c->opts.max_path_length == 0 || c->opts.max_path_length > EXTRACT_MAX_PATH_LENGTH_LIMIT)
                 return err_set(-EINVAL, "invalid maximum path length %u", c->opts.max_path_length);
+        if (c->opts.max_sparse_entries == 0)
+                return err_set(-EINVAL, "invalid maximum of sparse map entries 0");
         if (fstat(root_fd, &st) < 0)
                 return err_set(-errno, "failed to stat the extraction root: %s", strerror(errno));
         if (!S_ISDIR(st.st_mode))

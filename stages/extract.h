@@ -27,14 +27,20 @@
  *   -EEXIST        a member would replace a non-empty directory
  *   -ENOTDIR       a member's parent path goes through a non-directory
  *   -EBADMSG       corrupt, truncated or non-tar input, empty names, names with an
- *                  embedded NUL byte, invalid owners or sparse maps
- *   -E2BIG         more entries than max_entries; more distinct directories (and skipped
- *                  entries) than 64 MiB of memory can remember; an xz stream that needs more
- *                  than 128 MiB of memory to decompress
+ *                  embedded NUL byte, invalid owners or sparse maps, member data shorter
+ *                  than its header says, an end-of-archive marker of one zero block with
+ *                  more data after it
+ *   -E2BIG         more entries than max_entries; a sparse map with more entries than
+ *                  max_sparse_entries; more distinct directories (and skipped entries) than
+ *                  64 MiB of memory can remember; an xz stream that needs more than 128 MiB
+ *                  of memory to decompress
  *   -EFBIG         more file data than max_total_bytes, or a sparse file whose size (or
  *                  data offset) is past max_total_bytes
  *   -ENAMETOOLONG  a path longer than max_path_length or deeper than max_path_depth
- *   -ENOSPC        the target filesystem is full
+ *   -EXDEV         a member's path crosses a mount point inside the root (only possible
+ *                  with a root that has mounts below it, e.g. the CLI's --root)
+ *   -ENOSPC        the target filesystem is full (an extended attribute that does not fit
+ *                  on the filesystem is skipped and counted instead, as GNU tar does)
  *   -ECANCELED     (or whatever it returned) the progress callback asked to stop
  *   other          an I/O error from the target filesystem (-EIO, ...)
  *
@@ -52,6 +58,7 @@
 #define EXTRACT_DEFAULT_MAX_ENTRIES UINT64_C(1000000)
 #define EXTRACT_DEFAULT_MAX_PATH_DEPTH 64u
 #define EXTRACT_DEFAULT_MAX_PATH_LENGTH 4096u
+#define EXTRACT_DEFAULT_MAX_SPARSE_ENTRIES UINT64_C(65536)
 #define EXTRACT_DEFAULT_PROGRESS_INTERVAL_MS 250u
 
 /*
@@ -73,6 +80,13 @@ struct extract_options {
         unsigned max_path_depth;
         /* Limit on the length in bytes of member names and link targets. */
         unsigned max_path_length;
+        /*
+         * Limit on the entries of one member's sparse map (data segments and holes), in any
+         * of the GNU formats. libarchive keeps every entry in memory, and a map costs a few
+         * bytes of archive per entry, so this bounds the memory a small archive can claim.
+         * GNU tar writes one entry per data segment: 65536 is far more than real files have.
+         */
+        uint64_t max_sparse_entries;
         /*
          * Apply the archive's numeric uid/gid (needs root). When false, files belong to the
          * caller and setuid/setgid bits and security.capability are dropped, because they
@@ -97,8 +111,8 @@ struct extract_result {
         /* Character and block devices and FIFOs, and hardlinks to them: never created. */
         uint64_t skipped_devices;
         /*
-         * Extended attributes outside user.* and security.capability, user.overlay.*, and
-         * POSIX ACLs.
+         * Extended attributes outside user.* and security.capability, user.overlay.*, POSIX
+         * ACLs, and allowed ones the target filesystem refused (too large, unsupported).
          */
         uint64_t skipped_xattrs;
         /* Sockets, unknown types, hardlinks to those, and hardlinks to themselves. */
@@ -164,6 +178,15 @@ bool extract_warning_is_charset(const char *msg);
 
 /* Whether a 512-byte block carries a valid tar header checksum. */
 bool extract_block_is_header(const unsigned char *b);
+
+/*
+ * What a pax header body says about sparse files: the sparse map entries its GNU 0.0/0.1 and
+ * Solaris records add at most (returned), whether it announces a GNU 1.0 map in the member's
+ * data (@ret_map10), and GNU.sparse.name or else path (@ret_name, not NUL-terminated, NULL when
+ * there is none; @ret_name_len bytes).
+ */
+uint64_t extract_pax_sparse(const unsigned char *d, size_t n, bool *ret_map10,
+                            const unsigned char **ret_name, size_t *ret_name_len);
 
 /*
  * Find a record with a NUL byte in its value in a pax header body: 1 for path or

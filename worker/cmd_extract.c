@@ -8,6 +8,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "common/err.h"
@@ -28,8 +29,13 @@ static void cmd_extract_help(void)
         printf("Usage: flyio-image-manager extract --tar FILE --root DIR [FLAGS]\n"
                "\n"
                "Extract the tarball FILE (plain, gzip, zstd or xz) into the existing directory\n"
-               "DIR. Nothing outside DIR is ever written or followed: members that try are\n"
-               "refused and the command fails. Device nodes and FIFOs are skipped and counted.\n"
+               "DIR. Nothing outside DIR is ever written or followed, nor any mount point below\n"
+               "it: members that try are refused and the command fails. Device nodes and FIFOs\n"
+               "are skipped and counted.\n"
+               "\n"
+               "Run as root, it keeps the archive's owners (like GNU tar); run as another user,\n"
+               "files belong to that user and setuid/setgid bits and file capabilities are\n"
+               "dropped.\n"
                "\n"
                "Flags:\n"
                "  --tar FILE              the tarball\n"
@@ -38,8 +44,11 @@ static void cmd_extract_help(void)
                "  --max-entries N         limit on archive members (default 1000000)\n"
                "  --max-depth N           limit on path components (default 64)\n"
                "  --max-path-length N     limit on name and link target length (default 4096)\n"
+               "  --max-sparse-entries N  limit on one sparse file's map entries (default 65536)\n"
+               "  --same-owner            keep the archive's owners and setuid/setgid bits\n"
+               "                          (the default as root; otherwise needs CAP_CHOWN)\n"
                "  --no-same-owner         keep files owned by the caller; drops setuid/setgid\n"
-               "                          bits and file capabilities\n"
+               "                          bits and file capabilities (the default as non-root)\n"
                "  --json                  print the counts as one JSON object\n"
                "  -h, --help              print this help\n");
 }
@@ -66,6 +75,8 @@ static int cmd_extract_parse(int argc, char **argv, struct cmd_extract_args *a)
                 {"max-entries", required_argument, NULL, 'e'},
                 {"max-depth", required_argument, NULL, 'd'},
                 {"max-path-length", required_argument, NULL, 'l'},
+                {"max-sparse-entries", required_argument, NULL, 's'},
+                {"same-owner", no_argument, NULL, 'O'},
                 {"no-same-owner", no_argument, NULL, 'o'},
                 {"json", no_argument, NULL, 'j'},
                 {"help", no_argument, NULL, 'h'},
@@ -101,6 +112,17 @@ static int cmd_extract_parse(int argc, char **argv, struct cmd_extract_args *a)
                 case 'l':
                         r = cmd_extract_parse_uint(argv[0], "--max-path-length", optarg, 1u << 20,
                                                    &a->opts.max_path_length);
+                        break;
+                case 's':
+                        if (util_parse_u64(optarg, &a->opts.max_sparse_entries) < 0 ||
+                            a->opts.max_sparse_entries == 0)
+                                return cli_usage(
+                                        argv[0],
+                                        "--max-sparse-entries '%s': expected a positive number",
+                                        optarg);
+                        break;
+                case 'O':
+                        a->opts.preserve_owner = true;
                         break;
                 case 'o':
                         a->opts.preserve_owner = false;
@@ -163,6 +185,8 @@ int cmd_extract(int argc, char **argv)
         int r;
 
         extract_options_init(&a.opts);
+        /* Only root can give files away: like GNU tar, keep owners by default only then. */
+        a.opts.preserve_owner = geteuid() == 0;
         r = cmd_extract_parse(argc, argv, &a);
         if (r != 0)
                 return r < 0 ? CMD_EXIT_OK : r;
@@ -174,6 +198,13 @@ int cmd_extract(int argc, char **argv)
         r = extract_path(a.root, a.tar, &a.opts, &res);
         if (progress)
                 fputc('\n', stderr);
+        if (r == -EPERM && a.opts.preserve_owner && geteuid() != 0 &&
+            strstr(err_last(), "failed to set the owner")) {
+                (void)cli_fail(r);
+                fprintf(stderr,
+                        "hint: keeping the archive's owners needs root: run as root, or pass --no-same-owner\n");
+                return CMD_EXIT_FAILURE;
+        }
         if (r < 0)
                 return cli_fail(r);
         cmd_extract_print(&res, a.json, util_now_monotonic_ms() - start);

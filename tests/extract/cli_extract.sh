@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The `extract` command end to end: flags reach the extractor, counts are printed, and a
 # refused archive exits non-zero with a message that names the member and leaves nothing
-# outside the root. Builds its tarballs with python3 at run time.
+# outside the root; owners are kept by default as root only. Builds its tarballs with python3
+# and GNU tar at run time. Runs as root (it also runs the command as "nobody", with setpriv).
 #
 # Usage: cli_extract.sh FLYIO_IMAGE_MANAGER
 set -euo pipefail
@@ -9,16 +10,18 @@ set -euo pipefail
 bin=${1:?usage: cli_extract.sh FLYIO_IMAGE_MANAGER}
 work=$(mktemp -d "${TMPDIR:-/tmp}/fim-cli-extract.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+chmod 755 "$work"
+nobody=65534
 failures=0
 
 python3 - "$work" <<'EOF'
 import io, sys, tarfile
 
-def tar(path, members):
+def tar(path, members, uid=0):
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
         for name, kind, data, link in members:
             ti = tarfile.TarInfo(name)
-            ti.type, ti.linkname, ti.mode = kind, link, 0o644
+            ti.type, ti.linkname, ti.mode, ti.uid, ti.gid = kind, link, 0o644, uid, uid
             ti.size = len(data) if kind == tarfile.REGTYPE else 0
             tf.addfile(ti, io.BytesIO(data) if ti.size else None)
 
@@ -28,9 +31,19 @@ tar(work + "/three.tar", [("a", tarfile.REGTYPE, b"A", ""), ("b", tarfile.REGTYP
 tar(work + "/escape.tar", [("ok", tarfile.REGTYPE, b"x", ""),
                            ("../outside", tarfile.REGTYPE, b"pwned", "")])
 tar(work + "/deep.tar", [("d1/d2/d3/f", tarfile.REGTYPE, b"x", "")])
+tar(work + "/owned.tar", [("o", tarfile.REGTYPE, b"owned", "")], uid=1234)
 EOF
+# A sparse file of 10 data segments, as GNU tar stores it.
+mkdir "$work/sparse"
+truncate -s 1M "$work/sparse/s"
+for i in $(seq 0 9); do
+        printf x | dd of="$work/sparse/s" bs=1 seek=$((i * 65536 + 4096)) conv=notrunc status=none
+done
+tar --sparse --format=gnu -C "$work/sparse" -cf "$work/sparse.tar" s
+chmod 644 "$work"/*.tar
 
-# check NAME WANT_STATUS PATTERN... -- ARGS: run the command, compare status and output.
+# check NAME WANT_STATUS PATTERN... -- ARGS: run the command, compare status and output. With
+# AS=nobody in the environment, the command runs as that user, into a root it owns.
 check() {
         local name=$1 want=$2 status=0 out
         shift 2
@@ -38,7 +51,13 @@ check() {
         while [ "$1" != "--" ]; do patterns+=("$1"); shift; done
         shift
         rm -rf "$work/root" && mkdir "$work/root"
-        out=$("$bin" extract "$@" 2>&1) || status=$?
+        if [ "${AS:-}" = nobody ]; then
+                chown "$nobody:$nobody" "$work/root"
+                out=$(setpriv --reuid="$nobody" --regid="$nobody" --clear-groups \
+                        "$bin" extract "$@" 2>&1) || status=$?
+        else
+                out=$("$bin" extract "$@" 2>&1) || status=$?
+        fi
         if [ "$status" -ne "$want" ]; then
                 echo "FAIL $name: exit status $status, want $want; output: $out"
                 failures=$((failures + 1))
@@ -85,6 +104,42 @@ check "a missing tarball fails, named" 1 "error: failed to open '$work/none.tar'
         --tar "$work/none.tar" --root "$work/root"
 check "a bad limit is a usage error" 2 "--max-depth '0': expected a number from 1 to 4096" -- \
         --tar "$work/three.tar" --root "$work/root" --max-depth 0
+
+check "--max-sparse-entries refuses a longer map" 1 \
+        "error: failed to extract 's': sparse map has more than 5 entries" -- \
+        --tar "$work/sparse.tar" --root "$work/root" --max-sparse-entries 5
+check "--max-sparse-entries at the map's size" 0 "files=1" -- \
+        --tar "$work/sparse.tar" --root "$work/root" --max-sparse-entries 11
+check "--max-sparse-entries 0 is a usage error" 2 \
+        "--max-sparse-entries '0': expected a positive number" -- \
+        --tar "$work/sparse.tar" --root "$work/root" --max-sparse-entries 0
+check "the default sparse limit" 0 "files=1" -- --tar "$work/sparse.tar" --root "$work/root"
+cmp -s "$work/sparse/s" "$work/root/s" || { echo "FAIL sparse: contents differ"; failures=$((failures + 1)); }
+
+# owner FILE UID: the file's owner must be UID.
+owner() {
+        local got
+        got=$(stat -c %u "$1")
+        if [ "$got" != "$2" ]; then
+                echo "FAIL owner of $1 is $got, want $2"
+                failures=$((failures + 1))
+        fi
+}
+check "root keeps the archive's owners by default" 0 "files=1" -- \
+        --tar "$work/owned.tar" --root "$work/root"
+owner "$work/root/o" 1234
+check "root with --no-same-owner keeps its own" 0 "files=1" -- \
+        --tar "$work/owned.tar" --root "$work/root" --no-same-owner
+owner "$work/root/o" 0
+AS=nobody check "another user keeps its own owner by default" 0 "files=1" -- \
+        --tar "$work/owned.tar" --root "$work/root"
+owner "$work/root/o" "$nobody"
+AS=nobody check "another user with --same-owner fails with a hint" 1 \
+        "error: failed to extract 'o': failed to set the owner" \
+        "hint: keeping the archive's owners needs root" -- \
+        --tar "$work/owned.tar" --root "$work/root" --same-owner
+check "--help says who keeps owners" 0 "Run as root, it keeps the archive's owners" \
+        "--same-owner" "--max-sparse-entries" -- --help
 
 if [ "$failures" -ne 0 ]; then
         echo "cli_extract: $failures failures"

@@ -67,8 +67,10 @@ class Tar:
 
 
 def raw_header(name, kind=b"0", size=0, link=b"", mode=0o644, magic=b"ustar\x0000",
-               prefix=b""):
-    """One 512-byte ustar header with a correct checksum; byte fields are taken verbatim."""
+               prefix=b"", extra=()):
+    """One 512-byte ustar header with a correct checksum; byte fields are taken verbatim.
+
+    @extra: (offset, bytes) pairs written last, e.g. old GNU sparse fields."""
     h = bytearray(512)
     h[0:len(name)] = name
     h[100:108] = b"%07o\x00" % mode
@@ -80,8 +82,46 @@ def raw_header(name, kind=b"0", size=0, link=b"", mode=0o644, magic=b"ustar\x000
     h[157:157 + len(link)] = link
     h[257:265] = magic
     h[345:345 + len(prefix)] = prefix
+    for off, val in extra:
+        h[off:off + len(val)] = val
     fix_checksum(h)
     return bytes(h)
+
+
+GNU_MAGIC = b"ustar  \x00"
+
+
+def old_gnu_sparse(name, ext_blocks, entry=b"%011o\x00%011o\x00" % (0, 0)):
+    """An old GNU 'S' header with 4 map entries and @ext_blocks extension blocks of 21 each.
+
+    The map is nonsense (every entry says 0 bytes at 0), and there is no data: what matters is
+    how many entries libarchive keeps. Returns the header and extension blocks."""
+    more = b"\x01" if ext_blocks else b"\x00"
+    h = raw_header(name, b"S", 0, magic=GNU_MAGIC,
+                   extra=((386, entry * 4), (482, more), (483, b"%011o\x00" % 0)))
+    ext = bytearray(512)
+    ext[0:504] = entry * 21
+    ext[504] = 1
+    last = bytearray(ext)
+    last[504] = 0
+    return h + bytes(ext) * max(ext_blocks - 1, 0) + (bytes(last) if ext_blocks else b"")
+
+
+def sparse10(name, count, lines):
+    """A pax GNU 1.0 sparse member whose map declares @count entries and holds @lines of them."""
+    body = b"".join(pax_record(k, v) for k, v in (
+        (b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
+        (b"GNU.sparse.name", name), (b"GNU.sparse.realsize", b"0")))
+    m = pad(b"%d\n" % count + b"0\n0\n" * lines)
+    return (raw_header(b"PaxHeaders/" + name, b"x", len(body)) + pad(body) +
+            raw_header(b"GNUSparseFile.0/" + name, b"0", len(m)) + m)
+
+
+def pax_member(name, records, data=b""):
+    """A pax header with raw @records (repeats allowed), then a regular member."""
+    body = b"".join(pax_record(k, v) for k, v in records)
+    return (raw_header(b"PaxHeaders/" + name, b"x", len(body)) + pad(body) +
+            raw_header(name, b"0", len(data)) + pad(data))
 
 
 def fix_checksum(h):
@@ -277,6 +317,56 @@ def hostile(sent, canary):
                    (raw_header(b"h", b"1", 80 << 20, link=b"f"), b"\x00" * (80 << 20)))
     out["bomb_skipped_data.tar.gz"] = gzip.compress(bomb, compresslevel=9, mtime=0)
     out["garbage_after_gzip_magic.tar.gz"] = b"\x1f\x8b\x08\x00" + random.Random(7).randbytes(2048)
+    # A single zero block, then more members: libarchive (and GNU tar) would stop there.
+    out["lone_zero_then_member.tar"] = raw_tar((raw_header(b"a", b"0", 1), b"A"),
+                                               (b"\x00" * 512, b""),
+                                               (raw_header(b"b", b"0", 1), b"B"))
+
+    # Sparse maps past the limit; the test lowers max_sparse_entries to 100 for these.
+    out["sparse_old_chain.tar"] = old_gnu_sparse(b"sp", 10) + b"\x00" * 1024
+    out["sparse_10_count.tar"] = sparse10(b"sp", 101, 101) + b"\x00" * 1024
+    out["sparse_01_map.tar"] = pax_member(b"s", (
+        (b"GNU.sparse.name", b"sp"), (b"GNU.sparse.realsize", b"1"),
+        (b"GNU.sparse.map", b",".join([b"0,0"] * 101)))) + b"\x00" * 1024
+    out["sparse_00_records.tar"] = pax_member(b"s", [
+        (b"GNU.sparse.name", b"sp"), (b"GNU.sparse.size", b"1"),
+        (b"GNU.sparse.numblocks", b"101")] + [(b"GNU.sparse.offset", b"0"),
+                                              (b"GNU.sparse.numbytes", b"0")] * 101) + \
+        b"\x00" * 1024
+    out["sparse_sun_holes.tar"] = pax_member(b"sp", (
+        (b"SUN.holesdata", b" " + b" ".join(b"%d" % (i * 2) for i in range(202))),),
+        data=b"x" * 202) + b"\x00" * 1024
+    # The same with the default limit, big: old GNU with 96000 extension blocks (2 million
+    # entries, 48 MiB), and a GNU 1.0 map declaring 4 million (16 MiB). libarchive would keep
+    # some 100 and 200 MiB of map for them; the test checks that memory stays far below.
+    out["sparse_old_huge.tar.gz"] = gzip.compress(
+        old_gnu_sparse(b"sp", 96000) + b"\x00" * 1024, compresslevel=6, mtime=0)
+    out["sparse_10_huge.tar.gz"] = gzip.compress(
+        sparse10(b"sp", 4 << 20, 4 << 20) + b"\x00" * 1024, compresslevel=6, mtime=0)
+    # A sparse map whose segments hold more data than the member stores: libarchive reads 512
+    # bytes, the scan would skip 1024, and the next header (a name cut at a NUL) sits between.
+    # And one whose segments hold less: libarchive reads the next header inside a block.
+    out["sparse_map_longer_than_data.tar"] = raw_tar(
+        (raw_header(b"first", b"0", 1), b"x")) [:1024] + pax_member(b"s", (
+            (b"GNU.sparse.name", b"sp"), (b"GNU.sparse.realsize", b"2048"),
+            (b"GNU.sparse.map", b"0,1024")), data=b"d" * 512) + \
+        raw_tar((raw_header(b"safe\x00../../pwned", b"0", 1), b"x"))
+    out["sparse_map_shorter_than_data.tar"] = pax_member(b"s", (
+        (b"GNU.sparse.name", b"sp"), (b"GNU.sparse.realsize", b"2048"),
+        (b"GNU.sparse.map", b"0,1")), data=b"d" + b"\x00" * 10 + b"unaligned header") + \
+        b"\x00" * 1024
+
+    # Devices and FIFOs replace what is at their name like any other member, and follow the
+    # same rules on the way there.
+    out["device_over_nonempty_dir.tar"] = (
+        Tar().dir("d").add("d/f", data=b"x").add("d", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        .bytes())
+    out["device_under_symlink.tar"] = (
+        Tar().symlink("a", sent).add("a/null", tarfile.CHRTYPE, devmajor=1, devminor=3).bytes())
+    # Names with quotes and control bytes are escaped in messages.
+    out["dotdot_quoted.tar"] = Tar().add('../x"\nkey=v', data=b"x").bytes()
+    out["symlink_parent_quoted.tar"] = (
+        Tar().symlink("a\tb", sent).add("a\tb/x", data=b"x").bytes())
     return out
 
 
@@ -425,7 +515,61 @@ def valid(sent):
     out["many_hardlinks.tar"] = many_hardlinks()
     out["gnu_format.tar"] = (Tar(tarfile.GNU_FORMAT).dir("d").add("d/f", data=b"gnu")
                              .symlink("d/s", "f").bytes())
+    out["lone_zero_at_end.tar"] = raw_tar((raw_header(b"a", b"0", 1), b"A"))[:1024 + 512]
+    # Three user xattrs of 3000 bytes: ext4 keeps a file's xattrs in one block, so some of them
+    # do not fit (ENOSPC). GNU tar warns and goes on; so do we, counting them.
+    big = {"SCHILY.xattr.user.%s" % k: k * 3000 for k in "abc"}
+    out["xattr_too_big.tar"] = (Tar().add("f", data=b"data", pax=big)
+                                .add("g", data=b"after").bytes())
+    # For a root with a mount point at "mnt" (the test mounts it).
+    out["into_mount.tar"] = Tar().add("mnt/f", data=b"x").bytes()
+    out["into_mount_dir.tar"] = Tar().dir("mnt", mode=0o700, uid=1234).bytes()
+    out["into_mount_deep.tar"] = Tar().add("mnt/sub/f", data=b"x").bytes()
+    # A later device or FIFO wins over what an earlier member put at its name (as does a
+    # hardlink to one): a hardlink to the name then finds the skipped entry, never the stale
+    # one.
+    out["duplicates_special.tar"] = (
+        Tar().add("x", data=b"stale-x").add("x", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        .hardlink("h1", "x")
+        .add("f", data=b"stale-f").hardlink("f", "x").hardlink("h2", "f")
+        .dir("d").add("d", tarfile.FIFOTYPE)
+        .symlink("s", sent + "/etc/passwd").add("s", tarfile.FIFOTYPE).bytes())
     return out
+
+
+def layer_tar(n):
+    """An image layer as a tar inside the image: GNU long names and pax headers, many of them.
+
+    Preloaded image tars look like this: every long name is an extension header block in the
+    outer archive's file data."""
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for i in range(n):
+            ti = tarfile.TarInfo("node_modules/some-package-with-a-long-name/lib/deeply/nested/"
+                                 "dir/file-%06d%s.js" % (i, "x" * 40))
+            data = b"module.exports = %d;\n" % i
+            ti.size, ti.mtime = len(data), T0
+            t.addfile(ti, io.BytesIO(data))
+    pax = io.BytesIO()
+    with tarfile.open(fileobj=pax, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for i in range(n // 2):
+            ti = tarfile.TarInfo("usr/lib/python3/dist-packages/p%05d/%s.py" % (i, "m" * 120))
+            ti.pax_headers = {"SCHILY.xattr.user.k": "v%d" % i, "mtime": "%d.5" % T0}
+            t.addfile(ti, io.BytesIO(b""))
+    return inner.getvalue(), pax.getvalue()
+
+
+def nested(out):
+    """Valid archives holding uncompressed tars: they must extract byte for byte."""
+    gnu, pax = layer_tar(5000)
+    write(os.path.join(out, "nested_layer.gnu"), gnu)
+    write(os.path.join(out, "nested_layer.pax"), pax)
+    t = Tar()
+    t.dir("usr/share/")
+    t.add("usr/share/layer.tar", data=gnu)
+    t.add("usr/share/layer-pax.tar", data=pax)
+    t.add("after", data=b"after the layers")
+    write(os.path.join(out, "nested_layer.tar"), t.bytes())
 
 
 def many_hardlinks():
@@ -439,7 +583,7 @@ def many_hardlinks():
 
 
 def sparse(out):
-    """GNU tar writes the sparse maps (tarfile cannot): old GNU and pax 1.0 flavours."""
+    """GNU tar writes the sparse maps (tarfile cannot): old GNU and pax 0.0, 0.1, 1.0."""
     tar = shutil.which("tar")
     if not tar:
         sys.exit("make_corpus: GNU tar is needed for the sparse archives")
@@ -454,6 +598,20 @@ def sparse(out):
         os.utime(path, (T0, T0))
         for fmt, extra in (("gnu", []), ("pax", ["--sparse-version=1.0"])):
             dest = os.path.join(out, "sparse_%s.tar" % fmt)
+            subprocess.run([tar, "--sparse", "--format=" + fmt, *extra, "--numeric-owner",
+                            "-C", d, "-cf", dest, "sparse"], check=True)
+        # 150 data segments: more than the limit the test sets (100), fewer than the default.
+        os.unlink(path)
+        with open(path, "wb") as f:
+            f.truncate(150 << 16)
+            for i in range(150):
+                f.seek((i << 16) + 8192)
+                f.write(b"%c" % (65 + i % 26) * 4096)
+        os.utime(path, (T0, T0))
+        for tag, fmt, extra in (("gnu", "gnu", []), ("pax00", "pax", ["--sparse-version=0.0"]),
+                                ("pax01", "pax", ["--sparse-version=0.1"]),
+                                ("pax10", "pax", ["--sparse-version=1.0"])):
+            dest = os.path.join(out, "sparse150_%s.tar" % tag)
             subprocess.run([tar, "--sparse", "--format=" + fmt, *extra, "--numeric-owner",
                             "-C", d, "-cf", dest, "sparse"], check=True)
 
@@ -488,6 +646,7 @@ def main():
     for name, data in files.items():
         write(os.path.join(args.outdir, name), data)
     sparse(args.outdir)
+    nested(args.outdir)
     compress(args.outdir, "basic.tar", files["basic.tar"])
     compress(args.outdir, "symlink_escape_abs.tar", files["symlink_escape_abs.tar"])
 

@@ -12,6 +12,14 @@
  * third of the inputs get the default, the rest odd sizes), so that the stream scan is
  * fuzzed across block boundaries too; memory input would otherwise arrive in one piece.
  *
+ * The limits are low, so that inputs of a few KiB reach them: 16 MiB of file data, 10000
+ * entries, 4096 sparse map entries. Memory is a fourth oracle: libarchive keeps what it parses
+ * (a sparse map, for one) until the member is done, so a limit the extractor fails to apply
+ * shows as heap growth. The heap held at once during an input must stay below
+ * FUZZ_HEAP_MAX, which leaves room for what the extractor may legitimately hold (the xz
+ * decoder's 128 MiB, buffers) but not for millions of sparse map entries. libFuzzer's own
+ * -rss_limit_mb only sees the whole process, whose baseline under ASan is a few hundred MiB.
+ *
  * Built only with FIM_FUZZ=ON and clang; tests/fuzz/run.sh builds and runs it.
  */
 #include <dirent.h>
@@ -26,10 +34,26 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
+#include <sanitizer/allocator_interface.h>
+
 #include "common/err.h"
 #include "stages/extract.h"
 
+/*
+ * Heap the extractor may hold at once for one input (see the oracles above), in bytes and in
+ * allocations: a sparse map is millions of 32-byte ones.
+ */
+#define FUZZ_HEAP_MAX ((size_t)256 << 20)
+#define FUZZ_HEAP_BLOCKS_MAX ((size_t)1 << 20)
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* Heap allocated and not freed since the input started, and its peaks (one thread). */
+static size_t fuzz_heap;
+static size_t fuzz_heap_peak;
+static size_t fuzz_blocks;
+static size_t fuzz_blocks_peak;
+static int fuzz_counting;
 
 static int fuzz_base_fd = -1;
 static char fuzz_base[PATH_MAX];
@@ -38,6 +62,30 @@ static char *fuzz_sentinel_snap;
 static int fuzz_fds;
 
 static void fuzz_remove_contents(int dirfd);
+
+static void fuzz_malloc_hook(const volatile void *ptr, size_t size)
+{
+        (void)ptr;
+        if (!__atomic_load_n(&fuzz_counting, __ATOMIC_RELAXED))
+                return;
+        fuzz_heap += size;
+        if (fuzz_heap > fuzz_heap_peak)
+                fuzz_heap_peak = fuzz_heap;
+        if (++fuzz_blocks > fuzz_blocks_peak)
+                fuzz_blocks_peak = fuzz_blocks;
+}
+
+/* Frees of what was allocated before the input only make the count lower: it is a floor. */
+static void fuzz_free_hook(const volatile void *ptr)
+{
+        size_t size;
+
+        if (!ptr || !__atomic_load_n(&fuzz_counting, __ATOMIC_RELAXED))
+                return;
+        size = __sanitizer_get_allocated_size((const void *)ptr);
+        fuzz_heap = fuzz_heap > size ? fuzz_heap - size : 0;
+        fuzz_blocks -= fuzz_blocks > 0;
+}
 
 static void fuzz_die(const char *what)
 {
@@ -233,6 +281,10 @@ static void fuzz_init(void)
         (void)atexit(fuzz_cleanup);
         fuzz_make_sentinel();
         fuzz_fds = fuzz_count_fds();
+        if (!__sanitizer_install_malloc_and_free_hooks(fuzz_malloc_hook, fuzz_free_hook)) {
+                fprintf(stderr, "fuzz_extract: cannot install the malloc hooks\n");
+                abort();
+        }
 }
 
 /* Remove everything below @dirfd (which is consumed), never following symlinks. */
@@ -303,9 +355,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         extract_options_init(&opts);
         opts.max_total_bytes = 16u << 20;
         opts.max_entries = 10000;
+        opts.max_sparse_entries = 4096;
         extract_chunk_size = size % 3 == 0 ? 0 : 1 + size % 1021;
+        fuzz_heap = fuzz_heap_peak = fuzz_blocks = fuzz_blocks_peak = 0;
+        __atomic_store_n(&fuzz_counting, 1, __ATOMIC_RELAXED);
         (void)extract_memory(root_fd, data, size, &opts, &res);
+        __atomic_store_n(&fuzz_counting, 0, __ATOMIC_RELAXED);
         err_clear();
+        if (fuzz_heap_peak > FUZZ_HEAP_MAX || fuzz_blocks_peak > FUZZ_HEAP_BLOCKS_MAX) {
+                fprintf(stderr,
+                        "fuzz_extract: the input made the extractor hold %zu MiB in %zu allocations at once\n",
+                        fuzz_heap_peak >> 20, fuzz_blocks_peak);
+                abort();
+        }
 
         fuzz_check_base();
         fuzz_check_sentinel();

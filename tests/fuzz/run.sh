@@ -2,7 +2,8 @@
 # Build the extractor fuzzer with clang (libFuzzer + ASan + UBSan) into build-fuzz/ and run
 # it for SECONDS (default 120) on a seed corpus generated at run time: the hostile and
 # valid archives of tests/extract/make_corpus.py plus small archives from GNU tar and
-# bsdtar in every format they write. Fails on any crash, leak, timeout or sanitizer report;
+# bsdtar in every format they write. Fails on any crash, leak, timeout or sanitizer report,
+# and on an input that makes the extractor hold too much heap at once (see fuzz_extract.c);
 # the offending input lands in build-fuzz/fuzz-artifacts/.
 #
 # Usage: tests/fuzz/run.sh [SECONDS]

@@ -25,7 +25,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
 #include <unistd.h>
@@ -401,6 +403,7 @@ enum {
         CASE_WALK = 1 << 2,        /* resolve without openat2 */
         CASE_CHUNKED = 1 << 3,     /* feed libarchive 777-byte chunks */
         CASE_SMALL_TREE = 1 << 4,  /* 1 MiB for remembered directories */
+        CASE_SPARSE = 1 << 5,      /* max_sparse_entries 100 */
 };
 
 struct hostile_case {
@@ -485,7 +488,40 @@ static const struct hostile_case hostile_cases[] = {
         {"symlink_escape_abs.tar.gz", -EPERM, "'a/passwd'", 0},
         {"symlink_escape_abs.tar.zst", -EPERM, "'a/passwd'", 0},
         {"symlink_escape_abs.tar.xz", -EPERM, "'a/passwd'", 0},
+        {"lone_zero_then_member.tar", -EBADMSG, "lone zero block at offset 1024 after member 'a'",
+         0},
+        {"sparse_old_chain.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse_10_count.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse_01_map.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse_00_records.tar", -E2BIG, "'sp': sparse map has more than 100 entries",
+         CASE_SPARSE},
+        {"sparse_sun_holes.tar", -E2BIG, "'sp': sparse map has more than 100 entries", CASE_SPARSE},
+        {"sparse150_gnu.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse150_pax00.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse150_pax01.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse150_pax10.tar", -E2BIG, "'sparse': sparse map has more than 100", CASE_SPARSE},
+        {"sparse_old_huge.tar.gz", -E2BIG, "'sp': sparse map has more than 65536 entries", 0},
+        {"sparse_10_huge.tar.gz", -E2BIG, "'sp': sparse map has more than 65536 entries", 0},
+        {"sparse_map_longer_than_data.tar", -EBADMSG, "'sp': file data ends at offset 3072", 0},
+        {"sparse_map_shorter_than_data.tar", -EBADMSG,
+         "'sp': file data ends at offset 2022, inside", 0},
+        {"device_over_nonempty_dir.tar", -EEXIST, "'d': would replace a non-empty directory", 0},
+        {"device_under_symlink.tar", -EPERM, "'a/null': parent 'a' is a symlink", 0},
+        {"dotdot_quoted.tar", -EPERM, "'../x\\x22\\x0akey=v'", 0},
+        {"symlink_parent_quoted.tar", -EPERM, "'a\\x09b/x': parent 'a\\x09b' is a symlink", 0},
 };
+
+/* The options a hostile case runs with (see its flags). */
+static void hostile_options(const struct hostile_case *tc, struct extract_options *opts)
+{
+        extract_options_init(opts);
+        if (tc->flags & CASE_LIMITS) {
+                opts->max_entries = 100;
+                opts->max_total_bytes = 1 << 20;
+        }
+        if (tc->flags & CASE_SPARSE)
+                opts->max_sparse_entries = 100;
+}
 
 /* Expand "@" to the sentinel path and "#" to the canary name. */
 static void expand_member(const char *in, char *out, size_t size)
@@ -513,11 +549,7 @@ static void test_extract_hostile(void **state)
         char *after;
         int r;
 
-        extract_options_init(&opts);
-        if (tc->flags & CASE_LIMITS) {
-                opts.max_entries = 100;
-                opts.max_total_bytes = 1 << 20;
-        }
+        hostile_options(tc, &opts);
         extract_disable_openat2 = (tc->flags & CASE_WALK) != 0;
         extract_chunk_size = (tc->flags & CASE_CHUNKED) ? 777 : 0;
         if (tc->flags & CASE_SMALL_TREE)
@@ -804,6 +836,299 @@ static void test_extract_sparse(void **state)
         }
         free(data);
         assert_mtime("sparse", T0, 0);
+}
+
+/* GNU tar's sparse maps of 150 segments, in all four formats: within the default limit. */
+static void test_extract_sparse150(void **state)
+{
+        static const char *const files[] = {"sparse150_gnu.tar", "sparse150_pax00.tar",
+                                            "sparse150_pax01.tar", "sparse150_pax10.tar"};
+        struct extract_options opts;
+
+        (void)state;
+        extract_options_init(&opts);
+        opts.max_sparse_entries = 160;
+        for (size_t f = 0; f < ARRAY_SIZE(files); f++) {
+                struct extract_result res;
+                char path[PATH_MAX];
+                size_t len;
+                char *data;
+
+                prepare(false);
+                res = extract_ok(files[f], f % 2 ? &opts : NULL);
+                assert_int_equal(res.size_bytes, 150 * 4096);
+                rootpath(path, sizeof(path), "sparse");
+                data = read_file(path, &len);
+                assert_int_equal(len, 150u << 16);
+                for (size_t i = 0; i < len; i++) {
+                        size_t seg = i >> 16;
+                        size_t in = i & 0xffff;
+                        char want = in >= 8192 && in < 8192 + 4096 ? (char)('A' + seg % 26) : 0;
+
+                        if (data[i] != want)
+                                fail_msg("%s: byte %zu is %d, want %d", files[f], i, data[i], want);
+                }
+                free(data);
+        }
+}
+
+/*
+ * Image layers stored as tars inside the image (thousands of GNU long names, pax headers) are
+ * file data: they extract byte for byte, however many header-like blocks they hold, whatever
+ * the chunking of the stream.
+ */
+static void test_extract_nested_tar(void **state)
+{
+        static const struct {
+                const char *member;
+                const char *source;
+        } layers[] = {{"usr/share/layer.tar", "nested_layer.gnu"},
+                      {"usr/share/layer-pax.tar", "nested_layer.pax"}};
+        static const size_t chunks[] = {0, 777, 65536 + 512};
+
+        (void)state;
+        for (size_t k = 0; k < ARRAY_SIZE(chunks); k++) {
+                struct extract_result res;
+
+                prepare(false);
+                extract_chunk_size = chunks[k];
+                res = extract_ok("nested_layer.tar", NULL);
+                extract_chunk_size = 0;
+                assert_int_equal(res.file_count, 3);
+                for (size_t i = 0; i < ARRAY_SIZE(layers); i++) {
+                        char path[PATH_MAX];
+                        size_t want_len;
+                        size_t got_len;
+                        char *want;
+                        char *got;
+
+                        xsnprintf(path, sizeof(path), "%s/%s", corpus, layers[i].source);
+                        want = read_file(path, &want_len);
+                        rootpath(path, sizeof(path), layers[i].member);
+                        got = read_file(path, &got_len);
+                        assert_true(want_len > (1u << 20));
+                        assert_int_equal(got_len, want_len);
+                        assert_int_equal(memcmp(got, want, want_len), 0);
+                        free(want);
+                        free(got);
+                }
+                assert_root_content("after", "after the layers");
+        }
+}
+
+static void test_extract_lone_zero_at_end(void **state)
+{
+        (void)state;
+        prepare(false);
+        (void)extract_ok("lone_zero_at_end.tar", NULL);
+        assert_root_content("a", "A");
+}
+
+/*
+ * A device or FIFO (or a hardlink to one) replaces what an earlier member put at its name, so
+ * that later hardlinks to the name are skipped too rather than linking the stale entry; a
+ * symlink replaced that way is removed, not followed.
+ */
+static void test_extract_duplicates_special(void **state)
+{
+        static const char *const gone[] = {"x", "h1", "f", "h2", "d", "s"};
+        struct extract_result res;
+        char *before;
+        char *after;
+
+        (void)state;
+        prepare(false);
+        before = snapshot();
+        res = extract_ok("duplicates_special.tar", NULL);
+        after = snapshot();
+        assert_string_equal(before, after);
+        free(before);
+        free(after);
+        /* x (device), h1 -> x, f -> x, h2 -> f, d (FIFO), s (FIFO) */
+        assert_int_equal(res.skipped_devices, 6);
+        assert_int_equal(res.hardlink_count, 0);
+        for (size_t i = 0; i < ARRAY_SIZE(gone); i++) {
+                if (exists_root(gone[i]))
+                        fail_msg("'%s' is still there", gone[i]);
+        }
+}
+
+/* Whether @path is on ext2/3/4 (one magic number for all three). */
+static bool is_ext4(const char *path)
+{
+        struct statfs sf;
+
+        return statfs(path, &sf) == 0 && sf.f_type == 0xEF53;
+}
+
+/* Mount a fresh ext4 image at @dir; false when this machine cannot (no loop devices). */
+static bool mount_ext4(const char *dir)
+{
+        char image[PATH_MAX];
+        char opts[PATH_MAX + 16];
+        int fd;
+
+        xsnprintf(image, sizeof(image), "%s/ext4.img", base);
+        fd = open(image, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        assert_int_equal(ftruncate(fd, 32 << 20), 0);
+        (void)close(fd);
+
+        const char *const mkfs[] = {"mkfs.ext4", "-q", "-F", image, NULL};
+
+        if (run_argv(mkfs) != 0)
+                return false;
+        xsnprintf(opts, sizeof(opts), "loop");
+
+        const char *const mnt[] = {"mount", "-o", opts, image, dir, NULL};
+
+        return run_argv(mnt) == 0;
+}
+
+/*
+ * Extended attributes that do not fit on ext4 (ENOSPC from fsetxattr) are skipped and counted,
+ * as GNU tar does, not reported as a full filesystem.
+ */
+static void test_extract_xattr_enospc(void **state)
+{
+        char dir[PATH_MAX];
+        char path[PATH_MAX];
+        struct extract_result res;
+        bool mounted = false;
+        ssize_t n;
+        int root_fd;
+        int r;
+
+        (void)state;
+        prepare(false);
+        xsnprintf(dir, sizeof(dir), "%s/ext4", work);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        if (!is_ext4(dir)) {
+                mounted = mount_ext4(dir);
+                if (!mounted) {
+                        fprintf(stderr, "no ext4 here (and no loop mount): skipping\n");
+                        skip();
+                }
+        }
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_true(root_fd >= 0);
+        xsnprintf(path, sizeof(path), "%s/xattr_too_big.tar", corpus);
+        r = extract_file(root_fd, path, NULL, &res);
+        (void)close(root_fd);
+        xsnprintf(path, sizeof(path), "%s/f", dir);
+        n = listxattr(path, NULL, 0);
+        if (r == 0) {
+                char *data = read_file(path, NULL);
+
+                assert_string_equal(data, "data");
+                free(data);
+                xsnprintf(path, sizeof(path), "%s/g", dir);
+                data = read_file(path, NULL);
+                assert_string_equal(data, "after");
+                free(data);
+        }
+        if (mounted)
+                (void)umount(dir);
+        if (r < 0)
+                fail_msg("extraction failed: %s (%s)", err_last(), err_name(r));
+        /* Not all three fit, and the ones that did not are counted (names are 7 bytes). */
+        assert_true(res.skipped_xattrs >= 1 && res.skipped_xattrs <= 3);
+        assert_int_equal(n, (ssize_t)(3 - res.skipped_xattrs) * 7);
+}
+
+/* A root with a mount point below it: nothing is written into the mounted filesystem. */
+static void test_extract_mount_point(void **state)
+{
+        static const char *const files[] = {"into_mount.tar", "into_mount_dir.tar",
+                                            "into_mount_deep.tar"};
+        char mnt[PATH_MAX];
+
+        (void)state;
+        for (size_t walk = 0; walk < 2; walk++) {
+                for (size_t i = 0; i < ARRAY_SIZE(files); i++) {
+                        struct stat st;
+                        int r;
+
+                        prepare(false);
+                        rootpath(mnt, sizeof(mnt), "mnt");
+                        assert_int_equal(mkdir(mnt, 0755), 0);
+                        if (mount("tmpfs", mnt, "tmpfs", 0, "size=1m,mode=0755") < 0)
+                                skip();
+                        extract_disable_openat2 = walk;
+                        r = extract_corpus(files[i], NULL, NULL);
+                        extract_disable_openat2 = false;
+                        assert_int_equal(lstat(mnt, &st), 0);
+                        {
+                                char f[PATH_MAX];
+                                struct stat fst;
+
+                                xsnprintf(f, sizeof(f), "%s/f", mnt);
+                                assert_int_not_equal(lstat(f, &fst), 0);
+                                xsnprintf(f, sizeof(f), "%s/sub", mnt);
+                                assert_int_not_equal(lstat(f, &fst), 0);
+                        }
+                        (void)umount(mnt);
+                        if (r != -EXDEV || !strstr(err_last(), "'mnt' is a mount point"))
+                                fail_msg("%s (walk %zu): got %s '%s'", files[i], walk, err_name(r),
+                                         err_last());
+                        /* The mounted root kept its mode and owner. */
+                        assert_int_equal(st.st_mode & 07777, 0755);
+                        assert_int_equal(st.st_uid, 0);
+                }
+        }
+}
+
+static long rss_kib(void)
+{
+        FILE *f = fopen("/proc/self/status", "re");
+        char line[256];
+        long kib = -1;
+
+        assert_non_null(f);
+        while (fgets(line, sizeof(line), f)) {
+                if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+                        break;
+        }
+        (void)fclose(f);
+        assert_true(kib >= 0);
+        return kib;
+}
+
+/*
+ * Sparse maps of millions of entries in small archives are refused before libarchive has
+ * kept more than a few MiB of them: run in a child, whose peak memory we can read.
+ */
+static void test_extract_sparse_memory_bounded(void **state)
+{
+        static const char *const files[] = {"sparse_old_huge.tar.gz", "sparse_10_huge.tar.gz"};
+        const long limit_kib = 48 << 10;
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(files); i++) {
+                char path[PATH_MAX];
+                struct rusage ru;
+                long before;
+                int status;
+                pid_t pid;
+
+                prepare(false);
+                xsnprintf(path, sizeof(path), "%s/%s", corpus, files[i]);
+                before = rss_kib();
+                pid = fork();
+                assert_true(pid >= 0);
+                if (pid == 0) {
+                        int r = extract_path(rootdir, path, NULL, NULL);
+
+                        _exit(r == -E2BIG && strstr(err_last(), "more than 65536 entries") ? 0 : 1);
+                }
+                assert_int_equal(wait4(pid, &status, 0, &ru), pid);
+                assert_true(WIFEXITED(status));
+                if (WEXITSTATUS(status) != 0)
+                        fail_msg("%s: not refused for its sparse map", files[i]);
+                if (ru.ru_maxrss - before > limit_kib)
+                        fail_msg("%s: peak memory grew by %ld KiB, more than %ld", files[i],
+                                 ru.ru_maxrss - before, limit_kib);
+        }
 }
 
 static void test_extract_long_names(void **state)
@@ -1137,11 +1462,7 @@ static void test_extract_no_fd_leak(void **state)
                 const struct hostile_case *tc = &hostile_cases[i];
                 struct extract_options opts;
 
-                extract_options_init(&opts);
-                if (tc->flags & CASE_LIMITS) {
-                        opts.max_entries = 100;
-                        opts.max_total_bytes = 1 << 20;
-                }
+                hostile_options(tc, &opts);
                 if (tc->flags & CASE_SMALL_TREE)
                         extract_tree_memory_max = 1 << 20;
                 prepare(tc->flags & CASE_PREEXISTING);
@@ -1302,6 +1623,9 @@ static void test_extract_quote(void **state)
         (void)state;
         extract_quote("a'b\\c\n\x7f", out, sizeof(out));
         assert_string_equal(out, "a\\x27b\\x5cc\\x0a\\x7f");
+        /* No quote of either kind survives, so a name cannot end a quoted log value. */
+        extract_quote("x\" k=v\r", out, sizeof(out));
+        assert_string_equal(out, "x\\x22 k=v\\x0d");
         memset(big, 'y', sizeof(big) - 1);
         big[sizeof(big) - 1] = '\0';
         extract_quote(big, out, sizeof(out));
@@ -1336,6 +1660,53 @@ static void test_extract_pax_nul_field(void **state)
         assert_int_equal(extract_pax_nul_field((const unsigned char *)malformed,
                                                sizeof(malformed) - 1, &off),
                          0);
+}
+
+static void test_extract_pax_sparse(void **state)
+{
+        static const struct {
+                const char *body;
+                uint64_t entries;
+                bool map10;
+                const char *name;
+        } cases[] = {
+                {"18 path=some/name\n", 0, false, "some/name"},
+                {"30 GNU.sparse.map=0,1,2,3,4,5\n22 GNU.sparse.name=nm\n", 3, false, "nm"},
+                {"20 GNU.sparse.map=7\n", 0, false, NULL},
+                {"23 GNU.sparse.offset=0\n25 GNU.sparse.numbytes=1\n"
+                 "23 GNU.sparse.offset=2\n25 GNU.sparse.numbytes=3\n",
+                 3, false, NULL},
+                {"24 SUN.holesdata= 0 2 4\n", 3, false, NULL},
+                {"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n", 0, true, NULL},
+                {"22 GNU.sparse.major=1\n", 0, true, NULL},
+                {"22 GNU.sparse.minor=0\n", 0, true, NULL},
+                {"22 GNU.sparse.major=0\n22 GNU.sparse.minor=1\n", 0, false, NULL},
+                {"22 GNU.sparse.major=2\n", 0, false, NULL},
+                /* Records after a malformed one are not applied. */
+                {"99 GNU.sparse.major=1\n", 0, false, NULL},
+                {"21 GNU.sparse.major=1\n", 0, false, NULL}, /* no newline where it ends */
+                {"26 GNU.sparse.map=0,1,2,3\nxx junk\n22 GNU.sparse.map=0,1\n", 2, false, NULL},
+        };
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+                const unsigned char *name = NULL;
+                size_t name_len = 0;
+                bool map10 = false;
+                uint64_t got = extract_pax_sparse((const unsigned char *)cases[i].body,
+                                                  strlen(cases[i].body), &map10, &name, &name_len);
+
+                if (got != cases[i].entries || map10 != cases[i].map10)
+                        fail_msg("case %zu: %llu entries, map10 %d", i, (unsigned long long)got,
+                                 map10);
+                if (!cases[i].name) {
+                        assert_null(name);
+                        continue;
+                }
+                assert_non_null(name);
+                assert_int_equal(name_len, strlen(cases[i].name));
+                assert_memory_equal(name, cases[i].name, name_len);
+        }
 }
 
 static void test_extract_tar_number(void **state)
@@ -1483,6 +1854,14 @@ int main(void)
                 cmocka_unit_test(test_extract_dirs_duplicates_merged),
                 cmocka_unit_test(test_extract_no_fd_leak),
                 cmocka_unit_test(test_extract_odd_timestamps),
+                cmocka_unit_test(test_extract_pax_sparse),
+                cmocka_unit_test(test_extract_sparse150),
+                cmocka_unit_test(test_extract_sparse_memory_bounded),
+                cmocka_unit_test(test_extract_nested_tar),
+                cmocka_unit_test(test_extract_lone_zero_at_end),
+                cmocka_unit_test(test_extract_duplicates_special),
+                cmocka_unit_test(test_extract_xattr_enospc),
+                cmocka_unit_test(test_extract_mount_point),
         };
         static struct CMUnitTest tests[HOSTILE_MAX + ARRAY_SIZE(fixed) + 8];
         size_t n = 0;
