@@ -879,8 +879,8 @@ int thin_pool_resume(const char *name)
 
 /*
  * The active devices that map @origin_id on @pool_dev, each with whether it is suspended
- * already: the ones create_snap must suspend and resume. With @named, that one device, which
- * must map the origin.
+ * already (by somebody else: create_snap leaves those alone). With @named, that one device,
+ * which must map the origin.
  */
 static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, uint32_t origin_id,
                                          const char *named, struct thin_pool_active_thin **ret_devs,
@@ -923,11 +923,139 @@ static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, 
         return 0;
 }
 
+/*
+ * The devices create_snap suspends are written to a file next to the pool's lock before it
+ * suspends them, and the file is removed once they are all resumed. Found while holding the
+ * lock, the file names what a process killed in between left suspended; a device suspended
+ * by somebody else is in no such file and is left alone.
+ */
+static int thin_pool_marker_path(const char *pool_name, char *buf, size_t size)
+{
+        int r = util_snprintf(buf, size, "%s/pool-%s.suspended", THIN_POOL_LOCK_DIR, pool_name);
+
+        return r < 0 ? err_set(r, "marker file name for pool '%s' is too long", pool_name) : 0;
+}
+
+static int thin_pool_mark_suspending(const char *pool_name,
+                                     const struct thin_pool_active_thin *users, size_t n)
+{
+        char path[PATH_MAX], *text = NULL;
+        size_t len = 0, todo = 0;
+        FILE *f;
+        int fd, r;
+
+        for (size_t i = 0; i < n; i++)
+                todo += !users[i].suspended;
+        if (todo == 0)
+                return 0;
+        r = thin_pool_marker_path(pool_name, path, sizeof(path));
+        if (r < 0)
+                return r;
+        f = open_memstream(&text, &len);
+        if (!f)
+                return err_set(-ENOMEM, "out of memory");
+        for (size_t i = 0; i < n; i++) {
+                if (!users[i].suspended)
+                        fprintf(f, "%s\n", users[i].name);
+        }
+        if (fclose(f) != 0) {
+                free(text);
+                return err_set(-ENOMEM, "out of memory");
+        }
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0)
+                r = err_set(-errno, "failed to create '%s': %s", path, strerror(errno));
+        else if (write(fd, text, len) != (ssize_t)len)
+                r = err_set(-EIO, "failed to write '%s'", path);
+        if (fd >= 0)
+                (void)close(fd);
+        free(text);
+        return r;
+}
+
+static void thin_pool_unmark(const char *pool_name)
+{
+        char path[PATH_MAX];
+
+        if (thin_pool_marker_path(pool_name, path, sizeof(path)) == 0)
+                (void)unlink(path);
+}
+
+/*
+ * Resume what the marker file of a killed create_snap names (callers hold the device lock and
+ * the mutex). Appends the names resumed to @names, one per line. Returns how many were
+ * resumed.
+ */
+static int thin_pool_resume_marked_locked(const char *pool_name, char *names, size_t size)
+{
+        char path[PATH_MAX], buf[8192];
+        ssize_t len;
+        int fd, count = 0, r;
+
+        r = thin_pool_marker_path(pool_name, path, sizeof(path));
+        if (r < 0)
+                return r;
+        fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 && errno == ENOENT)
+                return 0;
+        if (fd < 0)
+                return err_set(-errno, "failed to open '%s': %s", path, strerror(errno));
+        len = read(fd, buf, sizeof(buf) - 1);
+        (void)close(fd);
+        if (len < 0)
+                return err_set(-EIO, "failed to read '%s'", path);
+        buf[len] = '\0';
+        for (char *line = buf, *end; *line && r == 0; line = end) {
+                struct thin_pool_device_info d;
+
+                end = line + strcspn(line, "\n");
+                if (*end)
+                        *end++ = '\0';
+                if (!thin_pool_name_is_valid(line))
+                        continue;
+                r = thin_pool_device_info_locked(line, &d);
+                if (r < 0 || !d.exists || !d.suspended)
+                        continue;
+                r = thin_pool_resume_locked(line);
+                if (r < 0)
+                        break;
+                log_debug("resumed a device left suspended by a killed snapshot",
+                          "pool='%s' device='%s'", pool_name, line);
+                if (names && strlen(names) + strlen(line) + 2 < size)
+                        (void)snprintf(names + strlen(names), size - strlen(names), "%s\n", line);
+                count++;
+        }
+        if (r < 0)
+                return r; /* the file stays: the next caller tries again */
+        (void)unlink(path);
+        return count;
+}
+
+int thin_pool_resume_leftovers(const char *pool_name, char *names, size_t size)
+{
+        int lock_fd = -1;
+        int r = thin_pool_check_name(pool_name);
+
+        if (r < 0)
+                return r;
+        if (names && size > 0)
+                names[0] = '\0';
+        r = thin_pool_flock(pool_name, "dev", &lock_fd);
+        if (r < 0)
+                return r;
+        thin_pool_enter();
+        r = thin_pool_resume_marked_locked(pool_name, names, size);
+        thin_pool_leave();
+        thin_pool_funlock(lock_fd);
+        return r;
+}
+
 int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t origin_id,
                           const char *origin_active_name)
 {
         struct thin_pool_active_thin *users = NULL;
         size_t n_users = 0, n_suspended = 0;
+        bool resume_failed = false;
         dev_t pool_dev;
         char msg[64];
         int lock_fd = -1;
@@ -946,17 +1074,19 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
         if (r < 0)
                 return r;
         thin_pool_enter();
-        r = thin_pool_pool_dev_locked(pool_name, &pool_dev);
+        r = thin_pool_resume_marked_locked(pool_name, NULL, 0);
+        if (r >= 0)
+                r = thin_pool_pool_dev_locked(pool_name, &pool_dev);
         if (r == 0)
                 r = thin_pool_origin_users_locked(pool_name, pool_dev, origin_id,
                                                   origin_active_name, &users, &n_users);
-        /*
-         * One found suspended already is the leftover of a process killed below (we hold the
-         * lock): it needs no suspend, but it is resumed with the others.
-         */
+        if (r == 0)
+                r = thin_pool_mark_suspending(pool_name, users, n_users);
+        /* One that somebody else had suspended stays suspended: not ours to resume. */
         for (size_t i = 0; r == 0 && i < n_users; i++) {
-                if (!users[i].suspended)
-                        r = thin_pool_suspend_locked(users[i].name);
+                if (users[i].suspended)
+                        continue;
+                r = thin_pool_suspend_locked(users[i].name);
                 n_suspended = i + 1; /* resume also the one that failed half-way */
         }
         util_crash_point("dm.create_snap.after_suspend");
@@ -974,44 +1104,18 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
                             origin_id, pool_name);
         /* Always resume: a device left suspended hangs every process that touches it. */
         for (size_t i = 0; i < n_suspended; i++) {
-                int rr = thin_pool_resume_locked(users[i].name);
+                int rr = users[i].suspended ? 0 : thin_pool_resume_locked(users[i].name);
 
-                if (rr < 0)
+                if (rr < 0) {
                         r = rr; /* worse than any earlier error: report this one */
+                        resume_failed = true;
+                }
         }
+        if (!resume_failed)
+                thin_pool_unmark(pool_name);
         thin_pool_leave();
         thin_pool_funlock(lock_fd);
         free(users);
-        return r;
-}
-
-int thin_pool_resume_leftover(const char *pool_name, const char *name)
-{
-        struct thin_pool_device_info d;
-        dev_t pool_dev;
-        int lock_fd = -1;
-        int r = thin_pool_check_name(pool_name);
-
-        if (r == 0)
-                r = thin_pool_check_name(name);
-        if (r < 0)
-                return r;
-        r = thin_pool_flock(pool_name, "dev", &lock_fd);
-        if (r < 0)
-                return r;
-        thin_pool_enter();
-        r = thin_pool_pool_dev_locked(pool_name, &pool_dev);
-        if (r == 0)
-                r = thin_pool_device_info_locked(name, &d);
-        if (r == 0 && d.exists && (!d.is_thin || d.thin_pool_dev != pool_dev))
-                r = err_set(-EINVAL, "device '%s' is not a thin device of pool '%s'", name,
-                            pool_name);
-        else if (r == 0 && !(d.exists && d.suspended))
-                r = THIN_POOL_ALREADY;
-        else if (r == 0)
-                r = thin_pool_resume_locked(name);
-        thin_pool_leave();
-        thin_pool_funlock(lock_fd);
         return r;
 }
 

@@ -199,11 +199,13 @@ int thin_pool_create_thin(const char *pool_name, uint32_t dev_id);
  * suspended meanwhile: when @origin_active_name is given, that device must map @origin_id on
  * this pool (else -EINVAL) and is suspended (with a flush and a filesystem freeze) around the
  * message; when it is NULL, every active device mapping @origin_id on this pool is found and
- * suspended. The whole sequence holds the pool's device lock. The devices are always resumed,
- * also when the message failed, and so is one found already suspended: under the lock that
- * can only be what a process killed inside this function left behind. -EEXIST when @snap_id
- * is taken, -ENODATA when @origin_id does not exist. When a resume fails its error is
- * returned, whatever happened to the message: the device stays suspended and needs attention.
+ * suspended. The whole sequence holds the pool's device lock, and the devices it suspends are
+ * recorded first, so that what a process killed half-way leaves suspended is resumed later
+ * (see thin_pool_resume_leftovers(); the next call does it first). The devices suspended
+ * here are always resumed, also when the message failed; one that somebody else had
+ * suspended is left alone. -EEXIST when @snap_id is taken, -ENODATA when @origin_id does not
+ * exist. When a resume fails its error is returned, whatever happened to the message: the
+ * device stays suspended and needs attention.
  */
 int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t origin_id,
                           const char *origin_active_name);
@@ -246,13 +248,12 @@ int thin_pool_deactivate(const char *name, const struct thin_pool_remove_opts *o
 int thin_pool_check_unused(const char *name);
 
 /*
- * Resume @name, a thin device on @pool_name, when it is suspended. Under the pool's device
- * lock a suspended device of ours can only be the leftover of a process killed inside
- * thin_pool_create_snap(), so reconciliation calls this for the devices its rows describe.
- * Returns 0 when resumed, THIN_POOL_ALREADY when not suspended or not there, -EINVAL when
- * @name is not a thin device of @pool_name.
+ * Resume the devices of @pool_name that a process killed inside thin_pool_create_snap() left
+ * suspended, as recorded by that call (a device suspended by anybody else is left alone).
+ * Reconciliation calls it; the next create_snap on the pool does it too. @names (may be NULL)
+ * receives the names resumed, one per line. Returns how many were resumed.
  */
-int thin_pool_resume_leftover(const char *pool_name, const char *name);
+int thin_pool_resume_leftovers(const char *pool_name, char *names, size_t size);
 
 /* Suspend (flushing, freezing a mounted filesystem) or resume @name. -ENODEV when missing. */
 int thin_pool_suspend(const char *name);

@@ -288,38 +288,59 @@ static bool thin_rows_contain(const PGresult *rows, uint32_t id)
 }
 
 /*
- * Resume the devices of our rows that a process killed inside create_snap left suspended
- * (the thin pool layer tells them from a live create_snap by its lock). Returns the number
- * left suspended, or a negative errno.
+ * Resume what a process killed inside create_snap left suspended (the thin pool layer
+ * recorded it), then report any device of our rows that is still suspended: somebody else
+ * suspended it, or (without @repair) a snapshot is in progress or was interrupted. Returns
+ * the number of such devices, or a negative errno.
  */
+/* Whether @name is one of the newline-separated @lines. */
+static bool thin_lines_contain(const char *lines, const char *name)
+{
+        size_t n = strlen(name);
+
+        for (const char *p = lines; *p;) {
+                size_t len = strcspn(p, "\n");
+
+                if (len == n && strncmp(p, name, n) == 0)
+                        return true;
+                p += len + (p[len] == '\n');
+        }
+        return false;
+}
+
 static int thin_reconcile_suspended(const char *pool, const PGresult *rows, bool repair,
                                     thin_reconcile_fn cb, void *userdata)
 {
         struct thin_pool_active_thin *devs = NULL;
+        char resumed[2048] = "";
         size_t n = 0;
         int left = 0;
         int r;
 
+        if (repair) {
+                r = thin_pool_resume_leftovers(pool, resumed, sizeof(resumed));
+                if (r < 0)
+                        return r;
+        }
         r = thin_pool_list_thin_ids(pool, &devs, &n);
         if (r < 0)
                 return r;
         for (size_t i = 0; i < n; i++) {
-                if (!devs[i].suspended || !thin_rows_contain(rows, devs[i].dev_id))
-                        continue;
-                r = repair ? thin_pool_resume_leftover(pool, devs[i].name) : 0;
-                if (r < 0 || !repair) {
-                        left++;
-                        thin_reconcile_report(
-                                cb, userdata, THIN_RECONCILE_RESUMED_SUSPENDED, devs[i].dev_id,
-                                "device '%s' is suspended (by a snapshot interrupted or in progress)%s%s",
-                                devs[i].name, r < 0 ? ": could not resume it: " : "",
-                                r < 0 ? err_last() : "");
-                } else if (r == 0) {
+                if (thin_lines_contain(resumed, devs[i].name)) {
                         thin_reconcile_report(
                                 cb, userdata, THIN_RECONCILE_RESUMED_SUSPENDED, devs[i].dev_id,
                                 "device '%s' was left suspended by an interrupted snapshot: resumed",
                                 devs[i].name);
+                        continue;
                 }
+                if (!devs[i].suspended || !thin_rows_contain(rows, devs[i].dev_id))
+                        continue;
+                left++;
+                thin_reconcile_report(
+                        cb, userdata, THIN_RECONCILE_RESUMED_SUSPENDED, devs[i].dev_id,
+                        repair ? "device '%s' is suspended, not by us: left alone"
+                               : "device '%s' is suspended (by a snapshot in progress or interrupted, or by hand)",
+                        devs[i].name);
         }
         free(devs);
         return left;

@@ -73,7 +73,7 @@ enum thin_reconcile_finding {
         THIN_RECONCILE_RESERVED_UNKNOWN,  /* id in the pool, not in the database: reserved */
         THIN_RECONCILE_MISSING_IN_POOL,   /* 'ready' row whose id the pool does not have */
         THIN_RECONCILE_IN_PROGRESS,       /* 'creating' row of a resumable run: left alone */
-        THIN_RECONCILE_RESUMED_SUSPENDED, /* device left suspended by a killed create_snap */
+        THIN_RECONCILE_RESUMED_SUSPENDED, /* devices a killed create_snap left suspended */
 };
 
 typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id, const char *detail,
