@@ -763,6 +763,7 @@ static int unpack_fill(struct fsm_run *run, struct unpack_job *job)
         r = unpack_open_root(run, job, dir, sizeof(dir), &root_fd);
         if (r < 0)
                 return r;
+        util_crash_point("unpack.after_mount");
         extract_options_init(&opts);
         opts.max_total_bytes = job->size;
         opts.progress = unpack_progress_cb;

@@ -1338,6 +1338,36 @@ static void test_stages_concurrent_id_allocation(void **state)
         assert_pool_matches_rows(e);
 }
 
+/*
+ * The unpack mount never reaches another mount namespace's view: with /run shared and a
+ * peer of it elsewhere, a device mounted for extraction (the process killed while it was
+ * mounted) shows up in the peer as a plain directory, not as a mount.
+ */
+static void test_stages_unpack_mount_does_not_propagate(void **state)
+{
+        struct env *e = *state;
+        struct stage_result res;
+        char json[1024], out[1024];
+
+        sh("mount --make-shared /run && mkdir -p /tmp/runpeer && mount --bind /run /tmp/runpeer");
+        make_rootfs_tar("private", "");
+        unpack_json("private", json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "unpack.after_mount");
+        sh_out("for d in /run/flyio-image-manager/mnt-*; do mountpoint -q \"$d\" && echo mounted;"
+               " p=/tmp/runpeer/${d#/run/}; ! mountpoint -q \"$p\" || echo propagated; done;"
+               " mount --make-rprivate /tmp/runpeer; umount -R /tmp/runpeer;"
+               " mount --make-private /run",
+               out, sizeof(out));
+        if (!strstr(out, "mounted") || strstr(out, "propagated"))
+                fail_msg("unpack mount: '%s' (want mounted, not propagated)", out);
+        umount_leftovers();
+        assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET lease_until = now()"), 0);
+        resume_until_done(e, STAGE_UNPACK, json, &res);
+        stage_result_done(&res);
+        assert_origin_holds(e, "private");
+        assert_pool_matches_rows(e);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -1370,6 +1400,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_stages_crash_inside_dm_sequences, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_concurrent_id_allocation, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_stages_unpack_mount_does_not_propagate, setup,
                                                 teardown),
         };
 
