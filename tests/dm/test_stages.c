@@ -9,8 +9,8 @@
  * each crash point (between intent and result, inside the dm create and create_snap
  * sequences) with resume, runs resumed after their device vanished, reconciliation (of
  * half-made devices, unknown ids, resumable runs, suspended origins, and racing with
- * deletes and with other processes), id allocation by several processes, and gc (also of a
- * snapshot in use).
+ * deletes and with other processes), id allocation by several processes, gc (also of a
+ * snapshot in use), and an unpack mount that must not propagate to a peer of a shared /run.
  *
  * After each step the pool, the rows and device-mapper must agree exactly: no leaked id, no
  * orphan device (assert_pool_matches_rows).
