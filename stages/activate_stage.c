@@ -203,37 +203,40 @@ static int activate_alloc_tx(struct db *db, void *userdata)
         return r;
 }
 
-static int activate_find_snapshot(struct fsm_run *run, struct activate_job *job)
+/*
+ * This run's snapshot row: 1 when found (job->snap_id set), 0 when none. With @in_step (not
+ * inside a commit hook), a row left 'deleting' by an interrupted delete is finished off first
+ * and counts as none.
+ */
+static int activate_find_snapshot(struct fsm_run *run, struct activate_job *job, bool in_step)
 {
+        struct db *db = fsm_run_db(run);
         struct thin_row row;
         int r;
 
         if (job->have_snap)
                 return 1;
-        r = thin_registry_find_by_run(fsm_run_db(run), activate_host(job), job->pool, "snapshot",
+        r = thin_registry_find_by_run(db, activate_host(job), job->pool, "snapshot",
                                       fsm_run_id(run), &row);
         if (r <= 0)
                 return r;
+        if (in_step && strcmp(row.state, "deleting") == 0) {
+                r = thin_registry_destroy(db, activate_host(job), job->pool, row.device_id);
+                return r < 0 ? r : 0;
+        }
         job->snap_id = row.device_id;
         job->have_snap = true;
         return 1;
 }
 
-static int activate_create_snapshot(struct fsm_run *run, void *userdata)
+/*
+ * Allocate the snapshot's id and rows (unless @resumed: they are ours from before a crash)
+ * and send create_snap. A resumed id the pool already has was made before the crash.
+ */
+static int activate_make_snapshot(struct fsm_run *run, struct activate_job *job, bool resumed)
 {
-        struct activate_job *job = userdata;
-        bool resumed;
         int r;
 
-        r = activate_find_snapshot(run, job);
-        if (r < 0)
-                return r;
-        resumed = r > 0;
-        if (!resumed && activate_skipping(run, job))
-                return 0;
-        r = activate_load_origin(run, job);
-        if (r < 0)
-                return r;
         if (!resumed) {
                 struct activate_alloc a = {job, fsm_run_id(run)};
 
@@ -254,23 +257,57 @@ static int activate_create_snapshot(struct fsm_run *run, void *userdata)
         return 0;
 }
 
+static int activate_create_snapshot(struct fsm_run *run, void *userdata)
+{
+        struct activate_job *job = userdata;
+        bool resumed;
+        int r;
+
+        r = activate_find_snapshot(run, job, true);
+        if (r < 0)
+                return r;
+        resumed = r > 0;
+        if (!resumed && activate_skipping(run, job))
+                return 0;
+        r = activate_load_origin(run, job);
+        if (r < 0)
+                return r;
+        return activate_make_snapshot(run, job, resumed);
+}
+
 static int activate_activate(struct fsm_run *run, void *userdata)
 {
         struct activate_job *job = userdata;
         int r;
 
-        r = activate_find_snapshot(run, job);
+        r = activate_find_snapshot(run, job, true);
         if (r < 0)
                 return r;
-        if (r == 0) {
-                if (activate_skipping(run, job))
-                        return 0;
-                return err_set(-EIO, "run %s has no snapshot recorded", fsm_run_id(run));
-        }
+        if (r == 0 && activate_skipping(run, job))
+                return 0;
         r = activate_load_origin(run, job);
         if (r < 0)
                 return r;
+        util_crash_point("activate.before_activate");
+        if (!job->have_snap) {
+                /*
+                 * The run resumed after its snapshot was removed (an operator's gc, an older
+                 * reconciliation): take it again rather than fail a run that can finish.
+                 */
+                log_notice("the snapshot of a resumed run is gone, taking it again", "snapshot=%s",
+                           log_quote(job->req.snapshot_name));
+                r = activate_make_snapshot(run, job, false);
+                if (r < 0)
+                        return r;
+        }
         r = thin_pool_activate(job->pool, job->snap_id, job->req.snapshot_name, job->size, NULL);
+        if (r == -ENODATA) {
+                /* The row outlived its id in the pool: take the snapshot again, same id. */
+                r = activate_make_snapshot(run, job, true);
+                if (r == 0)
+                        r = thin_pool_activate(job->pool, job->snap_id, job->req.snapshot_name,
+                                               job->size, NULL);
+        }
         if (r < 0)
                 return err_wrap(r, "failed to activate snapshot '%s'", job->req.snapshot_name);
         activate_response_set(run, job, job->snap_id, true);
@@ -291,7 +328,7 @@ static int activate_record_commit(struct fsm_run *run, struct db *db, void *user
         int r;
 
         /* Only a run that made a snapshot has one to mark active. */
-        r = activate_find_snapshot(run, job);
+        r = activate_find_snapshot(run, job, false);
         if (r <= 0)
                 return r;
         (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, job->snap_id);

@@ -12,6 +12,15 @@
  * resume) holds it across all of them. It is released while we sleep between remove retries
  * and while thin_dump runs, so one slow caller does not stall every other job for seconds.
  *
+ * Other processes. Several workers (and the CLI) share a pool on one host, and a mutex does
+ * not reach them. Three sequences must not interleave across processes, and each holds a
+ * lock file of its pool (flock, dropped by the kernel when a holder dies): creating a device
+ * (create, load, resume), create_snap with the suspend and resume around it, and the
+ * metadata snapshot around thin_dump. The file lock comes first, then the mutex. Holding the
+ * lock also makes leftovers recognisable: a device of ours without a table, a suspended
+ * origin, or a held metadata snapshot seen under it was left by a process killed half-way,
+ * because a live one would still hold the lock.
+ *
  * Errors. The library reports failure as a 0 return, the kernel's errno through
  * dm_task_get_errno() and text through its log callback. thin_pool_run() is the one place
  * that turns this into a negative errno plus a message; callers add the device name with
@@ -33,12 +42,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
@@ -60,7 +71,7 @@
 #define THIN_POOL_DUMP_MAX (UINT64_C(4) << 30)
 
 static pthread_mutex_t thin_pool_lock = PTHREAD_MUTEX_INITIALIZER;
-/* Only one metadata snapshot can be held per pool: one thin_dump reader at a time. */
+/* One metadata snapshot per pool: one thin_dump reader at a time (the lock file: per host). */
 static pthread_mutex_t thin_pool_metadata_snap_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t thin_pool_log_once = PTHREAD_ONCE_INIT;
 /* First error text libdevmapper logged during the current call on this thread. */
@@ -116,6 +127,43 @@ static void thin_pool_leave(void)
         int e = pthread_mutex_unlock(&thin_pool_lock);
 
         FIM_ASSERT(e == 0);
+}
+
+/*
+ * Take the pool's lock file for @what ("dev", "metadata"), blocking until other holders let
+ * go. flock() locks belong to the open file, so threads of this process that open the file
+ * themselves exclude each other too. Returns the fd to pass to thin_pool_funlock().
+ */
+static int thin_pool_flock(const char *pool_name, const char *what, int *ret_fd)
+{
+        char path[PATH_MAX];
+        int fd, r;
+
+        if (mkdir(THIN_POOL_LOCK_DIR, 0700) < 0 && errno != EEXIST)
+                return err_set(-errno, "failed to create '%s': %s", THIN_POOL_LOCK_DIR,
+                               strerror(errno));
+        r = util_snprintf(path, sizeof(path), "%s/pool-%s.%s.lock", THIN_POOL_LOCK_DIR, pool_name,
+                          what);
+        if (r < 0)
+                return err_set(r, "lock file name for pool '%s' is too long", pool_name);
+        fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0)
+                return err_set(-errno, "failed to open lock file '%s': %s", path, strerror(errno));
+        while (flock(fd, LOCK_EX) < 0) {
+                if (errno == EINTR)
+                        continue;
+                r = -errno;
+                (void)close(fd);
+                return err_set(r, "failed to lock '%s': %s", path, strerror(-r));
+        }
+        *ret_fd = fd;
+        return 0;
+}
+
+static void thin_pool_funlock(int fd)
+{
+        if (fd >= 0)
+                (void)close(fd);
 }
 
 bool thin_pool_name_is_valid(const char *name)
@@ -828,8 +876,9 @@ int thin_pool_resume(const char *name)
 /* ---- snapshots ---- */
 
 /*
- * The active devices that map @origin_id on @pool_dev and are not suspended yet: the ones
- * create_snap must suspend. With @named, that one device, which must map the origin.
+ * The active devices that map @origin_id on @pool_dev, each with whether it is suspended
+ * already (by somebody else: create_snap leaves those alone). With @named, that one device,
+ * which must map the origin.
  */
 static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, uint32_t origin_id,
                                          const char *named, struct thin_pool_active_thin **ret_devs,
@@ -845,7 +894,7 @@ static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, 
                 if (r < 0)
                         return r;
                 for (size_t i = 0; i < n; i++) {
-                        if (devs[i].dev_id == origin_id && !devs[i].suspended)
+                        if (devs[i].dev_id == origin_id)
                                 devs[kept++] = devs[i];
                 }
                 n = kept;
@@ -863,12 +912,140 @@ static int thin_pool_origin_users_locked(const char *pool_name, dev_t pool_dev, 
                 if (!devs)
                         return err_set(-ENOMEM, "out of memory");
                 devs[0].dev_id = origin_id;
+                devs[0].suspended = d.suspended;
                 (void)snprintf(devs[0].name, sizeof(devs[0].name), "%s", named);
-                n = d.suspended ? 0 : 1;
+                n = 1;
         }
         *ret_devs = devs;
         *ret_count = n;
         return 0;
+}
+
+/*
+ * The devices create_snap suspends are written to a file next to the pool's lock before it
+ * suspends them, and the file is removed once they are all resumed. Found while holding the
+ * lock, the file names what a process killed in between left suspended; a device suspended
+ * by somebody else is in no such file and is left alone.
+ */
+static int thin_pool_marker_path(const char *pool_name, char *buf, size_t size)
+{
+        int r = util_snprintf(buf, size, "%s/pool-%s.suspended", THIN_POOL_LOCK_DIR, pool_name);
+
+        return r < 0 ? err_set(r, "marker file name for pool '%s' is too long", pool_name) : 0;
+}
+
+static int thin_pool_mark_suspending(const char *pool_name,
+                                     const struct thin_pool_active_thin *users, size_t n)
+{
+        char path[PATH_MAX], *text = NULL;
+        size_t len = 0, todo = 0;
+        FILE *f;
+        int fd, r;
+
+        for (size_t i = 0; i < n; i++)
+                todo += !users[i].suspended;
+        if (todo == 0)
+                return 0;
+        r = thin_pool_marker_path(pool_name, path, sizeof(path));
+        if (r < 0)
+                return r;
+        f = open_memstream(&text, &len);
+        if (!f)
+                return err_set(-ENOMEM, "out of memory");
+        for (size_t i = 0; i < n; i++) {
+                if (!users[i].suspended)
+                        fprintf(f, "%s\n", users[i].name);
+        }
+        if (fclose(f) != 0) {
+                free(text);
+                return err_set(-ENOMEM, "out of memory");
+        }
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0)
+                r = err_set(-errno, "failed to create '%s': %s", path, strerror(errno));
+        else if (write(fd, text, len) != (ssize_t)len)
+                r = err_set(-EIO, "failed to write '%s'", path);
+        if (fd >= 0)
+                (void)close(fd);
+        free(text);
+        return r;
+}
+
+static void thin_pool_unmark(const char *pool_name)
+{
+        char path[PATH_MAX];
+
+        if (thin_pool_marker_path(pool_name, path, sizeof(path)) == 0)
+                (void)unlink(path);
+}
+
+/*
+ * Resume what the marker file of a killed create_snap names (callers hold the device lock and
+ * the mutex). Appends the names resumed to @names, one per line. Returns how many were
+ * resumed.
+ */
+static int thin_pool_resume_marked_locked(const char *pool_name, char *names, size_t size)
+{
+        char path[PATH_MAX], buf[8192];
+        ssize_t len;
+        int fd, count = 0, r;
+
+        r = thin_pool_marker_path(pool_name, path, sizeof(path));
+        if (r < 0)
+                return r;
+        fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 && errno == ENOENT)
+                return 0;
+        if (fd < 0)
+                return err_set(-errno, "failed to open '%s': %s", path, strerror(errno));
+        len = read(fd, buf, sizeof(buf) - 1);
+        (void)close(fd);
+        if (len < 0)
+                return err_set(-EIO, "failed to read '%s'", path);
+        buf[len] = '\0';
+        for (char *line = buf, *end; *line && r == 0; line = end) {
+                struct thin_pool_device_info d;
+
+                end = line + strcspn(line, "\n");
+                if (*end)
+                        *end++ = '\0';
+                if (!thin_pool_name_is_valid(line))
+                        continue;
+                r = thin_pool_device_info_locked(line, &d);
+                if (r < 0 || !d.exists || !d.suspended)
+                        continue;
+                r = thin_pool_resume_locked(line);
+                if (r < 0)
+                        break;
+                log_debug("resumed a device left suspended by a killed snapshot",
+                          "pool=%s device=%s", log_quote(pool_name), log_quote(line));
+                if (names && strlen(names) + strlen(line) + 2 < size)
+                        (void)snprintf(names + strlen(names), size - strlen(names), "%s\n", line);
+                count++;
+        }
+        if (r < 0)
+                return r; /* the file stays: the next caller tries again */
+        (void)unlink(path);
+        return count;
+}
+
+int thin_pool_resume_leftovers(const char *pool_name, char *names, size_t size)
+{
+        int lock_fd = -1;
+        int r = thin_pool_check_name(pool_name);
+
+        if (r < 0)
+                return r;
+        if (names && size > 0)
+                names[0] = '\0';
+        r = thin_pool_flock(pool_name, "dev", &lock_fd);
+        if (r < 0)
+                return r;
+        thin_pool_enter();
+        r = thin_pool_resume_marked_locked(pool_name, names, size);
+        thin_pool_leave();
+        thin_pool_funlock(lock_fd);
+        return r;
 }
 
 int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t origin_id,
@@ -876,8 +1053,10 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
 {
         struct thin_pool_active_thin *users = NULL;
         size_t n_users = 0, n_suspended = 0;
+        bool resume_failed = false;
         dev_t pool_dev;
         char msg[64];
+        int lock_fd = -1;
         int r;
 
         r = thin_pool_check_id(pool_name, snap_id);
@@ -889,15 +1068,26 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
                 return r;
         (void)snprintf(msg, sizeof(msg), "create_snap %" PRIu32 " %" PRIu32, snap_id, origin_id);
 
+        r = thin_pool_flock(pool_name, "dev", &lock_fd);
+        if (r < 0)
+                return r;
         thin_pool_enter();
-        r = thin_pool_pool_dev_locked(pool_name, &pool_dev);
+        r = thin_pool_resume_marked_locked(pool_name, NULL, 0);
+        if (r >= 0)
+                r = thin_pool_pool_dev_locked(pool_name, &pool_dev);
         if (r == 0)
                 r = thin_pool_origin_users_locked(pool_name, pool_dev, origin_id,
                                                   origin_active_name, &users, &n_users);
+        if (r == 0)
+                r = thin_pool_mark_suspending(pool_name, users, n_users);
+        /* One that somebody else had suspended stays suspended: not ours to resume. */
         for (size_t i = 0; r == 0 && i < n_users; i++) {
+                if (users[i].suspended)
+                        continue;
                 r = thin_pool_suspend_locked(users[i].name);
                 n_suspended = i + 1; /* resume also the one that failed half-way */
         }
+        util_crash_point("dm.create_snap.after_suspend");
         if (r == 0)
                 r = thin_pool_message_locked(pool_name, msg);
         if (r == -EEXIST)
@@ -912,12 +1102,17 @@ int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t orig
                             origin_id, pool_name);
         /* Always resume: a device left suspended hangs every process that touches it. */
         for (size_t i = 0; i < n_suspended; i++) {
-                int rr = thin_pool_resume_locked(users[i].name);
+                int rr = users[i].suspended ? 0 : thin_pool_resume_locked(users[i].name);
 
-                if (rr < 0)
+                if (rr < 0) {
                         r = rr; /* worse than any earlier error: report this one */
+                        resume_failed = true;
+                }
         }
+        if (!resume_failed)
+                thin_pool_unmark(pool_name);
         thin_pool_leave();
+        thin_pool_funlock(lock_fd);
         free(users);
         return r;
 }
@@ -963,6 +1158,7 @@ static int thin_pool_create_device_locked(const char *name, const char *uuid, ui
                 dm_task_destroy(dmt);
         if (r < 0)
                 return r;
+        util_crash_point("dm.after_create");
 
         dmt = thin_pool_task(DM_DEVICE_RELOAD, name);
         if (!dmt || !dm_task_add_target(dmt, 0, sectors, type, params))
@@ -971,6 +1167,7 @@ static int thin_pool_create_device_locked(const char *name, const char *uuid, ui
                 r = thin_pool_run(dmt);
         if (dmt)
                 dm_task_destroy(dmt);
+        util_crash_point("dm.after_load");
         if (r == 0)
                 r = thin_pool_resume_locked(name);
         if (r == 0)
@@ -1006,6 +1203,25 @@ static int thin_pool_activate_conflict_locked(const char *pool_name, dev_t pool_
                        name, d.target_type, d.size_sectors);
 }
 
+/*
+ * Remove @name when it exists without a live table. Callers hold the pool's device lock, under
+ * which such a device can only be the leftover of a process killed between creating it and
+ * resuming it with its table. Returns 1 when one was removed, else 0 or a negative errno.
+ */
+static int thin_pool_remove_tableless_locked(const char *name)
+{
+        struct thin_pool_device_info d;
+        int r = thin_pool_device_info_locked(name, &d);
+
+        if (r < 0 || !d.exists || d.target_count > 0)
+                return r;
+        log_debug("removing a device left without a table", "device=%s", log_quote(name));
+        r = thin_pool_remove_locked(name, false);
+        if (r < 0)
+                return err_wrap(r, "failed to remove device '%s', left without a table", name);
+        return 1;
+}
+
 static int thin_pool_activate_locked(const char *pool_name, uint32_t dev_id, const char *name,
                                      uint64_t sectors)
 {
@@ -1019,6 +1235,14 @@ static int thin_pool_activate_locked(const char *pool_name, uint32_t dev_id, con
         (void)snprintf(params, sizeof(params), "%u:%u %" PRIu32, major(pool_dev), minor(pool_dev),
                        dev_id);
         r = thin_pool_create_device_locked(name, NULL, sectors, "thin", params);
+        if (r == -EBUSY) {
+                int rr = thin_pool_remove_tableless_locked(name);
+
+                if (rr < 0)
+                        return rr;
+                if (rr > 0)
+                        r = thin_pool_create_device_locked(name, NULL, sectors, "thin", params);
+        }
         if (r == -EBUSY)
                 return thin_pool_activate_conflict_locked(pool_name, pool_dev, dev_id, name,
                                                           sectors, r);
@@ -1038,6 +1262,7 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
                        uint64_t size_bytes, char **ret_path)
 {
         char *path = NULL;
+        int lock_fd = -1;
         int r;
 
         r = thin_pool_check_id(pool_name, dev_id);
@@ -1051,6 +1276,9 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
                                " for device '%s': must be a non-zero multiple of 512 bytes",
                                size_bytes, name);
 
+        r = thin_pool_flock(pool_name, "dev", &lock_fd);
+        if (r < 0)
+                return r;
         thin_pool_enter();
         r = thin_pool_activate_locked(pool_name, dev_id, name, size_bytes / THIN_POOL_SECTOR);
         if (r >= 0 && ret_path && asprintf(&path, "%s/%s", dm_dir(), name) < 0) {
@@ -1058,6 +1286,7 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
                 r = err_set(-ENOMEM, "out of memory");
         }
         thin_pool_leave();
+        thin_pool_funlock(lock_fd);
         if (r >= 0 && ret_path)
                 *ret_path = steal_ptr(path);
         free(path);
@@ -1122,24 +1351,57 @@ static void thin_pool_mount_hint(uint32_t maj, uint32_t min, char *buf, size_t s
         (void)fclose(f);
 }
 
+/* Who holds @d: a holder device, a mount point here, or a generic phrase. */
+static void thin_pool_busy_hint(const struct thin_pool_device_info *d, char *buf, size_t size)
+{
+        buf[0] = '\0';
+        if (d->exists) {
+                thin_pool_holder_hint(d->major, d->minor, buf, size);
+                if (buf[0] == '\0')
+                        thin_pool_mount_hint(d->major, d->minor, buf, size);
+        }
+        if (buf[0] == '\0')
+                (void)snprintf(buf, size, "mounted or open by a process");
+}
+
 static int thin_pool_busy_error(const char *name, unsigned attempts)
 {
         struct thin_pool_device_info d = {0};
-        char hint[640] = "";
+        char hint[640];
 
         thin_pool_enter();
         (void)thin_pool_device_info_locked(name, &d);
         thin_pool_leave();
-        if (d.exists) {
-                thin_pool_holder_hint(d.major, d.minor, hint, sizeof(hint));
-                if (hint[0] == '\0')
-                        thin_pool_mount_hint(d.major, d.minor, hint, sizeof(hint));
-        }
+        thin_pool_busy_hint(&d, hint, sizeof(hint));
         return err_set(
                 -EBUSY,
                 "failed to deactivate device '%s': still busy after %u attempts (open count %" PRId32
                 "): %s",
-                name, attempts, d.open_count, hint[0] ? hint : "mounted or open by a process");
+                name, attempts, d.open_count, hint);
+}
+
+int thin_pool_check_unused(const char *name)
+{
+        struct thin_pool_device_info d = {0};
+        char hint[640];
+        int r = thin_pool_check_name(name);
+
+        if (r < 0)
+                return r;
+        /* 50, 100, 200, 400 ms: outlast a probe that opens it for a moment (udev's blkid). */
+        for (unsigned delay = 50;; delay *= 2) {
+                thin_pool_enter();
+                r = thin_pool_device_info_locked(name, &d);
+                thin_pool_leave();
+                if (r < 0 || !d.exists || d.open_count == 0)
+                        return r;
+                if (delay > 400)
+                        break;
+                util_sleep_ms(delay);
+        }
+        thin_pool_busy_hint(&d, hint, sizeof(hint));
+        return err_set(-EBUSY, "device '%s' is in use (open count %" PRId32 "): %s", name,
+                       d.open_count, hint);
 }
 
 int thin_pool_deactivate(const char *name, const struct thin_pool_remove_opts *opts)
@@ -1498,7 +1760,11 @@ static int thin_pool_run_dump(const char *devnode, char **ret_out)
         return 0;
 }
 
-/* Reserve the pool's metadata snapshot, releasing a stale one left by a crashed run first. */
+/*
+ * Reserve the pool's metadata snapshot. The caller holds the pool's metadata lock, so one
+ * already held was left by a crashed caller (or by an operator's tool: the pool is the
+ * worker's, see README): release it and reserve again.
+ */
 static int thin_pool_reserve_snap_locked(const char *pool_name)
 {
         int r = thin_pool_message_locked(pool_name, "reserve_metadata_snap");
@@ -1517,12 +1783,19 @@ int thin_pool_metadata_thin_ids(const char *pool_name, uint32_t **ret_ids, size_
         struct thin_pool_table tb;
         char devnode[96], *out = NULL;
         bool reserved = false;
+        int lock_fd = -1;
         int r = thin_pool_check_name(pool_name), e;
 
         if (r < 0)
                 return r;
         e = pthread_mutex_lock(&thin_pool_metadata_snap_lock);
         FIM_ASSERT(e == 0);
+        r = thin_pool_flock(pool_name, "metadata", &lock_fd);
+        if (r < 0) {
+                e = pthread_mutex_unlock(&thin_pool_metadata_snap_lock);
+                FIM_ASSERT(e == 0);
+                return r;
+        }
         thin_pool_enter();
         r = thin_pool_table_locked(pool_name, &tb);
         if (r == 0)
@@ -1542,6 +1815,7 @@ int thin_pool_metadata_thin_ids(const char *pool_name, uint32_t **ret_ids, size_
                 if (rr < 0 && r == 0)
                         r = rr;
         }
+        thin_pool_funlock(lock_fd);
         e = pthread_mutex_unlock(&thin_pool_metadata_snap_lock);
         FIM_ASSERT(e == 0);
         if (r == 0) {

@@ -14,9 +14,13 @@
  * documented positive value instead of an error, so the FSMs can repeat a step after a crash.
  *
  * Every function may be called from any thread: the calls into libdevmapper are serialised
- * inside this module (see the design note at the top of thin_pool.c).
+ * inside this module (see the design note at the top of thin_pool.c). Steps that must not
+ * interleave with another process on the same pool (creating a device, suspend around
+ * create_snap, the metadata snapshot) also take a per-pool lock file in THIN_POOL_LOCK_DIR,
+ * so every process that uses a pool must see the same directory.
  *
- * udev: every create, remove and resume takes a udev cookie and waits on it. Where no udev
+ * udev: removes and resumes take a udev cookie and wait on it. A new device becomes usable
+ * at its resume, so a bare create (before its table is loaded) takes none. Where no udev
  * runs (VMs, containers; or DM_DISABLE_UDEV=1 in the environment at exec time) libdevmapper
  * creates and removes the /dev/mapper nodes itself.
  */
@@ -25,6 +29,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+
+/* Where the per-pool lock files live (created 0700 on first use). */
+#define THIN_POOL_LOCK_DIR "/run/flyio-image-manager"
 
 /* Highest thin device id the kernel accepts (24 bits). */
 #define THIN_POOL_DEV_ID_MAX 0xffffffu
@@ -192,10 +199,13 @@ int thin_pool_create_thin(const char *pool_name, uint32_t dev_id);
  * suspended meanwhile: when @origin_active_name is given, that device must map @origin_id on
  * this pool (else -EINVAL) and is suspended (with a flush and a filesystem freeze) around the
  * message; when it is NULL, every active device mapping @origin_id on this pool is found and
- * suspended. The devices suspended here are always resumed, also when the message failed; one
- * that somebody else had suspended is left alone. -EEXIST when @snap_id is taken, -ENODATA when
- * @origin_id does not exist. When a resume fails its error is returned, whatever happened to
- * the message: the device stays suspended and needs attention.
+ * suspended. The whole sequence holds the pool's device lock, and the devices it suspends are
+ * recorded first, so that what a process killed half-way leaves suspended is resumed later
+ * (see thin_pool_resume_leftovers(); the next call does it first). The devices suspended
+ * here are always resumed, also when the message failed; one that somebody else had
+ * suspended is left alone. -EEXIST when @snap_id is taken, -ENODATA when @origin_id does not
+ * exist. When a resume fails its error is returned, whatever happened to the message: the
+ * device stays suspended and needs attention.
  */
 int thin_pool_create_snap(const char *pool_name, uint32_t snap_id, uint32_t origin_id,
                           const char *origin_active_name);
@@ -212,6 +222,9 @@ int thin_pool_delete(const char *pool_name, uint32_t dev_id);
  * mapped as "<pool major:minor> <dev_id>". Returns 0 when created and THIN_POOL_ALREADY when
  * @name is already active with exactly this mapping. -EEXIST when @name exists with another
  * table, -ENODATA when the pool has no such id, -ENODEV when the pool does not exist.
+ * Creation holds the pool's device lock, so a device named @name that has no table is the
+ * leftover of a process killed between creating it and loading its table: it is removed and
+ * made again. The caller must own @name (the stages only activate names their rows record).
  * @ret_path (may be NULL) receives "/dev/mapper/<name>", owned by the caller (free()).
  */
 int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
@@ -225,6 +238,22 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
  * naming the device and who holds it (mount point, holder device, or "mounted or open").
  */
 int thin_pool_deactivate(const char *name, const struct thin_pool_remove_opts *opts);
+
+/*
+ * Whether dm device @name can be removed now: 0 when it does not exist or nobody holds it
+ * open, -EBUSY with a message saying who holds it (mount point, holder device, or "mounted or
+ * open by a process") and its open count otherwise. An open that lasts only a moment (a
+ * probe) is waited out, for up to about 0.75 s.
+ */
+int thin_pool_check_unused(const char *name);
+
+/*
+ * Resume the devices of @pool_name that a process killed inside thin_pool_create_snap() left
+ * suspended, as recorded by that call (a device suspended by anybody else is left alone).
+ * Reconciliation calls it; the next create_snap on the pool does it too. @names (may be NULL)
+ * receives the names resumed, one per line. Returns how many were resumed.
+ */
+int thin_pool_resume_leftovers(const char *pool_name, char *names, size_t size);
 
 /* Suspend (flushing, freezing a mounted filesystem) or resume @name. -ENODEV when missing. */
 int thin_pool_suspend(const char *name);
@@ -246,8 +275,10 @@ int thin_pool_list_thin_ids(const char *pool_name, struct thin_pool_active_thin 
  * Every thin id in the pool's metadata, active or not, sorted ascending: reserves a metadata
  * snapshot, runs `thin_dump -m --skip-mappings` on the metadata device and releases the
  * snapshot (also on error). This is the only way to see inactive ids, which reconciliation
- * needs. It runs a child process (read-only): not for hot paths. A snapshot left held by a
- * crashed earlier call is released first. @ret_ids is owned by the caller (free()).
+ * needs. It runs a child process (read-only): not for hot paths. The kernel holds one
+ * metadata snapshot per pool, so the whole sequence holds the pool's metadata lock (threads
+ * and processes); a snapshot found held under that lock was left by a crashed caller and is
+ * released first. @ret_ids is owned by the caller (free()).
  */
 int thin_pool_metadata_thin_ids(const char *pool_name, uint32_t **ret_ids, size_t *ret_count);
 

@@ -50,12 +50,18 @@ static int thin_registry_query_one(struct db *db, const char *sql, int n, const 
         return 1;
 }
 
+int thin_registry_lock(struct db *db, const char *host)
+{
+        return db_exec(db, NULL, "SELECT pg_advisory_xact_lock(hashtext($1))", 1,
+                       (const char *const[]){host});
+}
+
 int thin_registry_alloc(struct db *db, const char *host, const char *pool, const char *kind,
                         uint64_t size_bytes, const char *checksum, int64_t origin_id,
                         const char *run_id, uint32_t *ret_id)
 {
         char size[24], origin[24];
-        const char *lock[2] = {host, pool};
+        const char *lock[1] = {host};
         PGresult *res = NULL;
         uint32_t id;
         int r;
@@ -63,9 +69,9 @@ int thin_registry_alloc(struct db *db, const char *host, const char *pool, const
         /*
          * One allocator at a time per host, and the lowest id free on the whole host: the
          * seed names origins thin-<id>, and dm names are per host, so two pools on one host
-         * must never hand out the same id.
+         * must never hand out the same id. The lock may be held already (it stacks).
          */
-        r = db_exec(db, NULL, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, lock);
+        r = thin_registry_lock(db, host);
         if (r < 0)
                 return r;
         r = db_query_row(db, &res,
@@ -146,8 +152,11 @@ int thin_registry_set_state(struct db *db, const char *host, const char *pool, u
                        4, (const char *const[]){host, pool, idbuf, state});
 }
 
-/* Deactivate every active device that maps @id on @pool. */
-static int thin_registry_deactivate_id(const char *pool, uint32_t id)
+/*
+ * Deactivate every active device that maps @id on @pool; with @check_only, only check that
+ * none of them is open (-EBUSY naming the device and its holder when one is).
+ */
+static int thin_registry_deactivate_id(const char *pool, uint32_t id, bool check_only)
 {
         struct thin_pool_active_thin *devs = NULL;
         size_t n = 0;
@@ -159,7 +168,10 @@ static int thin_registry_deactivate_id(const char *pool, uint32_t id)
         for (size_t i = 0; i < n && r >= 0; i++) {
                 if (devs[i].dev_id != id)
                         continue;
-                r = thin_pool_deactivate(devs[i].name, NULL);
+                if (check_only)
+                        r = thin_pool_check_unused(devs[i].name);
+                else
+                        r = thin_pool_deactivate(devs[i].name, NULL);
                 if (r > 0)
                         r = 0;
         }
@@ -171,14 +183,37 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
 {
         char idbuf[16];
         const char *params[3] = {host, pool, idbuf};
+        struct thin_row row;
+        bool restore;
         int r;
 
         (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        r = thin_registry_get(db, host, pool, id, &row);
+        if (r < 0)
+                return r;
+        restore = r > 0 && strcmp(row.state, "deleting") != 0;
+        /*
+         * A device in use (a VM's root) is refused before the row says 'deleting': a row left
+         * 'deleting' would make the next reconciliation delete it as soon as it is closed.
+         */
+        r = thin_registry_deactivate_id(pool, id, true);
+        if (r < 0)
+                return err_wrap(r, "not removing thin id %" PRIu32 " of pool '%s'", id, pool);
         r = thin_registry_set_state(db, host, pool, id, "deleting");
         if (r < 0)
                 return r;
         util_crash_point("destroy.after_intent");
-        r = thin_registry_deactivate_id(pool, id);
+        r = thin_registry_deactivate_id(pool, id, false);
+        if (r == -EBUSY && restore) {
+                /* Opened since the check: put the row back as it was, keep the message. */
+                char saved[ERR_MSG_MAX];
+
+                (void)snprintf(saved, sizeof(saved), "%s", err_last());
+                if (thin_registry_set_state(db, host, pool, id, row.state) < 0)
+                        log_debug("failed to restore a thin row's state",
+                                  "device_id=%" PRIu32 " state=%s", id, row.state);
+                (void)err_set(r, "%s", saved);
+        }
         if (r < 0)
                 return err_wrap(r, "failed to deactivate thin device %" PRIu32 " of pool '%s'", id,
                                 pool);
@@ -232,6 +267,193 @@ static bool thin_ids_contain(const uint32_t *ids, size_t n, uint32_t id)
         return false;
 }
 
+/* Columns of the rows reconciliation reads. */
+enum {
+        RC_ID,
+        RC_KIND,
+        RC_STATE,
+        RC_RUN_STATUS,
+        RC_RESUMABLE,
+        RC_RUN_ID,
+        RC_LEASE,
+};
+
+static bool thin_rows_contain(const PGresult *rows, uint32_t id)
+{
+        for (int j = 0; j < PQntuples(rows); j++) {
+                if ((uint32_t)db_get_i64(rows, j, RC_ID) == id)
+                        return true;
+        }
+        return false;
+}
+
+/*
+ * Resume what a process killed inside create_snap left suspended (the thin pool layer
+ * recorded it), then report any device of our rows that is still suspended: somebody else
+ * suspended it, or (without @repair) a snapshot is in progress or was interrupted. Returns
+ * the number of such devices, or a negative errno.
+ */
+/* Whether @name is one of the newline-separated @lines. */
+static bool thin_lines_contain(const char *lines, const char *name)
+{
+        size_t n = strlen(name);
+
+        for (const char *p = lines; *p;) {
+                size_t len = strcspn(p, "\n");
+
+                if (len == n && strncmp(p, name, n) == 0)
+                        return true;
+                p += len + (p[len] == '\n');
+        }
+        return false;
+}
+
+static int thin_reconcile_suspended(const char *pool, const PGresult *rows, bool repair,
+                                    thin_reconcile_fn cb, void *userdata)
+{
+        struct thin_pool_active_thin *devs = NULL;
+        char resumed[2048] = "";
+        size_t n = 0;
+        int left = 0;
+        int r;
+
+        if (repair) {
+                r = thin_pool_resume_leftovers(pool, resumed, sizeof(resumed));
+                if (r < 0)
+                        return r;
+        }
+        r = thin_pool_list_thin_ids(pool, &devs, &n);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < n; i++) {
+                if (thin_lines_contain(resumed, devs[i].name)) {
+                        thin_reconcile_report(
+                                cb, userdata, THIN_RECONCILE_RESUMED_SUSPENDED, devs[i].dev_id,
+                                "device '%s' was left suspended by an interrupted snapshot: resumed",
+                                devs[i].name);
+                        continue;
+                }
+                if (!devs[i].suspended || !thin_rows_contain(rows, devs[i].dev_id))
+                        continue;
+                left++;
+                thin_reconcile_report(
+                        cb, userdata, THIN_RECONCILE_RESUMED_SUSPENDED, devs[i].dev_id,
+                        repair ? "device '%s' is suspended, not by us: left alone"
+                               : "device '%s' is suspended (by a snapshot in progress or interrupted, or by hand)",
+                        devs[i].name);
+        }
+        free(devs);
+        return left;
+}
+
+/* A transitional row ('creating' of a run that cannot resume, or 'deleting'): undo or finish. */
+static int thin_reconcile_transitional(struct db *db, const char *host, const char *pool,
+                                       const PGresult *rows, int i, bool in_pool, bool repair,
+                                       thin_reconcile_fn cb, void *userdata)
+{
+        uint32_t id = (uint32_t)db_get_i64(rows, i, RC_ID);
+        const char *state = db_get(rows, i, RC_STATE);
+        const char *run_status = db_get(rows, i, RC_RUN_STATUS);
+        enum thin_reconcile_finding what =
+                state[0] == 'c' ? THIN_RECONCILE_REMOVED_HALF_MADE : THIN_RECONCILE_FINISHED_DELETE;
+        int r;
+
+        if (!repair) {
+                thin_reconcile_report(cb, userdata, what, id,
+                                      "thin id %" PRIu32 " was left %s (run %s)%s", id, state,
+                                      run_status, in_pool ? "" : ", not in the pool");
+                return 1;
+        }
+        r = thin_registry_destroy(db, host, pool, id);
+        if (r < 0) {
+                thin_reconcile_report(cb, userdata, what, id,
+                                      "could not remove thin id %" PRIu32 ": %s", id, err_last());
+                return 1;
+        }
+        thin_reconcile_report(cb, userdata, what, id,
+                              "thin id %" PRIu32 " left %s by a %s run: removed", id, state,
+                              run_status);
+        return 0;
+}
+
+/* A row of kind 'unknown': reported while the pool has the id, dropped once it does not. */
+static int thin_reconcile_unknown_row(struct db *db, const char *host, const char *pool,
+                                      uint32_t id, bool in_pool, bool repair, thin_reconcile_fn cb,
+                                      void *userdata)
+{
+        char idbuf[16];
+        int r;
+
+        if (in_pool) {
+                thin_reconcile_report(
+                        cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, id,
+                        "thin id %" PRIu32
+                        " is in pool '%s' but no job of ours made it: reserved, never deleted automatically (if it is not an operator's, delete it with 'dmsetup message %s 0 \"delete %" PRIu32
+                        "\"')",
+                        id, pool, pool, id);
+                return 1;
+        }
+        if (!repair) {
+                thin_reconcile_report(cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, id,
+                                      "reserved unknown thin id %" PRIu32
+                                      " is no longer in the pool: its row can go",
+                                      id);
+                return 1;
+        }
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        r = db_exec(db, NULL,
+                    "DELETE FROM thin_devices WHERE host_id = $1 AND pool_name = $2 AND"
+                    " device_id = $3 AND kind = 'unknown'",
+                    3, (const char *const[]){host, pool, idbuf});
+        if (r < 0)
+                return r;
+        thin_reconcile_report(cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, id,
+                              "reserved unknown thin id %" PRIu32
+                              " is no longer in the pool: row removed, id free again",
+                              id);
+        return 0;
+}
+
+/* An id in the pool that no row read before the dump describes. */
+static int thin_reconcile_unknown_id(struct db *db, const char *host, const char *pool, uint32_t id,
+                                     bool repair, thin_reconcile_fn cb, void *userdata)
+{
+        struct thin_row row;
+        PGresult *res = NULL;
+        char idbuf[16];
+        int r;
+
+        if (!repair) {
+                /* Made after the rows were read: its row exists by now. */
+                r = thin_registry_get(db, host, pool, id, &row);
+                if (r != 0)
+                        return r < 0 ? r : 0;
+                thin_reconcile_report(cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, id,
+                                      "thin id %" PRIu32 " is in the pool but not in the database",
+                                      id);
+                return 1;
+        }
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        r = db_exec(db, &res,
+                    "INSERT INTO thin_devices (host_id, pool_name, device_id, kind, state,"
+                    " size_bytes) VALUES ($1, $2, $3, 'unknown', 'ready', 0)"
+                    " ON CONFLICT DO NOTHING RETURNING device_id",
+                    3, (const char *const[]){host, pool, idbuf});
+        if (r < 0)
+                return r;
+        r = PQntuples(res) > 0;
+        PQclear(res);
+        if (r == 0)
+                return 0; /* made after the rows were read: its row exists by now */
+        thin_reconcile_report(
+                cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, id,
+                "thin id %" PRIu32
+                " is in pool '%s' but not in the database: reserved, not deleted (if it is not an operator's, delete it with 'dmsetup message %s 0 \"delete %" PRIu32
+                "\"')",
+                id, pool, pool, id);
+        return 1;
+}
+
 int thin_registry_reconcile(struct db *db, const char *host, const char *pool, bool repair,
                             thin_reconcile_fn cb, void *userdata)
 {
@@ -241,96 +463,84 @@ int thin_registry_reconcile(struct db *db, const char *host, const char *pool, b
         int unrepaired = 0;
         int r;
 
-        r = thin_pool_metadata_thin_ids(pool, &ids, &nids);
-        if (r < 0)
-                return r;
-        /* A run counts as live while it is running and its lease has not lapsed long ago. */
+        /*
+         * Rows first, then the pool: every id in the pool that has no row then was made
+         * before its row (never: rows come first) or after the rows were read, and a row
+         * deleted meanwhile only makes its id look missing, which is re-checked. Reading the
+         * pool first would make an id deleted in between look unknown, and reserve it forever.
+         *
+         * A run that is neither finished nor failed can still resume (its message comes
+         * back, however late): its 'creating' device is left alone.
+         */
         r = db_exec(db, &rows,
                     "SELECT d.device_id, d.kind, d.state, coalesce(r.status, 'gone'),"
-                    " coalesce(r.status = 'running' AND (r.lease_until IS NULL OR"
-                    " r.lease_until > now() - interval '10 minutes'), false)"
+                    " coalesce(r.status IN ('pending', 'running'), false),"
+                    " coalesce(d.run_id, ''), CASE WHEN r.lease_until IS NULL THEN 'no lease'"
+                    " WHEN r.lease_until > now() THEN 'leased' ELSE 'lease expired ' ||"
+                    " date_trunc('second', now() - r.lease_until)::text || ' ago' END"
                     " FROM thin_devices d LEFT JOIN fsm_runs r ON r.run_id = d.run_id"
                     " WHERE d.host_id = $1 AND d.pool_name = $2 ORDER BY d.device_id",
                     2, (const char *const[]){host, pool});
         if (r < 0)
                 goto out;
+        r = thin_pool_metadata_thin_ids(pool, &ids, &nids);
+        if (r < 0)
+                goto out;
+        r = thin_reconcile_suspended(pool, rows, repair, cb, userdata);
+        if (r < 0)
+                goto out;
+        unrepaired += r;
         for (int i = 0; i < PQntuples(rows); i++) {
-                uint32_t id = (uint32_t)db_get_i64(rows, i, 0);
-                const char *state = db_get(rows, i, 2);
-                const char *run_status = db_get(rows, i, 3);
-                bool live = strcmp(db_get(rows, i, 4), "t") == 0;
+                uint32_t id = (uint32_t)db_get_i64(rows, i, RC_ID);
+                const char *kind = db_get(rows, i, RC_KIND);
+                const char *state = db_get(rows, i, RC_STATE);
+                bool resumable = strcmp(db_get(rows, i, RC_RESUMABLE), "t") == 0;
                 bool in_pool = thin_ids_contain(ids, nids, id);
+                struct thin_row now;
 
-                if (strcmp(state, "creating") == 0 && live) {
+                if (strcmp(state, "creating") == 0 && resumable) {
                         thin_reconcile_report(
                                 cb, userdata, THIN_RECONCILE_IN_PROGRESS, id,
-                                "thin id %" PRIu32 " is being created by a running job", id);
-                } else if (strcmp(state, "creating") == 0 || strcmp(state, "deleting") == 0) {
-                        bool creating = state[0] == 'c';
-
-                        if (!repair) {
-                                unrepaired++;
-                                thin_reconcile_report(
-                                        cb, userdata,
-                                        creating ? THIN_RECONCILE_REMOVED_HALF_MADE
-                                                 : THIN_RECONCILE_FINISHED_DELETE,
-                                        id, "thin id %" PRIu32 " was left %s (run %s)%s", id, state,
-                                        run_status, in_pool ? "" : ", not in the pool");
-                                continue;
-                        }
-                        r = thin_registry_destroy(db, host, pool, id);
-                        if (r < 0) {
-                                unrepaired++;
-                                thin_reconcile_report(
-                                        cb, userdata, THIN_RECONCILE_REMOVED_HALF_MADE, id,
-                                        "could not remove thin id %" PRIu32 ": %s", id, err_last());
-                                continue;
-                        }
-                        thin_reconcile_report(cb, userdata,
-                                              creating ? THIN_RECONCILE_REMOVED_HALF_MADE
-                                                       : THIN_RECONCILE_FINISHED_DELETE,
-                                              id,
-                                              "thin id %" PRIu32 " left %s by a %s run: removed",
-                                              id, state, run_status);
-                } else if (!in_pool && strcmp(db_get(rows, i, 1), "unknown") != 0) {
-                        unrepaired++;
-                        thin_reconcile_report(
-                                cb, userdata, THIN_RECONCILE_MISSING_IN_POOL, id,
-                                "thin id %" PRIu32
-                                " is recorded as %s but the pool does not have it (was the pool recreated?)",
-                                id, state);
-                }
-        }
-        /* Ids in the pool that no row describes. */
-        for (size_t i = 0; i < nids; i++) {
-                bool known = false;
-                char idbuf[16];
-
-                for (int j = 0; j < PQntuples(rows) && !known; j++)
-                        known = (uint32_t)db_get_i64(rows, j, 0) == ids[i];
-                if (known)
-                        continue;
-                if (!repair) {
-                        unrepaired++;
-                        thin_reconcile_report(cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, ids[i],
-                                              "thin id %" PRIu32
-                                              " is in the pool but not in the database",
-                                              ids[i]);
+                                "thin id %" PRIu32 " is being made by run %s (%s, %s): left for it",
+                                id, db_get(rows, i, RC_RUN_ID), db_get(rows, i, RC_RUN_STATUS),
+                                db_get(rows, i, RC_LEASE));
                         continue;
                 }
-                (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, ids[i]);
-                r = db_exec(db, NULL,
-                            "INSERT INTO thin_devices (host_id, pool_name, device_id, kind, state,"
-                            " size_bytes) VALUES ($1, $2, $3, 'unknown', 'ready', 0)"
-                            " ON CONFLICT DO NOTHING",
-                            3, (const char *const[]){host, pool, idbuf});
+                if (strcmp(state, "creating") == 0 || strcmp(state, "deleting") == 0) {
+                        unrepaired += thin_reconcile_transitional(db, host, pool, rows, i, in_pool,
+                                                                  repair, cb, userdata);
+                        continue;
+                }
+                if (strcmp(kind, "unknown") == 0) {
+                        r = thin_reconcile_unknown_row(db, host, pool, id, in_pool, repair, cb,
+                                                       userdata);
+                        if (r < 0)
+                                goto out;
+                        unrepaired += r;
+                        continue;
+                }
+                if (in_pool)
+                        continue;
+                /* Deleted since the rows were read? Then it is not missing. */
+                r = thin_registry_get(db, host, pool, id, &now);
                 if (r < 0)
                         goto out;
+                if (r == 0 || strcmp(now.state, "ready") != 0)
+                        continue;
+                unrepaired++;
                 thin_reconcile_report(
-                        cb, userdata, THIN_RECONCILE_RESERVED_UNKNOWN, ids[i],
+                        cb, userdata, THIN_RECONCILE_MISSING_IN_POOL, id,
                         "thin id %" PRIu32
-                        " is in the pool but not in the database: reserved, not deleted (remove it by hand if it is not an operator's)",
-                        ids[i]);
+                        " is recorded as %s but the pool does not have it (was the pool recreated?)",
+                        id, state);
+        }
+        for (size_t i = 0; i < nids; i++) {
+                if (thin_rows_contain(rows, ids[i]))
+                        continue;
+                r = thin_reconcile_unknown_id(db, host, pool, ids[i], repair, cb, userdata);
+                if (r < 0)
+                        goto out;
+                unrepaired += r;
         }
         r = unrepaired;
 out:

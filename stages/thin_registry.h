@@ -30,6 +30,13 @@ struct thin_row {
 };
 
 /*
+ * Take the host's allocation lock (a transaction-scoped advisory lock) inside a transaction.
+ * thin_registry_alloc() takes it too; a caller that must look something up before allocating
+ * (content dedup) takes it first, so the lookup and the insert are one atomic step.
+ */
+int thin_registry_lock(struct db *db, const char *host);
+
+/*
  * Allocate the lowest free id and insert its row in state 'creating'. Must run inside a
  * transaction (db_tx). -EEXIST when @kind is origin and a live origin for @checksum exists
  * (the unique index); -ENOSPC when all 2^24 ids are taken.
@@ -53,7 +60,9 @@ int thin_registry_set_state(struct db *db, const char *host, const char *pool, u
 /*
  * Remove a thin device for good: mark the row 'deleting', deactivate every active device that
  * maps the id, delete the id from the pool (an id the pool no longer has counts as deleted),
- * then delete the row and any snapshot row naming it. Each step is safe to repeat.
+ * then delete the row and any snapshot or image row naming it. Each step is safe to repeat.
+ * A device that is open (a VM's root, a mount) makes it fail with -EBUSY before anything
+ * changes; one opened between that check and the deactivation gets its row's state back.
  */
 int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id);
 
@@ -63,7 +72,8 @@ enum thin_reconcile_finding {
         THIN_RECONCILE_FINISHED_DELETE,   /* 'deleting' row: the delete was completed */
         THIN_RECONCILE_RESERVED_UNKNOWN,  /* id in the pool, not in the database: reserved */
         THIN_RECONCILE_MISSING_IN_POOL,   /* 'ready' row whose id the pool does not have */
-        THIN_RECONCILE_IN_PROGRESS,       /* 'creating' row of a live run: left alone */
+        THIN_RECONCILE_IN_PROGRESS,       /* 'creating' row of a resumable run: left alone */
+        THIN_RECONCILE_RESUMED_SUSPENDED, /* devices a killed create_snap left suspended */
 };
 
 typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id, const char *detail,
@@ -71,11 +81,14 @@ typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id,
 
 /*
  * Compare the rows of (@host, @pool) with the ids in the pool's metadata and, when @repair,
- * fix what is safe to fix: undo half-made devices of runs that are no longer running (failed,
- * aborted, or gone), finish interrupted deletes, and reserve ids the pool has but the database
- * does not (they may belong to an operator: never deleted automatically). Rows whose id the
- * pool lacks are only reported. @cb (may be NULL) hears every finding. Returns the number of
- * problems left unrepaired (0 = consistent), or a negative errno.
+ * fix what is safe to fix: undo half-made devices of runs that can no longer resume (failed,
+ * aborted, complete, or gone; a 'pending' or 'running' run resumes when its message comes
+ * back, however late, so its device stays), finish interrupted deletes, resume devices a
+ * killed snapshot left suspended, reserve ids the pool has but the database does not (they
+ * may belong to an operator: never deleted automatically) and drop reserved rows whose id
+ * has left the pool. Reserved ids are reported on every call, and so are rows whose id the
+ * pool lacks. @cb (may be NULL) hears every finding. Returns the number of problems left
+ * unrepaired (0 = consistent), or a negative errno.
  */
 int thin_registry_reconcile(struct db *db, const char *host, const char *pool, bool repair,
                             thin_reconcile_fn cb, void *userdata);

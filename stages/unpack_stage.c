@@ -27,6 +27,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,8 @@
 #include "worker/stage.h"
 
 #define UNPACK_MOUNT_BASE "/run/flyio-image-manager"
+/* How often a run waiting for another run's origin of the same content looks again. */
+#define UNPACK_WAIT_POLL_MS 500
 
 struct unpack_job {
         const struct stage_ctx *ctx;
@@ -59,6 +62,7 @@ struct unpack_job {
         uint64_t size;
         bool skip;
         bool have_device;
+        bool fresh; /* the device was (re)made blank and holds no filesystem yet */
         uint32_t device_id;
         char device_name[32];
         char device_path[64];
@@ -174,19 +178,59 @@ static int unpack_check_checksum(struct db *db, struct unpack_job *job)
         return 0;
 }
 
+/*
+ * An image id names one content for good. Returns the origin @image is mapped to (>= 0), -1
+ * when it is not mapped, or a permanent error that says what to do: a re-pushed image with
+ * other content must never get the old content back, nor silently replace it.
+ */
+static int unpack_check_mapping(struct db *db, const struct unpack_job *job, int64_t *ret_id)
+{
+        PGresult *res = NULL;
+        int r;
+
+        *ret_id = -1;
+        r = db_query_row(db, &res,
+                         "SELECT device_id, checksum, pool_name FROM unpacked_images WHERE"
+                         " host_id = $1 AND image_id = $2",
+                         2, (const char *const[]){unpack_host(job), job->req.image_id});
+        if (r <= 0)
+                return r;
+        if (strcmp(db_get(res, 0, 1), job->req.checksum) != 0)
+                r = err_set(
+                        -EEXIST,
+                        "image '%s' was unpacked from a tarball with sha256 %s; this request's tarball has sha256 %s; image ids are immutable: use a new image id, or remove the old one with `flyio-image-manager gc --image-id %s` first",
+                        job->req.image_id, db_get(res, 0, 1), job->req.checksum, job->req.image_id);
+        else if (strcmp(db_get(res, 0, 2), job->pool) != 0)
+                r = err_set(
+                        -EEXIST,
+                        "image '%s' is already unpacked in pool '%s' on host '%s', not in '%s': remove it with `flyio-image-manager gc --image-id %s` first",
+                        job->req.image_id, db_get(res, 0, 2), unpack_host(job), job->pool,
+                        job->req.image_id);
+        else
+                *ret_id = db_get_i64(res, 0, 0);
+        PQclear(res);
+        return r < 0 ? r : 0;
+}
+
+/* Map the image to origin @id; an existing mapping must be to the same content. */
 static int unpack_map_image_tx(struct db *db, const struct unpack_job *job, uint32_t id,
                                const char *run_id)
 {
         char idbuf[16];
+        int64_t mapped;
+        int r;
 
         (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
-        return db_exec(db, NULL,
-                       "INSERT INTO unpacked_images (host_id, image_id, pool_name, device_id,"
-                       " checksum, run_id) VALUES ($1, $2, $3, $4, $5, $6)"
-                       " ON CONFLICT (host_id, image_id) DO NOTHING",
-                       6,
-                       (const char *const[]){unpack_host(job), job->req.image_id, job->pool, idbuf,
-                                             job->req.checksum, run_id});
+        r = db_exec(db, NULL,
+                    "INSERT INTO unpacked_images (host_id, image_id, pool_name, device_id,"
+                    " checksum, run_id) VALUES ($1, $2, $3, $4, $5, $6)"
+                    " ON CONFLICT (host_id, image_id) DO NOTHING",
+                    6,
+                    (const char *const[]){unpack_host(job), job->req.image_id, job->pool, idbuf,
+                                          job->req.checksum, run_id});
+        if (r < 0)
+                return r;
+        return unpack_check_mapping(db, job, &mapped);
 }
 
 /* Make sure the origin is active, so the device path we answer with exists. */
@@ -206,7 +250,7 @@ static int unpack_check_unpacked(struct fsm_run *run, void *userdata)
         struct db *db = fsm_run_db(run);
         struct thin_row origin;
         struct thin_pool_status st;
-        PGresult *res = NULL;
+        int64_t mapped;
         int r;
 
         job->skip = false;
@@ -215,25 +259,19 @@ static int unpack_check_unpacked(struct fsm_run *run, void *userdata)
                 return r;
 
         /* Already unpacked: answer from the origin it is mapped to. */
-        r = db_query_row(db, &res,
-                         "SELECT device_id FROM unpacked_images WHERE host_id = $1 AND"
-                         " image_id = $2 AND pool_name = $3",
-                         3, (const char *const[]){unpack_host(job), job->req.image_id, job->pool});
+        r = unpack_check_mapping(db, job, &mapped);
         if (r < 0)
                 return r;
-        if (r > 0) {
-                uint32_t id = (uint32_t)db_get_i64(res, 0, 0);
-
-                PQclear(res);
-                r = thin_registry_get(db, unpack_host(job), job->pool, id, &origin);
+        if (mapped >= 0) {
+                r = thin_registry_get(db, unpack_host(job), job->pool, (uint32_t)mapped, &origin);
                 if (r < 0)
                         return r;
                 if (r > 0 && strcmp(origin.state, "ready") == 0) {
-                        r = unpack_ensure_active(job, id, origin.size_bytes);
+                        r = unpack_ensure_active(job, origin.device_id, origin.size_bytes);
                         if (r < 0)
                                 return r;
-                        unpack_response_set(run, job, id, origin.extracted_bytes, origin.file_count,
-                                            false);
+                        unpack_response_set(run, job, origin.device_id, origin.extracted_bytes,
+                                            origin.file_count, false);
                         job->skip = true;
                         return 0;
                 }
@@ -274,71 +312,147 @@ static int unpack_check_unpacked(struct fsm_run *run, void *userdata)
         return 0;
 }
 
+enum unpack_alloc_outcome {
+        UNPACK_ALLOC_NEW,   /* job->device_id is ours, in state 'creating' */
+        UNPACK_ALLOC_SHARE, /* a ready origin holds the content: the image is mapped to it */
+        UNPACK_ALLOC_WAIT,  /* a run that can still resume is making the origin */
+        UNPACK_ALLOC_STALE, /* a half-made origin of a run that cannot resume is in the way */
+};
+
 struct unpack_alloc {
         struct unpack_job *job;
         const char *run_id;
-        int dedup; /* 1: an origin for the checksum exists and is ready */
-        uint32_t dedup_id;
+        enum unpack_alloc_outcome outcome;
+        struct thin_row origin; /* SHARE, WAIT, STALE */
 };
 
 static int unpack_alloc_tx(struct db *db, void *userdata)
 {
         struct unpack_alloc *a = userdata;
         struct unpack_job *job = a->job;
-        struct thin_row origin;
+        PGresult *res = NULL;
         int r;
 
-        a->dedup = 0;
-        r = thin_registry_find_origin(db, unpack_host(job), job->pool, job->req.checksum, &origin);
+        a->outcome = UNPACK_ALLOC_NEW;
+        /*
+         * The lookup and the insert under one lock: two runs with the same checksum would
+         * otherwise both find nothing, and the second insert would hit the unique index.
+         */
+        r = thin_registry_lock(db, unpack_host(job));
         if (r < 0)
                 return r;
-        if (r > 0) {
-                if (strcmp(origin.state, "ready") != 0)
-                        return err_set(-EAGAIN,
-                                       "another job is unpacking the same content (thin id %" PRIu32
-                                       "); will retry",
-                                       origin.device_id);
-                a->dedup = 1;
-                a->dedup_id = origin.device_id;
-                return unpack_map_image_tx(db, job, origin.device_id, a->run_id);
+        r = thin_registry_find_origin(db, unpack_host(job), job->pool, job->req.checksum,
+                                      &a->origin);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return thin_registry_alloc(db, unpack_host(job), job->pool, "origin", job->size,
+                                           job->req.checksum, -1, a->run_id, &job->device_id);
+        if (strcmp(a->origin.state, "ready") == 0) {
+                a->outcome = UNPACK_ALLOC_SHARE;
+                return unpack_map_image_tx(db, job, a->origin.device_id, a->run_id);
         }
-        return thin_registry_alloc(db, unpack_host(job), job->pool, "origin", job->size,
-                                   job->req.checksum, -1, a->run_id, &job->device_id);
+        r = db_query_row(db, &res,
+                         "SELECT 1 FROM fsm_runs WHERE run_id = $1 AND status IN ('pending',"
+                         " 'running')",
+                         1, (const char *const[]){a->origin.run_id});
+        if (r < 0)
+                return r;
+        PQclear(res);
+        a->outcome = r > 0 ? UNPACK_ALLOC_WAIT : UNPACK_ALLOC_STALE;
+        return 0;
 }
 
-static int unpack_create_device(struct fsm_run *run, void *userdata)
+/*
+ * Allocate the origin's thin id, or share an origin that holds the same content (then
+ * job->skip is set and the response says unpacked=false). An origin that another run is
+ * still making is waited for, up to UNPACK_TIMEOUT: failing at once would spend this run's
+ * attempts while a large image unpacks, and send it to the DLQ.
+ */
+static int unpack_alloc(struct fsm_run *run, struct unpack_job *job)
 {
-        struct unpack_job *job = userdata;
         struct db *db = fsm_run_db(run);
-        struct thin_row row;
-        bool resumed = false;
-        char *path = NULL;
+        int64_t deadline = util_now_monotonic_ms() + (int64_t)job->ctx->cfg->unpack_timeout * 1000;
+        bool waited = false;
         int r;
 
-        if (unpack_skipping(run, job))
-                return 0;
-        r = thin_registry_find_by_run(db, unpack_host(job), job->pool, "origin", fsm_run_id(run),
-                                      &row);
-        if (r < 0)
-                return r;
-        if (r > 0) {
-                job->device_id = row.device_id;
-                resumed = true;
-        } else {
+        for (;;) {
                 struct unpack_alloc a = {.job = job, .run_id = fsm_run_id(run)};
 
                 r = db_tx(db, unpack_alloc_tx, &a);
                 if (r < 0)
                         return r;
-                if (a.dedup) {
-                        thin_registry_get(db, unpack_host(job), job->pool, a.dedup_id, &row);
-                        unpack_response_set(run, job, a.dedup_id, row.extracted_bytes,
-                                            row.file_count, false);
+                switch (a.outcome) {
+                case UNPACK_ALLOC_NEW:
+                        return 0;
+                case UNPACK_ALLOC_SHARE:
+                        unpack_response_set(run, job, a.origin.device_id, a.origin.extracted_bytes,
+                                            a.origin.file_count, false);
+                        log_info("image shares an origin another job made",
+                                 "device_id=%" PRIu32 " checksum=%s waited=%s", a.origin.device_id,
+                                 job->req.checksum, waited ? "yes" : "no");
                         job->skip = true;
                         return 0;
+                case UNPACK_ALLOC_STALE:
+                        /* What reconciliation would do: that run will never finish it. */
+                        r = thin_registry_destroy(db, unpack_host(job), job->pool,
+                                                  a.origin.device_id);
+                        if (r < 0)
+                                return err_wrap(r,
+                                                "failed to remove the half-made origin %" PRIu32
+                                                " of run %s, which holds the same content",
+                                                a.origin.device_id, a.origin.run_id);
+                        continue;
+                case UNPACK_ALLOC_WAIT:
+                        break;
                 }
+                if (fsm_run_should_stop(run))
+                        return err_set(-EINTR, "unpack interrupted: worker shutting down");
+                if (util_now_monotonic_ms() > deadline)
+                        return err_set(
+                                -EAGAIN,
+                                "run %s is still unpacking the same content (thin id %" PRIu32
+                                ") after UNPACK_TIMEOUT (%d s); will retry",
+                                a.origin.run_id, a.origin.device_id, job->ctx->cfg->unpack_timeout);
+                if (!waited)
+                        log_info("waiting for another job unpacking the same content",
+                                 "device_id=%" PRIu32 " other_run=%s", a.origin.device_id,
+                                 a.origin.run_id);
+                waited = true;
+                util_sleep_ms(UNPACK_WAIT_POLL_MS);
         }
+}
+
+/*
+ * Our own origin row, if any. A row left 'deleting' (a delete interrupted) is finished off
+ * first and counts as none. Returns 1 with @ret filled, 0 or a negative errno.
+ */
+static int unpack_own_row(struct fsm_run *run, struct unpack_job *job, struct thin_row *ret)
+{
+        struct db *db = fsm_run_db(run);
+        int r;
+
+        r = thin_registry_find_by_run(db, unpack_host(job), job->pool, "origin", fsm_run_id(run),
+                                      ret);
+        if (r <= 0 || strcmp(ret->state, "deleting") != 0)
+                return r;
+        r = thin_registry_destroy(db, unpack_host(job), job->pool, ret->device_id);
+        return r < 0 ? r : 0;
+}
+
+/*
+ * Create thin id job->device_id in the pool and activate it as thin-<id>. @resumed: the id
+ * is ours from before a crash, so one the pool has already is ours too. The device is blank
+ * (job->fresh) unless it was made before the crash.
+ */
+static int unpack_make_thin(struct fsm_run *run, struct unpack_job *job, bool resumed)
+{
+        struct db *db = fsm_run_db(run);
+        char *path = NULL;
+        int r;
+
         job->have_device = true;
+        job->fresh = true;
         thin_registry_origin_name(job->device_id, job->device_name, sizeof(job->device_name));
         util_crash_point("unpack.after_intent");
         r = thin_pool_create_thin(job->pool, job->device_id);
@@ -369,30 +483,68 @@ static int unpack_create_device(struct fsm_run *run, void *userdata)
         return 0;
 }
 
-/* Find our device again after a resume in another process. */
+static int unpack_create_device(struct fsm_run *run, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        struct thin_row row;
+        int r;
+
+        if (unpack_skipping(run, job))
+                return 0;
+        r = unpack_own_row(run, job, &row);
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                job->device_id = row.device_id;
+                return unpack_make_thin(run, job, true);
+        }
+        r = unpack_alloc(run, job);
+        if (r < 0 || job->skip)
+                return r;
+        return unpack_make_thin(run, job, false);
+}
+
+/*
+ * Find our device again after a resume in another process. A run that can resume must not
+ * fail for want of its device (an operator's gc may have removed it, or an older
+ * reconciliation): one that is gone is made again, blank (job->fresh), and the caller makes
+ * the filesystem and extracts again. If another run has unpacked the same content meanwhile,
+ * the image shares that origin instead (job->skip).
+ */
 static int unpack_load_device(struct fsm_run *run, struct unpack_job *job)
 {
         struct thin_row row;
         int r;
 
-        if (job->have_device)
+        if (job->have_device || job->skip)
                 return 0;
-        r = thin_registry_find_by_run(fsm_run_db(run), unpack_host(job), job->pool, "origin",
-                                      fsm_run_id(run), &row);
+        r = unpack_own_row(run, job, &row);
         if (r < 0)
                 return r;
-        if (r == 0)
-                return err_set(-EIO, "run %s has no thin device recorded", fsm_run_id(run));
+        if (r == 0) {
+                log_notice("the thin device of a resumed run is gone, making it again", "");
+                r = unpack_alloc(run, job);
+                if (r < 0 || job->skip)
+                        return r;
+                return unpack_make_thin(run, job, false);
+        }
         job->device_id = row.device_id;
-        job->have_device = true;
         thin_registry_origin_name(job->device_id, job->device_name, sizeof(job->device_name));
         (void)snprintf(job->device_path, sizeof(job->device_path), "/dev/mapper/%s",
                        job->device_name);
         r = thin_pool_activate(job->pool, job->device_id, job->device_name, job->size, NULL);
-        return r < 0 ? r : 0;
+        if (r == -ENODATA) {
+                log_notice("the thin id of a resumed run is gone from the pool, making it again",
+                           "device_id=%" PRIu32, job->device_id);
+                return unpack_make_thin(run, job, true);
+        }
+        if (r < 0)
+                return err_wrap(r, "failed to activate thin device %" PRIu32, job->device_id);
+        job->have_device = true;
+        return 0;
 }
 
-static int unpack_mkfs(const struct unpack_job *job)
+static int unpack_mkfs(struct unpack_job *job)
 {
         const char *argv[] = {"mkfs.ext4",
                               "-q",
@@ -407,6 +559,7 @@ static int unpack_mkfs(const struct unpack_job *job)
 
         if (r < 0)
                 return err_wrap(-EIO, "failed to make a filesystem on '%s'", job->device_path);
+        job->fresh = false;
         return 0;
 }
 
@@ -418,18 +571,67 @@ static int unpack_make_fs(struct fsm_run *run, void *userdata)
         if (unpack_skipping(run, job))
                 return 0;
         r = unpack_load_device(run, job);
-        if (r < 0)
+        if (r < 0 || job->skip)
                 return r;
         return unpack_mkfs(job);
 }
 
-/* Mount the device at a private directory of our own; returns the directory. */
+/*
+ * Make UNPACK_MOUNT_BASE a mount point of its own with private propagation, before anything
+ * is mounted under it. A mount made under a shared parent is copied to the parent's peers
+ * (other mount namespaces: containers, a systemd service's namespace) the moment it is made;
+ * making it private afterwards is too late, and its copies would keep the device open.
+ */
+static int unpack_mount_base(void)
+{
+        static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+        static bool done;
+        struct statx stx;
+        int e, r = 0;
+
+        e = pthread_mutex_lock(&lock);
+        FIM_ASSERT(e == 0);
+        if (done)
+                goto out;
+        if (mkdir(UNPACK_MOUNT_BASE, 0700) < 0 && errno != EEXIST) {
+                r = err_set(-errno, "failed to create '%s': %s", UNPACK_MOUNT_BASE,
+                            strerror(errno));
+                goto out;
+        }
+        if (statx(AT_FDCWD, UNPACK_MOUNT_BASE, AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS, &stx) < 0) {
+                r = err_set(-errno, "failed to stat '%s': %s", UNPACK_MOUNT_BASE, strerror(errno));
+                goto out;
+        }
+        /* Another process may have made it a mount point already: no second layer then. */
+        if (!(stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) ||
+            !(stx.stx_attributes & STATX_ATTR_MOUNT_ROOT)) {
+                if (mount(UNPACK_MOUNT_BASE, UNPACK_MOUNT_BASE, NULL, MS_BIND, NULL) < 0) {
+                        r = err_set(-errno, "failed to bind-mount '%s' onto itself: %s",
+                                    UNPACK_MOUNT_BASE, strerror(errno));
+                        goto out;
+                }
+        }
+        if (mount(NULL, UNPACK_MOUNT_BASE, NULL, MS_PRIVATE, NULL) < 0) {
+                r = err_set(-errno, "failed to make '%s' a private mount: %s", UNPACK_MOUNT_BASE,
+                            strerror(errno));
+                goto out;
+        }
+        done = true;
+out:
+        e = pthread_mutex_unlock(&lock);
+        FIM_ASSERT(e == 0);
+        return r;
+}
+
+/* Mount the device at a directory of our own, under the private base; returns the directory. */
 static int unpack_mount(const struct unpack_job *job, const char *run_id, bool read_only, char *dir,
                         size_t size)
 {
         int r;
 
-        (void)mkdir(UNPACK_MOUNT_BASE, 0700);
+        r = unpack_mount_base();
+        if (r < 0)
+                return r;
         r = util_snprintf(dir, size, "%s/mnt-%s", UNPACK_MOUNT_BASE, run_id);
         if (r < 0)
                 return r;
@@ -442,8 +644,6 @@ static int unpack_mount(const struct unpack_job *job, const char *run_id, bool r
                   MS_NOATIME | MS_NODEV | MS_NOSUID | (read_only ? MS_RDONLY : 0), NULL) < 0)
                 return err_set(-errno, "failed to mount '%s' at '%s': %s", job->device_path, dir,
                                strerror(errno));
-        /* Keep the mount out of other mount namespaces' view. */
-        (void)mount(NULL, dir, NULL, MS_PRIVATE, NULL);
         return 0;
 }
 
@@ -457,7 +657,7 @@ static void unpack_umount(const char *dir)
 /* Whether a freshly made filesystem holds anything besides lost+found. */
 static int unpack_root_entries(int root_fd)
 {
-        int fd = dup(root_fd);
+        int fd = fcntl(root_fd, F_DUPFD_CLOEXEC, 0);
         DIR *d;
         struct dirent *de;
         int n = 0;
@@ -512,17 +712,46 @@ static int unpack_progress_cb(uint64_t entries, uint64_t bytes, void *userdata)
         p->counted = bytes;
         if (p->job->ctx->progress)
                 p->job->ctx->progress("unpack", entries, bytes, p->job->ctx->progress_userdata);
+        /* Transient: the run resumes where it stopped, it did not fail. */
         if (fsm_run_should_stop(p->run))
-                return err_set(-ECANCELED, "unpack interrupted: worker shutting down");
+                return err_set(-EINTR, "unpack interrupted: worker shutting down");
         if (util_now_monotonic_ms() > p->job->deadline_ms)
                 return err_set(-ETIMEDOUT, "unpack of image '%s' exceeded UNPACK_TIMEOUT (%d s)",
                                p->job->req.image_id, p->job->ctx->cfg->unpack_timeout);
         return 0;
 }
 
-static int unpack_extract(struct fsm_run *run, void *userdata)
+/* Mount the device and open its root, making the filesystem again if it holds anything. */
+static int unpack_open_root(struct fsm_run *run, struct unpack_job *job, char *dir, size_t size,
+                            int *ret_fd)
 {
-        struct unpack_job *job = userdata;
+        int fd, r;
+
+        r = unpack_mount(job, fsm_run_id(run), false, dir, size);
+        if (r < 0)
+                return r;
+        fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0) {
+                r = err_set(-errno, "failed to open '%s': %s", dir, strerror(errno));
+                unpack_umount(dir);
+                return r;
+        }
+        if (unpack_root_entries(fd) > 0) {
+                /* An interrupted extraction left files: start from an empty filesystem. */
+                close(fd);
+                unpack_umount(dir);
+                r = unpack_mkfs(job);
+                if (r < 0)
+                        return r;
+                return unpack_open_root(run, job, dir, size, ret_fd);
+        }
+        *ret_fd = fd;
+        return 0;
+}
+
+/* Make the filesystem if the device is blank, mount it, extract the tarball, sync, unmount. */
+static int unpack_fill(struct fsm_run *run, struct unpack_job *job)
+{
         struct unpack_progress prog = {job, run, 0};
         struct extract_options opts;
         struct extract_result result;
@@ -530,36 +759,15 @@ static int unpack_extract(struct fsm_run *run, void *userdata)
         int root_fd = -1;
         int r;
 
-        if (unpack_skipping(run, job))
-                return 0;
-        r = unpack_load_device(run, job);
-        if (r < 0)
-                return r;
-        r = unpack_mount(job, fsm_run_id(run), false, dir, sizeof(dir));
-        if (r < 0)
-                return r;
-        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (root_fd < 0) {
-                r = err_set(-errno, "failed to open '%s': %s", dir, strerror(errno));
-                goto out;
-        }
-        if (unpack_root_entries(root_fd) > 0) {
-                /* An interrupted extraction left files: start from an empty filesystem. */
-                close(root_fd);
-                root_fd = -1;
-                unpack_umount(dir);
+        if (job->fresh) {
                 r = unpack_mkfs(job);
                 if (r < 0)
                         return r;
-                r = unpack_mount(job, fsm_run_id(run), false, dir, sizeof(dir));
-                if (r < 0)
-                        return r;
-                root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-                if (root_fd < 0) {
-                        r = err_set(-errno, "failed to open '%s': %s", dir, strerror(errno));
-                        goto out;
-                }
         }
+        r = unpack_open_root(run, job, dir, sizeof(dir), &root_fd);
+        if (r < 0)
+                return r;
+        util_crash_point("unpack.after_mount");
         extract_options_init(&opts);
         opts.max_total_bytes = job->size;
         opts.progress = unpack_progress_cb;
@@ -584,15 +792,14 @@ static int unpack_extract(struct fsm_run *run, void *userdata)
                             (int64_t)result.file_count, true);
         log_info("image extracted",
                  "device_id=%" PRIu32 " files=%" PRIu64 " bytes=%" PRIu64 " dirs=%" PRIu64
-                 " skipped_devices=%" PRIu64,
+                 " skipped_devices=%" PRIu64 " skipped_xattrs=%" PRIu64 " skipped_other=%" PRIu64,
                  job->device_id, result.file_count, result.size_bytes, result.dir_count,
-                 result.skipped_devices);
+                 result.skipped_devices, result.skipped_xattrs, result.skipped_other);
 out:
-        if (root_fd >= 0)
-                close(root_fd);
+        close(root_fd);
         unpack_umount(dir);
         /* A hostile or corrupt tarball never gets better: give the pool back now. */
-        if (r < 0 && !err_is_transient(r) && r != -ECANCELED) {
+        if (r < 0 && !err_is_transient(r)) {
                 char saved[ERR_MSG_MAX];
 
                 (void)snprintf(saved, sizeof(saved), "%s", err_last());
@@ -604,6 +811,19 @@ out:
         return r;
 }
 
+static int unpack_extract(struct fsm_run *run, void *userdata)
+{
+        struct unpack_job *job = userdata;
+        int r;
+
+        if (unpack_skipping(run, job))
+                return 0;
+        r = unpack_load_device(run, job);
+        if (r < 0 || job->skip)
+                return r;
+        return unpack_fill(run, job);
+}
+
 static int unpack_verify_layout(struct fsm_run *run, void *userdata)
 {
         struct unpack_job *job = userdata;
@@ -613,8 +833,15 @@ static int unpack_verify_layout(struct fsm_run *run, void *userdata)
         if (unpack_skipping(run, job))
                 return 0;
         r = unpack_load_device(run, job);
-        if (r < 0)
+        if (r < 0 || job->skip)
                 return r;
+        util_crash_point("unpack.before_verify");
+        if (job->fresh) {
+                /* Made again after it vanished: what extract put there is gone. */
+                r = unpack_fill(run, job);
+                if (r < 0)
+                        return r;
+        }
         r = unpack_mount(job, fsm_run_id(run), true, dir, sizeof(dir));
         if (r < 0)
                 return r;

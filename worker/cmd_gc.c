@@ -39,6 +39,12 @@ static int gc_destroy(struct gc *g, const char *pool, uint32_t id, const char *w
         if (g->dry_run)
                 return 0;
         r = thin_registry_destroy(g->db, g->cfg->host_id, pool, id);
+        if (r == -EBUSY) {
+                char why[ERR_MSG_MAX];
+
+                (void)snprintf(why, sizeof(why), "%s", err_last());
+                return err_set(r, "%s; stop what uses it (a VM?), then run gc again", why);
+        }
         if (r < 0)
                 return r;
         g->removed++;

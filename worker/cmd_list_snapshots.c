@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <json-c/json.h>
@@ -27,15 +28,29 @@ static const char cmd_list_snapshots_json_sql[] =
         " device_path, state = 'active' AS active, run_id, created_at, activated_at FROM snapshots"
         " WHERE host_id = $1 AND (NOT $2::bool OR state = 'active')) s";
 
-/* "active", "missing" (recorded, not in the kernel) or "unknown" (no device-mapper here). */
-static const char *list_snapshots_kernel_state(const char *name)
+/*
+ * What device-mapper has under the snapshot's name: "active" (thin id @device_id of pool
+ * @pool), "other" (a device of that name that maps something else), "missing" (recorded, not
+ * in the kernel) or "unknown" (no device-mapper here, or the pool is not there to compare).
+ */
+static const char *list_snapshots_kernel_state(const char *name, const char *pool,
+                                               const char *device_id)
 {
-        struct thin_pool_device_info info;
+        struct thin_pool_device_info info, pool_info;
+        uint64_t id;
 
         if (access("/dev/mapper/control", R_OK | W_OK) < 0 ||
             thin_pool_device_info(name, &info) < 0)
                 return "unknown";
-        return info.exists && info.is_thin ? "active" : "missing";
+        if (!info.exists)
+                return "missing";
+        if (!pool || !device_id || util_parse_u64(device_id, &id) < 0 ||
+            thin_pool_device_info(pool, &pool_info) < 0 || !pool_info.exists)
+                return "unknown";
+        if (info.is_thin && info.thin_dev_id == id &&
+            info.thin_pool_dev == makedev(pool_info.major, pool_info.minor))
+                return "active";
+        return "other";
 }
 
 /* The table with the kernel's view added: what the database says and what device-mapper has. */
@@ -51,7 +66,8 @@ static void list_snapshots_print(const PGresult *res)
         for (int c = 0; c < 9; c++)
                 w[c] = strlen(headers[c]);
         for (int i = 0; i < rows; i++) {
-                kernel[i] = list_snapshots_kernel_state(db_get(res, i, 0));
+                kernel[i] = list_snapshots_kernel_state(db_get(res, i, 0), db_get(res, i, 4),
+                                                        db_get(res, i, 2));
                 for (int c = 0; c < 9; c++) {
                         const char *v = c < 8 ? db_get(res, i, c) : kernel[i];
                         size_t n = strlen(v ? v : "-");
@@ -86,12 +102,18 @@ static int list_snapshots_json(struct db *db, const char *const *params)
         if (!arr)
                 return -EBADMSG;
         for (size_t i = 0; i < json_object_array_length(arr); i++) {
-                struct json_object *o = json_object_array_get_idx(arr, i), *name = NULL;
+                struct json_object *o = json_object_array_get_idx(arr, i);
+                struct json_object *name = NULL, *pool = NULL, *id = NULL;
 
-                if (json_object_object_get_ex(o, "snapshot_name", &name))
-                        json_object_object_add(o, "kernel",
-                                               json_object_new_string(list_snapshots_kernel_state(
-                                                       json_object_get_string(name))));
+                if (!json_object_object_get_ex(o, "snapshot_name", &name))
+                        continue;
+                (void)json_object_object_get_ex(o, "pool_name", &pool);
+                (void)json_object_object_get_ex(o, "snapshot_id", &id);
+                json_object_object_add(o, "kernel",
+                                       json_object_new_string(list_snapshots_kernel_state(
+                                               json_object_get_string(name),
+                                               pool ? json_object_get_string(pool) : NULL,
+                                               id ? json_object_get_string(id) : NULL)));
         }
         printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PLAIN));
         json_object_put(arr);

@@ -13,16 +13,32 @@
 # names, devices, a FIFO.
 # Needs root (owners, mknod, security.capability), GNU tar, cpio and python3; takes a few
 # seconds.
+#
+# Two more forms let other suites put a tree made another way (the unpack stage's thin device,
+# tests/dm) through the same comparison:
+#   rootfs_compare.sh --build WORKDIR         build WORKDIR/rootfs.tar and GNU tar's tree only
+#   rootfs_compare.sh --compare WORKDIR TREE  compare TREE with GNU tar's tree of --build; an
+#                                             ext4 lost+found at TREE's top is not counted
 set -euo pipefail
 
-bin=${1:?usage: rootfs_compare.sh FLYIO_IMAGE_MANAGER [WORKDIR]}
-work=${2:-}
+mode=full
+case "${1:-}" in
+--build | --compare) mode=${1#--} && shift ;;
+esac
+usage="usage: rootfs_compare.sh FLYIO_IMAGE_MANAGER [WORKDIR] | --build WORKDIR | --compare WORKDIR TREE"
+bin=
+tree=
+case $mode in
+full) bin=${1:?$usage} && work=${2:-} ;;
+build) work=${1:?$usage} ;;
+compare) work=${1:?$usage} && tree=${2:?$usage} ;;
+esac
 
 if [ "$(id -u)" -ne 0 ]; then
         echo "rootfs_compare: must run as root (owners, device nodes, capabilities)" >&2
         exit 1
 fi
-if ! "$bin" extract --help >/dev/null 2>&1; then
+if [ -n "$bin" ] && ! "$bin" extract --help >/dev/null 2>&1; then
         echo "rootfs_compare: '$bin extract --help' failed: is the extract command wired into the CLI?" >&2
         exit 1
 fi
@@ -32,6 +48,8 @@ if [ -z "$work" ]; then
         trap 'rm -rf "$work"' EXIT
 fi
 src=$work/src
+# Build (full and --build modes). Not indented: the section holds a python heredoc.
+if [ "$mode" != compare ]; then
 rm -rf "$src" "$work/ours" "$work/gnu" "$work/rootfs.tar"
 mkdir -p "$src/usr/bin" "$src/usr/lib/x86_64-linux-gnu" "$work/ours" "$work/gnu"
 
@@ -108,16 +126,25 @@ chmod 0751 "$src"
 
 tar --numeric-owner --xattrs --xattrs-include='*' --format=pax --sparse -C "$src" \
         -cf "$work/rootfs.tar" .
-"$bin" extract --tar "$work/rootfs.tar" --root "$work/ours" --json >"$work/ours.json"
+[ "$mode" = build ] || "$bin" extract --tar "$work/rootfs.tar" --root "$work/ours" --json >"$work/ours.json"
 tar --numeric-owner --same-owner -p --xattrs --xattrs-include='user.*' \
         --xattrs-include='security.capability' -C "$work/gnu" -xf "$work/rootfs.tar"
+fi
+[ "$mode" != build ] || exit 0
 
 # --- compare ----------------------------------------------------------------------------
 
-python3 - "$work/ours" "$work/gnu" "$work/ours.json" <<'EOF'
+# In compare mode there are no counts from our extractor (""), and TREE is the ext4 root.
+if [ "$mode" = compare ]; then
+        set -- "$tree" "$work/gnu" "" lost+found
+else
+        set -- "$work/ours" "$work/gnu" "$work/ours.json"
+fi
+python3 - "$@" <<'EOF'
 import hashlib, json, os, stat, sys
 
 ours_root, gnu_root, counts_path = sys.argv[1:4]
+IGNORED_TOP = set(sys.argv[4:])  # in ours only: what mkfs made, not the tarball
 KEPT_XATTRS = ("user.", "security.capability")
 SKIPPED = (stat.S_ISCHR, stat.S_ISBLK, stat.S_ISFIFO, stat.S_ISSOCK)
 
@@ -134,6 +161,8 @@ def xattrs(path):
 def describe(root):
     tree, inodes, skipped = {}, {}, 0
     for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == root and root == ours_root:
+            dirnames[:] = [d for d in dirnames if d not in IGNORED_TOP]
         for name in [""] + dirnames + filenames if dirpath == root else dirnames + filenames:
             path = os.path.join(dirpath, name) if name else dirpath
             rel = os.path.relpath(path, root)
@@ -174,8 +203,8 @@ if ours_groups != gnu_groups:
 if ours_skipped != 0:
     diffs.append("our tree has %d device nodes or FIFOs" % ours_skipped)
 
-counts = json.load(open(counts_path))
-if counts["skipped_devices"] != gnu_skipped:
+counts = json.load(open(counts_path)) if counts_path else {}
+if counts and counts["skipped_devices"] != gnu_skipped:
     diffs.append("skipped_devices=%d, GNU tar created %d" % (counts["skipped_devices"],
                                                              gnu_skipped))
 sparse = os.lstat(os.path.join(ours_root, "var/lib/sparse"))
