@@ -38,7 +38,7 @@
  * Writes: curl hands the body over in 16 KiB pieces. Each piece is hashed at once but
  * copied into a write buffer (1 MiB for a stream, 512 KiB per part in flight) that goes to
  * the file in one pwrite, so the data path costs one syscall per buffer, not per piece.
- * Every 8 MiB written, sync_file_range starts writeback without waiting, so the final fsync
+ * Every 32 MiB written, sync_file_range starts writeback without waiting, so the final fsync
  * finds little left to do and disk and network work at the same time.
  *
  * Resume: the sidecar records the ETag, the size and what is on disk: for a single stream
@@ -64,7 +64,12 @@
 #define DOWNLOAD_READ_BUF (1u << 20)
 #define DOWNLOAD_STREAM_BUF (1u << 20)
 #define DOWNLOAD_PART_BUF (512u << 10)
-#define DOWNLOAD_WRITEBACK_BYTES (8ull << 20)
+/*
+ * Writeback is started every 32 MiB. With 8 MiB windows, writeback of the fallocated (still
+ * "unwritten") extents competed with the writes into the next ones: 512 MiB cost 0.7-1.0 s
+ * of system time against 0.4-0.5 s with 16-128 MiB windows (ext4, 2 cores).
+ */
+#define DOWNLOAD_WRITEBACK_BYTES (32ull << 20)
 #define DOWNLOAD_CHECKPOINT_MS 2000
 #define DOWNLOAD_PROGRESS_MS 250
 /* Opening the partial file races with its holder renaming or removing it; see below. */
