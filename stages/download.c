@@ -665,7 +665,8 @@ static int download_prepare_file(struct download_ctx *d)
         uint64_t rest = d->info.size - kept, needed, avail;
         bool reserved = false;
         struct statvfs st;
-        char *dir = NULL;
+        char *copy = NULL;
+        const char *dir;
         int fr = 0, r = 0;
 
         if (ftruncate(d->fd, (off_t)len) < 0)
@@ -677,10 +678,11 @@ static int download_prepare_file(struct download_ctx *d)
                         fr = -errno;
                 /* Otherwise (EOPNOTSUPP on some filesystems) the free-space check alone. */
         }
-        dir = strdup(d->part_path);
-        if (!dir)
+        copy = strdup(d->part_path);
+        if (!copy)
                 return -ENOMEM;
-        if (statvfs(dirname(dir), &st) < 0) {
+        dir = dirname(copy);
+        if (statvfs(dir, &st) < 0) {
                 r = err_set(-errno, "failed to check the free space in '%s': %s", dir,
                             strerror(errno));
                 goto out;
@@ -692,13 +694,13 @@ static int download_prepare_file(struct download_ctx *d)
                 goto out;
         r = err_set(-ENOSPC,
                     "failed to download object '%.300s' from bucket '%.100s': %" PRIu64
-                    " bytes must be free in '%s' (object %" PRIu64 " bytes, %" PRIu64
+                    " bytes must be free in '%s' (LOCAL_DIR; object %" PRIu64 " bytes, %" PRIu64
                     " already on disk, margin %" PRIu64 ") but only %" PRIu64
                     " are available%s; free space there or move the download directory",
                     p->key, p->bucket, needed, dir, d->info.size, kept, p->min_free_bytes, avail,
                     fr == -EDQUOT ? " within the disk quota" : "");
 out:
-        free(dir);
+        free(copy);
         return r;
 }
 

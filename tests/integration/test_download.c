@@ -449,7 +449,7 @@ static void test_download_size_and_space_limits(void **state)
         p.min_free_bytes = UINT64_MAX / 2;
         assert_int_equal(download_object(t.client, &p, NULL, NULL, &res), -ENOSPC);
         /* The numbers: needed (object + margin), available, and where. */
-        (void)snprintf(want, sizeof(want), "%llu bytes must be free in '%s'",
+        (void)snprintf(want, sizeof(want), "%llu bytes must be free in '%s' (LOCAL_DIR; ",
                        (unsigned long long)(o->size + UINT64_MAX / 2), t.dir);
         if (!strstr(err_last(), want))
                 fail_msg("want '%s' in: %s", want, err_last());
@@ -951,7 +951,8 @@ static void test_download_reserves_space(void **state)
         gets = faultproxy_log_count(&t.proxy, "GET ", second->key, NULL);
         r = download_object(t.proxied, &p, NULL, NULL, &res);
         assert_int_equal(r, -ENOSPC);
-        (void)snprintf(want, sizeof(want), "%zu bytes must be free in '%s'", second->size, dir);
+        (void)snprintf(want, sizeof(want), "%zu bytes must be free in '%s' (LOCAL_DIR; ",
+                       second->size, dir);
         if (!strstr(err_last(), want))
                 fail_msg("want '%s' in: %s", want, err_last());
         assert_non_null(strstr(err_last(), "are available"));
