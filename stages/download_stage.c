@@ -107,10 +107,18 @@ static int download_found_completed(struct download_check *c, PGresult *res)
                         job->req.image_id, job->bucket, job->req.s3_key, have ? have : "(none)",
                         job->req.checksum);
         download_response_set(fsm_run_response(c->run), job->req.image_id, db_get(res, 0, 5), have,
-                              db_get_i64(res, 0, 4), false, db_get(res, 0, 6));
+                              db_get_i64(res, 0, 4), false, db_get(res, 0, 8));
         job->skip = true;
         return 0;
 }
+
+/* The image row, locked, and whether the run named in it is alive (holds a fresh lease). */
+static const char download_claim_sql[] =
+        "SELECT i.status, i.bucket, i.s3_key, i.checksum, i.size_bytes, i.local_path, i.run_id,"
+        " coalesce(r.status IN ('pending', 'running') AND r.lease_owner IS NOT NULL"
+        " AND r.lease_until > now(), false), " DB_TIME(
+                "i.downloaded_at") " FROM images i LEFT JOIN fsm_runs r ON r.run_id = i.run_id"
+                                   " WHERE i.host_id = $1 AND i.image_id = $2 FOR UPDATE OF i";
 
 /*
  * Decide, under the row lock, what this run does with the image: skip it (completed), refuse
@@ -126,16 +134,8 @@ static int download_claim_tx(struct db *db, void *userdata)
         int r;
 
         job->skip = false;
-        r = db_query_row(
-                db, &res,
-                "SELECT i.status, i.bucket, i.s3_key, i.checksum, i.size_bytes, i.local_path, " DB_TIME(
-                        "i.downloaded_at") ", i.run_id,"
-                                           " coalesce(r.status IN ('pending', 'running')"
-                                           " AND r.lease_owner IS NOT NULL"
-                                           " AND r.lease_until > now(), false)"
-                                           " FROM images i LEFT JOIN fsm_runs r ON r.run_id = i.run_id"
-                                           " WHERE i.host_id = $1 AND i.image_id = $2 FOR UPDATE OF i",
-                2, (const char *const[]){host, job->req.image_id});
+        r = db_query_row(db, &res, download_claim_sql, 2,
+                         (const char *const[]){host, job->req.image_id});
         if (r < 0)
                 return r;
         if (r > 0 && strcmp(db_get(res, 0, 0), "completed") == 0) {
@@ -159,12 +159,12 @@ static int download_claim_tx(struct db *db, void *userdata)
                         return r;
                 }
                 /* Recorded as complete but the file is gone or changed: download again. */
-        } else if (r > 0 && db_get(res, 0, 7) && strcmp(db_get(res, 0, 7), me) == 0) {
+        } else if (r > 0 && db_get(res, 0, 6) && strcmp(db_get(res, 0, 6), me) == 0) {
                 /* Ours already (a retry, or fetch after check_exists): nothing to change. */
                 PQclear(res);
                 return 0;
-        } else if (r > 0 && strcmp(db_get(res, 0, 8), "t") == 0) {
-                (void)snprintf(c->owner, sizeof(c->owner), "%s", db_get(res, 0, 7));
+        } else if (r > 0 && strcmp(db_get(res, 0, 7), "t") == 0) {
+                (void)snprintf(c->owner, sizeof(c->owner), "%s", db_get(res, 0, 6));
                 PQclear(res);
                 return -EINPROGRESS;
         }

@@ -247,6 +247,7 @@ static void test_download_stage_downloads_records_and_hands_off(void **state)
                 assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
                 assert_false(doc_bool(res.response, "downloaded"));
                 assert_non_null(strstr(res.response, e->sha_small));
+                assert_non_null(strstr(res.response, "\"downloaded_at\":\"20"));
                 stage_result_done(&res);
         }
 
