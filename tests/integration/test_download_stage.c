@@ -519,7 +519,7 @@ static void test_download_stage_statuses(void **state)
         assert_true(pid >= 0);
         if (pid == 0)
                 child_handle(e, "{\"s3_key\":\"images/other.tar\",\"image_id\":\"retried\"}");
-        for (int i = 0; i < 100 && !pending; i++) {
+        for (int i = 0; i < 300 && !pending; i++) {
                 pending =
                         scalar(e->db, "SELECT count(*) FROM images WHERE image_id = 'retried'"
                                       " AND status = 'pending' AND error LIKE '%%HTTP 503%%'") == 1;
