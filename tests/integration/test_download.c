@@ -798,12 +798,13 @@ static void test_download_not_implemented_is_permanent(void **state)
 {
         const struct object *o = &objects[OBJ_ONE];
         struct download_result res;
+        struct download_params p;
         char dest[512];
-        const struct download_params p = params(o, dest);
         int r;
 
         (void)state;
         dest_path("not-implemented", dest, sizeof(dest));
+        p = params(o, dest);
         proxy_command("error 501 GET");
         r = download_object(t.proxied, &p, NULL, NULL, &res);
         assert_int_equal(r, -ENOSYS);
