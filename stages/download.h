@@ -32,10 +32,11 @@ struct download_params {
         unsigned max_connections;          /* parts in flight; 0 or 1: a single stream */
         int64_t total_timeout_ms;          /* bounds the whole call; 0: none */
         int64_t stall_timeout_ms;          /* no bytes for this long: -ETIMEDOUT; 0: none */
-        const char *expected_sha256;       /* 64 lower-case hex digits, or NULL */
+        int64_t checkpoint_ms;             /* sync and record progress this often; 0: 2 s */
+        const char *expected_sha256;       /* 64 hex digits (either case), or NULL */
         /*
-         * Optional: incremented by every byte of object data received and written in this
-         * call, including those of an attempt that then fails; not the resumed ones.
+         * Optional: incremented by every byte of object data received in this call, including
+         * those of an attempt that then fails; not the resumed ones.
          */
         uint64_t *received_bytes;
 };
@@ -61,11 +62,14 @@ typedef void (*download_progress_fn)(uint64_t done, uint64_t total, void *userda
  *
  * Returns 0 and fills @ret_result, or a negative errno with err_last() set:
  *   -EFBIG    the object is larger than max_object_bytes            (permanent)
- *   -ENOSPC   the filesystem lacks size + min_free_bytes            (permanent)
+ *   -ENOSPC   the filesystem lacks what is missing + min_free_bytes (permanent); the
+ *             missing bytes are reserved with fallocate where the filesystem supports it
  *   -EBADMSG  the SHA-256 differs from expected_sha256              (permanent)
  *   -EBUSY    another process is downloading to the same path       (transient)
- *   -ETIMEDOUT total or stall timeout                               (transient)
+ *   -ETIMEDOUT total_timeout_ms (this call) or stall timeout       (transient)
  *   and the S3 client's errors (stages/s3_client.h).
+ * A server that ignores Range (HTTP 200 to a ranged GET) gets the object in one stream from
+ * byte zero instead.
  * After a transient error the partial file and its sidecar stay for the next call to
  * resume; after a permanent one both are removed, so no partial file is left behind. An
  * object that changes during the download (412 on the ETag guard) is restarted from zero
@@ -77,3 +81,8 @@ int download_object(struct s3_client *client, const struct download_params *p,
 
 /* SHA-256 (hex) and size of a whole file. Returns 0 or a negative errno. */
 int download_hash_file(const char *path, char *ret_hex, uint64_t *ret_size);
+
+#ifdef FIM_UNIT_TEST
+/* Called between opening the partial file and locking it, to stage the race tests need. */
+extern void (*download_test_after_open)(const char *part_path);
+#endif

@@ -2,19 +2,31 @@
  * The download stage's FSM: check_exists -> fetch -> verify -> record.
  *
  *   check_exists  looks up the image (FOR UPDATE). A completed download of the same source
- *                 whose file is still there ends the work (downloaded=false). A completed
+ *                 whose file is still there ends the work (downloaded=false), after checking
+ *                 the request's checksum, if any, against the recorded one. A completed
  *                 download of a different source for the same image id is refused: image ids
  *                 name content, and silently replacing an image under a VM is worse than a
- *                 failed job. Otherwise the image row becomes 'downloading'.
- *   fetch         streams the object into LOCAL_DIR/<image_id>.tar.part with SHA-256, resuming
- *                 an earlier partial download, then renames it into place (stages/download.c).
- *                 Its commit hook records size, checksum and ETag on the image row.
+ *                 failed job. Otherwise the run claims the image row: 'pending'.
+ *   fetch         claims again (see below), marks the row 'downloading', streams the object
+ *                 into LOCAL_DIR/<image_id>.tar.part with SHA-256, resuming an earlier partial
+ *                 download, then renames it into place (stages/download.c). Its commit hook
+ *                 records size, checksum and ETag on the image row. A transient failure puts
+ *                 the row back to 'pending' with the error, until the retry.
  *   verify        after a resume in another process, re-hashes the file on disk and compares
  *                 it with what fetch recorded; a file changed under us is deleted and refetched.
  *   record        marks the image completed and, in the same transaction, writes the unpack
  *                 request to the outbox (the FSM's handoff hook, which also runs when a
  *                 request finds the key completed without a handoff, e.g. by process-image).
  *
+ * One image, several runs: requests for one image with different idempotency keys (one with
+ * a checksum, one without, say) are different runs, and the per-key lease does not keep them
+ * apart. The images row does: it names the run working on the image, and a run that finds
+ * another live run there (a fresh lease) waits for it, polling, instead of downloading a
+ * second copy over the first. When that run completes, the waiter finds the completed image
+ * and ends with downloaded=false; when it fails or its worker dies, the waiter takes over.
+ *
+ * Statuses: pending (accepted, no transfer going on: waiting to start or for a retry),
+ * downloading (fetch is transferring), completed, failed (permanent error or out of attempts).
  * A failed run marks the image 'failed' with the error. Every step is safe to repeat.
  */
 #include <errno.h>
@@ -39,12 +51,17 @@
 #include "worker/metrics.h"
 #include "worker/stage.h"
 
+/* Poll for another run's download this often, for at most DOWNLOAD_TIMEOUT per attempt. */
+#define DOWNLOAD_WAIT_POLL_MS 500
+/* Space left free on LOCAL_DIR's filesystem after a download, for everything else. */
+#define DOWNLOAD_FREE_MARGIN_BYTES (64ull << 20)
+
 struct download_job {
         const struct stage_ctx *ctx;
         struct download_request req;
         char bucket[REQUEST_BUCKET_MAX + 1];
         char dest[PATH_MAX];
-        bool skip;         /* check_exists found the finished download */
+        bool skip;         /* the finished download is there already */
         bool fetched_here; /* fetch ran in this process: the in-stream hash is fresh */
         char etag[S3_ETAG_MAX];
 };
@@ -75,23 +92,51 @@ static void download_response_set(struct json_object *resp, const char *image_id
 struct download_check {
         struct download_job *job;
         struct fsm_run *run;
+        char owner[64]; /* -EINPROGRESS: the live run that works on the image */
 };
 
-static int download_check_tx(struct db *db, void *userdata)
+/* A completed image of the same source: skip it, after checking the request's checksum. */
+static int download_found_completed(struct download_check *c, PGresult *res)
+{
+        struct download_job *job = c->job;
+        const char *have = db_get(res, 0, 3);
+
+        if (job->req.checksum[0] && (!have || strcmp(have, job->req.checksum) != 0))
+                return err_set(
+                        -EBADMSG,
+                        "image '%s' is already downloaded from 's3://%s/%s' with SHA-256 %s, but the request expects %s; the file is kept, as other work may use it: check the checksum in the request, or gc the image and request it again",
+                        job->req.image_id, job->bucket, job->req.s3_key, have ? have : "(none)",
+                        job->req.checksum);
+        download_response_set(fsm_run_response(c->run), job->req.image_id, db_get(res, 0, 5), have,
+                              db_get_i64(res, 0, 4), false, db_get(res, 0, 8));
+        job->skip = true;
+        return 0;
+}
+
+/* The image row, locked, and whether the run named in it is alive (holds a fresh lease). */
+static const char download_claim_sql[] =
+        "SELECT i.status, i.bucket, i.s3_key, i.checksum, i.size_bytes, i.local_path, i.run_id,"
+        " coalesce(r.status IN ('pending', 'running') AND r.lease_owner IS NOT NULL"
+        " AND r.lease_until > now(), false), " DB_TIME(
+                "i.downloaded_at") " FROM images i LEFT JOIN fsm_runs r ON r.run_id = i.run_id"
+                                   " WHERE i.host_id = $1 AND i.image_id = $2 FOR UPDATE OF i";
+
+/*
+ * Decide, under the row lock, what this run does with the image: skip it (completed), refuse
+ * it, wait for another live run (-EINPROGRESS, c->owner set), or claim the row as 'pending'.
+ */
+static int download_claim_tx(struct db *db, void *userdata)
 {
         struct download_check *c = userdata;
         struct download_job *job = c->job;
         const char *host = job->ctx->cfg->host_id;
+        const char *me = fsm_run_id(c->run);
         PGresult *res = NULL;
         int r;
 
         job->skip = false;
-        r = db_query_row(
-                db, &res,
-                "SELECT status, bucket, s3_key, checksum, size_bytes, local_path, " DB_TIME(
-                        "downloaded_at") " FROM images"
-                                         " WHERE host_id = $1 AND image_id = $2 FOR UPDATE",
-                2, (const char *const[]){host, job->req.image_id});
+        r = db_query_row(db, &res, download_claim_sql, 2,
+                         (const char *const[]){host, job->req.image_id});
         if (r < 0)
                 return r;
         if (r > 0 && strcmp(db_get(res, 0, 0), "completed") == 0) {
@@ -110,33 +155,64 @@ static int download_check_tx(struct db *db, void *userdata)
                         return r;
                 }
                 if (path && stat(path, &st) == 0 && st.st_size == db_get_i64(res, 0, 4)) {
-                        download_response_set(fsm_run_response(c->run), job->req.image_id, path,
-                                              db_get(res, 0, 3), db_get_i64(res, 0, 4), false,
-                                              db_get(res, 0, 6));
-                        job->skip = true;
+                        r = download_found_completed(c, res);
                         PQclear(res);
-                        return 0;
+                        return r;
                 }
                 /* Recorded as complete but the file is gone or changed: download again. */
+        } else if (r > 0 && db_get(res, 0, 6) && strcmp(db_get(res, 0, 6), me) == 0) {
+                /* Ours already (a retry, or fetch after check_exists): nothing to change. */
+                PQclear(res);
+                return 0;
+        } else if (r > 0 && strcmp(db_get(res, 0, 7), "t") == 0) {
+                (void)snprintf(c->owner, sizeof(c->owner), "%s", db_get(res, 0, 6));
+                PQclear(res);
+                return -EINPROGRESS;
         }
         PQclear(res);
         return db_exec(db, NULL,
                        "INSERT INTO images (host_id, image_id, bucket, s3_key, status, local_path,"
-                       " run_id) VALUES ($1, $2, $3, $4, 'downloading', $5, $6)"
-                       " ON CONFLICT (host_id, image_id) DO UPDATE SET status = 'downloading',"
+                       " run_id) VALUES ($1, $2, $3, $4, 'pending', $5, $6)"
+                       " ON CONFLICT (host_id, image_id) DO UPDATE SET status = 'pending',"
                        " bucket = $3, s3_key = $4, local_path = $5, run_id = $6, error = NULL,"
                        " checksum = NULL, size_bytes = NULL, etag = NULL, downloaded_at = NULL,"
                        " updated_at = now()",
                        6,
                        (const char *const[]){host, job->req.image_id, job->bucket, job->req.s3_key,
-                                             job->dest, fsm_run_id(c->run)});
+                                             job->dest, me});
+}
+
+/*
+ * Claim the image for this run, waiting while another live run works on it: up to
+ * DOWNLOAD_TIMEOUT (one attempt of theirs), then -EBUSY so that the FSM retries later.
+ */
+static int download_claim(struct fsm_run *run, struct download_job *job)
+{
+        struct download_check c = {.job = job, .run = run};
+        int64_t give_up = util_now_monotonic_ms() + (int64_t)job->ctx->cfg->download_timeout * 1000;
+        int r;
+
+        for (;;) {
+                r = db_tx(fsm_run_db(run), download_claim_tx, &c);
+                if (r != -EINPROGRESS)
+                        return r;
+                if (fsm_run_should_stop(run))
+                        return err_set(
+                                -EINTR,
+                                "stopped while waiting for run %s, which is downloading image '%s'",
+                                c.owner, job->req.image_id);
+                if (util_now_monotonic_ms() >= give_up)
+                        return err_set(
+                                -EBUSY,
+                                "image '%s' is still being downloaded by run %s (another request for it) after %d s; will retry",
+                                job->req.image_id, c.owner, job->ctx->cfg->download_timeout);
+                util_sleep_ms(DOWNLOAD_WAIT_POLL_MS);
+        }
 }
 
 static int download_check_exists(struct fsm_run *run, void *userdata)
 {
-        struct download_check c = {userdata, run};
-
-        return db_tx(fsm_run_db(run), download_check_tx, &c);
+        return download_claim(run, userdata);
 }
 
 static int download_s3_client(const struct config *cfg, struct s3_client **ret)
@@ -161,6 +237,30 @@ static bool download_response_done(struct fsm_run *run)
         return json_object_object_get_ex(fsm_run_response(run), "checksum", &v);
 }
 
+/* Set this run's image row to @status (and @error, may be NULL). */
+static int download_set_status(struct fsm_run *run, const struct download_job *job,
+                               const char *status, const char *error)
+{
+        return db_exec(fsm_run_db(run), NULL,
+                       "UPDATE images SET status = $4, error = $5, updated_at = now()"
+                       " WHERE host_id = $1 AND image_id = $2 AND run_id = $3",
+                       5,
+                       (const char *const[]){job->ctx->cfg->host_id, job->req.image_id,
+                                             fsm_run_id(run), status, error});
+}
+
+/* After a transient failure: no transfer until the retry; the row says why. */
+static void download_back_to_pending(struct fsm_run *run, const struct download_job *job, int r)
+{
+        char msg[ERR_MSG_MAX];
+
+        (void)snprintf(msg, sizeof(msg), "%s", err_text(r));
+        log_redact(msg);
+        if (download_set_status(run, job, "pending", msg) < 0)
+                log_debug("could not mark the image pending", "image_id=%s", job->req.image_id);
+        (void)err_set(r, "%s", msg);
+}
+
 static int download_fetch(struct fsm_run *run, void *userdata)
 {
         struct download_job *job = userdata;
@@ -176,6 +276,7 @@ static int download_fetch(struct fsm_run *run, void *userdata)
                 .parallel_threshold_bytes = cfg->download_parallel_threshold,
                 .part_size = cfg->download_part_size,
                 .max_connections = (unsigned)cfg->download_connections,
+                .min_free_bytes = DOWNLOAD_FREE_MARGIN_BYTES,
                 .total_timeout_ms = (int64_t)cfg->download_timeout * 1000,
                 .stall_timeout_ms = (int64_t)cfg->download_stall_timeout * 1000,
                 .expected_sha256 = job->req.checksum[0] ? job->req.checksum : NULL,
@@ -183,17 +284,24 @@ static int download_fetch(struct fsm_run *run, void *userdata)
         };
         int r;
 
-        if (job->skip)
-                return 0;
-        r = download_s3_client(cfg, &client);
+        /* Another run may have finished the image since check_exists (or be at it now). */
+        r = download_claim(run, job);
+        if (r < 0 || job->skip)
+                return r;
+        r = download_set_status(run, job, "downloading", NULL);
         if (r < 0)
                 return r;
-        r = download_object(client, &p, download_progress, job, &result);
+        r = download_s3_client(cfg, &client);
+        if (r >= 0)
+                r = download_object(client, &p, download_progress, job, &result);
         s3_client_free(client);
         /* Bytes moved, whether or not this attempt succeeds: what the link carried. */
         metrics_add_bytes_downloaded(received);
-        if (r < 0)
+        if (r < 0) {
+                if (err_is_transient(r))
+                        download_back_to_pending(run, job, r);
                 return r;
+        }
         job->fetched_here = true;
         (void)snprintf(job->etag, sizeof(job->etag), "%s", result.etag);
         download_response_set(fsm_run_response(run), job->req.image_id, job->dest, result.sha256,

@@ -234,8 +234,7 @@ int request_validate_bucket(const char *bucket)
 int request_validate_checksum(const char *hex)
 {
         if (!util_is_sha256_hex(hex))
-                return err_set(-EINVAL,
-                               "field 'checksum' must be a SHA-256 as 64 lowercase hex digits");
+                return err_set(-EINVAL, "field 'checksum' must be a SHA-256 as 64 hex digits");
         return 0;
 }
 
@@ -598,8 +597,27 @@ out:
                 return request_encode(type##_fields, ARRAY_SIZE(type##_fields), in);               \
         }
 
-REQUEST_CODEC(download_request, download_request_validate(&tmp))
-REQUEST_CODEC(unpack_request, unpack_request_validate(&tmp))
+/* sha256sum prints lower-case hex and other tools upper-case: accept both, keep lower. */
+static void request_lower_checksum(char *hex)
+{
+        for (char *p = hex; *p; p++)
+                *p = (char)tolower((unsigned char)*p);
+}
+
+static int download_request_prepare(struct download_request *req)
+{
+        request_lower_checksum(req->checksum);
+        return download_request_validate(req);
+}
+
+static int unpack_request_prepare(struct unpack_request *req)
+{
+        request_lower_checksum(req->checksum);
+        return unpack_request_validate(req);
+}
+
+REQUEST_CODEC(download_request, download_request_prepare(&tmp))
+REQUEST_CODEC(unpack_request, unpack_request_prepare(&tmp))
 REQUEST_CODEC(activate_request, activate_request_validate(&tmp))
 REQUEST_CODEC(download_response, 0)
 REQUEST_CODEC(unpack_response, 0)

@@ -44,6 +44,12 @@
 #define S3_POLL_MS 100
 #define S3_RECV_BUFFER (256 * 1024)
 #define S3_DEFAULT_CONNECT_TIMEOUT_MS 10000L
+/*
+ * curl's own timeout is only a backstop, set this much later than the caller's deadline: our
+ * check fires first and its message names the limit, where curl's would only say "Timeout was
+ * reached".
+ */
+#define S3_CURL_TIMEOUT_GRACE_MS 2000
 
 struct s3_client {
         CURLM *multi;
@@ -280,6 +286,8 @@ static const struct {
          "the server gave up waiting for the request: transient, retry later"},
         {"PermanentRedirect", -EINVAL,
          "the bucket needs another endpoint: check AWS_REGION and S3_ENDPOINT"},
+        {"NotImplemented", -ENOSYS,
+         "the server does not implement this request: check that S3_ENDPOINT is an S3 API"},
         {"XAmzContentSHA256Mismatch", -EIO,
          "the server saw a different payload hash: a client bug or a proxy that alters requests"},
 };
@@ -310,6 +318,10 @@ FIM_TESTABLE int s3_client_errno_for(long status, const char *code, const char *
         } else if (status == 408) {
                 r = -ETIMEDOUT;
                 hint = "the server timed out the request: transient, retry later";
+        } else if (status == 501) {
+                /* Asking again will not make the server implement it. */
+                r = -ENOSYS;
+                hint = "the server does not implement this request: check that S3_ENDPOINT is an S3 API";
         } else if (status == 429 || status >= 500) {
                 r = -EAGAIN;
                 hint = "server-side trouble: transient, retry later";
@@ -759,6 +771,11 @@ static int s3_xfer_check_range(struct s3_xfer *x)
         if (x->status == 206 && x->have_range && x->range_start == x->offset)
                 return 0;
         s3_xfer_target(x, target, sizeof(target));
+        if (x->status == 200)
+                return err_set(
+                        -ENOTSUP,
+                        "failed to %s %s: asked for bytes from %llu, the server ignored the Range header and answered HTTP 200 with the whole object",
+                        x->verb, target, (unsigned long long)x->offset);
         return err_set(
                 -EPROTO,
                 "failed to %s %s: asked for bytes from %llu, the server answered HTTP %ld %s; the server does not support ranged GETs properly",
@@ -952,7 +969,7 @@ static int s3_xfer_setopts(const struct s3_client *c, struct s3_xfer *x, int64_t
                 S3_SETOPT(x, CURLOPT_LOW_SPEED_TIME, c->low_speed_time_s);
         }
         if (timeout_ms > 0)
-                S3_SETOPT(x, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
+                S3_SETOPT(x, CURLOPT_TIMEOUT_MS, (long)(timeout_ms + S3_CURL_TIMEOUT_GRACE_MS));
         if (x->op == S3_OP_HEAD)
                 S3_SETOPT(x, CURLOPT_NOBODY, 1L);
         if (x->op == S3_OP_PUT || x->op == S3_OP_CREATE_BUCKET) {
@@ -969,8 +986,21 @@ static int s3_xfer_timeout(struct s3_xfer *x, const char *why, int64_t ms)
         char target[512];
 
         s3_xfer_target(x, target, sizeof(target));
-        return err_set(-ETIMEDOUT, "failed to %s %s: %s (%lld ms); transient, retry later", x->verb,
+        return err_set(-ETIMEDOUT, "failed to %s %s: %s %lld ms; transient, retry later", x->verb,
                        target, why, (long long)ms);
+}
+
+static int s3_xfer_stalled(struct s3_xfer *x, const struct s3_limits *lim, int64_t ms)
+{
+        char target[512];
+
+        s3_xfer_target(x, target, sizeof(target));
+        return err_set(-ETIMEDOUT,
+                       "failed to %s %s: the transfer stalled, no data for %lld ms (%s is %lld ms)"
+                       " after %llu bytes of this request; transient, retry later",
+                       x->verb, target, (long long)ms,
+                       lim->stall_setting ? lim->stall_setting : "the stall timeout",
+                       (long long)lim->stall_timeout_ms, (unsigned long long)x->received);
 }
 
 static int s3_xfer_start(struct s3_client *c, struct s3_xfer *x, const struct s3_limits *lim)
@@ -982,8 +1012,9 @@ static int s3_xfer_start(struct s3_client *c, struct s3_xfer *x, const struct s3
         if (lim && lim->deadline_ms > 0) {
                 timeout_ms = lim->deadline_ms - now;
                 if (timeout_ms <= 0)
-                        return s3_xfer_timeout(x, "the total time limit ran out before the request",
-                                               0);
+                        return s3_xfer_timeout(
+                                x, "the time limit for the call ran out before the request, by",
+                                -timeout_ms);
         }
         x->easy = curl_easy_init();
         if (!x->easy)
@@ -1069,12 +1100,11 @@ static void s3_client_check_timers(struct s3_client *c, struct s3_xfer *xs, size
                 if (!x->active)
                         continue;
                 if (lim->deadline_ms > 0 && now >= lim->deadline_ms)
-                        r = s3_xfer_timeout(x, "the total time limit ran out",
+                        r = s3_xfer_timeout(x, "the time limit for the call ran out, by",
                                             now - lim->deadline_ms);
                 else if (lim->stall_timeout_ms > 0 &&
                          now - x->last_progress_ms >= lim->stall_timeout_ms)
-                        r = s3_xfer_timeout(x, "no data arrived within the stall timeout",
-                                            now - x->last_progress_ms);
+                        r = s3_xfer_stalled(x, lim, now - x->last_progress_ms);
                 if (r == 0)
                         continue;
                 s3_xfer_stop(c, x);
@@ -1146,11 +1176,14 @@ static int s3_client_run(struct s3_client *c, struct s3_xfer *xs, size_t n, unsi
                 s3_client_reap(c, xs, done_cb, userdata, &active, &first_r, first_msg);
                 s3_client_check_timers(c, xs, next, lim, done_cb, userdata, &active, &first_r,
                                        first_msg);
-                if (first_r < 0 || active == 0)
+                /* The call's result is decided: waiting for the others would only cost time. */
+                if (first_r < 0)
+                        break;
+                if (active == 0)
                         continue;
                 (void)curl_multi_poll(c->multi, NULL, 0, S3_POLL_MS, NULL);
         }
-        /* After a failure, whatever is still in flight is cancelled. */
+        /* After a failure, whatever is still in flight is cancelled, without a done_cb. */
         for (size_t i = 0; i < next; i++)
                 s3_xfer_stop(c, &xs[i]);
         if (first_r < 0)

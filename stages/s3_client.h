@@ -19,8 +19,10 @@
  *   expired or invalid tokens, 401, 403                 -EACCES     permanent
  *   InvalidRange, 416                                   -ERANGE     permanent
  *   PreconditionFailed, 412 (the ETag changed)          -ESTALE     permanent for this ETag
+ *   NotImplemented, 501                                 -ENOSYS     permanent
  *   SlowDown, 503, InternalError, other 5xx, 429        -EAGAIN     transient
- *   RequestTimeout, 408, curl timeouts, stalls          -ETIMEDOUT  transient
+ *   RequestTimeout, 408, curl timeouts, stalls,
+ *   the s3_limits deadline                              -ETIMEDOUT  transient
  *   connection reset or refused                         -ECONNRESET/-ECONNREFUSED transient
  *   truncated body                                      -EPIPE      transient
  *   anything else from the server                       -EIO        permanent
@@ -59,10 +61,15 @@ struct s3_object_info {
         int64_t last_modified_s; /* seconds since the epoch, -1 if unknown */
 };
 
-/* Time limits for one call. Zero fields mean "no limit". */
+/*
+ * Time limits for one call. Zero fields mean "no limit". Both are checked by the client itself
+ * (every 100 ms at most), so their -ETIMEDOUT messages say which limit ran out; curl's own
+ * timeout is set a little later, as a backstop only.
+ */
 struct s3_limits {
-        int64_t deadline_ms;      /* absolute, on the util_now_monotonic_ms() clock */
-        int64_t stall_timeout_ms; /* fail a request that receives nothing for this long */
+        int64_t deadline_ms;       /* absolute, on the util_now_monotonic_ms() clock */
+        int64_t stall_timeout_ms;  /* fail a request that receives nothing for this long */
+        const char *stall_setting; /* for messages: the setting behind the stall timeout */
 };
 
 /*
@@ -98,7 +105,9 @@ int s3_client_head(struct s3_client *c, const char *bucket, const char *key,
 
 /*
  * GET an object or a byte range of it, streaming the body to @get->write_cb. A ranged GET
- * fails with -EPROTO if the server ignores the range. @ret_info may be NULL.
+ * fails with -ENOTSUP, before any byte reaches @get->write_cb, if the server ignores the Range
+ * header (HTTP 200 with the whole object); with -EPROTO if it answers another range.
+ * @ret_info may be NULL.
  */
 int s3_client_get(struct s3_client *c, const struct s3_get *get, const struct s3_limits *limits,
                   struct s3_object_info *ret_info);
@@ -108,10 +117,10 @@ typedef void (*s3_client_done_fn)(size_t index, int r, void *userdata);
 
 /*
  * Run @n GETs with at most @max_parallel in flight, each on its own connection. @done_cb (may
- * be NULL) runs on the calling thread as each one finishes, in completion order. After the
- * first failure nothing new is started, the ones in flight are cancelled (no done_cb for them)
- * and that first failure is returned with its message. The stall timeout applies to each
- * request, the deadline to the whole call.
+ * be NULL) runs on the calling thread as each one finishes, in completion order. At the
+ * first failure (done_cb runs for it) nothing new is started, the ones in flight are cancelled
+ * at once (no done_cb for them) and that first failure is returned with its message. The
+ * stall timeout applies to each request, the deadline to the whole call.
  */
 int s3_client_get_many(struct s3_client *c, const struct s3_get *gets, size_t n,
                        unsigned max_parallel, const struct s3_limits *limits,

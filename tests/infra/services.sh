@@ -14,11 +14,15 @@
 #   DATABASE_URL, FIM_PG_ADMIN_URL (the postgres db, to create scratch dbs)
 #   S3_ENDPOINT, S3_FORCE_PATH_STYLE, AWS_ACCESS_KEY_ID,
 #     AWS_SECRET_ACCESS_KEY, AWS_REGION, S3_BUCKET (created)
+#   S3_VHOST_ENDPOINT (http://localhost:PORT: a second S3Proxy on the same
+#     objects that takes the bucket from the Host header, for tests of
+#     virtual-host addressing)
 #   KAFKA_BROKERS, FIM_KAFKA_GUEST_BROKERS (the address a qemu guest uses)
 #   FIM_SERVICES_DIR
 # Everything listens on 127.0.0.1 only. Knobs (environment, with defaults):
 #   FIM_SERVICES_DIR=/tmp/fim-services  state: data dirs, logs, pid files
-#   FIM_PG_PORT=55432  FIM_S3_PORT=19000  FIM_KAFKA_PORT=19092
+#   FIM_PG_PORT=55432  FIM_S3_PORT=19000  FIM_S3_VHOST_PORT=FIM_S3_PORT+1
+#   FIM_KAFKA_PORT=19092
 #   FIM_KAFKA_CONTROLLER_PORT=19093  FIM_KAFKA_GUEST_PORT=19094
 #   FIM_KAFKA_GUEST_ADDR=10.0.2.100
 #   FIM_PG_TIMEOUT=30  FIM_S3_TIMEOUT=60  FIM_KAFKA_TIMEOUT=90  (seconds)
@@ -56,6 +60,7 @@ CACHE=$ROOT/.cache
 
 PG_PORT=${FIM_PG_PORT:-55432}
 S3_PORT=${FIM_S3_PORT:-19000}
+S3_VHOST_PORT=${FIM_S3_VHOST_PORT:-$((S3_PORT + 1))}
 KAFKA_PORT=${FIM_KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${FIM_KAFKA_CONTROLLER_PORT:-19093}
 # A qemu guest with restricted user networking reaches the host's loopback
@@ -372,8 +377,54 @@ s3_curl() {
 }
 
 # S3Proxy answers an unsigned request with 403 AccessDenied once it serves.
+# HOST:PORT, default the main instance.
 s3_ready() {
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$S3_PORT/")" = 403 ]
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://${1:-127.0.0.1:$S3_PORT}/")" = 403 ]
+}
+
+s3_vhost_ready() {
+        s3_ready "localhost:$S3_VHOST_PORT"
+}
+
+# Write an S3Proxy config: FILE PORT [EXTRA LINE...]
+s3_conf() {
+        local file=$1 port=$2
+        shift 2
+        # filesystem-nio2 keeps objects on disk, not in the JVM heap,
+        # so large image tarballs do not need a large -Xmx.
+        {
+                echo "s3proxy.endpoint=http://127.0.0.1:$port"
+                echo "s3proxy.authorization=aws-v4"
+                echo "s3proxy.identity=$S3_ACCESS_KEY"
+                echo "s3proxy.credential=$S3_SECRET_KEY"
+                echo "jclouds.provider=filesystem-nio2"
+                echo "jclouds.filesystem.basedir=$STATE/s3/blobs"
+                # Unknown x-amz-* headers are otherwise refused with 501; this
+                # lets x-amz-security-token (AWS_SESSION_TOKEN) through, still
+                # covered by the signature check.
+                echo "s3proxy.ignore-unknown-headers=true"
+                printf '%s\n' "$@"
+        } >"$file"
+}
+
+# A second S3Proxy on the same objects, for virtual-host addressing: a request
+# for http://BUCKET.localhost:PORT/KEY names its bucket in the Host header
+# (curl resolves *.localhost to loopback by itself). It is a separate
+# instance because with s3proxy.virtual-host set, S3Proxy takes any other
+# Host (127.0.0.1, a qemu guest's 10.0.2.100) for a bucket name, which would
+# break every path-style client of the main one. It reads the class-data
+# archive the main one recorded, and records none of its own.
+start_s3_vhost() {
+        local dir=$STATE/s3 lib=$CACHE/s3proxy-lib archive cds=()
+        live_pid s3vhost >/dev/null && s3_vhost_ready && return 0
+        port_open "$S3_VHOST_PORT" &&
+                die_port_busy s3 "$S3_VHOST_PORT" FIM_S3_VHOST_PORT
+        s3_conf "$dir/s3proxy-vhost.conf" "$S3_VHOST_PORT" "s3proxy.virtual-host=localhost"
+        archive=$(cds_archive s3 "$lib")
+        [ ! -s "$archive" ] || cds=("-XX:SharedArchiveFile=$archive")
+        launch s3vhost "$dir/s3proxy-vhost.log" java "${JVM_OPTS[@]}" "${cds[@]}" \
+                -Dlogback.configurationFile="$HERE/s3proxy/logback.xml" \
+                -cp "$lib/*" org.gaul.s3proxy.Main --properties "$dir/s3proxy-vhost.conf"
 }
 
 start_s3() {
@@ -390,21 +441,14 @@ start_s3() {
                 fetch_jars s3 "$HERE/s3proxy/pom.xml" "$lib" "$dir/maven.log"
                 [ -z "$(ls -A "$dir/blobs")" ] || note=" (kept existing objects)"
 
-                # filesystem-nio2 keeps objects on disk, not in the JVM heap,
-                # so large image tarballs do not need a large -Xmx.
-                cat >"$dir/s3proxy.conf" <<EOF
-s3proxy.endpoint=http://127.0.0.1:$S3_PORT
-s3proxy.authorization=aws-v4
-s3proxy.identity=$S3_ACCESS_KEY
-s3proxy.credential=$S3_SECRET_KEY
-jclouds.provider=filesystem-nio2
-jclouds.filesystem.basedir=$dir/blobs
-EOF
+                s3_conf "$dir/s3proxy.conf" "$S3_PORT"
                 launch s3 "$log" java "${JVM_OPTS[@]}" "$(cds_opts s3 "$lib")" \
                         -Dlogback.configurationFile="$HERE/s3proxy/logback.xml" \
                         -cp "$lib/*" org.gaul.s3proxy.Main --properties "$dir/s3proxy.conf"
-                wait_ready s3 "$log" "$S3_TIMEOUT" s3_ready
         fi
+        start_s3_vhost
+        live_pid s3 >/dev/null && s3_ready || wait_ready s3 "$log" "$S3_TIMEOUT" s3_ready
+        wait_ready s3vhost "$dir/s3proxy-vhost.log" "$S3_TIMEOUT" s3_vhost_ready
 
         # 200 = created, 409 BucketAlreadyOwnedByYou = there from a previous
         # start; both are what we want.
@@ -419,11 +463,13 @@ EOF
         write_env s3 \
                 "S3_ENDPOINT=http://127.0.0.1:$S3_PORT" \
                 "S3_FORCE_PATH_STYLE=true" \
+                "S3_VHOST_ENDPOINT=http://localhost:$S3_VHOST_PORT" \
                 "AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY" \
                 "AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY" \
                 "AWS_REGION=$S3_REGION" \
                 "S3_BUCKET=$S3_BUCKET"
-        printf '%-6s up in %-6s 127.0.0.1:%s%s\n' s3 "$(elapsed "$t0")" "$S3_PORT" "$note"
+        printf '%-6s up in %-6s 127.0.0.1:%s, virtual-host localhost:%s%s\n' s3 "$(elapsed "$t0")" \
+                "$S3_PORT" "$S3_VHOST_PORT" "$note"
 }
 
 # ------------------------------------------------------------------ Kafka --
@@ -613,6 +659,7 @@ cmd_stop() {
         t0=$(now_us)
         stop_pid kafka 30 "$CACHE/kafka-lib" &
         stop_pid s3 15 "$CACHE/s3proxy-lib" &
+        stop_pid s3vhost 15 &
         stop_pg &
         wait
         rm -rf "$STATE"
@@ -626,8 +673,8 @@ cmd_status() {
         else
                 echo "pg     down"; rc=3
         fi
-        if live_pid s3 >/dev/null && s3_ready; then
-                echo "s3     up   127.0.0.1:$S3_PORT"
+        if live_pid s3 >/dev/null && s3_ready && live_pid s3vhost >/dev/null && s3_vhost_ready; then
+                echo "s3     up   127.0.0.1:$S3_PORT, virtual-host localhost:$S3_VHOST_PORT"
         else
                 echo "s3     down"; rc=3
         fi

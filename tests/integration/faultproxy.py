@@ -9,9 +9,19 @@ connections carry several), so that a fault hits exactly the request it was arme
                        requests through untouched, is cut after N bytes (status line and
                        headers included): the connection just closes
   slowdown K           the next K requests, any method, get "503 SlowDown" from the proxy
+  error STATUS [METHOD] [DELAY]
+                       the next METHOD (default GET) request is answered by the proxy with
+                       STATUS and an S3 error document, after DELAY seconds (default 0)
   stall T [AFTER] [METHOD]
                        the next METHOD (default GET) response pauses T seconds after
                        AFTER bytes (default 0), then continues
+  hold T [METHOD]      the next METHOD (default GET) request waits T seconds before it is
+                       forwarded (the server sees it late)
+  norange K            the next K GETs with a Range header get their 206 answer as a 200
+                       without Content-Range, as from a server that ignores Range (the body
+                       is still only the range: a correct client does not use it)
+  stats                answered "ok inflight=N conns=M": the most requests in flight at
+                       once and the connections accepted since the last stats
   clear                forget every armed fault
 
 Commands arrive one per line on standard input; each is answered with "ok" (or
@@ -20,6 +30,7 @@ request. The first line on standard output is "port N". End of input stops the p
 
 Every request is appended to the --log file as one line:
   METHOD TARGET range=<Range or -> if-match=<If-Match or -> fault=<what was applied or ->
+  host=<Host> token=<yes if x-amz-security-token was sent, else ->
 """
 
 import argparse
@@ -42,7 +53,10 @@ class Faults:
     def clear(self):
         self.cuts = []  # {"method", "nbytes", "skip"}
         self.stalls = []  # {"method", "seconds", "after", "skip"}
+        self.errors = []  # {"method", "status", "delay", "skip"}
+        self.holds = []  # {"method", "seconds", "skip"}
         self.slowdown = 0
+        self.norange = 0
 
     def command(self, line):
         words = line.split()
@@ -59,6 +73,16 @@ class Faults:
             method = words[3] if len(words) == 4 else "GET"
             self.stalls.append({"method": method, "seconds": float(words[1]), "after": after,
                                 "skip": 0})
+        elif words[0] == "error" and 2 <= len(words) <= 4:
+            method = words[2] if len(words) >= 3 else "GET"
+            delay = float(words[3]) if len(words) == 4 else 0.0
+            self.errors.append({"method": method, "status": int(words[1]), "delay": delay,
+                                "skip": 0})
+        elif words[0] == "hold" and 2 <= len(words) <= 3:
+            method = words[2] if len(words) == 3 else "GET"
+            self.holds.append({"method": method, "seconds": float(words[1]), "skip": 0})
+        elif words[0] == "norange" and len(words) == 2:
+            self.norange += int(words[1])
         elif words[0] == "clear":
             self.clear()
         else:
@@ -155,20 +179,44 @@ async def copy_body(reader, send, headers, has_body):
             await send(data)
 
 
+ERROR_CODES = {501: "NotImplemented", 503: "ServiceUnavailable"}
+
+
 class Proxy:
     def __init__(self, upstream, log):
         self.upstream = upstream
         self.log = log
         self.faults = Faults()
+        self.inflight = 0
+        self.inflight_max = 0
+        self.conns = 0
+
+    def stats(self):
+        answer = "ok inflight=%d conns=%d" % (self.inflight_max, self.conns)
+        self.inflight_max = self.inflight
+        self.conns = 0
+        return answer
 
     def record(self, request_line, headers, fault):
         parts = request_line.split(" ")
         target = parts[1] if len(parts) > 1 else "?"
         self.log.write(
-            "%s %s range=%s if-match=%s fault=%s\n"
-            % (parts[0], target, headers.get("range", "-"), headers.get("if-match", "-"), fault)
+            "%s %s range=%s if-match=%s fault=%s host=%s token=%s\n"
+            % (parts[0], target, headers.get("range", "-"), headers.get("if-match", "-"), fault,
+               headers.get("host", "-"), "yes" if "x-amz-security-token" in headers else "-")
         )
         self.log.flush()
+
+    async def error(self, client_writer, method, status):
+        code = ERROR_CODES.get(status, "InternalError")
+        body = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code>'
+                "<Message>injected by faultproxy</Message><RequestId>FAULTPROXY%d</RequestId>"
+                "</Error>" % (code, status)).encode()
+        head = ("HTTP/1.1 %d Injected\r\nContent-Type: application/xml\r\n"
+                "x-amz-request-id: FAULTPROXY%d\r\nContent-Length: %d\r\n\r\n"
+                % (status, status, len(body))).encode()
+        client_writer.write(head if method == "HEAD" else head + body)
+        await client_writer.drain()
 
     async def slowdown(self, client_writer, method):
         head = (
@@ -178,13 +226,18 @@ class Proxy:
         client_writer.write(head if method == "HEAD" else head + SLOWDOWN_BODY)
         await client_writer.drain()
 
-    async def forward_response(self, up_reader, sink, method):
+    async def forward_response(self, up_reader, sink, method, norange=False):
         while True:
             head = await read_head(up_reader)
             if head is None:
                 raise Cut()  # upstream went away: drop the client too
             status_line, headers = parse_head(head)
             status = int(status_line.split(" ")[1])
+            if norange and status == 206:
+                lines = head.decode("latin-1").split("\r\n")
+                lines[0] = "HTTP/1.1 200 OK"
+                lines = [l for l in lines if not l.lower().startswith("content-range:")]
+                head = "\r\n".join(lines).encode("latin-1")
             await sink.send(head)
             if 100 <= status < 200:
                 continue
@@ -198,6 +251,23 @@ class Proxy:
             return False
         request_line, headers = parse_head(head)
         method = request_line.split(" ")[0]
+        self.inflight += 1
+        self.inflight_max = max(self.inflight_max, self.inflight)
+        try:
+            return await self.one_request_counted(reader, writer, upstream, head, request_line,
+                                                  headers, method)
+        finally:
+            self.inflight -= 1
+
+    async def one_request_counted(self, reader, writer, upstream, head, request_line, headers,
+                                  method):
+        error = self.faults.take(self.faults.errors, method)
+        if error:
+            self.record(request_line, headers, "error:%d" % error["status"])
+            await copy_body(reader, lambda d: asyncio.sleep(0), headers, "content-length" in headers)
+            await asyncio.sleep(error["delay"])
+            await self.error(writer, method, error["status"])
+            return True
         if self.faults.slowdown > 0:
             self.faults.slowdown -= 1
             self.record(request_line, headers, "slowdown")
@@ -206,12 +276,23 @@ class Proxy:
             return True
         cut = self.faults.take(self.faults.cuts, method)
         stall = self.faults.take(self.faults.stalls, method)
+        hold = self.faults.take(self.faults.holds, method)
+        norange = False
+        if method == "GET" and "range" in headers and self.faults.norange > 0:
+            self.faults.norange -= 1
+            norange = True
         fault = "-"
         if cut:
             fault = "cut:%d" % cut["nbytes"]
         elif stall:
             fault = "stall:%g@%d" % (stall["seconds"], stall["after"])
+        elif hold:
+            fault = "hold:%g" % hold["seconds"]
+        elif norange:
+            fault = "norange"
         self.record(request_line, headers, fault)
+        if hold:
+            await asyncio.sleep(hold["seconds"])
         if upstream[0] is None:
             upstream[0], upstream[1] = await asyncio.open_connection(*self.upstream, limit=HEAD_LIMIT)
         up_reader, up_writer = upstream
@@ -225,10 +306,11 @@ class Proxy:
                         headers.get("transfer-encoding", "").lower() == "chunked")
         sink = Sink(writer, cut=cut["nbytes"] if cut else None,
                     stall=(stall["seconds"], stall["after"]) if stall else None)
-        close = await self.forward_response(up_reader, sink, method)
+        close = await self.forward_response(up_reader, sink, method, norange)
         return not close
 
     async def handle(self, reader, writer):
+        self.conns += 1
         upstream = [None, None]
         try:
             while await self.one_request(reader, writer, upstream):
@@ -250,7 +332,7 @@ class Proxy:
             if not line:
                 return
             try:
-                answer = self.faults.command(line)
+                answer = self.stats() if line.split() == ["stats"] else self.faults.command(line)
             except ValueError:
                 answer = "error: bad number"
             print(answer, flush=True)

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -24,13 +25,13 @@
 
 #include "common/err.h"
 #include "common/util.h"
+#include "helper_faultproxy.h"
 #include "stages/download.h"
 #include "stages/s3_client.h"
 #include "stages/s3_sigv4.h"
 
 #define MIB (1024u * 1024u)
 #define TEST_BUCKET "fim-download-test"
-#define FAULTPROXY FIM_SOURCE_DIR "/tests/integration/faultproxy.py"
 
 struct object {
         const char *name;
@@ -48,23 +49,16 @@ static struct object objects[] = {
         {.name = "large", .size = 5 * MIB + 123, .seed = 4},
         {.name = "resume", .size = 3 * MIB + 5, .seed = 5},
         {.name = "changing", .size = 4 * MIB + 3, .seed = 6},
+        {.name = "replaced", .size = MIB + 7, .seed = 7},
 };
 
-enum { OBJ_EMPTY, OBJ_ONE, OBJ_ODD, OBJ_LARGE, OBJ_RESUME, OBJ_CHANGING };
-
-struct proxy {
-        pid_t pid;
-        FILE *in;  /* commands */
-        FILE *out; /* answers */
-        int port;
-        char log_path[512];
-};
+enum { OBJ_EMPTY, OBJ_ONE, OBJ_ODD, OBJ_LARGE, OBJ_RESUME, OBJ_CHANGING, OBJ_REPLACED };
 
 static struct {
         struct s3_client *client;
         char dir[256];
         char prefix[64];
-        struct proxy proxy;
+        struct faultproxy proxy;
         struct s3_client *proxied;
 } t;
 
@@ -100,16 +94,22 @@ static int client_from_env(const char *endpoint, const char *ak, const char *sk,
         return s3_client_new(&o, ret);
 }
 
-static void upload(struct object *o, unsigned seed)
+/* Make @o's bytes for @seed (what upload() sends), without uploading them. */
+static void generate(struct object *o, unsigned seed)
 {
-        int r;
-
         o->seed = seed;
         free(o->data);
         o->data = malloc(o->size ? o->size : 1);
         assert_non_null(o->data);
         fill(o->data, o->size, seed);
         assert_int_equal(sigv4_sha256_hex(o->data, o->size, o->sha256), 0);
+}
+
+static void upload(struct object *o, unsigned seed)
+{
+        int r;
+
+        generate(o, seed);
         r = s3_client_put(t.client, TEST_BUCKET, o->key, o->data, o->size, NULL);
         if (r < 0)
                 fail_msg("upload of '%s' failed: %s", o->key, err_text(r));
@@ -167,85 +167,32 @@ static struct download_params params(const struct object *o, const char *dest)
 
 static void proxy_command(const char *cmd)
 {
-        char answer[128];
-
-        fprintf(t.proxy.in, "%s\n", cmd);
-        fflush(t.proxy.in);
-        assert_non_null(fgets(answer, sizeof(answer), t.proxy.out));
-        if (strcmp(answer, "ok\n") != 0)
-                fail_msg("faultproxy refused '%s': %s", cmd, answer);
+        faultproxy_command(&t.proxy, cmd);
 }
 
-/* Whether the proxy logged a GET of @key with "range=bytes=@offset-". */
+/* Whether the proxy logged a GET of @key with "range=bytes=@offset-" and an If-Match. */
 static bool proxy_saw_range(const char *key, uint64_t offset)
 {
-        char needle[256], line[1024];
-        FILE *f = fopen(t.proxy.log_path, "re");
-        bool found = false;
+        char needle[64];
 
-        assert_non_null(f);
         (void)snprintf(needle, sizeof(needle), " range=bytes=%llu-", (unsigned long long)offset);
-        while (fgets(line, sizeof(line), f)) {
-                if (strncmp(line, "GET ", 4) == 0 && strstr(line, key) && strstr(line, needle) &&
-                    strstr(line, "if-match=\""))
-                        found = true;
-        }
-        fclose(f);
-        return found;
+        return faultproxy_log_count(&t.proxy, "GET ", key, needle, "if-match=\"", NULL) > 0;
 }
 
 static int proxy_start(void)
 {
-        const char *endpoint = getenv("S3_ENDPOINT");
-        const char *hostport = strstr(endpoint, "://");
-        int in[2], out[2];
-        char upstream[256], line[64], url[64];
+        char log_path[512];
 
-        if (!hostport)
+        (void)snprintf(log_path, sizeof(log_path), "%s/faultproxy.log", t.dir);
+        if (faultproxy_start(&t.proxy, getenv("S3_ENDPOINT"), log_path) < 0)
                 return -1;
-        (void)snprintf(upstream, sizeof(upstream), "%s", hostport + 3);
-        upstream[strcspn(upstream, "/")] = '\0';
-        (void)snprintf(t.proxy.log_path, sizeof(t.proxy.log_path), "%s/faultproxy.log", t.dir);
-        if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0)
-                return -1;
-        t.proxy.pid = fork();
-        if (t.proxy.pid < 0)
-                return -1;
-        if (t.proxy.pid == 0) {
-                (void)dup2(in[0], STDIN_FILENO);
-                (void)dup2(out[1], STDOUT_FILENO);
-                execlp("python3", "python3", FAULTPROXY, "--upstream", upstream, "--log",
-                       t.proxy.log_path, (char *)NULL);
-                _exit(127);
-        }
-        (void)close(in[0]);
-        (void)close(out[1]);
-        t.proxy.in = fdopen(in[1], "w");
-        t.proxy.out = fdopen(out[0], "r");
-        if (!t.proxy.in || !t.proxy.out || !fgets(line, sizeof(line), t.proxy.out) ||
-            sscanf(line, "port %d", &t.proxy.port) != 1)
-                return -1;
-        (void)snprintf(url, sizeof(url), "http://127.0.0.1:%d", t.proxy.port);
-        return client_from_env(url, getenv("AWS_ACCESS_KEY_ID"), getenv("AWS_SECRET_ACCESS_KEY"),
-                               &t.proxied);
+        return client_from_env(t.proxy.url, getenv("AWS_ACCESS_KEY_ID"),
+                               getenv("AWS_SECRET_ACCESS_KEY"), &t.proxied);
 }
 
 static void proxy_stop(void)
 {
-        if (t.proxy.in)
-                fclose(t.proxy.in); /* end of input stops it */
-        if (t.proxy.out)
-                fclose(t.proxy.out);
-        if (t.proxy.pid > 0) {
-                int status;
-
-                for (int i = 0; i < 50 && waitpid(t.proxy.pid, &status, WNOHANG) == 0; i++)
-                        util_sleep_ms(100);
-                if (waitpid(t.proxy.pid, &status, WNOHANG) == 0) {
-                        (void)kill(t.proxy.pid, SIGKILL);
-                        (void)waitpid(t.proxy.pid, &status, 0);
-                }
-        }
+        faultproxy_stop(&t.proxy);
         t.proxied = s3_client_free(t.proxied);
 }
 
@@ -281,7 +228,7 @@ static int group_setup(void **state)
                 upload(&objects[i], objects[i].seed);
         }
         if (proxy_start() < 0) {
-                fprintf(stderr, "cannot start %s\n", FAULTPROXY);
+                fprintf(stderr, "cannot start tests/integration/faultproxy.py\n");
                 return -1;
         }
         return 0;
@@ -292,6 +239,9 @@ static int group_teardown(void **state)
         char cmd[512];
 
         (void)state;
+        /* test_download_reserves_space's filesystem, should that test have failed. */
+        (void)snprintf(cmd, sizeof(cmd), "umount '%s/small-fs' 2>/dev/null", t.dir);
+        (void)system(cmd);
         proxy_stop();
         t.client = s3_client_free(t.client);
         for (size_t i = 0; i < ARRAY_SIZE(objects); i++)
@@ -485,7 +435,7 @@ static void test_download_size_and_space_limits(void **state)
 {
         const struct object *o = &objects[OBJ_ODD];
         struct download_result res;
-        char dest[512], want[64];
+        char dest[512], want[600];
         struct download_params p;
 
         (void)state;
@@ -501,7 +451,19 @@ static void test_download_size_and_space_limits(void **state)
         p = params(o, dest);
         p.min_free_bytes = UINT64_MAX / 2;
         assert_int_equal(download_object(t.client, &p, NULL, NULL, &res), -ENOSPC);
-        assert_non_null(strstr(err_last(), "available"));
+        /* The numbers: needed (object + margin), available, and where. */
+        (void)snprintf(want, sizeof(want), "%llu bytes must be free in '%s' (LOCAL_DIR; ",
+                       (unsigned long long)(o->size + UINT64_MAX / 2), t.dir);
+        if (!strstr(err_last(), want))
+                fail_msg("want '%s' in: %s", want, err_last());
+        {
+                const char *avail = strstr(err_last(), "but only ");
+                unsigned long long n = 0;
+
+                assert_non_null(avail);
+                assert_int_equal(sscanf(avail, "but only %llu are available", &n), 1);
+                assert_true(n > 0);
+        }
         assert_no_files(dest);
         err_clear();
 }
@@ -734,7 +696,8 @@ static void test_download_stall_times_out(void **state)
         r = download_object(t.proxied, &p, NULL, NULL, &res);
         assert_int_equal(r, -ETIMEDOUT);
         assert_true(err_is_transient(r));
-        assert_non_null(strstr(err_last(), "stall"));
+        assert_non_null(strstr(err_last(), "stalled"));
+        assert_non_null(strstr(err_last(), "DOWNLOAD_STALL_TIMEOUT is 1000 ms"));
         assert_true(util_now_monotonic_ms() - start < 5000);
         assert_true(exists(dest, ".part"));
 
@@ -752,6 +715,7 @@ static void test_download_total_timeout(void **state)
         struct download_result res;
         struct download_params p;
         char dest[512];
+        int64_t start;
         int r;
 
         (void)state;
@@ -761,15 +725,563 @@ static void test_download_total_timeout(void **state)
         p.stall_timeout_ms = 0;
         p.total_timeout_ms = 1500;
         proxy_command("stall 4 100000 GET");
+        start = util_now_monotonic_ms();
         r = download_object(t.proxied, &p, NULL, NULL, &res);
         assert_int_equal(r, -ETIMEDOUT);
         assert_true(err_is_transient(r));
+        /* Our deadline fires first (curl's backstop would at 3.5 s), and says which limit. */
+        assert_true(util_now_monotonic_ms() - start < 3400);
+        assert_non_null(strstr(err_last(), "DOWNLOAD_TIMEOUT (1.5 s)"));
+        assert_non_null(strstr(err_last(), " of 2621457 bytes after 1."));
+        assert_null(strstr(err_last(), "Timeout was reached"));
+        assert_true(exists(dest, ".part"));
         (void)download_object(
                 t.proxied,
                 &(struct download_params){.bucket = TEST_BUCKET, .key = o->key, .dest_path = dest},
                 NULL, NULL, &res);
         assert_int_equal(unlink(dest), 0);
         err_clear();
+}
+
+/* ---- cancellation, fallbacks, races ---------------------------------------------------- */
+
+struct done_log {
+        unsigned calls;
+        unsigned failures;
+};
+
+static void on_get_done(size_t index, int r, void *userdata)
+{
+        struct done_log *l = userdata;
+
+        (void)index;
+        l->calls++;
+        l->failures += r < 0;
+}
+
+static int64_t cpu_ms(void)
+{
+        struct rusage ru;
+
+        assert_int_equal(getrusage(RUSAGE_SELF, &ru), 0);
+        return (int64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 +
+               (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
+}
+
+/* One part fails while the others crawl: the call returns at once, without their done_cb. */
+static void test_download_part_failure_cancels_the_rest(void **state)
+{
+        const struct object *o = &objects[OBJ_LARGE];
+        const struct s3_limits lim = {.stall_timeout_ms = 20000};
+        struct s3_get gets[4];
+        struct done_log log = {0};
+        int64_t start, cpu;
+        int r;
+
+        (void)state;
+        for (size_t i = 0; i < ARRAY_SIZE(gets); i++)
+                gets[i] = (struct s3_get){.bucket = TEST_BUCKET,
+                                          .key = o->key,
+                                          .offset = i * MIB,
+                                          .length = MIB,
+                                          .write_cb = discard};
+        proxy_command("error 500 GET 0.3");
+        for (int i = 0; i < 3; i++)
+                proxy_command("stall 8 0 GET");
+        start = util_now_monotonic_ms();
+        cpu = cpu_ms();
+        r = s3_client_get_many(t.proxied, gets, ARRAY_SIZE(gets), 4, &lim, on_get_done, &log);
+        assert_int_equal(r, -EAGAIN);
+        assert_non_null(strstr(err_last(), "InternalError"));
+        assert_non_null(strstr(err_last(), "FAULTPROXY500"));
+        assert_true(util_now_monotonic_ms() - start < 4000);
+        assert_true(cpu_ms() - cpu < 500); /* no busy loop while the others hang */
+        assert_int_equal(log.calls, 1);
+        assert_int_equal(log.failures, 1);
+        proxy_command("clear");
+        err_clear();
+}
+
+/* 501 NotImplemented will not change on a retry. */
+static void test_download_not_implemented_is_permanent(void **state)
+{
+        const struct object *o = &objects[OBJ_ONE];
+        struct download_result res;
+        struct download_params p;
+        char dest[512];
+        int r;
+
+        (void)state;
+        dest_path("not-implemented", dest, sizeof(dest));
+        p = params(o, dest);
+        proxy_command("error 501 GET");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_int_equal(r, -ENOSYS);
+        assert_false(err_is_transient(r));
+        assert_non_null(strstr(err_last(), "NotImplemented"));
+        assert_no_files(dest);
+        err_clear();
+}
+
+/* A server that ignores Range: the download starts over in one stream from byte zero. */
+static void test_download_range_ignored_falls_back_to_one_stream(void **state)
+{
+        const struct object *o = &objects[OBJ_RESUME];
+        struct download_result res;
+        struct download_params p;
+        char dest[512];
+        int r;
+
+        (void)state;
+        dest_path("norange", dest, sizeof(dest));
+        p = params(o, dest);
+        p.parallel_threshold_bytes = 4 * MIB; /* one stream */
+        p.expected_sha256 = o->sha256;
+        proxy_command("cut 1000000 GET");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_true(r < 0 && err_is_transient(r));
+        assert_true(exists(dest, ".part.meta"));
+        proxy_command("norange 1");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        if (r < 0)
+                fail_msg("download after an ignored Range failed: %s", err_text(r));
+        assert_int_equal(res.resumed_from_offset, 0);
+        assert_string_equal(res.sha256, o->sha256);
+        assert_file_is(dest, o);
+        assert_int_equal(faultproxy_log_count(&t.proxy, "GET ", o->key, "fault=norange", NULL), 1);
+        assert_int_equal(unlink(dest), 0);
+
+        /* Parts: the first ranged answer is a 200, so one stream instead. */
+        p = params(o, dest);
+        p.expected_sha256 = o->sha256;
+        proxy_command("norange 1");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        if (r < 0)
+                fail_msg("parallel download after an ignored Range failed: %s", err_text(r));
+        assert_int_equal(res.parts, 1);
+        assert_string_equal(res.sha256, o->sha256);
+        assert_file_is(dest, o);
+        assert_int_equal(faultproxy_log_count(&t.proxy, "GET ", o->key, "fault=norange", NULL), 2);
+        assert_int_equal(unlink(dest), 0);
+}
+
+static const char *race_dest;
+static int race_calls;
+
+/* The holder finishes between our open() and our flock(): the name now leads elsewhere. */
+static void race_rename_to_dest(const char *part_path)
+{
+        if (race_calls++ == 0)
+                assert_int_equal(rename(part_path, race_dest), 0);
+}
+
+static void race_unlink(const char *part_path)
+{
+        if (race_calls++ == 0)
+                assert_int_equal(unlink(part_path), 0);
+}
+
+static void test_download_part_file_replaced_before_lock(void **state)
+{
+        const struct object *o = &objects[OBJ_ODD];
+        void (*hooks[])(const char *) = {race_rename_to_dest, race_unlink};
+        struct download_result res;
+        char dest[512], part[600];
+        int r;
+
+        (void)state;
+        dest_path("lockrace", dest, sizeof(dest));
+        (void)snprintf(part, sizeof(part), "%s.part", dest);
+        for (size_t i = 0; i < ARRAY_SIZE(hooks); i++) {
+                struct download_params p = params(o, dest);
+                FILE *f = fopen(part, "we");
+
+                p.max_connections = 1;
+                assert_non_null(f);
+                fputs("a finished download, or a failed one", f);
+                fclose(f);
+                race_dest = dest;
+                race_calls = 0;
+                download_test_after_open = hooks[i];
+                r = download_object(t.client, &p, NULL, NULL, &res);
+                download_test_after_open = NULL;
+                if (r < 0)
+                        fail_msg("download with a replaced partial file failed: %s", err_text(r));
+                assert_int_equal(race_calls, 2); /* opened twice: the stale inode was let go */
+                assert_string_equal(res.sha256, o->sha256);
+                assert_file_is(dest, o);
+                assert_false(exists(dest, ".part"));
+                assert_int_equal(unlink(dest), 0);
+        }
+}
+
+/* Run a shell command, failing the test when it fails. */
+static void shell(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void shell(const char *fmt, ...)
+{
+        char cmd[2048];
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void)vsnprintf(cmd, sizeof(cmd), fmt, ap);
+        va_end(ap);
+        if (system(cmd) != 0)
+                fail_msg("command failed: %s", cmd);
+}
+
+/*
+ * Two downloads into one small filesystem: the first one's partial file reserves the whole
+ * object, so the second is refused before it fetches anything, with the numbers. Without the
+ * reservation it would pass the free-space check and fail half way.
+ */
+static void test_download_reserves_space(void **state)
+{
+        const struct object *first = &objects[OBJ_RESUME], *second = &objects[OBJ_ODD];
+        struct download_result res;
+        struct download_params p;
+        char dir[300], dest[512], want[512];
+        int gets, r;
+
+        (void)state;
+        (void)snprintf(dir, sizeof(dir), "%s/small-fs", t.dir);
+        assert_int_equal(mkdir(dir, 0755), 0);
+        /* 4 MiB: room for the first object (3 MiB), not for both. Needs root, as CI has. */
+        shell("mount -t tmpfs -o size=4m fim-download-test '%s'", dir);
+
+        (void)snprintf(dest, sizeof(dest), "%s/first.tar", dir);
+        p = params(first, dest);
+        p.parallel_threshold_bytes = 0;
+        proxy_command("cut 500000 GET");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_true(r < 0 && err_is_transient(r));
+        assert_true(exists(dest, ".part"));
+
+        (void)snprintf(dest, sizeof(dest), "%s/second.tar", dir);
+        p = params(second, dest);
+        gets = faultproxy_log_count(&t.proxy, "GET ", second->key, NULL);
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_int_equal(r, -ENOSPC);
+        (void)snprintf(want, sizeof(want), "%zu bytes must be free in '%s' (LOCAL_DIR; ",
+                       second->size, dir);
+        if (!strstr(err_last(), want))
+                fail_msg("want '%s' in: %s", want, err_last());
+        assert_non_null(strstr(err_last(), "are available"));
+        assert_int_equal(faultproxy_log_count(&t.proxy, "GET ", second->key, NULL), gets);
+        assert_no_files(dest);
+        shell("umount '%s'", dir);
+        assert_int_equal(rmdir(dir), 0);
+        err_clear();
+}
+
+/* ---- addressing and credentials against the real server ------------------------------- */
+
+/* Anonymous requests read a public-read object (S3Proxy checks the object's ACL). */
+static void test_download_anonymous_public_object(void **state)
+{
+        const struct object *o = &objects[OBJ_ODD];
+        struct s3_client *anon = NULL;
+        struct download_result res;
+        struct download_params p;
+        char src[512], key[256], dest[512];
+        FILE *f;
+        int r;
+
+        (void)state;
+        (void)snprintf(src, sizeof(src), "%s/public.src", t.dir);
+        (void)snprintf(key, sizeof(key), "%s/public/image.tar", t.prefix);
+        f = fopen(src, "we");
+        assert_non_null(f);
+        assert_int_equal(fwrite(o->data, 1, o->size, f), o->size);
+        fclose(f);
+        /* Our client sets no ACLs; curl signs this one upload. */
+        shell("curl -sSf --aws-sigv4 'aws:amz:%s:s3' -u \"$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY\""
+              " -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -H 'x-amz-acl: public-read'"
+              " -T '%s' '%s/%s/%s' -o /dev/null",
+              getenv("AWS_REGION") ? getenv("AWS_REGION") : "us-east-1", src, getenv("S3_ENDPOINT"),
+              TEST_BUCKET, key);
+
+        assert_int_equal(client_from_env(getenv("S3_ENDPOINT"), NULL, NULL, &anon), 0);
+        dest_path("anonymous", dest, sizeof(dest));
+        p = params(o, dest);
+        p.key = key;
+        p.expected_sha256 = o->sha256;
+        r = download_object(anon, &p, NULL, NULL, &res);
+        if (r < 0)
+                fail_msg("anonymous download of a public object failed: %s", err_text(r));
+        assert_int_equal(res.parts, 3);
+        assert_file_is(dest, o);
+        assert_int_equal(unlink(dest), 0);
+        s3_client_free(anon);
+}
+
+/* AWS_SESSION_TOKEN is sent and signed (S3Proxy verifies the signature over it). */
+static void test_download_session_token(void **state)
+{
+        const struct object *o = &objects[OBJ_ODD];
+        struct s3_client *c = NULL;
+        struct download_result res;
+        struct download_params p;
+        char dest[512];
+        const struct s3_client_options opts = {
+                .endpoint = t.proxy.url,
+                .region = getenv("AWS_REGION"),
+                .access_key_id = getenv("AWS_ACCESS_KEY_ID"),
+                .secret_access_key = getenv("AWS_SECRET_ACCESS_KEY"),
+                .session_token = "FQoGZXIvYXdzEJr-fim-test-session-token",
+                .force_path_style = true,
+        };
+        int r;
+
+        (void)state;
+        assert_int_equal(s3_client_new(&opts, &c), 0);
+        dest_path("token", dest, sizeof(dest));
+        p = params(o, dest);
+        p.expected_sha256 = o->sha256;
+        r = download_object(c, &p, NULL, NULL, &res);
+        if (r < 0)
+                fail_msg("download with a session token failed: %s", err_text(r));
+        assert_int_equal(faultproxy_log_count(&t.proxy, "GET ", o->key, "token=yes", NULL), 3);
+        assert_int_equal(faultproxy_log_count(&t.proxy, "HEAD ", o->key, "token=yes", NULL), 1);
+        assert_int_equal(unlink(dest), 0);
+        s3_client_free(c);
+}
+
+/*
+ * Virtual-host addressing: bucket.localhost resolves to loopback inside curl, and the second
+ * S3Proxy of tests/infra/services.sh (S3_VHOST_ENDPOINT, s3proxy.virtual-host=localhost) takes
+ * the bucket from the Host header. A fault proxy in front of it shows what was sent.
+ */
+static void test_download_virtual_host(void **state)
+{
+        const struct object *o = &objects[OBJ_ODD];
+        const char *vhost = getenv("S3_VHOST_ENDPOINT");
+        struct faultproxy fp;
+        struct s3_client *c = NULL;
+        struct download_result res;
+        struct download_params p;
+        char endpoint[64], host[128], dest[512], target[256], log_path[300];
+        int r;
+
+        (void)state;
+        if (!vhost || !vhost[0])
+                fail_msg("S3_VHOST_ENDPOINT is not set: start the services with "
+                         "tests/infra/services.sh and source services.env");
+        (void)snprintf(log_path, sizeof(log_path), "%s/vhost-proxy.log", t.dir);
+        assert_int_equal(faultproxy_start(&fp, vhost, log_path), 0);
+        (void)snprintf(endpoint, sizeof(endpoint), "http://localhost:%d", fp.port);
+        const struct s3_client_options opts = {
+                .endpoint = endpoint,
+                .region = getenv("AWS_REGION"),
+                .access_key_id = getenv("AWS_ACCESS_KEY_ID"),
+                .secret_access_key = getenv("AWS_SECRET_ACCESS_KEY"),
+        };
+
+        assert_int_equal(s3_client_new(&opts, &c), 0);
+        dest_path("vhost", dest, sizeof(dest));
+        p = params(o, dest);
+        p.expected_sha256 = o->sha256;
+        r = download_object(c, &p, NULL, NULL, &res);
+        if (r < 0)
+                fail_msg("virtual-host download failed: %s", err_text(r));
+        assert_file_is(dest, o);
+        /* The bucket went in the Host header, not in the path. */
+        (void)snprintf(host, sizeof(host), "host=" TEST_BUCKET ".localhost:%d", fp.port);
+        (void)snprintf(target, sizeof(target), "GET /%s ", o->key);
+        assert_int_equal(faultproxy_log_count(&fp, target, host, NULL), 3);
+        assert_int_equal(unlink(dest), 0);
+        s3_client_free(c);
+        faultproxy_stop(&fp);
+}
+
+/* ---- crashes and changes mid-download --------------------------------------------------- */
+
+/* The verified prefix recorded in a sidecar, or 0. */
+static uint64_t meta_verified(const char *dest)
+{
+        char path[600], line[256];
+        uint64_t v = 0;
+        FILE *f;
+
+        (void)snprintf(path, sizeof(path), "%s.part.meta", dest);
+        f = fopen(path, "re");
+        if (!f)
+                return 0;
+        while (fgets(line, sizeof(line), f)) {
+                unsigned long long n;
+
+                if (sscanf(line, "verified %llu", &n) == 1)
+                        v = n;
+        }
+        fclose(f);
+        return v;
+}
+
+/* A process killed mid-transfer: the next one resumes from the last checkpoint, not zero. */
+static void test_download_resumes_after_sigkill(void **state)
+{
+        const struct object *o = &objects[OBJ_LARGE];
+        struct download_result res;
+        struct download_params p;
+        char dest[512], needle[64];
+        uint64_t verified = 0;
+        pid_t pid;
+        int status, r;
+
+        (void)state;
+        dest_path("killed", dest, sizeof(dest));
+        p = params(o, dest);
+        p.parallel_threshold_bytes = 0;
+        p.checkpoint_ms = 1; /* a checkpoint at every written buffer */
+        p.expected_sha256 = o->sha256;
+        proxy_command("stall 10 3500000 GET");
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                struct s3_client *c = NULL;
+
+                if (client_from_env(t.proxy.url, getenv("AWS_ACCESS_KEY_ID"),
+                                    getenv("AWS_SECRET_ACCESS_KEY"), &c) < 0)
+                        _exit(1);
+                (void)download_object(c, &p, NULL, NULL, &res);
+                _exit(2); /* not reached while the proxy holds the rest back */
+        }
+        for (int i = 0; i < 200 && verified < 3 * MIB; i++) {
+                util_sleep_ms(50);
+                verified = meta_verified(dest);
+        }
+        assert_int_equal(kill(pid, SIGKILL), 0);
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFSIGNALED(status));
+        if (verified < 3 * MIB)
+                fail_msg("no checkpoint past 3 MiB before the kill (verified %llu)",
+                         (unsigned long long)verified);
+        verified = meta_verified(dest); /* what the dead process left */
+        assert_true(verified >= 3 * MIB && verified < o->size);
+
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        if (r < 0)
+                fail_msg("resume after SIGKILL failed: %s", err_text(r));
+        assert_int_equal(res.resumed_from_offset, verified);
+        assert_string_equal(res.sha256, o->sha256);
+        (void)snprintf(needle, sizeof(needle), "range=bytes=%llu- ", (unsigned long long)verified);
+        assert_int_equal(faultproxy_log_count(&t.proxy, "GET ", o->key, needle, NULL), 1);
+        assert_file_is(dest, o);
+        assert_int_equal(unlink(dest), 0);
+}
+
+/* The object is replaced between our HEAD and our GET: 412, and one restart within the call. */
+static void test_download_restarts_when_replaced_mid_call(void **state)
+{
+        struct object *o = &objects[OBJ_REPLACED];
+        struct download_result res;
+        struct download_params p;
+        char dest[512];
+        unsigned seed = o->seed + 200;
+        pid_t pid;
+        int status, r;
+
+        (void)state;
+        dest_path("replaced", dest, sizeof(dest));
+        p = params(o, dest);
+        proxy_command("hold 3 GET");
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                struct s3_client *c = NULL;
+
+                /* Replace it once the HEAD is done and the GET is being held back. */
+                for (int i = 0; i < 200; i++) {
+                        if (faultproxy_log_count(&t.proxy, "GET ", o->key, "fault=hold", NULL))
+                                break;
+                        util_sleep_ms(10);
+                }
+                if (client_from_env(getenv("S3_ENDPOINT"), getenv("AWS_ACCESS_KEY_ID"),
+                                    getenv("AWS_SECRET_ACCESS_KEY"), &c) < 0)
+                        _exit(1);
+                fill(o->data, o->size, seed);
+                _exit(s3_client_put(c, TEST_BUCKET, o->key, o->data, o->size, NULL) < 0 ? 1 : 0);
+        }
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        if (r < 0)
+                fail_msg("download of a replaced object failed: %s", err_text(r));
+        generate(o, seed);
+        assert_string_equal(res.sha256, o->sha256);
+        assert_int_equal(res.resumed_from_offset, 0);
+        assert_file_is(dest, o);
+        assert_int_equal(faultproxy_log_count(&t.proxy, "GET ", o->key, "fault=hold", NULL), 1);
+        assert_int_equal(faultproxy_log_count(&t.proxy, "HEAD ", o->key, NULL), 2);
+        assert_int_equal(unlink(dest), 0);
+}
+
+/* A partial download followed by a permanent error: nothing of it stays. */
+static void test_download_permanent_error_after_partial(void **state)
+{
+        const struct object *o = &objects[OBJ_RESUME];
+        struct s3_client *bad = NULL;
+        struct download_result res;
+        struct download_params p;
+        char dest[512];
+        int r;
+
+        (void)state;
+        dest_path("partial-then-permanent", dest, sizeof(dest));
+        p = params(o, dest);
+        p.parallel_threshold_bytes = 0;
+        proxy_command("cut 1000000 GET");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_true(r < 0 && err_is_transient(r));
+        assert_true(exists(dest, ".part") && exists(dest, ".part.meta"));
+        assert_int_equal(client_from_env(getenv("S3_ENDPOINT"), getenv("AWS_ACCESS_KEY_ID"),
+                                         "wrong-secret-key", &bad),
+                         0);
+        assert_int_equal(download_object(bad, &p, NULL, NULL, &res), -EACCES);
+        assert_no_files(dest);
+        s3_client_free(bad);
+
+        /* And a wrong checksum found only after a resume. */
+        proxy_command("cut 1000000 GET");
+        r = download_object(t.proxied, &p, NULL, NULL, &res);
+        assert_true(r < 0 && err_is_transient(r));
+        p.expected_sha256 = SIGV4_EMPTY_SHA256;
+        assert_int_equal(download_object(t.proxied, &p, NULL, NULL, &res), -EBADMSG);
+        assert_no_files(dest);
+        err_clear();
+}
+
+/* Parallel parts never use more than max_connections at once. */
+static void test_download_parallel_connection_bound(void **state)
+{
+        const struct object *o = &objects[OBJ_LARGE];
+        struct faultproxy fp;
+        struct s3_client *c = NULL;
+        struct download_result res;
+        struct download_params p;
+        char dest[512], answer[128], log_path[300];
+        int inflight = -1, conns = -1;
+
+        (void)state;
+        /* A proxy of its own: its counters see this download only. */
+        (void)snprintf(log_path, sizeof(log_path), "%s/bound-proxy.log", t.dir);
+        assert_int_equal(faultproxy_start(&fp, getenv("S3_ENDPOINT"), log_path), 0);
+        assert_int_equal(client_from_env(fp.url, getenv("AWS_ACCESS_KEY_ID"),
+                                         getenv("AWS_SECRET_ACCESS_KEY"), &c),
+                         0);
+        dest_path("bound", dest, sizeof(dest));
+        p = params(o, dest);
+        p.max_connections = 2;
+        faultproxy_command(&fp, "stall 0.5 0 GET"); /* the first part is slow: the next overlaps */
+        assert_int_equal(download_object(c, &p, NULL, NULL, &res), 0);
+        assert_int_equal(res.parts, 6);
+        faultproxy_query(&fp, "stats", answer, sizeof(answer));
+        assert_int_equal(sscanf(answer, "ok inflight=%d conns=%d", &inflight, &conns), 2);
+        assert_int_equal(inflight, 2);
+        assert_true(conns >= 1 && conns <= 2);
+        assert_int_equal(faultproxy_log_count(&fp, "GET ", o->key, NULL), 6);
+        assert_int_equal(unlink(dest), 0);
+        s3_client_free(c);
+        faultproxy_stop(&fp);
 }
 
 int main(void)
@@ -791,6 +1303,18 @@ int main(void)
                 cmocka_unit_test(test_download_slowdown_is_transient),
                 cmocka_unit_test(test_download_stall_times_out),
                 cmocka_unit_test(test_download_total_timeout),
+                cmocka_unit_test(test_download_part_failure_cancels_the_rest),
+                cmocka_unit_test(test_download_not_implemented_is_permanent),
+                cmocka_unit_test(test_download_range_ignored_falls_back_to_one_stream),
+                cmocka_unit_test(test_download_part_file_replaced_before_lock),
+                cmocka_unit_test(test_download_reserves_space),
+                cmocka_unit_test(test_download_anonymous_public_object),
+                cmocka_unit_test(test_download_session_token),
+                cmocka_unit_test(test_download_virtual_host),
+                cmocka_unit_test(test_download_resumes_after_sigkill),
+                cmocka_unit_test(test_download_restarts_when_replaced_mid_call),
+                cmocka_unit_test(test_download_permanent_error_after_partial),
+                cmocka_unit_test(test_download_parallel_connection_bound),
         };
 
         return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <ctype.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -24,6 +26,7 @@
 #include "common/util.h"
 #include "config/config.h"
 #include "db/db.h"
+#include "helper_faultproxy.h"
 #include "helper_pg.h"
 #include "stages/s3_client.h"
 #include "worker/lease.h"
@@ -227,18 +230,50 @@ static void test_download_stage_downloads_records_and_hands_off(void **state)
         assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"), 1);
         assert_int_equal(scalar(e->db, "SELECT count(*) FROM outbox"), 1);
 
-        /* Same image and source with an expected checksum is a new key; the file is reused. */
+        /*
+         * Same image and source with an expected checksum is a new key; the file is reused.
+         * Upper-case hex is the same checksum.
+         */
         {
+                char json[256], upper[65];
+
+                for (size_t i = 0; i < sizeof(upper); i++)
+                        upper[i] = (char)toupper((unsigned char)e->sha_small[i]);
+                (void)snprintf(json, sizeof(json),
+                               "{\"s3_key\":\"images/small.tar\",\"image_id\":\"img-1\","
+                               "\"checksum\":\"%s\"}",
+                               upper);
+                assert_int_equal(handle(e, e->db, json, &res), 0);
+                assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+                assert_false(doc_bool(res.response, "downloaded"));
+                assert_non_null(strstr(res.response, e->sha_small));
+                assert_non_null(strstr(res.response, "\"downloaded_at\":\"20"));
+                stage_result_done(&res);
+        }
+
+        /* A checksum that does not match the finished image: permanent, both named. */
+        {
+                const char *wrong =
+                        "00000000000000000000000000000000000000000000000000000000000000ff";
                 char json[256];
 
                 (void)snprintf(json, sizeof(json),
                                "{\"s3_key\":\"images/small.tar\",\"image_id\":\"img-1\","
                                "\"checksum\":\"%s\"}",
-                               e->sha_small);
+                               wrong);
                 assert_int_equal(handle(e, e->db, json, &res), 0);
-                assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
-                assert_false(doc_bool(res.response, "downloaded"));
+                assert_int_equal(res.outcome, FSM_OUTCOME_FAILED);
+                assert_string_equal(res.error_class, STAGE_ERROR_PERMANENT);
+                assert_int_equal(res.error, -EBADMSG);
+                assert_non_null(strstr(res.error_text, e->sha_small));
+                assert_non_null(strstr(res.error_text, wrong));
+                assert_int_equal(res.attempts, 1);
                 stage_result_done(&res);
+                /* The finished image and its file are untouched. */
+                assert_true(file_exists(e->dir, "img-1.tar"));
+                assert_int_equal(scalar(e->db, "SELECT count(*) FROM images WHERE image_id ="
+                                               " 'img-1' AND status = 'completed'"),
+                                 1);
         }
 }
 
@@ -348,6 +383,158 @@ static void test_download_stage_two_processes_one_download(void **state)
         assert_true(file_exists(e->dir, "race.tar"));
 }
 
+/* Point the stage at a fault proxy in front of S3Proxy. */
+static void env_use_proxy(struct env *e, struct faultproxy *fp)
+{
+        char log_path[128];
+
+        (void)snprintf(log_path, sizeof(log_path), "%s/faultproxy.log", e->dir);
+        assert_int_equal(faultproxy_start(fp, getenv("S3_ENDPOINT"), log_path), 0);
+        assert_int_equal(config_set(&e->cfg, "S3_ENDPOINT", fp->url, CONFIG_SOURCE_FLAG), 0);
+}
+
+/* In a child: run one request on its own connections; exit with outcome * 2 + downloaded. */
+static void child_handle(struct env *e, const char *json)
+{
+        struct db *db = NULL;
+        struct stage_result res;
+
+        /* Each child needs its own lease keeper thread: fork keeps none. */
+        e->leases = NULL;
+        if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, 2000, &e->leases) < 0 ||
+            handle(e, db, json, &res) < 0)
+                _exit(100);
+        _exit((int)res.outcome * 2 + (res.response && doc_bool(res.response, "downloaded")));
+}
+
+/*
+ * Two requests for one image with different idempotency keys (one with a checksum, one
+ * without) at the same time: one download. The first GET is held back by the proxy so that
+ * the second request arrives while the first one is transferring.
+ */
+static void test_download_stage_two_keys_one_download(void **state)
+{
+        struct env *e = *state;
+        struct faultproxy fp;
+        char with_sum[256];
+        const char *jsons[2] = {"{\"s3_key\":\"images/small.tar\",\"image_id\":\"twokeys\"}",
+                                with_sum};
+        pid_t pids[2];
+        int downloaded = 0;
+
+        (void)snprintf(with_sum, sizeof(with_sum),
+                       "{\"s3_key\":\"images/small.tar\",\"image_id\":\"twokeys\","
+                       "\"checksum\":\"%s\"}",
+                       e->sha_small);
+        env_use_proxy(e, &fp);
+        faultproxy_command(&fp, "stall 2 100000 GET");
+        for (int i = 0; i < 2; i++) {
+                pids[i] = fork();
+                assert_true(pids[i] >= 0);
+                if (pids[i] == 0)
+                        child_handle(e, jsons[i]);
+                util_sleep_ms(300); /* the first one is downloading when the second comes */
+        }
+        for (int i = 0; i < 2; i++) {
+                int status;
+
+                assert_int_equal(waitpid(pids[i], &status, 0), pids[i]);
+                assert_true(WIFEXITED(status));
+                if (WEXITSTATUS(status) / 2 != FSM_OUTCOME_COMPLETE)
+                        fail_msg("request %d ended with status %d", i, WEXITSTATUS(status));
+                downloaded += WEXITSTATUS(status) % 2;
+        }
+        assert_int_equal(downloaded, 1);
+        assert_int_equal(faultproxy_log_count(&fp, "GET ", "/images/small.tar ", NULL), 1);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"
+                                       " AND status = 'complete'"),
+                         2);
+        assert_int_equal(scalar(e->db,
+                                "SELECT count(*) FROM images WHERE image_id = 'twokeys' AND"
+                                " status = 'completed' AND checksum = '%s'",
+                                e->sha_small),
+                         1);
+        assert_true(file_exists(e->dir, "twokeys.tar"));
+        faultproxy_stop(&fp);
+}
+
+struct status_probe {
+        struct db *db;
+        char seen[32];
+};
+
+/* The image's status while bytes flow, from another connection. */
+static void probe_status(const char *stage, uint64_t done, uint64_t total, void *userdata)
+{
+        struct status_probe *p = userdata;
+        PGresult *row = NULL;
+
+        (void)stage;
+        (void)done;
+        (void)total;
+        if (p->seen[0] ||
+            db_query_row(p->db, &row, "SELECT status FROM images WHERE image_id = 'statuses'", 0,
+                         NULL) <= 0)
+                return;
+        (void)snprintf(p->seen, sizeof(p->seen), "%s", db_get(row, 0, 0));
+        PQclear(row);
+}
+
+/* pending (accepted, or waiting for a retry, with the reason), downloading, completed. */
+static void test_download_stage_statuses(void **state)
+{
+        struct env *e = *state;
+        struct status_probe probe = {.db = pg_test_connect(e->url)};
+        struct stage_ctx ctx = {
+                .cfg = &e->cfg,
+                .db = e->db,
+                .leases = e->leases,
+                .worker_id = "test-worker",
+                .progress = probe_status,
+                .progress_userdata = &probe,
+        };
+        struct faultproxy fp;
+        struct stage_result res;
+        bool pending = false;
+        pid_t pid;
+        int status;
+
+        assert_int_equal(stage_by_name("download")
+                                 ->handle(&ctx,
+                                          "{\"s3_key\":\"images/small.tar\","
+                                          "\"image_id\":\"statuses\"}",
+                                          &res),
+                         0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        stage_result_done(&res);
+        assert_string_equal(probe.seen, "downloading");
+        db_free(probe.db);
+
+        /* A 503 on the first try: pending, with the error, until the retry succeeds. */
+        env_use_proxy(e, &fp);
+        assert_int_equal(config_set(&e->cfg, "RETRY_BASE_MS", "3000", CONFIG_SOURCE_FLAG), 0);
+        assert_int_equal(config_set(&e->cfg, "RETRY_MAX_MS", "3000", CONFIG_SOURCE_FLAG), 0);
+        faultproxy_command(&fp, "slowdown 1");
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0)
+                child_handle(e, "{\"s3_key\":\"images/other.tar\",\"image_id\":\"retried\"}");
+        for (int i = 0; i < 300 && !pending; i++) {
+                pending =
+                        scalar(e->db, "SELECT count(*) FROM images WHERE image_id = 'retried'"
+                                      " AND status = 'pending' AND error LIKE '%%HTTP 503%%'") == 1;
+                util_sleep_ms(50);
+        }
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), FSM_OUTCOME_COMPLETE * 2 + 1);
+        assert_true(pending);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM images WHERE image_id = 'retried'"
+                                       " AND status = 'completed' AND error IS NULL"),
+                         1);
+        faultproxy_stop(&fp);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -357,6 +544,9 @@ int main(void)
                         test_download_stage_rejects_bad_requests_and_sources, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_download_stage_two_processes_one_download,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(test_download_stage_two_keys_one_download, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_download_stage_statuses, setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);

@@ -130,6 +130,9 @@ static void test_s3_client_error_mapping_table(void **state)
                 {503, "", -EAGAIN, "transient"},
                 {400, "", -EIO, "unexpected"},
                 {503, "SomethingNew", -EAGAIN, "transient"},
+                /* Not implemented is not a passing condition. */
+                {501, "NotImplemented", -ENOSYS, "S3_ENDPOINT"},
+                {501, "", -ENOSYS, "S3_ENDPOINT"},
         };
 
         (void)state;
@@ -148,6 +151,8 @@ static void test_s3_client_error_mapping_table(void **state)
         assert_false(err_is_transient(s3_client_errno_for(403, "SignatureDoesNotMatch", &hint)));
         assert_true(err_is_transient(s3_client_errno_for(503, "SlowDown", &hint)));
         assert_true(err_is_transient(s3_client_errno_for(500, "", &hint)));
+        assert_false(err_is_transient(s3_client_errno_for(501, "NotImplemented", &hint)));
+        assert_false(err_is_transient(s3_client_errno_for(501, "", &hint)));
 }
 
 struct url_case {
