@@ -7,6 +7,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +29,7 @@
 /* How long to wait for another worker that holds the same job before giving up. */
 #define PROCESS_BUSY_WAIT_MS (10 * 60 * 1000)
 
-static volatile sig_atomic_t process_stop;
+static atomic_int process_stop;
 
 static void process_on_signal(int sig)
 {

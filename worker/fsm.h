@@ -17,7 +17,7 @@
  * that kills its worker cannot loop forever.
  */
 
-#include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -66,9 +66,9 @@ struct fsm_options {
         int retry_base_ms;
         int retry_max_ms;
         struct lease_keeper *leases;
-        const volatile sig_atomic_t *stop; /* optional: graceful shutdown requested */
-        const char *trace_id;              /* optional */
-        const char *parent_run_id;         /* optional: the previous stage's run */
+        const atomic_int *stop;    /* optional: graceful shutdown requested */
+        const char *trace_id;      /* optional */
+        const char *parent_run_id; /* optional: the previous stage's run */
         /*
          * Optional: where the request came from ("<topic>/<partition>/<offset>"). A failure
          * records it; a later call with the same source for the failed key is a redelivery

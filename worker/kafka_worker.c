@@ -37,7 +37,7 @@
 #define KAFKA_WORKER_POLL_STALE_MS 10000
 
 /* Set by the first SIGTERM/SIGINT (to its number) or by a fatal failure (to -1). */
-static volatile sig_atomic_t kafka_worker_stop;
+static atomic_int kafka_worker_stop;
 
 static void kafka_worker_on_signal(int signo)
 {

@@ -8,7 +8,7 @@
  * retries and dead letters work.
  */
 
-#include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -27,7 +27,7 @@ struct pool_options {
         struct lease_keeper *leases;        /* borrowed */
         struct kafka_producer *producer;    /* borrowed: dead letters */
         struct outbox_publisher *publisher; /* borrowed, optional: woken after completions */
-        const volatile sig_atomic_t *stop;  /* shutdown requested: runs stop between steps */
+        const atomic_int *stop;             /* shutdown requested: runs stop between steps */
 };
 
 struct pool_stats {

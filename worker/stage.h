@@ -13,7 +13,7 @@
  * already_exist=true and downloaded/unpacked/activated=false.
  */
 
-#include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -37,11 +37,11 @@ struct stage_ctx {
         struct db *db; /* this thread's connection */
         struct lease_keeper *leases;
         const char *worker_id;
-        const volatile sig_atomic_t *stop; /* optional */
-        const char *trace_id;              /* optional, carried to the handoff */
-        const char *parent_run_id;         /* optional: previous stage's run */
-        const char *source;                /* optional: "<topic>/<partition>/<offset>" */
-        bool handoff;                      /* write the next stage's request to the outbox */
+        const atomic_int *stop;    /* optional */
+        const char *trace_id;      /* optional, carried to the handoff */
+        const char *parent_run_id; /* optional: previous stage's run */
+        const char *source;        /* optional: "<topic>/<partition>/<offset>" */
+        bool handoff;              /* write the next stage's request to the outbox */
         /* Optional progress callback for terminals (process-image). */
         void (*progress)(const char *stage, uint64_t done, uint64_t total, void *userdata);
         void *progress_userdata;

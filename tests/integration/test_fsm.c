@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -54,7 +55,7 @@ struct sample {
 
 /* For the tests that put a proxy between the engine and PostgreSQL. */
 static struct pgproxy *g_proxy;
-static volatile sig_atomic_t g_stop;
+static atomic_int g_stop;
 
 static int sample_step(struct fsm_run *run, void *userdata, const char *name)
 {
