@@ -873,7 +873,7 @@ static void test_worker_rebalance_with_full_pool(void **state)
 
         (void)snprintf(log1, sizeof(log1), "/tmp/fim-wt-%s-1.log", e->prefix);
         (void)snprintf(log2, sizeof(log2), "/tmp/fim-wt-%s-2.log", e->prefix);
-        (void)snprintf(topic, sizeof(topic), "topic='%s.download'", e->prefix);
+        (void)snprintf(topic, sizeof(topic), "topic=%s.download ", e->prefix);
         w1 = wt_worker_start_log(e, env, log1);
         wt_wait_group(e, "download", 1, 30000);
         for (int i = 0; i < 36; i++) {
