@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine as on a developer's: installs what is missing,
-# builds twice (warnings as errors; ASan+UBSan), starts real PostgreSQL, S3Proxy and Kafka
-# on loopback, runs unit and integration tests in both builds, runs the device-mapper
+# builds three times (warnings as errors; ASan+UBSan; TSan), starts real PostgreSQL, S3Proxy
+# and Kafka on loopback, runs unit and integration tests in the first two builds and the
+# threaded worker-pool tests in the TSan build, runs the device-mapper
 # suites inside one qemu VM boot (the host kernel has no dm-thin), and a short fuzz run of
 # the tar extractor. Stops the services on exit, also on failure.
 #
-# Usage: scripts/test.sh [--no-vm] [--no-fuzz] [--no-asan]
+# Usage: scripts/test.sh [--no-vm] [--no-fuzz] [--no-asan] [--no-tsan]
 #   (the flags are for quick local iterations; CI runs everything)
 # Environment: FIM_FUZZ_SECONDS (default 120), FIM_VM_DIRECT=1 to run the dm suites on this
 # host instead of a VM when its kernel has dm-thin.
@@ -17,12 +18,14 @@ cd "$ROOT"
 run_vm=1
 run_fuzz=1
 run_asan=1
+run_tsan=1
 for arg in "$@"; do
         case "$arg" in
         --no-vm) run_vm=0 ;;
         --no-fuzz) run_fuzz=0 ;;
         --no-asan) run_asan=0 ;;
-        *) echo "usage: scripts/test.sh [--no-vm] [--no-fuzz] [--no-asan]" >&2; exit 2 ;;
+        --no-tsan) run_tsan=0 ;;
+        *) echo "usage: scripts/test.sh [--no-vm] [--no-fuzz] [--no-asan] [--no-tsan]" >&2; exit 2 ;;
         esac
 done
 
@@ -62,6 +65,12 @@ if [ "$run_asan" = 1 ]; then
         cmake --build build-asan -j"$JOBS"
 fi
 
+if [ "$run_tsan" = 1 ]; then
+        step "build: TSan"
+        cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DFIM_WERROR=ON -DFIM_SANITIZE=thread >/dev/null
+        cmake --build build-tsan -j"$JOBS"
+fi
+
 step "services: PostgreSQL, S3Proxy, Kafka"
 export FIM_SERVICES_DIR=${FIM_SERVICES_DIR:-/tmp/fim-services-test}
 trap 'bash tests/infra/services.sh stop >/dev/null 2>&1 || true' EXIT
@@ -77,6 +86,16 @@ suite "unit + integration tests" ctest --test-dir build -LE dm --output-on-failu
 if [ "$run_asan" = 1 ]; then
         suite "unit + integration tests (ASan+UBSan)" \
                 ctest --test-dir build-asan -LE dm --output-on-failure -j"$JOBS"
+fi
+
+if [ "$run_tsan" = 1 ]; then
+        # The threaded parts: the FSM engine and lease keeper, and the worker pools. The shim
+        # lets TSan follow librdkafka's C11 threads (tests/tsan/c11threads.c).
+        suite "worker-pool tests (TSan)" env \
+                LD_PRELOAD="$ROOT/build-tsan/tests/tsan/libfim_tsan_c11.so" \
+                TSAN_OPTIONS="suppressions=$ROOT/tests/tsan/tsan.supp halt_on_error=1" \
+                ctest --test-dir build-tsan --output-on-failure -j"$JOBS" \
+                -R '^test_(fsm|pool_offsets|worker.*|verify_kafka)$'
 fi
 
 if [ "$run_vm" = 1 ]; then
