@@ -3171,11 +3171,17 @@ static uint64_t extract_data_end(struct archive_entry *e, uint64_t start)
 
         if (archive_entry_filetype(e) != AE_IFREG)
                 return start;
-        if (archive_entry_sparse_reset(e) == 0) {
-                if (archive_entry_size(e) <= 0)
+        /*
+         * Count before resetting: a map of one segment covering the whole file is freed by
+         * archive_entry_sparse_count() (libarchive 3.6), and archive_entry_sparse_reset() counts
+         * after pointing its cursor at the list, leaving the cursor on freed memory.
+         */
+        if (archive_entry_sparse_count(e) == 0) {
+                if (archive_entry_size(e) <= 0 || (uint64_t)archive_entry_size(e) > UINT64_MAX / 4)
                         return start;
-                size = (uint64_t)archive_entry_size(e);
+                return start + extract_round_block((uint64_t)archive_entry_size(e));
         }
+        (void)archive_entry_sparse_reset(e);
         while (archive_entry_sparse_next(e, &offset, &len) == ARCHIVE_OK) {
                 if (len < 0 || (uint64_t)len > UINT64_MAX / 4 - size)
                         return start;

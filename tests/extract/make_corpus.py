@@ -336,6 +336,15 @@ def hostile(sent, canary):
     out["sparse_sun_holes.tar"] = pax_member(b"sp", (
         (b"SUN.holesdata", b" " + b" ".join(b"%d" % (i * 2) for i in range(202))),),
         data=b"x" * 202) + b"\x00" * 1024
+    # A map of one segment that covers the whole file: libarchive drops such a map when it is
+    # counted, which once left its iteration cursor on freed memory (found by the fuzzer).
+    out["sparse_whole_01.tar"] = pax_member(b"s", (
+        (b"GNU.sparse.name", b"sp"), (b"GNU.sparse.realsize", b"5"),
+        (b"GNU.sparse.map", b"0,5")), data=b"hello") + b"\x00" * 1024
+    out["sparse_whole_00.tar"] = pax_member(b"s", (
+        (b"GNU.sparse.name", b"sp"), (b"GNU.sparse.size", b"5"),
+        (b"GNU.sparse.numblocks", b"1"), (b"GNU.sparse.offset", b"0"),
+        (b"GNU.sparse.numbytes", b"5")), data=b"hello") + b"\x00" * 1024
     # The same with the default limit, big: old GNU with 96000 extension blocks (2 million
     # entries, 48 MiB), and a GNU 1.0 map declaring 4 million (16 MiB). libarchive would keep
     # some 100 and 200 MiB of map for them; the test checks that memory stays far below.

@@ -838,6 +838,29 @@ static void test_extract_sparse(void **state)
         assert_mtime("sparse", T0, 0);
 }
 
+/* A sparse map of one segment covering the whole file is a plain file to libarchive. */
+static void test_extract_sparse_whole_file(void **state)
+{
+        static const char *const files[] = {"sparse_whole_00.tar", "sparse_whole_01.tar"};
+
+        (void)state;
+        for (size_t f = 0; f < ARRAY_SIZE(files); f++) {
+                struct extract_result res;
+                char path[PATH_MAX];
+                size_t len;
+                char *data;
+
+                prepare(false);
+                res = extract_ok(files[f], NULL);
+                assert_int_equal(res.size_bytes, 5);
+                rootpath(path, sizeof(path), "sp");
+                data = read_file(path, &len);
+                assert_int_equal(len, 5);
+                assert_memory_equal(data, "hello", 5);
+                free(data);
+        }
+}
+
 /* GNU tar's sparse maps of 150 segments, in all four formats: within the default limit. */
 static void test_extract_sparse150(void **state)
 {
@@ -1856,6 +1879,7 @@ int main(void)
                 cmocka_unit_test(test_extract_odd_timestamps),
                 cmocka_unit_test(test_extract_pax_sparse),
                 cmocka_unit_test(test_extract_sparse150),
+                cmocka_unit_test(test_extract_sparse_whole_file),
                 cmocka_unit_test(test_extract_sparse_memory_bounded),
                 cmocka_unit_test(test_extract_nested_tar),
                 cmocka_unit_test(test_extract_lone_zero_at_end),
