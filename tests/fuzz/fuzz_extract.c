@@ -280,7 +280,6 @@ static void fuzz_init(void)
                 fuzz_die("open base");
         (void)atexit(fuzz_cleanup);
         fuzz_make_sentinel();
-        fuzz_fds = fuzz_count_fds();
         if (!__sanitizer_install_malloc_and_free_hooks(fuzz_malloc_hook, fuzz_free_hook)) {
                 fprintf(stderr, "fuzz_extract: cannot install the malloc hooks\n");
                 abort();
@@ -346,6 +345,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
         if (fuzz_base_fd < 0)
                 fuzz_init();
+        /*
+         * Counted per input: between inputs libFuzzer itself may open descriptors (the pipes to
+         * llvm-symbolizer, started the first time it prints a NEW_FUNC line).
+         */
+        fuzz_fds = fuzz_count_fds();
         if (mkdirat(fuzz_base_fd, "root", 0755) < 0)
                 fuzz_die("mkdir root");
         root_fd = openat(fuzz_base_fd, "root", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
