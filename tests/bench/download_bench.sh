@@ -87,9 +87,20 @@ ensure_object small.bin 64
 
 # ---- runs -------------------------------------------------------------------------------
 # Each run prints "SECONDS RSS_KIB" on stdout; the output file is removed afterwards.
+#
+# Every run starts from the same state: the previous run's output is deleted, and the
+# deletion's writeback and discards (this disk is mounted with `discard`) are let through
+# before the clock starts. Otherwise whichever client runs right after a 512 MiB delete pays
+# for it: measured here, the same download took 0.55 s settled and 1.1-1.7 s right after one.
+settle() {
+        sync
+        sleep 1
+}
+
 run_ours() { # KEY PARALLEL
         local out=$WORK/out.bin stats=$WORK/time.txt
         rm -f "$out" "$out.part" "$out.part.meta"
+        settle
         /usr/bin/time -f '%e %M' -o "$stats" "${FIM[@]}" --bucket "$BUCKET" --key "$1" \
                 --output "$out" --parallel "$2" --part-size "$PART_SIZE" >"$WORK/ours.txt"
         sha=$(sed -n 's/.* sha256=\([0-9a-f]*\).*/\1/p' "$WORK/ours.txt")
@@ -101,6 +112,7 @@ run_ours() { # KEY PARALLEL
 run_curl() { # KEY [hash|sync]
         local out=$WORK/out.bin stats=$WORK/time.txt
         rm -f "$out"
+        settle
         if [ "${2:-}" = sync ]; then
                 # shellcheck disable=SC2016 # expanded by the inner bash
                 /usr/bin/time -f '%e %M' -o "$stats" bash -c \
@@ -129,20 +141,32 @@ for name in big small; do
         fi
 done
 
+# One timed run of client KIND on object NAME, recorded under NAME.KIND.
+run_kind() { # NAME KIND
+        local t m
+        case $2 in
+        single) read -r t m < <(run_ours "$1.bin" 1) ;;
+        parallel) read -r t m < <(run_ours "$1.bin" "$PARALLEL") ;;
+        curl) read -r t m < <(run_curl "$1.bin") ;;
+        curlsync) read -r t m < <(run_curl "$1.bin" sync); m= ;;
+        curlhash) read -r t m < <(run_curl "$1.bin" hash); m= ;;
+        esac
+        times[$1.$2]+="$t "
+        [ -z "$m" ] || rss[$1.$2]+="$m "
+}
+
+# The clients take turns going first: round R starts with client R (mod 5). A run pays for
+# what the one before it left behind (here, a run right after a 512 MiB file of curl's was
+# written and deleted took 2-3 times as long, whichever client it was), so a fixed order
+# would always bill the same client for it.
+KINDS=(single parallel curl curlsync curlhash)
 declare -A times rss
 for round in $(seq 1 "$ROUNDS"); do
         echo "round $round/$ROUNDS" >&2
         for name in big small; do
-                read -r t m < <(run_ours "$name.bin" 1)
-                times[$name.single]+="$t "; rss[$name.single]+="$m "
-                read -r t m < <(run_ours "$name.bin" "$PARALLEL")
-                times[$name.parallel]+="$t "; rss[$name.parallel]+="$m "
-                read -r t m < <(run_curl "$name.bin")
-                times[$name.curl]+="$t "; rss[$name.curl]+="$m "
-                read -r t m < <(run_curl "$name.bin" sync)
-                times[$name.curlsync]+="$t "
-                read -r t m < <(run_curl "$name.bin" hash)
-                times[$name.curlhash]+="$t "
+                for i in 0 1 2 3 4; do
+                        run_kind "$name" "${KINDS[$(((round - 1 + i) % 5))]}"
+                done
         done
 done
 
