@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,22 +54,88 @@ static int db_error(struct db *db, const PGresult *res)
         return err_set(r, "postgres: %.*s", len, text);
 }
 
-int db_connect(const char *url, struct db **ret_db)
+/* Defaults that an operator's conninfo can still override. */
+static const char *const db_connect_keys[] = {"connect_timeout", "application_name",
+                                              "keepalives_idle", "dbname", NULL};
+#define DB_CONNECT_TIMEOUT_DEFAULT "10"
+
+/* The connect_timeout that applies to @conn, in ms; 0 means none (libpq's meaning). */
+static int64_t db_connect_timeout_ms(PGconn *conn)
 {
-        /* Defaults that an operator's conninfo can still override. */
-        const char *keys[] = {"connect_timeout", "application_name", "keepalives_idle", "dbname",
-                              NULL};
-        const char *vals[] = {"10", "flyio-image-manager", "30", url, NULL};
+        PQconninfoOption *opts = PQconninfo(conn);
+        int64_t ms = 0;
+
+        for (PQconninfoOption *o = opts; o && o->keyword; o++) {
+                if (strcmp(o->keyword, "connect_timeout") == 0 && o->val) {
+                        uint64_t secs;
+
+                        /* libpq reads garbage as 0 and anything below 2 as 2 seconds. */
+                        if (util_parse_u64(o->val, &secs) == 0 && secs > 0)
+                                ms = (int64_t)(secs < 2 ? 2 : secs > 86400 ? 86400 : secs) * 1000;
+                }
+        }
+        PQconninfoFree(opts);
+        return ms;
+}
+
+/*
+ * Drive PQconnectPoll until the connection is made or fails, waiting at most
+ * DB_CONNECT_SLICE_MS at a time so that @stop is asked often. 0, -ECANCELED or -ETIMEDOUT.
+ */
+#define DB_CONNECT_SLICE_MS 100
+static int db_connect_poll(PGconn *conn, bool (*stop)(void *), void *userdata)
+{
+        int64_t timeout_ms = db_connect_timeout_ms(conn);
+        int64_t deadline = util_now_monotonic_ms() + timeout_ms;
+        PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+
+        while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
+                struct pollfd pfd = {.fd = PQsocket(conn)};
+                int64_t left = deadline - util_now_monotonic_ms();
+                int n;
+
+                if (stop(userdata))
+                        return err_set(-ECANCELED, "connecting to PostgreSQL was interrupted");
+                if (timeout_ms > 0 && left <= 0)
+                        return err_set(
+                                -ETIMEDOUT,
+                                "failed to connect to PostgreSQL: timeout expired after %lld s",
+                                (long long)(timeout_ms / 1000));
+                pfd.events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT;
+                n = poll(&pfd, 1,
+                         (int)(timeout_ms > 0 && left < DB_CONNECT_SLICE_MS ? left
+                                                                            : DB_CONNECT_SLICE_MS));
+                if (n < 0 && errno != EINTR)
+                        return err_set(-errno, "failed to connect to PostgreSQL: poll: %s",
+                                       strerror(errno));
+                if (n > 0 || pfd.fd < 0)
+                        st = PQconnectPoll(conn);
+        }
+        return 0;
+}
+
+int db_connect_interruptible(const char *url, bool (*stop)(void *), void *userdata,
+                             struct db **ret_db)
+{
+        const char *vals[] = {DB_CONNECT_TIMEOUT_DEFAULT, "flyio-image-manager", "30", url, NULL};
         struct db *db = NULL;
         int r;
 
         db = calloc(1, sizeof(*db));
         if (!db)
                 return err_set(-ENOMEM, "out of memory");
-        db->conn = PQconnectdbParams(keys, vals, 1);
+        if (stop)
+                db->conn = PQconnectStartParams(db_connect_keys, vals, 1);
+        else
+                db->conn = PQconnectdbParams(db_connect_keys, vals, 1);
         if (!db->conn) {
                 r = err_set(-ENOMEM, "out of memory");
                 goto out;
+        }
+        if (stop && PQstatus(db->conn) != CONNECTION_BAD) {
+                r = db_connect_poll(db->conn, stop, userdata);
+                if (r < 0)
+                        goto out;
         }
         if (PQstatus(db->conn) != CONNECTION_OK) {
                 const char *msg = PQerrorMessage(db->conn);
@@ -83,6 +150,11 @@ int db_connect(const char *url, struct db **ret_db)
 out:
         db_free(db);
         return r;
+}
+
+int db_connect(const char *url, struct db **ret_db)
+{
+        return db_connect_interruptible(url, NULL, NULL, ret_db);
 }
 
 void db_free(struct db *db)

@@ -25,6 +25,15 @@ struct db;
 /* Connect to @url (conninfo or URI). Returns 0 or a negative errno (-ECONNREFUSED, ...). */
 int db_connect(const char *url, struct db **ret_db);
 
+/*
+ * db_connect that asks @stop(@userdata) every 100 ms while it waits on the server, and gives
+ * up with -ECANCELED when it says so: for start-up work that a signal must be able to cut
+ * short even while the server does not answer. connect_timeout (default 10 s) bounds the
+ * whole attempt (-ETIMEDOUT), over every host of a multi-host conninfo together.
+ */
+int db_connect_interruptible(const char *url, bool (*stop)(void *), void *userdata,
+                             struct db **ret_db);
+
 /* Close and free. NULL is a no-op. */
 void db_free(struct db *db);
 

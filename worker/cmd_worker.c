@@ -95,7 +95,8 @@ static void cmd_worker_reconcile(const struct config *cfg, const struct stage *c
 
         for (size_t i = 0; i < n; i++)
                 uses_pool = uses_pool || stages[i]->id != STAGE_DOWNLOAD;
-        if (!uses_pool || db_connect(cfg->database_url, &db) < 0)
+        if (!uses_pool ||
+            db_connect_interruptible(cfg->database_url, kafka_worker_stopping, NULL, &db) < 0)
                 return;
         if (db_schema_check(db) == 0)
                 (void)reconcile_at_start(cfg, db);

@@ -216,12 +216,20 @@ static bool kafka_worker_db_ready(struct kafka_worker_db_probe *p, char *reason,
         return ok;
 }
 
+bool kafka_worker_stopping(void *unused)
+{
+        (void)unused;
+        return atomic_load(&kafka_worker_stop) != 0;
+}
+
 static int kafka_worker_check_schema(const struct config *cfg)
 {
         struct db *db = NULL;
         int r;
 
-        r = db_connect(cfg->database_url, &db);
+        r = db_connect_interruptible(cfg->database_url, kafka_worker_stopping, NULL, &db);
+        if (r == -ECANCELED)
+                return r;
         if (r < 0)
                 return err_wrap(r, "database unreachable (DATABASE_URL)");
         r = db_schema_check(db);
@@ -402,13 +410,19 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         if (r == 0 && cfg->metrics_addr[0])
                 r = kafka_worker_db_probe_start(cfg->database_url, &w.probe);
         if (r < 0) {
-                log_err_errno(r, "worker failed to start", "");
+                int signo = kafka_worker_stop;
+
+                /* Asked to stop while starting: that is a clean stop, whatever start-up hit. */
+                if (signo > 0)
+                        log_notice("worker stopped before it started", "signal=%d", signo);
+                else
+                        log_err_errno(r, "worker failed to start", "");
                 metrics_server_stop(w.metrics);
                 kafka_worker_db_probe_stop(w.probe);
                 kafka_worker_stop = -1;
                 (void)kafka_worker_stop_all(&w, util_now_monotonic_ms());
                 kafka_worker_free(&w);
-                return 1;
+                return signo > 0 ? 0 : 1;
         }
         log_info("worker started", "host=%s prefix=%s brokers=%s stages=%zu", cfg->host_id,
                  cfg->kafka_topic_prefix, log_quote(cfg->kafka_brokers), w.npools);

@@ -11,6 +11,7 @@
  * with status 128 + signal number (leases let another worker resume).
  */
 
+#include <stdbool.h>
 #include <stddef.h>
 
 struct config;
@@ -29,6 +30,12 @@ struct kafka_worker_options {
  * a negative errno.
  */
 int kafka_worker_signals(void);
+
+/*
+ * Whether a stop was asked for (a signal or a fatal failure). The argument is unused: the
+ * signature is db_connect_interruptible()'s, so that start-up connections end on SIGTERM.
+ */
+bool kafka_worker_stopping(void *unused);
 
 /*
  * Install the signal handlers, run until SIGTERM or SIGINT (or a fatal Kafka error), and shut

@@ -6,12 +6,15 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 
 #include "common/err.h"
+#include "common/util.h"
 #include "db/db.h"
 #include "db/migrations.h"
 #include "helper_pg.h"
@@ -400,6 +403,79 @@ static void test_db_changed_migration_is_refused(void **state)
         pg_test_drop(url);
 }
 
+/* A loopback listener that never accepts: connections to it hang in the startup packet. */
+static int silent_listener(char *url, size_t size, int connect_timeout)
+{
+        struct sockaddr_in addr = {.sin_family = AF_INET};
+        socklen_t len = sizeof(addr);
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        assert_true(fd >= 0);
+        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        assert_int_equal(bind(fd, (struct sockaddr *)&addr, sizeof(addr)), 0);
+        assert_int_equal(listen(fd, 4), 0);
+        assert_int_equal(getsockname(fd, (struct sockaddr *)&addr, &len), 0);
+        (void)snprintf(url, size, "postgresql://postgres@127.0.0.1:%d/none?connect_timeout=%d",
+                       ntohs(addr.sin_port), connect_timeout);
+        return fd;
+}
+
+static bool stop_after_calls(void *userdata)
+{
+        int *calls = userdata;
+
+        return --*calls < 0;
+}
+
+static bool never_stop(void *userdata)
+{
+        (void)userdata;
+        return false;
+}
+
+/*
+ * db_connect_interruptible: connects like db_connect; a server that never answers ends in
+ * connect_timeout; a stop request ends the wait at once, long before that.
+ */
+static void test_db_connect_interruptible(void **state)
+{
+        char url[512], silent[160];
+        struct db *db = NULL;
+        int64_t t0, took;
+        int calls, fd;
+
+        (void)state;
+        pg_test_create(url, sizeof(url));
+        assert_int_equal(db_connect_interruptible(url, never_stop, NULL, &db), 0);
+        assert_true(db_server_version(db) >= 150000);
+        assert_int_equal(db_exec_script(db, "SELECT 1"), 0);
+        db_free(db);
+        db = NULL;
+        pg_test_drop(url);
+
+        fd = silent_listener(silent, sizeof(silent), 2);
+        t0 = util_now_monotonic_ms();
+        assert_int_equal(db_connect_interruptible(silent, never_stop, NULL, &db), -ETIMEDOUT);
+        took = util_now_monotonic_ms() - t0;
+        print_message("silent server: gave up after %ld ms: %s\n", (long)took, err_last());
+        assert_true(took >= 1900 && took < 6000);
+        assert_non_null(strstr(err_last(), "timeout expired"));
+        assert_null(db);
+
+        /* Stop on the fifth look: about 400 ms of waiting, not the 30 s connect_timeout. */
+        close(fd);
+        fd = silent_listener(silent, sizeof(silent), 30);
+        calls = 5;
+        t0 = util_now_monotonic_ms();
+        assert_int_equal(db_connect_interruptible(silent, stop_after_calls, &calls, &db),
+                         -ECANCELED);
+        took = util_now_monotonic_ms() - t0;
+        print_message("stopped after %ld ms\n", (long)took);
+        assert_true(took < 5000);
+        assert_null(db);
+        close(fd);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -410,6 +486,7 @@ int main(void)
                 cmocka_unit_test(test_db_tx_lost_commit_is_not_blindly_repeated),
                 cmocka_unit_test(test_db_tx_commit_killed_by_the_server),
                 cmocka_unit_test(test_db_changed_migration_is_refused),
+                cmocka_unit_test(test_db_connect_interruptible),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
