@@ -770,6 +770,20 @@ static int fsm_run_transitions(struct fsm_run *run, struct fsm_result *res)
                         /* The commit hook or the database failed: handle like a step error. */
                         step = r;
                 }
+                /*
+                 * A step cut short because the worker is stopping (it says so with -EINTR or
+                 * -ECANCELED, or anything transient) did not fail: the run is released for
+                 * the next worker, as at a transition boundary, and no attempt is spent. A
+                 * permanent error is still one, stopping or not.
+                 */
+                if (run->opts->stop && *run->opts->stop &&
+                    (step == -ECANCELED || err_is_transient(step))) {
+                        log_info("transition cut short by shutdown, not counted as an attempt",
+                                 "transition=%s error=%s", t->name, log_quote(err_text(step)));
+                        fsm_release(run, "worker shutting down");
+                        res->outcome = FSM_OUTCOME_INTERRUPTED;
+                        return 0;
+                }
 
                 (void)snprintf(res->error_text, sizeof(res->error_text), "%s", err_text(step));
                 log_redact(res->error_text);

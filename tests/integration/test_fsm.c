@@ -49,6 +49,7 @@ struct sample {
         enum pgproxy_commit_fault arm_fault; /* ... this one */
         bool cut_when_failing;               /* fail_at cuts g_proxy's connections first */
         const char *stop_at;                 /* step that asks for a graceful stop */
+        bool stop_fails;                     /* ... and then fails with -EINTR, as a stage does */
         const char *wait_stop_at;            /* step that runs until told to stop */
         int64_t stopped_after_ms;            /* ... and how long that took */
 };
@@ -73,8 +74,11 @@ static int sample_step(struct fsm_run *run, void *userdata, const char *name)
                 return r;
         if (s->arm_at && strcmp(s->arm_at, name) == 0)
                 pgproxy_arm_commit(g_proxy, s->arm_fault);
-        if (s->stop_at && strcmp(s->stop_at, name) == 0)
+        if (s->stop_at && strcmp(s->stop_at, name) == 0) {
                 g_stop = 1;
+                if (s->stop_fails)
+                        return err_set(-EINTR, "sample step '%s' interrupted: stopping", name);
+        }
         if (s->wait_stop_at && strcmp(s->wait_stop_at, name) == 0) {
                 int64_t start = util_now_monotonic_ms();
 
@@ -923,6 +927,54 @@ static void test_fsm_long_owner_is_refused(void **state)
         lease_keeper_free(leases);
 }
 
+/*
+ * A step that gives up because the worker is stopping (-EINTR) has not failed: on the run's
+ * last attempt it is neither retried nor failed as exhausted; the run is released, keeps its
+ * attempt count, and the next worker resumes it at that step at once.
+ */
+static void test_fsm_step_cut_short_by_shutdown_costs_no_attempt(void **state)
+{
+        struct env *e = *state;
+        struct sample s = {.stop_at = "b", .stop_fails = true};
+        struct lease_keeper *leases = NULL;
+        struct fsm_options o;
+        struct fsm_result res;
+
+        assert_int_equal(lease_keeper_new(e->url, LEASE_MS, &leases), 0);
+        o = sample_options(leases, "test-worker");
+        o.max_attempts = 1;
+        g_stop = 0;
+        assert_int_equal(fsm_execute(e->db, &sample_fsm, &o, "stop-key", "{}", &s, &res), 0);
+        g_stop = 0;
+        assert_int_equal(res.outcome, FSM_OUTCOME_INTERRUPTED);
+        assert_int_equal(s.failures_recorded, 0);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_runs WHERE run_id = '%s' AND"
+                                     " status = 'running' AND attempt = 1 AND lease_owner IS NULL"
+                                     " AND next_transition = 1",
+                                     res.run_id),
+                         1);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM fsm_events WHERE run_id = '%s'"
+                                     " AND kind IN ('error', 'retry', 'fail', 'abort')",
+                                     res.run_id),
+                         0);
+        fsm_result_done(&res);
+
+        /* The next execution (no stop now) finishes it within the one attempt it has. */
+        s.stop_at = NULL;
+        assert_int_equal(fsm_execute(e->db, &sample_fsm, &o, "stop-key", "{}", &s, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        assert_int_equal(res.attempts, 1);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM sample_effects WHERE run_id = '%s'"
+                                     " AND transition = '%s'",
+                                     res.run_id, "b"),
+                         1);
+        fsm_result_done(&res);
+        lease_keeper_free(leases);
+}
+
 static void test_fsm_backoff_bounds(void **state)
 {
         (void)state;
@@ -972,6 +1024,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_fsm_lease_lost_when_database_unreachable,
                                                 setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_long_owner_is_refused, setup, teardown),
+                cmocka_unit_test_setup_teardown(
+                        test_fsm_step_cut_short_by_shutdown_costs_no_attempt, setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
