@@ -1133,7 +1133,11 @@ static void test_download_resumes_after_sigkill(void **state)
         p.parallel_threshold_bytes = 0;
         p.checkpoint_ms = 1; /* a checkpoint at every written buffer */
         p.expected_sha256 = o->sha256;
-        proxy_command("stall 10 3500000 GET");
+        /* Held back far longer than the wait below, so the child is surely still in the body
+         * when it is killed however slow this machine is (sanitizers, a loaded CI host). */
+        p.stall_timeout_ms = 300000;
+        p.total_timeout_ms = 300000;
+        proxy_command("stall 300 3500000 GET");
         pid = fork();
         assert_true(pid >= 0);
         if (pid == 0) {
@@ -1145,9 +1149,14 @@ static void test_download_resumes_after_sigkill(void **state)
                 (void)download_object(c, &p, NULL, NULL, &res);
                 _exit(2); /* not reached while the proxy holds the rest back */
         }
-        for (int i = 0; i < 200 && verified < 3 * MIB; i++) {
+        for (int i = 0; i < 1200 && verified < 3 * MIB; i++) {
                 util_sleep_ms(50);
                 verified = meta_verified(dest);
+                if (waitpid(pid, &status, WNOHANG) == pid)
+                        fail_msg(
+                                "the downloading child exited by itself (status %d) before the kill, verified %llu",
+                                WIFEXITED(status) ? WEXITSTATUS(status) : -1,
+                                (unsigned long long)verified);
         }
         assert_int_equal(kill(pid, SIGKILL), 0);
         assert_int_equal(waitpid(pid, &status, 0), pid);

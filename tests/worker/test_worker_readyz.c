@@ -123,8 +123,12 @@ static void *relay_main(void *arg)
 
                         if (!p[k].revents || r->fds[i][0] < 0)
                                 continue;
+                        /* Never block on a slow reader: that would stall the relay and,
+                         * with it, relay_stop(). A peer that cannot take a buffer loses the
+                         * connection, as over a broken network. */
                         got = read(r->fds[i][side], buf, sizeof(buf));
-                        if (got <= 0 || write(r->fds[i][!side], buf, (size_t)got) != got)
+                        if (got <= 0 || send(r->fds[i][!side], buf, (size_t)got,
+                                             MSG_DONTWAIT | MSG_NOSIGNAL) != got)
                                 relay_close_pair(r, i);
                 }
         }
@@ -155,10 +159,19 @@ static void relay_start(struct relay *r, uint16_t target_port)
 
 static void relay_stop(struct relay *r)
 {
+        if (r->listen_fd <= 0)
+                return;
         atomic_store(&r->stop, true);
         (void)pthread_join(r->thread, NULL);
         close(r->listen_fd);
+        r->listen_fd = 0;
 }
+
+/*
+ * The one relay, outside any test's stack frame: a failed assertion leaves the test function
+ * at once, and teardown must still stop the relay's thread before anything else runs.
+ */
+static struct relay the_relay;
 
 /* A loopback port that was free a moment ago. */
 static uint16_t free_port(void)
@@ -261,6 +274,7 @@ static int setup(void **state)
 
 static int teardown(void **state)
 {
+        relay_stop(&the_relay);
         wt_teardown(*state);
         free(*state);
         return 0;
@@ -269,15 +283,15 @@ static int teardown(void **state)
 static void test_worker_readyz_follows_postgres(void **state)
 {
         struct wt_env *e = *state;
-        struct relay relay;
+        struct relay *relay = &the_relay;
         char url[768], env_url[800], env_metrics[64], body[512];
         uint16_t pg_port, metrics_port = free_port();
         int64_t took;
         pid_t worker;
 
         relayed_url(e->url, 0, &pg_port, url, sizeof(url));
-        relay_start(&relay, pg_port);
-        relayed_url(e->url, relay.port, &pg_port, url, sizeof(url));
+        relay_start(relay, pg_port);
+        relayed_url(e->url, relay->port, &pg_port, url, sizeof(url));
         (void)snprintf(env_url, sizeof(env_url), "DATABASE_URL=%s", url);
         (void)snprintf(env_metrics, sizeof(env_metrics), "METRICS_ADDR=127.0.0.1:%u",
                        (unsigned)metrics_port);
@@ -287,18 +301,18 @@ static void test_worker_readyz_follows_postgres(void **state)
         took = wait_readyz(metrics_port, worker, 200, 60000, body);
         print_message("ready %ld ms after the start\n", (long)took);
 
-        atomic_store(&relay.down, true);
+        atomic_store(&relay->down, true);
         took = wait_readyz(metrics_port, worker, 503, 20000, body);
         print_message("503 %ld ms after PostgreSQL went away: %s", (long)took, body);
         assert_non_null(strstr(body, "PostgreSQL"));
         assert_int_equal(http_get(metrics_port, "/healthz", body), 200);
 
-        atomic_store(&relay.down, false);
+        atomic_store(&relay->down, false);
         took = wait_readyz(metrics_port, worker, 200, 30000, body);
         print_message("ready again %ld ms after PostgreSQL came back\n", (long)took);
 
         assert_int_equal(wt_worker_stop(e, worker, SIGTERM, 30000), 0);
-        relay_stop(&relay);
+        relay_stop(relay);
 }
 
 /* The sum of a metric's samples that carry @label (e.g. stage="download"), from /metrics. */
