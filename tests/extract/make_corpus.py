@@ -441,7 +441,15 @@ def valid(sent):
     t.add("usr/lib/deep/file", data=b"implicit parents")
     out["basic.tar"] = t.bytes()
 
-    out["setuid.tar"] = Tar().add("su", data=b"x", mode=0o6755, uid=0, gid=0).bytes()
+    # Set-id bits on files of other owners: chown() clears them, so they survive only when
+    # the mode is applied after the owner (for root's own files the chown is skipped).
+    out["setuid.tar"] = (
+        Tar().add("su", data=b"x", mode=0o6755, uid=0, gid=0)
+        .add("suid-user", data=b"u", mode=0o4755, uid=1234, gid=1234)
+        .add("sgid-group", data=b"g", mode=0o2755, uid=1234, gid=1234)
+        .add("both-other", data=b"b", mode=0o6750, uid=1234, gid=5678)
+        .dir("sgid-dir", mode=0o2775, uid=1234, gid=1234)
+        .add("sgid-dir/f", data=b"f", mode=0o4711, uid=1234, gid=1234).bytes())
     out["specials.tar"] = (Tar().dir("dev").add("dev/null", tarfile.CHRTYPE, devmajor=1,
                                                 devminor=3)
                            .add("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0)

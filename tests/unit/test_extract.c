@@ -781,12 +781,35 @@ static void test_extract_no_same_owner(void **state)
         }
 }
 
+/*
+ * Set-id bits survive on files owned by others than root too: chown() clears them, so the
+ * mode must be applied after the owner. Without preserve_owner they are dropped.
+ */
 static void test_extract_setuid(void **state)
 {
+        struct extract_options opts;
+
         (void)state;
         prepare(false);
         (void)extract_ok("setuid.tar", NULL);
         assert_mode("su", S_IFREG, 06755, 0, 0);
+        assert_mode("suid-user", S_IFREG, 04755, 1234, 1234);
+        assert_mode("sgid-group", S_IFREG, 02755, 1234, 1234);
+        assert_mode("both-other", S_IFREG, 06750, 1234, 5678);
+        assert_mode("sgid-dir", S_IFDIR, 02775, 1234, 1234);
+        assert_mode("sgid-dir/f", S_IFREG, 04711, 1234, 1234);
+        assert_root_content("suid-user", "u");
+
+        extract_options_init(&opts);
+        opts.preserve_owner = false;
+        prepare(false);
+        (void)extract_ok("setuid.tar", &opts);
+        assert_mode("su", S_IFREG, 0755, 0, 0);
+        assert_mode("suid-user", S_IFREG, 0755, 0, 0);
+        assert_mode("sgid-group", S_IFREG, 0755, 0, 0);
+        assert_mode("both-other", S_IFREG, 0750, 0, 0);
+        assert_mode("sgid-dir", S_IFDIR, 0775, 0, 0);
+        assert_mode("sgid-dir/f", S_IFREG, 0711, 0, 0);
 }
 
 static void test_extract_specials_skipped(void **state)
