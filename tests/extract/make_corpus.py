@@ -476,6 +476,22 @@ def valid(sent):
             "LIBARCHIVE.xattr.user.y": "d29ybGQ=",  # base64 "world"
         })
         .symlink("s", "f", pax={"SCHILY.xattr.user.s": "on-a-symlink"}).bytes())
+    # POSIX ACLs, both ways tar writes them: as the kernel's system.posix_acl_* xattrs (a
+    # valid value, which the kernel would apply) and as SCHILY.acl.* text that libarchive
+    # parses into the entry. Each grants uid 1234 access the mode alone does not; the modes
+    # are what stat shows for such files (the group bits are the ACL's mask).
+    acl = bytes.fromhex("02000000" "0100" "0600" "ffffffff" "0200" "0400" "d2040000"
+                        "0400" "0400" "ffffffff" "1000" "0400" "ffffffff" "2000" "0000"
+                        "ffffffff").decode("utf-8", "surrogateescape")
+    text = "user::rwx,user:1234:r-x,group::r-x,mask::r-x,other::---"
+    out["acls.tar"] = (
+        Tar().add("xattr-acl", data=b"x", mode=0o640, pax={
+            "SCHILY.xattr.system.posix_acl_access": acl, "SCHILY.xattr.user.kept": "yes"})
+        .add("schily-acl", data=b"s", mode=0o750, pax={"SCHILY.acl.access": text})
+        .dir("dir-acl", mode=0o750, pax={"SCHILY.acl.access": text,
+                                         "SCHILY.acl.default": text,
+                                         "SCHILY.xattr.system.posix_acl_default": acl})
+        .bytes())
     latin = b"latin\xe9".decode("utf-8", "surrogateescape")
     out["utf8.tar"] = (Tar().add("caf\u00e9/na\u00efve.txt", data=b"utf8").bytes())
     out["latin1_gnu.tar"] = Tar(tarfile.GNU_FORMAT).add(latin, data=b"latin1").bytes()

@@ -1250,6 +1250,51 @@ static void test_extract_xattrs(void **state)
         assert_memory_equal(value, "dir", 3);
 }
 
+/*
+ * POSIX ACLs are skipped and counted, whether they come as system.posix_acl_* xattrs or as
+ * SCHILY.acl.* records: they would grant host uids access the image's modes do not. The
+ * member's other xattrs and its mode are kept.
+ */
+static void test_extract_acls_skipped(void **state)
+{
+        static const char *const names[] = {"system.posix_acl_access", "system.posix_acl_default"};
+        static const char *const paths[] = {"xattr-acl", "schily-acl", "dir-acl"};
+        char path[PATH_MAX];
+        char value[64];
+        struct extract_result res;
+        ssize_t n;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("acls.tar", NULL);
+        /*
+         * Two system.posix_acl_* xattrs, and the SCHILY.acl.* records of two members, which
+         * libarchive parses into one ACL per member (access and default together).
+         */
+        assert_int_equal(res.skipped_xattrs, 4);
+        assert_int_equal(res.file_count, 2);
+        assert_int_equal(res.dir_count, 1);
+        for (size_t i = 0; i < ARRAY_SIZE(paths); i++) {
+                rootpath(path, sizeof(path), paths[i]);
+                for (size_t k = 0; k < ARRAY_SIZE(names); k++) {
+                        errno = 0;
+                        n = lgetxattr(path, names[k], value, sizeof(value));
+                        /* ENODATA, or EOPNOTSUPP on a filesystem without ACLs. */
+                        if (n >= 0 || (errno != ENODATA && errno != EOPNOTSUPP))
+                                fail_msg("'%s' has %s (%zd, %s)", paths[i], names[k], n,
+                                         strerror(errno));
+                }
+        }
+        rootpath(path, sizeof(path), "xattr-acl");
+        n = getxattr(path, "user.kept", value, sizeof(value));
+        assert_int_equal(n, 3);
+        assert_memory_equal(value, "yes", 3);
+        assert_mode("xattr-acl", S_IFREG, 0640, 0, 0);
+        assert_mode("schily-acl", S_IFREG, 0750, 0, 0);
+        assert_mode("dir-acl", S_IFDIR, 0750, 0, 0);
+        assert_root_content("schily-acl", "s");
+}
+
 static void test_extract_names_kept_as_bytes(void **state)
 {
         (void)state;
@@ -1876,6 +1921,7 @@ int main(void)
                 cmocka_unit_test(test_extract_specials_skipped),
                 cmocka_unit_test(test_extract_ustar_prefix),
                 cmocka_unit_test(test_extract_xattrs),
+                cmocka_unit_test(test_extract_acls_skipped),
                 cmocka_unit_test(test_extract_names_kept_as_bytes),
                 cmocka_unit_test(test_extract_duplicates_later_wins),
                 cmocka_unit_test(test_extract_replaces_preexisting_symlink),
