@@ -258,6 +258,33 @@ def hostile(sent, canary):
     # Data placed past the end of the file by the map.
     out["sparse_map_past_size.tar"] = Tar().add("GNUSparseFile.0/s", data=b"x", pax=dict(
         sparse_pax, **{"GNU.sparse.map": "1099511627776,1"})).bytes()
+    # pax records override the ustar fields: a harmless ustar name or link target is no
+    # defence when the pax path, linkpath or GNU.sparse.name escapes.
+    out["pax_path_dotdot.tar"] = Tar().add("harmless", data=b"x",
+                                           pax={"path": "../sentinel/pwned"}).bytes()
+    out["pax_path_absolute.tar"] = Tar().add("harmless", data=b"x",
+                                             pax={"path": sent + "/pwned"}).bytes()
+    out["pax_linkpath_dotdot.tar"] = Tar().add("f", data=b"x").hardlink(
+        "h", "f", pax={"linkpath": "../sentinel/etc/passwd"}).bytes()
+    out["pax_linkpath_up_etc.tar"] = Tar().add("f", data=b"x").hardlink(
+        "h", "f", pax={"linkpath": "../../etc"}).bytes()
+    out["pax_linkpath_absolute.tar"] = Tar().add("f", data=b"x").hardlink(
+        "h", "f", pax={"linkpath": sent + "/etc/passwd"}).bytes()
+    out["pax_sparse_name_dotdot.tar"] = Tar().add("GNUSparseFile.0/harmless", data=b"x", pax={
+        "GNU.sparse.name": "../sentinel/pwned", "GNU.sparse.realsize": "4096",
+        "GNU.sparse.map": "0,1"}).bytes()
+    out["pax_sparse_name_absolute.tar"] = Tar().add("GNUSparseFile.0/harmless", data=b"x", pax={
+        "GNU.sparse.name": sent + "/pwned", "GNU.sparse.realsize": "4096",
+        "GNU.sparse.map": "0,1"}).bytes()
+    # The same in a GNU 1.0 sparse member, whose map is in the data and whose name is only in
+    # the pax records (the ustar name is GNU tar's placeholder).
+    body = b"".join(pax_record(k, v) for k, v in (
+        (b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
+        (b"GNU.sparse.name", b"../sentinel/pwned"), (b"GNU.sparse.realsize", b"4096")))
+    m = pad(b"1\n0\n1\n") + pad(b"x")
+    out["pax_sparse10_name_dotdot.tar"] = raw_tar(
+        (raw_header(b"PaxHeaders/harmless", b"x", len(body)), body),
+        (raw_header(b"GNUSparseFile.0/harmless", b"0", len(m)), m))
     # A charset warning (raw bytes in a pax path) must not hide an earlier one (a map libarchive
     # cannot parse), whose message it replaces.
     risky = b"".join(pax_record(k, v) for k, v in (
