@@ -102,6 +102,22 @@ static const struct config_key config_keys[] = {
         /* Smaller than two tar blocks is no tarball; larger cannot fit the largest device. */
         {"MAX_OBJECT_SIZE", CONFIG_SIZE, STR(max_object_size), "32G", KIB, 16 * TIB,
          "largest tarball the download stage accepts"},
+        /*
+         * Limits on what one tarball may hold (its file data is bounded by the device size).
+         * The defaults are the extractor's (stages/extract.h). The upper bounds cap what one
+         * unpack may hold in memory: the extractor remembers every file it creates (16 to 32
+         * bytes each, some 256 MiB for 10 million), and libarchive keeps a sparse file's whole
+         * map (some 64 bytes an entry, 64 MiB for a million). libarchive refuses names over
+         * 1 MiB anyway, and a path of 4096 components is far deeper than any image's.
+         */
+        {"EXTRACT_MAX_ENTRIES", CONFIG_INT, STR(extract_max_entries), "1000000", 1, 10000000,
+         "archive members of any kind one tarball may hold"},
+        {"EXTRACT_MAX_DEPTH", CONFIG_INT, STR(extract_max_depth), "64", 1, 4096,
+         "path components of a member name or hardlink target"},
+        {"EXTRACT_MAX_PATH_LENGTH", CONFIG_INT, STR(extract_max_path_length), "4096", 1, 1048576,
+         "bytes in a member name or link target"},
+        {"EXTRACT_MAX_SPARSE_ENTRIES", CONFIG_INT, STR(extract_max_sparse_entries), "65536", 1,
+         1048576, "entries in one sparse file's map"},
         {"DOWNLOAD_QUEUE_SIZE", CONFIG_INT, STR(download_queue_size), "5", 1, 1024,
          "concurrent downloads per worker"},
         {"UNPACK_QUEUE_SIZE", CONFIG_INT, STR(unpack_queue_size), "2", 1, 1024,

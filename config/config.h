@@ -48,6 +48,12 @@ struct config {
         int pool_high_water_percent;
         uint64_t max_object_size;
 
+        /* Extraction limits (the unpack stage's; file data is bounded by the device size) */
+        int extract_max_entries;
+        int extract_max_depth;
+        int extract_max_path_length;
+        int extract_max_sparse_entries;
+
         /* Queues and timeouts (seconds) */
         int download_queue_size;
         int unpack_queue_size;

@@ -770,6 +770,10 @@ static int unpack_fill(struct fsm_run *run, struct unpack_job *job)
         util_crash_point("unpack.after_mount");
         extract_options_init(&opts);
         opts.max_total_bytes = job->size;
+        opts.max_entries = (uint64_t)job->ctx->cfg->extract_max_entries;
+        opts.max_path_depth = (unsigned)job->ctx->cfg->extract_max_depth;
+        opts.max_path_length = (unsigned)job->ctx->cfg->extract_max_path_length;
+        opts.max_sparse_entries = (uint64_t)job->ctx->cfg->extract_max_sparse_entries;
         opts.progress = unpack_progress_cb;
         opts.userdata = &prog;
         job->deadline_ms = util_now_monotonic_ms() + (int64_t)job->ctx->cfg->unpack_timeout * 1000;

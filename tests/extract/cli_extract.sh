@@ -32,6 +32,19 @@ tar(work + "/escape.tar", [("ok", tarfile.REGTYPE, b"x", ""),
                            ("../outside", tarfile.REGTYPE, b"pwned", "")])
 tar(work + "/deep.tar", [("d1/d2/d3/f", tarfile.REGTYPE, b"x", "")])
 tar(work + "/owned.tar", [("o", tarfile.REGTYPE, b"owned", "")], uid=1234)
+
+# Read-only directories with contents, for a caller without CAP_DAC_OVERRIDE: "late" comes
+# after its contents, "ro/ro2" is read-only inside read-only.
+with tarfile.open(work + "/readonly.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+    for name, mode, data in (("ro/", 0o555, None), ("ro/a", 0o444, b"A"),
+                             ("ro/sub/", 0o500, None), ("ro/sub/b", 0o600, b"B"),
+                             ("ro/ro2/", 0o555, None), ("ro/ro2/deep/", 0o500, None),
+                             ("ro/ro2/deep/c", 0o400, b"C"), ("late/x", 0o644, b"X"),
+                             ("late/", 0o555, None)):
+        ti = tarfile.TarInfo(name)
+        ti.type = tarfile.DIRTYPE if data is None else tarfile.REGTYPE
+        ti.mode, ti.mtime, ti.size = mode, 1600000000, len(data or b"")
+        tf.addfile(ti, io.BytesIO(data) if data else None)
 EOF
 # A sparse file of 10 data segments, as GNU tar stores it.
 mkdir "$work/sparse"
@@ -138,6 +151,33 @@ AS=nobody check "another user with --same-owner fails with a hint" 1 \
         "error: failed to extract 'o': failed to set the owner" \
         "hint: keeping the archive's owners needs root" -- \
         --tar "$work/owned.tar" --root "$work/root" --same-owner
+# Directory modes are applied after the directory's contents: a caller that cannot override
+# permissions (root can, which hides an early chmod) could not fill a 0555 directory otherwise.
+# tree_is DIR PATH:MODE:CONTENT...: each path has the mode (octal), owner nobody and, for a
+# file, the content ("-" for a directory).
+tree_is() {
+        local dir=$1 spec path mode content got
+        shift
+        for spec in "$@"; do
+                IFS=: read -r path mode content <<<"$spec"
+                got=$(stat -c '%a %u' "$dir/$path" 2>&1) || true
+                if [ "$got" != "$mode $nobody" ]; then
+                        echo "FAIL $path: mode and owner '$got', want '$mode $nobody'"
+                        failures=$((failures + 1))
+                elif [ "$content" != - ] && [ "$(cat "$dir/$path")" != "$content" ]; then
+                        echo "FAIL $path: content '$(cat "$dir/$path")', want '$content'"
+                        failures=$((failures + 1))
+                elif [ "$(stat -c %Y "$dir/$path")" != 1600000000 ]; then
+                        echo "FAIL $path: mtime $(stat -c %Y "$dir/$path"), want 1600000000"
+                        failures=$((failures + 1))
+                fi
+        done
+}
+AS=nobody check "another user fills read-only directories" 0 '"file_count":4' \
+        '"dir_count":5' -- --tar "$work/readonly.tar" --root "$work/root" --json
+tree_is "$work/root" ro:555:- ro/a:444:A ro/sub:500:- ro/sub/b:600:B ro/ro2:555:- \
+        ro/ro2/deep:500:- ro/ro2/deep/c:400:C late:555:- late/x:644:X
+
 check "--help says who keeps owners" 0 "Run as root, it keeps the archive's owners" \
         "--same-owner" "--max-sparse-entries" -- --help
 

@@ -258,6 +258,33 @@ def hostile(sent, canary):
     # Data placed past the end of the file by the map.
     out["sparse_map_past_size.tar"] = Tar().add("GNUSparseFile.0/s", data=b"x", pax=dict(
         sparse_pax, **{"GNU.sparse.map": "1099511627776,1"})).bytes()
+    # pax records override the ustar fields: a harmless ustar name or link target is no
+    # defence when the pax path, linkpath or GNU.sparse.name escapes.
+    out["pax_path_dotdot.tar"] = Tar().add("harmless", data=b"x",
+                                           pax={"path": "../sentinel/pwned"}).bytes()
+    out["pax_path_absolute.tar"] = Tar().add("harmless", data=b"x",
+                                             pax={"path": sent + "/pwned"}).bytes()
+    out["pax_linkpath_dotdot.tar"] = Tar().add("f", data=b"x").hardlink(
+        "h", "f", pax={"linkpath": "../sentinel/etc/passwd"}).bytes()
+    out["pax_linkpath_up_etc.tar"] = Tar().add("f", data=b"x").hardlink(
+        "h", "f", pax={"linkpath": "../../etc"}).bytes()
+    out["pax_linkpath_absolute.tar"] = Tar().add("f", data=b"x").hardlink(
+        "h", "f", pax={"linkpath": sent + "/etc/passwd"}).bytes()
+    out["pax_sparse_name_dotdot.tar"] = Tar().add("GNUSparseFile.0/harmless", data=b"x", pax={
+        "GNU.sparse.name": "../sentinel/pwned", "GNU.sparse.realsize": "4096",
+        "GNU.sparse.map": "0,1"}).bytes()
+    out["pax_sparse_name_absolute.tar"] = Tar().add("GNUSparseFile.0/harmless", data=b"x", pax={
+        "GNU.sparse.name": sent + "/pwned", "GNU.sparse.realsize": "4096",
+        "GNU.sparse.map": "0,1"}).bytes()
+    # The same in a GNU 1.0 sparse member, whose map is in the data and whose name is only in
+    # the pax records (the ustar name is GNU tar's placeholder).
+    body = b"".join(pax_record(k, v) for k, v in (
+        (b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
+        (b"GNU.sparse.name", b"../sentinel/pwned"), (b"GNU.sparse.realsize", b"4096")))
+    m = pad(b"1\n0\n1\n") + pad(b"x")
+    out["pax_sparse10_name_dotdot.tar"] = raw_tar(
+        (raw_header(b"PaxHeaders/harmless", b"x", len(body)), body),
+        (raw_header(b"GNUSparseFile.0/harmless", b"0", len(m)), m))
     # A charset warning (raw bytes in a pax path) must not hide an earlier one (a map libarchive
     # cannot parse), whose message it replaces.
     risky = b"".join(pax_record(k, v) for k, v in (
@@ -441,7 +468,15 @@ def valid(sent):
     t.add("usr/lib/deep/file", data=b"implicit parents")
     out["basic.tar"] = t.bytes()
 
-    out["setuid.tar"] = Tar().add("su", data=b"x", mode=0o6755, uid=0, gid=0).bytes()
+    # Set-id bits on files of other owners: chown() clears them, so they survive only when
+    # the mode is applied after the owner (for root's own files the chown is skipped).
+    out["setuid.tar"] = (
+        Tar().add("su", data=b"x", mode=0o6755, uid=0, gid=0)
+        .add("suid-user", data=b"u", mode=0o4755, uid=1234, gid=1234)
+        .add("sgid-group", data=b"g", mode=0o2755, uid=1234, gid=1234)
+        .add("both-other", data=b"b", mode=0o6750, uid=1234, gid=5678)
+        .dir("sgid-dir", mode=0o2775, uid=1234, gid=1234)
+        .add("sgid-dir/f", data=b"f", mode=0o4711, uid=1234, gid=1234).bytes())
     out["specials.tar"] = (Tar().dir("dev").add("dev/null", tarfile.CHRTYPE, devmajor=1,
                                                 devminor=3)
                            .add("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0)
@@ -468,6 +503,22 @@ def valid(sent):
             "LIBARCHIVE.xattr.user.y": "d29ybGQ=",  # base64 "world"
         })
         .symlink("s", "f", pax={"SCHILY.xattr.user.s": "on-a-symlink"}).bytes())
+    # POSIX ACLs, both ways tar writes them: as the kernel's system.posix_acl_* xattrs (a
+    # valid value, which the kernel would apply) and as SCHILY.acl.* text that libarchive
+    # parses into the entry. Each grants uid 1234 access the mode alone does not; the modes
+    # are what stat shows for such files (the group bits are the ACL's mask).
+    acl = bytes.fromhex("02000000" "0100" "0600" "ffffffff" "0200" "0400" "d2040000"
+                        "0400" "0400" "ffffffff" "1000" "0400" "ffffffff" "2000" "0000"
+                        "ffffffff").decode("utf-8", "surrogateescape")
+    text = "user::rwx,user:1234:r-x,group::r-x,mask::r-x,other::---"
+    out["acls.tar"] = (
+        Tar().add("xattr-acl", data=b"x", mode=0o640, pax={
+            "SCHILY.xattr.system.posix_acl_access": acl, "SCHILY.xattr.user.kept": "yes"})
+        .add("schily-acl", data=b"s", mode=0o750, pax={"SCHILY.acl.access": text})
+        .dir("dir-acl", mode=0o750, pax={"SCHILY.acl.access": text,
+                                         "SCHILY.acl.default": text,
+                                         "SCHILY.xattr.system.posix_acl_default": acl})
+        .bytes())
     latin = b"latin\xe9".decode("utf-8", "surrogateescape")
     out["utf8.tar"] = (Tar().add("caf\u00e9/na\u00efve.txt", data=b"utf8").bytes())
     out["latin1_gnu.tar"] = Tar(tarfile.GNU_FORMAT).add(latin, data=b"latin1").bytes()

@@ -2,7 +2,9 @@
 # Extract a realistic root filesystem tarball with our extractor and with GNU tar, and
 # compare the two trees exactly: paths, types, modes, owners, link targets, contents,
 # mtimes, xattrs and hardlink groups. Device nodes and FIFOs, which we skip on purpose, are
-# left out of the comparison (and must be absent from our tree).
+# left out of the comparison (and must be absent from our tree). The extractor's counts
+# (files, bytes of file data, directories, symlinks, hardlinks, skipped devices) must match
+# what GNU tar's tree holds, counted here with stat and the archive's sparse maps.
 #
 # Usage: rootfs_compare.sh FLYIO_IMAGE_MANAGER [WORKDIR]
 #
@@ -136,15 +138,15 @@ fi
 
 # In compare mode there are no counts from our extractor (""), and TREE is the ext4 root.
 if [ "$mode" = compare ]; then
-        set -- "$tree" "$work/gnu" "" lost+found
+        set -- "$tree" "$work/gnu" "" "$work/rootfs.tar" lost+found
 else
-        set -- "$work/ours" "$work/gnu" "$work/ours.json"
+        set -- "$work/ours" "$work/gnu" "$work/ours.json" "$work/rootfs.tar"
 fi
 python3 - "$@" <<'EOF'
-import hashlib, json, os, stat, sys
+import hashlib, json, os, stat, sys, tarfile
 
-ours_root, gnu_root, counts_path = sys.argv[1:4]
-IGNORED_TOP = set(sys.argv[4:])  # in ours only: what mkfs made, not the tarball
+ours_root, gnu_root, counts_path, tar_path = sys.argv[1:5]
+IGNORED_TOP = set(sys.argv[5:])  # in ours only: what mkfs made, not the tarball
 KEPT_XATTRS = ("user.", "security.capability")
 SKIPPED = (stat.S_ISCHR, stat.S_ISBLK, stat.S_ISFIFO, stat.S_ISSOCK)
 
@@ -185,6 +187,37 @@ def describe(root):
     return tree, groups, skipped
 
 
+def expected_counts(root):
+    """The counts the extractor must report, from GNU tar's tree and the archive's sparse maps.
+
+    Every path of the tree is one member: a directory, or a file or symlink whose first path
+    (in walk order, which need not be the archive's) carries the inode and the rest are
+    hardlinks. File data is the size of each regular inode, less the holes of sparse members,
+    which are never written; Python's tarfile, not libarchive, reads the maps."""
+    c = dict(file_count=0, size_bytes=0, dir_count=0, symlink_count=0, hardlink_count=0)
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [""] + dirnames + filenames if dirpath == root else dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name) if name else dirpath)
+            if stat.S_ISDIR(st.st_mode):
+                c["dir_count"] += 1
+            elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                c["file_count"] += 1
+                if st.st_ino in seen:
+                    c["hardlink_count"] += 1
+                    continue
+                seen.add(st.st_ino)
+                if stat.S_ISLNK(st.st_mode):
+                    c["symlink_count"] += 1
+                else:
+                    c["size_bytes"] += st.st_size
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            if m.sparse is not None:
+                c["size_bytes"] -= m.size - sum(size for _, size in m.sparse)
+    return c
+
+
 ours, ours_groups, ours_skipped = describe(ours_root)
 gnu, gnu_groups, gnu_skipped = describe(gnu_root)
 diffs = []
@@ -207,6 +240,10 @@ counts = json.load(open(counts_path)) if counts_path else {}
 if counts and counts["skipped_devices"] != gnu_skipped:
     diffs.append("skipped_devices=%d, GNU tar created %d" % (counts["skipped_devices"],
                                                              gnu_skipped))
+if counts:
+    for key, want in expected_counts(gnu_root).items():
+        if counts[key] != want:
+            diffs.append("%s=%d, GNU tar's tree holds %d" % (key, counts[key], want))
 sparse = os.lstat(os.path.join(ours_root, "var/lib/sparse"))
 if sparse.st_blocks * 512 >= 1 << 20:
     diffs.append("var/lib/sparse: holes were filled (%d blocks)" % sparse.st_blocks)

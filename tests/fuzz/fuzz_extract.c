@@ -1,7 +1,7 @@
 /*
- * libFuzzer target for stages/extract: each input is extracted from memory into a fresh
- * root directory, which is then removed. Besides the sanitizers, three oracles, checked
- * after every input whatever it said:
+ * libFuzzer target for stages/extract: each input is extracted into a fresh root directory,
+ * which is then removed. Besides the sanitizers, three oracles, checked after every input
+ * whatever it said:
  *   - the root's parent holds nothing but the root;
  *   - a sentinel tree at an absolute path outside it (FIM_FUZZ_SENTINEL, default
  *     /tmp/fim-fuzz-sentinel; the seeds' symlinks and hardlinks aim at it) is unchanged:
@@ -10,7 +10,11 @@
  *
  * The input's size also picks how the decompressed stream is chunked for libarchive (a
  * third of the inputs get the default, the rest odd sizes), so that the stream scan is
- * fuzzed across block boundaries too; memory input would otherwise arrive in one piece.
+ * fuzzed across block boundaries too; memory input would otherwise arrive in one piece. And
+ * it picks the entry point, independently of the chunking: half the inputs go through
+ * extract_memory(), the other half through extract_fd() on a memfd holding the input, which
+ * is how the unpack stage reads a tarball (the read callback, its own xz detection, the 1 MiB
+ * read buffer).
  *
  * The limits are low, so that inputs of a few KiB reach them: 16 MiB of file data, 10000
  * entries, 4096 sparse map entries. Memory is a fourth oracle: libarchive keeps what it parses
@@ -30,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <unistd.h>
@@ -337,10 +342,32 @@ static void fuzz_check_base(void)
         (void)closedir(d);
 }
 
+/* A memfd holding @size bytes at @data, at offset 0. */
+static int fuzz_memfd(const uint8_t *data, size_t size)
+{
+        int fd = memfd_create("fuzz-input", MFD_CLOEXEC);
+
+        if (fd < 0)
+                fuzz_die("memfd_create");
+        for (size_t done = 0; done < size;) {
+                ssize_t n = write(fd, data + done, size - done);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        fuzz_die("write memfd");
+                done += (size_t)n;
+        }
+        if (lseek(fd, 0, SEEK_SET) != 0)
+                fuzz_die("lseek memfd");
+        return fd;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
         struct extract_options opts;
         struct extract_result res;
+        int tar_fd = -1;
         int root_fd;
 
         if (fuzz_base_fd < 0)
@@ -361,11 +388,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         opts.max_entries = 10000;
         opts.max_sparse_entries = 4096;
         extract_chunk_size = size % 3 == 0 ? 0 : 1 + size % 1021;
+        if ((size / 3) % 2 == 1)
+                tar_fd = fuzz_memfd(data, size);
         fuzz_heap = fuzz_heap_peak = fuzz_blocks = fuzz_blocks_peak = 0;
         __atomic_store_n(&fuzz_counting, 1, __ATOMIC_RELAXED);
-        (void)extract_memory(root_fd, data, size, &opts, &res);
+        if (tar_fd >= 0)
+                (void)extract_fd(root_fd, tar_fd, &opts, &res);
+        else
+                (void)extract_memory(root_fd, data, size, &opts, &res);
         __atomic_store_n(&fuzz_counting, 0, __ATOMIC_RELAXED);
         err_clear();
+        if (tar_fd >= 0)
+                (void)close(tar_fd);
         if (fuzz_heap_peak > FUZZ_HEAP_MAX || fuzz_blocks_peak > FUZZ_HEAP_BLOCKS_MAX) {
                 fprintf(stderr,
                         "fuzz_extract: the input made the extractor hold %zu MiB in %zu allocations at once\n",

@@ -14,6 +14,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "config/config.h"
+#include "stages/extract.h"
 
 static void clear_env(void)
 {
@@ -378,6 +379,36 @@ static void test_config_values_at_and_past_their_limits(void **state)
                 {"DOWNLOAD_CONNECTIONS", "64", NULL},
                 {"DOWNLOAD_CONNECTIONS", "65", "expected an integer from 1 to 64"},
                 {"MAX_ATTEMPTS", "0", "expected an integer from 1 to 100"},
+                /* Extraction limits: each upper bound caps the memory of one unpack. */
+                {"EXTRACT_MAX_ENTRIES", "1", NULL},
+                {"EXTRACT_MAX_ENTRIES", "10000000", NULL},
+                {"EXTRACT_MAX_ENTRIES", "0",
+                 "EXTRACT_MAX_ENTRIES='0': expected a positive integer (at most 10000000)"},
+                {"EXTRACT_MAX_ENTRIES", "10000001",
+                 "EXTRACT_MAX_ENTRIES='10000001': expected a positive integer (at most 10000000)"},
+                {"EXTRACT_MAX_ENTRIES", "1M", "EXTRACT_MAX_ENTRIES='1M': expected a positive"},
+                {"EXTRACT_MAX_ENTRIES", "-5", "EXTRACT_MAX_ENTRIES='-5': expected a positive"},
+                {"EXTRACT_MAX_DEPTH", "1", NULL},
+                {"EXTRACT_MAX_DEPTH", "4096", NULL},
+                {"EXTRACT_MAX_DEPTH", "0",
+                 "EXTRACT_MAX_DEPTH='0': expected a positive integer (at most 4096)"},
+                {"EXTRACT_MAX_DEPTH", "4097",
+                 "EXTRACT_MAX_DEPTH='4097': expected a positive integer (at most 4096)"},
+                {"EXTRACT_MAX_DEPTH", "", "EXTRACT_MAX_DEPTH='': expected a positive integer"},
+                {"EXTRACT_MAX_PATH_LENGTH", "1", NULL},
+                {"EXTRACT_MAX_PATH_LENGTH", "1048576", NULL},
+                {"EXTRACT_MAX_PATH_LENGTH", "0",
+                 "EXTRACT_MAX_PATH_LENGTH='0': expected a positive integer (at most 1048576)"},
+                {"EXTRACT_MAX_PATH_LENGTH", "1048577",
+                 "EXTRACT_MAX_PATH_LENGTH='1048577': expected a positive integer (at most 1048576)"},
+                {"EXTRACT_MAX_SPARSE_ENTRIES", "1", NULL},
+                {"EXTRACT_MAX_SPARSE_ENTRIES", "1048576", NULL},
+                {"EXTRACT_MAX_SPARSE_ENTRIES", "0",
+                 "EXTRACT_MAX_SPARSE_ENTRIES='0': expected a positive integer (at most 1048576)"},
+                {"EXTRACT_MAX_SPARSE_ENTRIES", "1048577",
+                 "EXTRACT_MAX_SPARSE_ENTRIES='1048577': expected a positive integer (at most 1048576)"},
+                {"EXTRACT_MAX_SPARSE_ENTRIES", "99999999999",
+                 "EXTRACT_MAX_SPARSE_ENTRIES='99999999999': expected a positive integer"},
         };
         struct config cfg;
 
@@ -441,6 +472,57 @@ static void test_config_lengths_at_and_past_their_limits(void **state)
         }
 }
 
+/*
+ * The extraction limits default to the extractor's own defaults, so that a worker without
+ * these settings unpacks exactly as before; show-config lists them, and a file sets them.
+ */
+static void test_config_extract_limits(void **state)
+{
+        char path[] = "/tmp/fim-config-test-XXXXXX";
+        int fd = mkstemp(path);
+        char *buf = NULL;
+        size_t len = 0;
+        struct config cfg;
+        FILE *f;
+
+        (void)state;
+        clear_env();
+        assert_int_equal(config_load(&cfg, NULL), 0);
+        assert_true((uint64_t)cfg.extract_max_entries == EXTRACT_DEFAULT_MAX_ENTRIES);
+        assert_true((unsigned)cfg.extract_max_depth == EXTRACT_DEFAULT_MAX_PATH_DEPTH);
+        assert_true((unsigned)cfg.extract_max_path_length == EXTRACT_DEFAULT_MAX_PATH_LENGTH);
+        assert_true((uint64_t)cfg.extract_max_sparse_entries == EXTRACT_DEFAULT_MAX_SPARSE_ENTRIES);
+        f = open_memstream(&buf, &len);
+        config_print(&cfg, f);
+        fclose(f);
+        assert_non_null(strstr(buf, "EXTRACT_MAX_ENTRIES=1000000  # default\n"));
+        assert_non_null(strstr(buf, "EXTRACT_MAX_DEPTH=64  # default\n"));
+        assert_non_null(strstr(buf, "EXTRACT_MAX_PATH_LENGTH=4096  # default\n"));
+        assert_non_null(strstr(buf, "EXTRACT_MAX_SPARSE_ENTRIES=65536  # default\n"));
+        free(buf);
+        config_done(&cfg);
+
+        assert_true(fd >= 0);
+        f = fdopen(fd, "w");
+        fputs("EXTRACT_MAX_ENTRIES=2000000\nEXTRACT_MAX_DEPTH=128\n"
+              "EXTRACT_MAX_PATH_LENGTH=8192\nEXTRACT_MAX_SPARSE_ENTRIES=100\n",
+              f);
+        fclose(f);
+        assert_int_equal(config_load(&cfg, path), 0);
+        assert_int_equal(cfg.extract_max_entries, 2000000);
+        assert_int_equal(cfg.extract_max_depth, 128);
+        assert_int_equal(cfg.extract_max_path_length, 8192);
+        assert_int_equal(cfg.extract_max_sparse_entries, 100);
+        buf = NULL;
+        f = open_memstream(&buf, &len);
+        config_print(&cfg, f);
+        fclose(f);
+        assert_non_null(strstr(buf, "EXTRACT_MAX_SPARSE_ENTRIES=100  # file\n"));
+        free(buf);
+        config_done(&cfg);
+        unlink(path);
+}
+
 int main(void)
 {
         const struct CMUnitTest tests[] = {
@@ -452,6 +534,7 @@ int main(void)
                 cmocka_unit_test(test_config_db_password_masked_in_every_form),
                 cmocka_unit_test(test_config_values_at_and_past_their_limits),
                 cmocka_unit_test(test_config_lengths_at_and_past_their_limits),
+                cmocka_unit_test(test_config_extract_limits),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);

@@ -457,6 +457,15 @@ static const struct hostile_case hostile_cases[] = {
         {"negative_size.tar", -EBADMSG, "after member 'a': bad header: Tar entry has negative", 0},
         {"hardlink_target_too_long.tar", -ENAMETOOLONG, "'h': hardlink target is longer", 0},
         {"hardlink_target_too_deep.tar", -ENAMETOOLONG, "is 71 levels deep", 0},
+        {"pax_path_dotdot.tar", -EPERM, "'../sentinel/pwned': path has a '..' component", 0},
+        {"pax_path_absolute.tar", -EPERM, "'@/pwned': absolute member path", 0},
+        {"pax_linkpath_dotdot.tar", -EPERM, "'h': hardlink target '../sentinel/etc/passwd' has", 0},
+        {"pax_linkpath_up_etc.tar", -EPERM, "'h': hardlink target '../../etc' has a '..'", 0},
+        {"pax_linkpath_absolute.tar", -EPERM,
+         "'h': hardlink target '@/etc/passwd' is an absolute path", 0},
+        {"pax_sparse_name_dotdot.tar", -EPERM, "'../sentinel/pwned': path has a '..' component", 0},
+        {"pax_sparse_name_absolute.tar", -EPERM, "'@/pwned': absolute member path", 0},
+        {"pax_sparse10_name_dotdot.tar", -EPERM, "'../sentinel/pwned': path has a '..'", 0},
         {"sparse_bad_map.tar", -EBADMSG, "'s': bad header", 0},
         {"sparse_huge_size.tar", -EFBIG, "'s': sparse file is 1099511627777 bytes long", 0},
         {"sparse_map_past_size.tar", -EFBIG, "'s': sparse map puts data at offset", 0},
@@ -781,12 +790,35 @@ static void test_extract_no_same_owner(void **state)
         }
 }
 
+/*
+ * Set-id bits survive on files owned by others than root too: chown() clears them, so the
+ * mode must be applied after the owner. Without preserve_owner they are dropped.
+ */
 static void test_extract_setuid(void **state)
 {
+        struct extract_options opts;
+
         (void)state;
         prepare(false);
         (void)extract_ok("setuid.tar", NULL);
         assert_mode("su", S_IFREG, 06755, 0, 0);
+        assert_mode("suid-user", S_IFREG, 04755, 1234, 1234);
+        assert_mode("sgid-group", S_IFREG, 02755, 1234, 1234);
+        assert_mode("both-other", S_IFREG, 06750, 1234, 5678);
+        assert_mode("sgid-dir", S_IFDIR, 02775, 1234, 1234);
+        assert_mode("sgid-dir/f", S_IFREG, 04711, 1234, 1234);
+        assert_root_content("suid-user", "u");
+
+        extract_options_init(&opts);
+        opts.preserve_owner = false;
+        prepare(false);
+        (void)extract_ok("setuid.tar", &opts);
+        assert_mode("su", S_IFREG, 0755, 0, 0);
+        assert_mode("suid-user", S_IFREG, 0755, 0, 0);
+        assert_mode("sgid-group", S_IFREG, 0755, 0, 0);
+        assert_mode("both-other", S_IFREG, 0750, 0, 0);
+        assert_mode("sgid-dir", S_IFDIR, 0775, 0, 0);
+        assert_mode("sgid-dir/f", S_IFREG, 0711, 0, 0);
 }
 
 static void test_extract_specials_skipped(void **state)
@@ -1225,6 +1257,51 @@ static void test_extract_xattrs(void **state)
         n = getxattr(path, "user.d", value, sizeof(value));
         assert_int_equal(n, 3);
         assert_memory_equal(value, "dir", 3);
+}
+
+/*
+ * POSIX ACLs are skipped and counted, whether they come as system.posix_acl_* xattrs or as
+ * SCHILY.acl.* records: they would grant host uids access the image's modes do not. The
+ * member's other xattrs and its mode are kept.
+ */
+static void test_extract_acls_skipped(void **state)
+{
+        static const char *const names[] = {"system.posix_acl_access", "system.posix_acl_default"};
+        static const char *const paths[] = {"xattr-acl", "schily-acl", "dir-acl"};
+        char path[PATH_MAX];
+        char value[64];
+        struct extract_result res;
+        ssize_t n;
+
+        (void)state;
+        prepare(false);
+        res = extract_ok("acls.tar", NULL);
+        /*
+         * Two system.posix_acl_* xattrs, and the SCHILY.acl.* records of two members, which
+         * libarchive parses into one ACL per member (access and default together).
+         */
+        assert_int_equal(res.skipped_xattrs, 4);
+        assert_int_equal(res.file_count, 2);
+        assert_int_equal(res.dir_count, 1);
+        for (size_t i = 0; i < ARRAY_SIZE(paths); i++) {
+                rootpath(path, sizeof(path), paths[i]);
+                for (size_t k = 0; k < ARRAY_SIZE(names); k++) {
+                        errno = 0;
+                        n = lgetxattr(path, names[k], value, sizeof(value));
+                        /* ENODATA, or EOPNOTSUPP on a filesystem without ACLs. */
+                        if (n >= 0 || (errno != ENODATA && errno != EOPNOTSUPP))
+                                fail_msg("'%s' has %s (%zd, %s)", paths[i], names[k], n,
+                                         strerror(errno));
+                }
+        }
+        rootpath(path, sizeof(path), "xattr-acl");
+        n = getxattr(path, "user.kept", value, sizeof(value));
+        assert_int_equal(n, 3);
+        assert_memory_equal(value, "yes", 3);
+        assert_mode("xattr-acl", S_IFREG, 0640, 0, 0);
+        assert_mode("schily-acl", S_IFREG, 0750, 0, 0);
+        assert_mode("dir-acl", S_IFDIR, 0750, 0, 0);
+        assert_root_content("schily-acl", "s");
 }
 
 static void test_extract_names_kept_as_bytes(void **state)
@@ -1853,6 +1930,7 @@ int main(void)
                 cmocka_unit_test(test_extract_specials_skipped),
                 cmocka_unit_test(test_extract_ustar_prefix),
                 cmocka_unit_test(test_extract_xattrs),
+                cmocka_unit_test(test_extract_acls_skipped),
                 cmocka_unit_test(test_extract_names_kept_as_bytes),
                 cmocka_unit_test(test_extract_duplicates_later_wins),
                 cmocka_unit_test(test_extract_replaces_preexisting_symlink),
