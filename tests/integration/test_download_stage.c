@@ -341,48 +341,6 @@ static void test_download_stage_rejects_bad_requests_and_sources(void **state)
                          1);
 }
 
-static void test_download_stage_two_processes_one_download(void **state)
-{
-        struct env *e = *state;
-        pid_t pids[2];
-        int completes = 0;
-
-        for (int i = 0; i < 2; i++) {
-                pids[i] = fork();
-                assert_true(pids[i] >= 0);
-                if (pids[i] == 0) {
-                        struct db *db = NULL;
-                        struct stage_result res;
-
-                        /* Each child needs its own lease keeper thread: fork keeps none. */
-                        e->leases = NULL;
-                        if (db_connect(e->url, &db) < 0 ||
-                            lease_keeper_new(e->url, 2000, &e->leases) < 0 ||
-                            handle(e, db, "{\"s3_key\":\"images/small.tar\",\"image_id\":\"race\"}",
-                                   &res) < 0)
-                                _exit(100);
-                        _exit(res.outcome);
-                }
-        }
-        for (int i = 0; i < 2; i++) {
-                int status;
-
-                assert_int_equal(waitpid(pids[i], &status, 0), pids[i]);
-                assert_true(WIFEXITED(status));
-                assert_true(WEXITSTATUS(status) == FSM_OUTCOME_COMPLETE ||
-                            WEXITSTATUS(status) == FSM_OUTCOME_BUSY ||
-                            WEXITSTATUS(status) == FSM_OUTCOME_ALREADY_COMPLETE);
-                completes += WEXITSTATUS(status) == FSM_OUTCOME_COMPLETE;
-        }
-        assert_int_equal(completes, 1);
-        assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"), 1);
-        assert_int_equal(scalar(e->db,
-                                "SELECT count(*) FROM fsm_events WHERE kind = 'transition_start'"
-                                " AND transition = 'fetch'"),
-                         1);
-        assert_true(file_exists(e->dir, "race.tar"));
-}
-
 /* Point the stage at a fault proxy in front of S3Proxy. */
 static void env_use_proxy(struct env *e, struct faultproxy *fp)
 {
@@ -393,18 +351,86 @@ static void env_use_proxy(struct env *e, struct faultproxy *fp)
         assert_int_equal(config_set(&e->cfg, "S3_ENDPOINT", fp->url, CONFIG_SOURCE_FLAG), 0);
 }
 
-/* In a child: run one request on its own connections; exit with outcome * 2 + downloaded. */
-static void child_handle(struct env *e, const char *json)
+/*
+ * In a child: run one request on its own connections, with leases of @lease_ms; exit with
+ * outcome * 2 + downloaded.
+ */
+static void child_handle_lease(struct env *e, const char *json, int lease_ms)
 {
         struct db *db = NULL;
         struct stage_result res;
 
         /* Each child needs its own lease keeper thread: fork keeps none. */
         e->leases = NULL;
-        if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, 2000, &e->leases) < 0 ||
+        if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, lease_ms, &e->leases) < 0 ||
             handle(e, db, json, &res) < 0)
                 _exit(100);
         _exit((int)res.outcome * 2 + (res.response && doc_bool(res.response, "downloaded")));
+}
+
+static void child_handle(struct env *e, const char *json)
+{
+        child_handle_lease(e, json, 2000);
+}
+
+/* Wait for a child of child_handle() and return its exit status; fails unless it exited. */
+static int child_wait(pid_t pid)
+{
+        int status;
+
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        if (!WIFEXITED(status))
+                fail_msg("child %ld did not exit normally (wait status %#x)", (long)pid, status);
+        return WEXITSTATUS(status);
+}
+
+/*
+ * Two processes with the same request (one idempotency key) at the same time: one download.
+ * The first one's GET is held in the proxy until the second has had its answer, so they
+ * really overlap: the second finds the key's run alive and is told BUSY. The first one's
+ * leases are long, so that a slow machine cannot let its lease lapse while it is held.
+ */
+static void test_download_stage_two_processes_one_download(void **state)
+{
+        struct env *e = *state;
+        const char *json = "{\"s3_key\":\"images/small.tar\",\"image_id\":\"race\"}";
+        int64_t deadline = util_now_monotonic_ms() + 60000;
+        struct faultproxy fp;
+        pid_t first, second;
+        int status;
+
+        env_use_proxy(e, &fp);
+        faultproxy_command(&fp, "stall 120 100000 GET");
+        first = fork();
+        assert_true(first >= 0);
+        if (first == 0)
+                child_handle_lease(e, json, 30000);
+        while (faultproxy_log_count(&fp, "GET ", "/images/small.tar ", NULL) == 0) {
+                if (waitpid(first, &status, WNOHANG) == first)
+                        fail_msg("the first request ended (wait status %#x) before its GET",
+                                 status);
+                if (util_now_monotonic_ms() > deadline)
+                        fail_msg("the first request sent no GET within 60 s");
+                util_sleep_ms(50);
+        }
+
+        /* The first one is in its transfer, held by the proxy: the second one comes now. */
+        second = fork();
+        assert_true(second >= 0);
+        if (second == 0)
+                child_handle(e, json);
+        assert_int_equal(child_wait(second), FSM_OUTCOME_BUSY * 2);
+        faultproxy_command(&fp, "release");
+        assert_int_equal(child_wait(first), FSM_OUTCOME_COMPLETE * 2 + 1);
+
+        assert_int_equal(faultproxy_log_count(&fp, "GET ", "/images/small.tar ", NULL), 1);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"), 1);
+        assert_int_equal(scalar(e->db,
+                                "SELECT count(*) FROM fsm_events WHERE kind = 'transition_start'"
+                                " AND transition = 'fetch'"),
+                         1);
+        assert_true(file_exists(e->dir, "race.tar"));
+        faultproxy_stop(&fp);
 }
 
 /*
