@@ -287,6 +287,33 @@ run "process-image --json: a complete run without a response" 1 "" -- \
         process-image --s3-key images/noresp.tar --image-id noresp --bucket nr-bucket --json
 check "--json names the download run and fails" python3 -c 'import json,sys; t=sys.argv[1]; d=json.loads(t[t.index("{"):]); assert d["ok"] is False and d["download"]["run_id"]==sys.argv[2] and "unpack" not in d' "$LAST_OUT" "$NRUN"
 
+# --- process-image while another worker holds the job ----------------------------------------
+# The download run has another worker's live lease: process-image waits for it. Stopped, it
+# fails with the image and the run named, and says what to do next.
+BRUN=01JABCDEFGHJKMNPQRSTVWXYZ6
+sql "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request, state, next_transition, status, attempt, max_attempts, lease_owner, lease_until)
+     VALUES ('$BRUN', 'download', 'cli-test-host', 'download/cli-test-host/busy-1/s3://busy-bucket/images/busy.tar/-',
+     '{\"s3_key\":\"images/busy.tar\",\"image_id\":\"busy-1\",\"bucket\":\"busy-bucket\"}', 'check_exists', 1, 'running', 1, 5,
+     'other-host/worker/1/abcdefghij', now() + interval '1 hour');
+     INSERT INTO idempotency_keys (key, fsm, host_id, run_id, status)
+     SELECT idempotency_key, fsm, host_id, run_id, 'running' FROM fsm_runs WHERE run_id = '$BRUN'"
+"$BIN" process-image --s3-key images/busy.tar --image-id busy-1 --bucket busy-bucket >"$WORK/busy.out" 2>&1 &
+bpid=$!
+bfailed=$failed
+for _ in $(seq 600); do
+        grep -Fq "waiting for it" "$WORK/busy.out" && break
+        sleep 0.1
+done
+check "process-image says whose run it waits for" grep -Fq "download of image 'busy-1': run $BRUN is held by another worker; waiting for it" "$WORK/busy.out"
+kill -TERM "$bpid"
+wait "$bpid"
+status=$?
+check "process-image stopped while busy exits 1" test "$status" -eq 1
+check "busy error names the image and the run" grep -Fq "error: download of image 'busy-1' stopped while waiting for run $BRUN, which another worker holds" "$WORK/busy.out"
+check "busy error says what to do" grep -Fq "see 'flyio-image-manager status --run-id $BRUN', then run this command again" "$WORK/busy.out"
+check "busy error gives the lease time" grep -Fq "(LEASE_SECONDS, 30 s, after it died)" "$WORK/busy.out"
+[ "$failed" -eq "$bfailed" ] || sed 's/^/    /' "$WORK/busy.out"
+
 # --- verify-system ---------------------------------------------------------------------
 out=$("$BIN" verify-system 2>&1); status=$?
 check "verify-system database pass" grep -Eq "^PASS +database" <<<"$out"
