@@ -272,6 +272,23 @@ check "pipe run got past the download" grep -Fq "download: done" "$WORK/pipe.out
 check "no progress when stderr is not a tty" not_contains "$(cat "$WORK/pipe.err")" "MiB ("
 check "no carriage return when stderr is not a tty" test "$(tr -cd '\r' <"$WORK/pipe.err" | wc -c)" -eq 0
 
+# --- download: S3 settings from every configuration level ------------------------------------
+# The object of the progress test. The credentials are in the config file only, and the
+# bucket is S3_BUCKET's: the command reads the configuration as every other command does.
+PSHA=$(sha256sum "$WORK/progress.tar" | cut -d' ' -f1)
+printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "${S3_CREDS[0]#*=}" "${S3_CREDS[1]#*=}" >"$WORK/conf-s3"
+run "download: credentials from the config file" 0 "^size=3145728 sha256=$PSHA " -- \
+        --config "$WORK/conf-s3" download --key "$PKEY" --output "$WORK/dl-file.tar"
+check "download: the file is the object" test "$(sha256sum <"$WORK/dl-file.tar" | cut -d' ' -f1)" = "$PSHA"
+# The environment's endpoint leads nowhere; --set's wins over it.
+out=$(S3_ENDPOINT=http://127.0.0.1:1 "$BIN" --config "$WORK/conf-s3" --set S3_ENDPOINT="$S3_ENDPOINT" \
+        download --bucket "$S3_BUCKET" --key "$PKEY" --output "$WORK/dl-set.tar" 2>&1)
+status=$?
+check "download: --set over the environment" test "$status" -eq 0
+check "download: --set run got the object" grep -Eq "^size=3145728 sha256=$PSHA " <<<"$out"
+run "download: invalid setting is a usage error" 2 "DOWNLOAD_STALL_TIMEOUT='0'" -- \
+        --set DOWNLOAD_STALL_TIMEOUT=0 download --key "$PKEY" --output "$WORK/dl-bad.tar"
+
 # --- process-image after a run complete without a stored response ---------------------------
 # stage.h allows a complete run with no response; the next stage then has no input. It must
 # fail with the run named, not crash (it parsed NULL and died with SIGSEGV).
