@@ -186,7 +186,7 @@ sql "INSERT INTO images (host_id, image_id, bucket, s3_key, status, local_path, 
              'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', 5242880),
             ('cli-test-host', 'broken-2', 'b1', 'images/broken.tar', 'failed', NULL, NULL, NULL),
             ('other-host', 'elsewhere-3', 'b1', 'images/x.tar', 'pending', NULL, NULL, NULL)"
-run "list-images rows" 0 "alpine-1 +completed +5242880 +e3b0c44298fc +b1/images/alpine.tar" "broken-2 +failed" -- list-images
+run "list-images rows" 0 "alpine-1 +completed +5242880 +e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855 +b1/images/alpine.tar" "broken-2 +failed" -- list-images
 check "list-images only this host" not_contains "$LAST_OUT" "elsewhere-3"
 run "list-images --status" 0 "alpine-1" -- list-images --status completed
 check "status filter excludes" not_contains "$LAST_OUT" "broken-2"
