@@ -36,8 +36,9 @@
  * buffer plus curl's buffers whatever the object size.
  *
  * Writes: curl hands the body over in 16 KiB pieces. Each piece is hashed at once but
- * copied into a write buffer (1 MiB for a stream, 512 KiB per part in flight) that goes to
- * the file in one pwrite, so the data path costs one syscall per buffer, not per piece.
+ * copied into a write buffer (64 KiB for a stream and per part in flight, see
+ * DOWNLOAD_STREAM_BUF) that goes to the file in one pwrite, so the data path costs one
+ * syscall per buffer, not per piece.
  * Every 32 MiB written, sync_file_range starts writeback without waiting, so the final fsync
  * finds little left to do and disk and network work at the same time.
  *
