@@ -36,8 +36,9 @@
  * buffer plus curl's buffers whatever the object size.
  *
  * Writes: curl hands the body over in 16 KiB pieces. Each piece is hashed at once but
- * copied into a write buffer (1 MiB for a stream, 512 KiB per part in flight) that goes to
- * the file in one pwrite, so the data path costs one syscall per buffer, not per piece.
+ * copied into a write buffer (64 KiB for a stream and per part in flight, see
+ * DOWNLOAD_STREAM_BUF) that goes to the file in one pwrite, so the data path costs one
+ * syscall per buffer, not per piece.
  * Every 32 MiB written, sync_file_range starts writeback without waiting, so the final fsync
  * finds little left to do and disk and network work at the same time.
  *
@@ -50,6 +51,12 @@
  * damaged sidecar) starts from zero. A sidecar written in one mode is converted to the other
  * through its contiguous prefix, so changing the threshold between attempts loses nothing
  * before the first gap.
+ *
+ * Already there: a caller that recorded an earlier call's result (before_rename runs just
+ * before the rename, so the record exists whenever the file does) passes it back as
+ * p->recorded. After the HEAD, a dest_path with the recorded size whose SHA-256 is the recorded
+ * one, of an object whose ETag and size have not changed, is kept: a crash between the rename
+ * and the caller's own bookkeeping then costs one read of the file, not a new transfer.
  *
  * Servers that ignore Range: a ranged GET answered with the whole object (HTTP 200) makes
  * resuming and parts impossible, so the download falls back to one stream from byte zero.
@@ -809,6 +816,8 @@ static int download_finish(struct download_ctx *d, struct download_result *ret)
         unsigned char md[EVP_MAX_MD_SIZE];
         unsigned int md_len = 0;
         char hex[DOWNLOAD_SHA256_HEX_LEN + 1];
+        struct download_result res;
+        int r;
 
         if (d->hashed != d->info.size)
                 return err_set(
@@ -826,22 +835,69 @@ static int download_finish(struct download_ctx *d, struct download_result *ret)
                         d->p->key, d->p->bucket, hex, d->p->expected_sha256);
         if (fsync(d->fd) < 0)
                 return err_set(-errno, "failed to sync '%s': %s", d->part_path, strerror(errno));
-        if (rename(d->part_path, d->p->dest_path) < 0)
-                return err_set(-errno, "failed to rename '%s' to '%s': %s", d->part_path,
-                               d->p->dest_path, strerror(errno));
-        int r = download_fsync_dir(d->p->dest_path);
-
-        if (r < 0)
-                return r;
-        (void)unlink(d->meta_path);
-        *ret = (struct download_result){
+        res = (struct download_result){
                 .size = d->info.size,
                 .resumed_from_offset = d->resumed,
                 .parts = d->meta.part_size ? (unsigned)d->meta.n_parts : 1,
         };
+        memcpy(res.sha256, hex, sizeof(res.sha256));
+        memcpy(res.etag, d->info.etag, sizeof(res.etag));
+        if (d->p->before_rename) {
+                r = d->p->before_rename(&res, d->p->before_rename_userdata);
+                if (r < 0)
+                        return r;
+        }
+        if (rename(d->part_path, d->p->dest_path) < 0)
+                return err_set(-errno, "failed to rename '%s' to '%s': %s", d->part_path,
+                               d->p->dest_path, strerror(errno));
+        r = download_fsync_dir(d->p->dest_path);
+        if (r < 0)
+                return r;
+        (void)unlink(d->meta_path);
+        *ret = res;
+        return 0;
+}
+
+/*
+ * Whether dest_path still holds what p->recorded says an earlier call put there, of an object
+ * that the HEAD just made shows unchanged (same ETag and size). The file is hashed to be sure.
+ * Returns true and fills @ret (nothing transferred), or false when the object must be
+ * downloaded: that also replaces a file that could not be read.
+ */
+static bool download_keep_existing(struct download_ctx *d, struct download_result *ret)
+{
+        const struct download_params *p = d->p;
+        const struct download_result *rec = p->recorded;
+        char hex[DOWNLOAD_SHA256_HEX_LEN + 1];
+        uint64_t size = 0;
+        struct stat st;
+
+        if (!rec->etag[0] || strcmp(rec->etag, d->info.etag) != 0 || rec->size != d->info.size)
+                return false;
+        if (p->expected_sha256 && strcasecmp(rec->sha256, p->expected_sha256) != 0)
+                return false;
+        if (stat(p->dest_path, &st) < 0 || !S_ISREG(st.st_mode) ||
+            (uint64_t)st.st_size != rec->size)
+                return false;
+        if (download_hash_file(p->dest_path, hex, &size) < 0) {
+                err_clear();
+                return false;
+        }
+        if (size != rec->size || strcasecmp(hex, rec->sha256) != 0)
+                return false;
+        /* What download_open_part made, and any partial file: the object is complete. */
+        download_remove_partial(d);
+        *ret = (struct download_result){
+                .size = size,
+                .resumed_from_offset = size,
+                .parts = 1,
+                .kept = true,
+        };
         memcpy(ret->sha256, hex, sizeof(ret->sha256));
         memcpy(ret->etag, d->info.etag, sizeof(ret->etag));
-        return 0;
+        d->done_bytes = size;
+        download_progress(d, true);
+        return true;
 }
 
 /* The effective part size: the requested one, grown so there are at most MAX_PARTS parts. */
@@ -884,7 +940,7 @@ static int download_from_zero(struct download_ctx *d)
         return download_begin(d, false);
 }
 
-/* One attempt: HEAD, plan, transfer, verify, rename. */
+/* One attempt: HEAD, keep what is there already or plan, transfer, verify, rename. */
 static int download_run(struct download_ctx *d, struct download_result *ret)
 {
         const struct download_params *p = d->p;
@@ -901,6 +957,8 @@ static int download_run(struct download_ctx *d, struct download_result *ret)
                         " bytes, above the limit of %" PRIu64
                         " (MAX_OBJECT_SIZE); raise the limit if the image is legitimate",
                         p->key, p->bucket, d->info.size, p->max_object_bytes);
+        if (p->recorded && download_keep_existing(d, ret))
+                return 0;
         parallel = p->parallel_threshold_bytes > 0 && d->info.size > p->parallel_threshold_bytes &&
                    p->max_connections > 1;
         r = download_begin(d, parallel);

@@ -9,9 +9,13 @@
  *
  * A finished download is fsynced, renamed to dest_path, and its directory fsynced; the
  * sidecar is then removed. Whether dest_path already holds a complete download is the
- * caller's concern (the FSM's idempotency check); download_hash_file() verifies one.
+ * caller's concern (the FSM's idempotency check); download_hash_file() verifies one. A caller
+ * that records what it downloaded (the before_rename hook) can hand that record back in a
+ * later call (recorded), which then keeps a dest_path that still matches it instead of
+ * downloading the object again.
  */
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "stages/s3_client.h"
@@ -20,6 +24,16 @@
 #define DOWNLOAD_DEFAULT_PART_SIZE (8u << 20)
 /* Objects are never split into more parts than this; the part size grows instead. */
 #define DOWNLOAD_MAX_PARTS 10000u
+
+struct download_result;
+
+/*
+ * Called once the whole object is on disk, hashed and synced under the partial name, right
+ * before the rename to dest_path, with what the call will return. A negative errno (with
+ * err_set()) fails the call with it; after a transient one the complete partial file stays,
+ * so the next call has nothing left to fetch.
+ */
+typedef int (*download_before_rename_fn)(const struct download_result *result, void *userdata);
 
 struct download_params {
         const char *bucket;
@@ -39,6 +53,15 @@ struct download_params {
          * those of an attempt that then fails; not the resumed ones.
          */
         uint64_t *received_bytes;
+        /*
+         * Optional: what an earlier call left at dest_path (its result, as the caller recorded
+         * it from before_rename). When the HEAD shows the same ETag and size, and dest_path has
+         * that size and SHA-256 (it is read and hashed to be sure), nothing is transferred and
+         * the result says kept. Anything else downloads the object as without it.
+         */
+        const struct download_result *recorded;
+        download_before_rename_fn before_rename; /* optional */
+        void *before_rename_userdata;
 };
 
 struct download_result {
@@ -51,6 +74,7 @@ struct download_result {
          */
         uint64_t resumed_from_offset;
         unsigned parts; /* ranged parts the object was split into; 1 for a single stream */
+        bool kept;      /* dest_path was what params.recorded says: nothing was transferred */
 };
 
 /* Progress report: bytes on disk so far (including resumed ones) of @total. */

@@ -9,11 +9,16 @@
  *                 failed job. Otherwise the run claims the image row: 'pending'.
  *   fetch         claims again (see below), marks the row 'downloading', streams the object
  *                 into LOCAL_DIR/<image_id>.tar.part with SHA-256, resuming an earlier partial
- *                 download, then renames it into place (stages/download.c). Its commit hook
- *                 records size, checksum and ETag on the image row. A transient failure puts
- *                 the row back to 'pending' with the error, until the retry.
+ *                 download, then renames it into place (stages/download.c). Just before the
+ *                 rename, the image row records size, checksum and ETag, so a fetch repeated
+ *                 after a crash that followed the rename finds them: when S3 still has that
+ *                 object (HEAD) and the file still hashes to them, it keeps the file instead
+ *                 of downloading it again. A transient failure puts the row back to
+ *                 'pending' with the error, until the retry.
  *   verify        after a resume in another process, re-hashes the file on disk and compares
- *                 it with what fetch recorded; a file changed under us is deleted and refetched.
+ *                 it with what fetch recorded. The engine retries a step, never an earlier
+ *                 one, so verify does fetch's work itself when the file is gone or changed:
+ *                 it downloads the object again, as fetch would have.
  *   record        marks the image completed and, in the same transaction, writes the unpack
  *                 request to the outbox (the FSM's handoff hook, which also runs when a
  *                 request finds the key completed without a handoff, e.g. by process-image).
@@ -58,6 +63,7 @@
 
 struct download_job {
         const struct stage_ctx *ctx;
+        struct fsm_run *run; /* while fetch or verify downloads */
         struct download_request req;
         char bucket[REQUEST_BUCKET_MAX + 1];
         char dest[PATH_MAX];
@@ -261,9 +267,61 @@ static void download_back_to_pending(struct fsm_run *run, const struct download_
         (void)err_set(r, "%s", msg);
 }
 
-static int download_fetch(struct fsm_run *run, void *userdata)
+/*
+ * download_object's before_rename hook: the image row learns what the file is about to be
+ * before it takes its final name, so that a crash right after the rename costs a hash of the
+ * file, not a new download (download_recorded()).
+ */
+static int download_record_file(const struct download_result *result, void *userdata)
 {
         struct download_job *job = userdata;
+        char size[24];
+
+        (void)snprintf(size, sizeof(size), "%" PRIu64, result->size);
+        return db_exec(fsm_run_db(job->run), NULL,
+                       "UPDATE images SET checksum = $4, size_bytes = $5, etag = $6,"
+                       " updated_at = now() WHERE host_id = $1 AND image_id = $2 AND run_id = $3",
+                       6,
+                       (const char *const[]){job->ctx->cfg->host_id, job->req.image_id,
+                                             fsm_run_id(job->run), result->sha256, size,
+                                             result->etag[0] ? result->etag : NULL});
+}
+
+/*
+ * What this run recorded on the image row before renaming a download into place: 1 with
+ * @ret filled, 0 when nothing is recorded (no download of this run got that far), or a
+ * negative errno.
+ */
+static int download_recorded(struct fsm_run *run, const struct download_job *job,
+                             struct download_result *ret)
+{
+        PGresult *res = NULL;
+        int r;
+
+        r = db_query_row(
+                fsm_run_db(run), &res,
+                "SELECT checksum, size_bytes, etag FROM images WHERE host_id = $1"
+                " AND image_id = $2 AND run_id = $3 AND checksum IS NOT NULL"
+                " AND size_bytes IS NOT NULL AND etag IS NOT NULL",
+                3,
+                (const char *const[]){job->ctx->cfg->host_id, job->req.image_id, fsm_run_id(run)});
+        if (r <= 0)
+                return r;
+        *ret = (struct download_result){.size = (uint64_t)db_get_i64(res, 0, 1)};
+        (void)snprintf(ret->sha256, sizeof(ret->sha256), "%s", db_get(res, 0, 0));
+        (void)snprintf(ret->etag, sizeof(ret->etag), "%s", db_get(res, 0, 2));
+        PQclear(res);
+        return 1;
+}
+
+/*
+ * Put the object at job->dest and fill the response: keep the file there when it is what
+ * @recorded (may be NULL) describes and S3 still has that object, else download it, resuming
+ * a partial file. Marks the image 'downloading' meanwhile, 'pending' after a transient failure.
+ */
+static int download_obtain(struct fsm_run *run, struct download_job *job,
+                           const struct download_result *recorded)
+{
         const struct config *cfg = job->ctx->cfg;
         struct s3_client *client = NULL;
         struct download_result result = {0};
@@ -281,20 +339,21 @@ static int download_fetch(struct fsm_run *run, void *userdata)
                 .stall_timeout_ms = (int64_t)cfg->download_stall_timeout * 1000,
                 .expected_sha256 = job->req.checksum[0] ? job->req.checksum : NULL,
                 .received_bytes = &received,
+                .recorded = recorded,
+                .before_rename = download_record_file,
+                .before_rename_userdata = job,
         };
         int r;
 
-        /* Another run may have finished the image since check_exists (or be at it now). */
-        r = download_claim(run, job);
-        if (r < 0 || job->skip)
-                return r;
         r = download_set_status(run, job, "downloading", NULL);
         if (r < 0)
                 return r;
+        job->run = run;
         r = download_s3_client(cfg, &client);
         if (r >= 0)
                 r = download_object(client, &p, download_progress, job, &result);
         s3_client_free(client);
+        job->run = NULL;
         /* Bytes moved, whether or not this attempt succeeds: what the link carried. */
         metrics_add_bytes_downloaded(received);
         if (r < 0) {
@@ -302,15 +361,38 @@ static int download_fetch(struct fsm_run *run, void *userdata)
                         download_back_to_pending(run, job, r);
                 return r;
         }
+        util_crash_point("download.after_rename");
         job->fetched_here = true;
         (void)snprintf(job->etag, sizeof(job->etag), "%s", result.etag);
         download_response_set(fsm_run_response(run), job->req.image_id, job->dest, result.sha256,
                               (int64_t)result.size, true, NULL);
-        log_info("object downloaded",
-                 "bucket=%s key=%s bytes=%" PRIu64 " sha256=%s resumed_from=%" PRIu64 " parts=%u",
-                 log_quote(job->bucket), log_quote(job->req.s3_key), result.size, result.sha256,
-                 result.resumed_from_offset, result.parts);
+        if (result.kept)
+                log_info("downloaded file kept: it still is the object recorded at its rename",
+                         "bucket=%s key=%s bytes=%" PRIu64 " sha256=%s", log_quote(job->bucket),
+                         log_quote(job->req.s3_key), result.size, result.sha256);
+        else
+                log_info("object downloaded",
+                         "bucket=%s key=%s bytes=%" PRIu64 " sha256=%s resumed_from=%" PRIu64
+                         " parts=%u",
+                         log_quote(job->bucket), log_quote(job->req.s3_key), result.size,
+                         result.sha256, result.resumed_from_offset, result.parts);
         return 0;
+}
+
+static int download_fetch(struct fsm_run *run, void *userdata)
+{
+        struct download_job *job = userdata;
+        struct download_result recorded;
+        int r;
+
+        /* Another run may have finished the image since check_exists (or be at it now). */
+        r = download_claim(run, job);
+        if (r < 0 || job->skip)
+                return r;
+        r = download_recorded(run, job, &recorded);
+        if (r < 0)
+                return r;
+        return download_obtain(run, job, r > 0 ? &recorded : NULL);
 }
 
 static const char *download_response_str(struct fsm_run *run, const char *field)
@@ -354,9 +436,10 @@ static int download_verify(struct fsm_run *run, void *userdata)
         const char *want = download_response_str(run, "checksum");
         int64_t want_size = download_response_i64(run, "size_bytes");
         char have[DOWNLOAD_SHA256_HEX_LEN + 1];
-        uint64_t size;
+        uint64_t size = 0;
         int r;
 
+        util_crash_point("download.before_verify");
         if (!want || !download_response_done(run))
                 return err_set(-EIO, "no checksum recorded for image '%s' before verify",
                                job->req.image_id);
@@ -364,22 +447,15 @@ static int download_verify(struct fsm_run *run, void *userdata)
         if (job->skip || job->fetched_here)
                 return 0;
         r = download_hash_file(job->dest, have, &size);
-        if (r == -ENOENT)
-                return err_set(
-                        -EAGAIN,
-                        "downloaded file '%s' disappeared before verification; will download again",
-                        job->dest);
-        if (r < 0)
+        if (r < 0 && r != -ENOENT)
                 return r;
-        if (strcmp(have, want) != 0 || (int64_t)size != want_size) {
+        if (r == 0 && strcmp(have, want) == 0 && (int64_t)size == want_size)
+                return 0;
+        log_info("downloaded file gone or changed since fetch, downloading it again",
+                 "path=%s sha256=%s expected=%s", log_quote(job->dest), r == 0 ? have : "-", want);
+        if (r == 0)
                 (void)unlink(job->dest);
-                json_object_object_del(fsm_run_response(run), "checksum");
-                return err_set(
-                        -EAGAIN,
-                        "file '%s' changed after download (sha256 %s, expected %s); deleted, will download again",
-                        job->dest, have, want);
-        }
-        return 0;
+        return download_obtain(run, job, NULL);
 }
 
 static int download_record(struct fsm_run *run, void *userdata)

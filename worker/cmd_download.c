@@ -3,17 +3,17 @@
  * PostgreSQL or Kafka. A developer and benchmark aid; the worker uses the same
  * download_object() from its FSM.
  *
- * S3 settings come from the environment for now: S3_ENDPOINT, S3_FORCE_PATH_STYLE,
- * AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION.
+ * S3 settings come from the configuration like every other command's (default, file,
+ * environment, --set): S3_ENDPOINT, S3_FORCE_PATH_STYLE, AWS_REGION, the credentials, and
+ * S3_BUCKET and DOWNLOAD_STALL_TIMEOUT as defaults for --bucket and --stall-timeout.
  */
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "common/err.h"
 #include "common/util.h"
+#include "config/config.h"
 #include "stages/download.h"
 #include "stages/s3_client.h"
 #include "worker/cli.h"
@@ -34,17 +34,19 @@ static void cmd_download_help(void)
         printf("Usage: flyio-image-manager download --bucket B --key K --output FILE [FLAGS]\n"
                "\n"
                "Download one S3 object to FILE (through FILE.part, resumable) and print its\n"
-               "size and SHA-256. S3 settings come from S3_ENDPOINT, S3_FORCE_PATH_STYLE,\n"
-               "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION.\n"
+               "size and SHA-256. S3 settings come from the configuration, as for every\n"
+               "command (config file, environment, --set): S3_ENDPOINT, S3_FORCE_PATH_STYLE,\n"
+               "AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN.\n"
                "\n"
                "Flags:\n"
-               "  --bucket B          bucket name\n"
+               "  --bucket B          bucket name (default S3_BUCKET)\n"
                "  --key K             object key\n"
                "  --output FILE       destination file\n"
                "  --parallel N        ranged parts in flight, 1-64 (default 4; 1: one stream)\n"
                "  --part-size S       part size, e.g. 8M (default 8M); larger objects are split\n"
                "  --sha256 HEX        fail unless the object has this SHA-256\n"
-               "  --stall-timeout MS  give up when no byte arrives for MS ms (default 30000)\n"
+               "  --stall-timeout MS  give up when no byte arrives for MS ms\n"
+               "                      (default DOWNLOAD_STALL_TIMEOUT)\n"
                "  -h, --help          print this help\n");
 }
 
@@ -109,26 +111,20 @@ static int cmd_download_parse(int argc, char **argv, struct cmd_download_args *a
         }
         if (cli_no_positional(argv[0], argc, argv))
                 return CMD_EXIT_USAGE;
-        if (!a->bucket || !a->key || !a->output)
-                return cli_usage(argv[0], "--bucket, --key and --output are required");
+        if (!a->key || !a->output)
+                return cli_usage(argv[0], "--key and --output are required");
         return 0;
 }
 
-static int cmd_download_client(struct s3_client **ret)
+static int cmd_download_client(const struct config *cfg, struct s3_client **ret)
 {
-        const char *force = getenv("S3_FORCE_PATH_STYLE");
-        bool path_style = false;
-
-        if (force && force[0] && util_parse_bool(force, &path_style) < 0)
-                return err_set(-EINVAL, "S3_FORCE_PATH_STYLE='%s': expected true or false", force);
-
         const struct s3_client_options o = {
-                .endpoint = getenv("S3_ENDPOINT"),
-                .region = getenv("AWS_REGION"),
-                .access_key_id = getenv("AWS_ACCESS_KEY_ID"),
-                .secret_access_key = getenv("AWS_SECRET_ACCESS_KEY"),
-                .session_token = getenv("AWS_SESSION_TOKEN"),
-                .force_path_style = path_style,
+                .endpoint = cfg->s3_endpoint,
+                .region = cfg->s3_region,
+                .access_key_id = cfg->s3_access_key,
+                .secret_access_key = cfg->s3_secret_key,
+                .session_token = cfg->s3_session_token[0] ? cfg->s3_session_token : NULL,
+                .force_path_style = cfg->s3_force_path_style,
         };
 
         return s3_client_new(&o, ret);
@@ -136,38 +132,49 @@ static int cmd_download_client(struct s3_client **ret)
 
 int cmd_download(int argc, char **argv)
 {
-        struct cmd_download_args a = {.parallel = 4, .part_size = 8u << 20, .stall_ms = 30000};
+        struct cmd_download_args a = {.parallel = 4, .part_size = 8u << 20};
         struct download_result res;
         struct s3_client *client = NULL;
+        struct config cfg;
         int64_t start;
-        int r;
+        int r, status;
 
         r = cmd_download_parse(argc, argv, &a);
         if (r != 0)
                 return r < 0 ? CMD_EXIT_OK : r;
-        r = cmd_download_client(&client);
-        if (r < 0)
-                return cli_fail(r);
+        if (cli_config(&cfg) < 0)
+                return CMD_EXIT_USAGE;
+        r = cmd_download_client(&cfg, &client);
+        if (r < 0) {
+                status = cli_fail(r);
+                goto out;
+        }
 
         const struct download_params p = {
-                .bucket = a.bucket,
+                .bucket = a.bucket ? a.bucket : cfg.s3_bucket,
                 .key = a.key,
                 .dest_path = a.output,
                 .parallel_threshold_bytes = a.part_size,
                 .part_size = a.part_size,
                 .max_connections = (unsigned)a.parallel,
-                .stall_timeout_ms = a.stall_ms,
+                .stall_timeout_ms =
+                        a.stall_ms ? a.stall_ms : (int64_t)cfg.download_stall_timeout * 1000,
                 .expected_sha256 = a.sha256,
         };
 
         start = util_now_monotonic_ms();
         r = download_object(client, &p, NULL, NULL, &res);
-        s3_client_free(client);
-        if (r < 0)
-                return cli_fail(r);
+        if (r < 0) {
+                status = cli_fail(r);
+                goto out;
+        }
         printf("size=%" PRIu64 " sha256=%s etag=%s parts=%u resumed_from=%" PRIu64
                " elapsed_ms=%" PRId64 "\n",
                res.size, res.sha256, res.etag, res.parts, res.resumed_from_offset,
                util_now_monotonic_ms() - start);
-        return CMD_EXIT_OK;
+        status = CMD_EXIT_OK;
+out:
+        s3_client_free(client);
+        config_done(&cfg);
+        return status;
 }

@@ -1,4 +1,8 @@
-/* `list-images [--status S]`: the download stage's images on this host. */
+/*
+ * `list-images [--status S] [--all-hosts] [--json]`: the download stage's images on this
+ * host. The table shows the whole SHA-256: it is what an operator compares with a published
+ * checksum or a request's, and a prefix cannot be compared with confidence.
+ */
 #include <getopt.h>
 #include <stdio.h>
 #include <string.h>
@@ -12,7 +16,7 @@ static const char *const cmd_list_images_statuses[] = {"pending", "downloading",
                                                        "failed"};
 
 static const char cmd_list_images_sql[] =
-        "SELECT image_id, status, size_bytes, left(checksum, 12), bucket || '/' || s3_key,"
+        "SELECT image_id, status, size_bytes, checksum, bucket || '/' || s3_key,"
         " " DB_TIME(
                 "updated_at") ", error"
                               " FROM images WHERE ($1::text IS NULL OR host_id = $1) AND ($2::text IS NULL OR status = $2)"

@@ -91,6 +91,26 @@ static void process_print_text(const char *stage, const struct stage_result *res
         json_object_put(o);
 }
 
+/*
+ * The job is another worker's: its run has a live lease. A worker that dies loses the lease
+ * after LEASE_SECONDS and the next try takes the run over, so a holder still there after
+ * the whole wait is alive and at work; one we stopped waiting for may be either.
+ */
+static int process_busy(const struct stage_ctx *ctx, const char *stage,
+                        const struct stage_result *res)
+{
+        if (process_stop)
+                return err_set(
+                        -EBUSY,
+                        "%s of image '%s' stopped while waiting for run %s, which another worker holds; see 'flyio-image-manager status --run-id %s', then run this command again: it finds the run finished, or takes it over once that worker's lease has expired (LEASE_SECONDS, %d s, after it died)",
+                        stage, res->image_id, res->run_id, res->run_id, ctx->cfg->lease_seconds);
+        return err_set(
+                -EBUSY,
+                "%s of image '%s' not done: run %s is still held by another worker after %d minutes (a live one: a dead worker's lease expires after LEASE_SECONDS, %d s); see 'flyio-image-manager status --run-id %s' and run this command again later",
+                stage, res->image_id, res->run_id, PROCESS_BUSY_WAIT_MS / 60000,
+                ctx->cfg->lease_seconds, res->run_id);
+}
+
 /* Run one stage, waiting while another worker holds the same job. */
 static int process_stage(const struct stage_ctx *ctx, enum stage_id id, const char *request,
                          struct stage_result *res)
@@ -108,11 +128,12 @@ static int process_stage(const struct stage_ctx *ctx, enum stage_id id, const ch
                         break;
                 stage_result_done(res);
                 if (!said)
-                        fprintf(stderr, "%s: another worker is running this job; waiting\n",
-                                st->name);
+                        fprintf(stderr,
+                                "%s of image '%s': run %s is held by another worker; waiting for it (up to %d minutes)\n",
+                                st->name, res->image_id, res->run_id, PROCESS_BUSY_WAIT_MS / 60000);
                 said = true;
                 if (process_stop || util_now_monotonic_ms() > deadline)
-                        return err_set(-EBUSY, "%s: another worker still holds this job", st->name);
+                        return process_busy(ctx, st->name, res);
                 util_sleep_ms(1000);
         }
         switch (res->outcome) {

@@ -6,7 +6,7 @@
 #   tests/bench/download_bench.sh [ROUNDS]          # default 3 rounds
 #
 # Environment:
-#   FIM_BUILD_DIR     build tree with flyio-image-manager and libfim_core.a (default: build)
+#   FIM_BUILD_DIR     build tree with flyio-image-manager (default: build)
 #   FIM_BENCH_DIR     where the source objects and downloads go (default: /tmp/fim-bench)
 #   FIM_BENCH_PARALLEL / FIM_BENCH_PART_SIZE   parallel settings (default 4 and 8M)
 #   FIM_SERVICES_DIR, FIM_S3_PORT              passed to tests/infra/services.sh
@@ -51,22 +51,8 @@ SIG=(--aws-sigv4 "aws:amz:${AWS_REGION:-us-east-1}:s3" -u "$AWS_ACCESS_KEY_ID:$A
         -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD')
 
 # ---- the download command ---------------------------------------------------------------
-# `flyio-image-manager download` once the CLI dispatches it; until then a three-line driver
-# linked against the same libfim_core.a runs the same cmd_download().
 FIM=("$BUILD/flyio-image-manager" download)
-if ! "${FIM[@]}" --help 2>/dev/null | grep -q -- '--part-size'; then
-        [ -f "$BUILD/libfim_core.a" ] || die "no $BUILD/libfim_core.a: build first (cmake --build $BUILD)"
-        drv=$WORK/fim-download-driver
-        printf '%s\n' '#include "worker/commands.h"' \
-                'int main(int argc, char **argv) { return cmd_download(argc - 1, argv + 1); }' \
-                >"$WORK/driver.c"
-        # shellcheck disable=SC2046
-        cc -std=c17 -O2 -I"$ROOT" "$WORK/driver.c" "$BUILD/libfim_core.a" \
-                $(pkg-config --libs libcurl libcrypto json-c rdkafka libpq libarchive devmapper) \
-                -lpthread -o "$drv"
-        FIM=("$drv" download)
-        echo "note: using a driver around cmd_download() ('download' is not dispatched by the CLI yet)" >&2
-fi
+[ -x "${FIM[0]}" ] || die "no ${FIM[0]}: build first (cmake --build $BUILD)"
 
 # ---- objects ----------------------------------------------------------------------------
 object_exists() {

@@ -186,7 +186,7 @@ sql "INSERT INTO images (host_id, image_id, bucket, s3_key, status, local_path, 
              'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', 5242880),
             ('cli-test-host', 'broken-2', 'b1', 'images/broken.tar', 'failed', NULL, NULL, NULL),
             ('other-host', 'elsewhere-3', 'b1', 'images/x.tar', 'pending', NULL, NULL, NULL)"
-run "list-images rows" 0 "alpine-1 +completed +5242880 +e3b0c44298fc +b1/images/alpine.tar" "broken-2 +failed" -- list-images
+run "list-images rows" 0 "alpine-1 +completed +5242880 +e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855 +b1/images/alpine.tar" "broken-2 +failed" -- list-images
 check "list-images only this host" not_contains "$LAST_OUT" "elsewhere-3"
 run "list-images --status" 0 "alpine-1" -- list-images --status completed
 check "status filter excludes" not_contains "$LAST_OUT" "broken-2"
@@ -272,6 +272,23 @@ check "pipe run got past the download" grep -Fq "download: done" "$WORK/pipe.out
 check "no progress when stderr is not a tty" not_contains "$(cat "$WORK/pipe.err")" "MiB ("
 check "no carriage return when stderr is not a tty" test "$(tr -cd '\r' <"$WORK/pipe.err" | wc -c)" -eq 0
 
+# --- download: S3 settings from every configuration level ------------------------------------
+# The object of the progress test. The credentials are in the config file only, and the
+# bucket is S3_BUCKET's: the command reads the configuration as every other command does.
+PSHA=$(sha256sum "$WORK/progress.tar" | cut -d' ' -f1)
+printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "${S3_CREDS[0]#*=}" "${S3_CREDS[1]#*=}" >"$WORK/conf-s3"
+run "download: credentials from the config file" 0 "^size=3145728 sha256=$PSHA " -- \
+        --config "$WORK/conf-s3" download --key "$PKEY" --output "$WORK/dl-file.tar"
+check "download: the file is the object" test "$(sha256sum <"$WORK/dl-file.tar" | cut -d' ' -f1)" = "$PSHA"
+# The environment's endpoint leads nowhere; --set's wins over it.
+out=$(S3_ENDPOINT=http://127.0.0.1:1 "$BIN" --config "$WORK/conf-s3" --set S3_ENDPOINT="$S3_ENDPOINT" \
+        download --bucket "$S3_BUCKET" --key "$PKEY" --output "$WORK/dl-set.tar" 2>&1)
+status=$?
+check "download: --set over the environment" test "$status" -eq 0
+check "download: --set run got the object" grep -Eq "^size=3145728 sha256=$PSHA " <<<"$out"
+run "download: invalid setting is a usage error" 2 "DOWNLOAD_STALL_TIMEOUT='0'" -- \
+        --set DOWNLOAD_STALL_TIMEOUT=0 download --key "$PKEY" --output "$WORK/dl-bad.tar"
+
 # --- process-image after a run complete without a stored response ---------------------------
 # stage.h allows a complete run with no response; the next stage then has no input. It must
 # fail with the run named, not crash (it parsed NULL and died with SIGSEGV).
@@ -286,6 +303,33 @@ run "process-image: a complete run without a response" 1 "download run $NRUN is 
 run "process-image --json: a complete run without a response" 1 "" -- \
         process-image --s3-key images/noresp.tar --image-id noresp --bucket nr-bucket --json
 check "--json names the download run and fails" python3 -c 'import json,sys; t=sys.argv[1]; d=json.loads(t[t.index("{"):]); assert d["ok"] is False and d["download"]["run_id"]==sys.argv[2] and "unpack" not in d' "$LAST_OUT" "$NRUN"
+
+# --- process-image while another worker holds the job ----------------------------------------
+# The download run has another worker's live lease: process-image waits for it. Stopped, it
+# fails with the image and the run named, and says what to do next.
+BRUN=01JABCDEFGHJKMNPQRSTVWXYZ6
+sql "INSERT INTO fsm_runs (run_id, fsm, host_id, idempotency_key, request, state, next_transition, status, attempt, max_attempts, lease_owner, lease_until)
+     VALUES ('$BRUN', 'download', 'cli-test-host', 'download/cli-test-host/busy-1/s3://busy-bucket/images/busy.tar/-',
+     '{\"s3_key\":\"images/busy.tar\",\"image_id\":\"busy-1\",\"bucket\":\"busy-bucket\"}', 'check_exists', 1, 'running', 1, 5,
+     'other-host/worker/1/abcdefghij', now() + interval '1 hour');
+     INSERT INTO idempotency_keys (key, fsm, host_id, run_id, status)
+     SELECT idempotency_key, fsm, host_id, run_id, 'running' FROM fsm_runs WHERE run_id = '$BRUN'"
+"$BIN" process-image --s3-key images/busy.tar --image-id busy-1 --bucket busy-bucket >"$WORK/busy.out" 2>&1 &
+bpid=$!
+bfailed=$failed
+for _ in $(seq 600); do
+        grep -Fq "waiting for it" "$WORK/busy.out" && break
+        sleep 0.1
+done
+check "process-image says whose run it waits for" grep -Fq "download of image 'busy-1': run $BRUN is held by another worker; waiting for it" "$WORK/busy.out"
+kill -TERM "$bpid"
+wait "$bpid"
+status=$?
+check "process-image stopped while busy exits 1" test "$status" -eq 1
+check "busy error names the image and the run" grep -Fq "error: download of image 'busy-1' stopped while waiting for run $BRUN, which another worker holds" "$WORK/busy.out"
+check "busy error says what to do" grep -Fq "see 'flyio-image-manager status --run-id $BRUN', then run this command again" "$WORK/busy.out"
+check "busy error gives the lease time" grep -Fq "(LEASE_SECONDS, 30 s, after it died)" "$WORK/busy.out"
+[ "$failed" -eq "$bfailed" ] || sed 's/^/    /' "$WORK/busy.out"
 
 # --- verify-system ---------------------------------------------------------------------
 out=$("$BIN" verify-system 2>&1); status=$?

@@ -15,6 +15,11 @@ connections carry several), so that a fault hits exactly the request it was arme
   stall T [AFTER] [METHOD]
                        the next METHOD (default GET) response pauses T seconds after
                        AFTER bytes (default 0), then continues
+  stalls T@AFTER [T@AFTER...] [METHOD]
+                       the same with several pauses in the one response, in the order of
+                       their AFTER byte counts (a resumable client checkpoints between them)
+  release              every pause of a stall armed before this command ends now, whether
+                       it is in progress or still to come; stalls armed later are not affected
   hold T [METHOD]      the next METHOD (default GET) request waits T seconds before it is
                        forwarded (the server sees it late)
   norange K            the next K GETs with a Range header get their 206 answer as a 200
@@ -48,11 +53,12 @@ CHUNK = 64 * 1024
 
 class Faults:
     def __init__(self):
+        self.gate = asyncio.Event()  # set by "release": ends the pauses armed before it
         self.clear()
 
     def clear(self):
         self.cuts = []  # {"method", "nbytes", "skip"}
-        self.stalls = []  # {"method", "seconds", "after", "skip"}
+        self.stalls = []  # {"method", "points": [(seconds, after)...], "gate", "skip"}
         self.errors = []  # {"method", "status", "delay", "skip"}
         self.holds = []  # {"method", "seconds", "skip"}
         self.slowdown = 0
@@ -71,8 +77,24 @@ class Faults:
         elif words[0] == "stall" and 2 <= len(words) <= 4:
             after = int(words[2]) if len(words) >= 3 else 0
             method = words[3] if len(words) == 4 else "GET"
-            self.stalls.append({"method": method, "seconds": float(words[1]), "after": after,
+            self.stalls.append({"method": method, "points": [(float(words[1]), after)],
+                                "gate": self.gate, "skip": 0})
+        elif words[0] == "stalls" and len(words) >= 2 and "@" in words[1]:
+            method = "GET"
+            if "@" not in words[-1]:
+                method = words.pop()
+            points = []
+            for word in words[1:]:
+                seconds, at, after = word.partition("@")
+                if not at:
+                    return "error: expected T@AFTER"
+                points.append((float(seconds), int(after)))
+            points.sort(key=lambda p: p[1])
+            self.stalls.append({"method": method, "points": points, "gate": self.gate,
                                 "skip": 0})
+        elif words[0] == "release" and len(words) == 1:
+            self.gate.set()
+            self.gate = asyncio.Event()
         elif words[0] == "error" and 2 <= len(words) <= 4:
             method = words[2] if len(words) >= 3 else "GET"
             delay = float(words[3]) if len(words) == 4 else 0.0
@@ -105,21 +127,25 @@ class Cut(Exception):
 
 
 class Sink:
-    """Writes a response to the client, applying a cut or a stall at a byte offset."""
+    """Writes a response to the client, applying a cut or stalls at byte offsets."""
 
     def __init__(self, writer, cut=None, stall=None):
         self.writer = writer
         self.sent = 0
         self.cut = cut
-        self.stall = stall  # (seconds, after)
+        self.points = list(stall["points"]) if stall else []  # (seconds, after), by after
+        self.gate = stall["gate"] if stall else None
 
     async def send(self, data):
-        if self.stall is not None and self.sent + len(data) >= self.stall[1]:
-            head = self.stall[1] - self.sent
+        while self.points and self.sent + len(data) >= self.points[0][1]:
+            seconds, after = self.points.pop(0)
+            head = max(0, after - self.sent)
             await self._write(data[:head])
             data = data[head:]
-            seconds, self.stall = self.stall[0], None
-            await asyncio.sleep(seconds)
+            try:
+                await asyncio.wait_for(self.gate.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
         if self.cut is not None and self.sent + len(data) >= self.cut:
             await self._write(data[: self.cut - self.sent])
             raise Cut()
@@ -285,7 +311,7 @@ class Proxy:
         if cut:
             fault = "cut:%d" % cut["nbytes"]
         elif stall:
-            fault = "stall:%g@%d" % (stall["seconds"], stall["after"])
+            fault = "stall:" + ",".join("%g@%d" % p for p in stall["points"])
         elif hold:
             fault = "hold:%g" % hold["seconds"]
         elif norange:
@@ -304,8 +330,7 @@ class Proxy:
         await to_upstream(head)
         await copy_body(reader, to_upstream, headers, "content-length" in headers or
                         headers.get("transfer-encoding", "").lower() == "chunked")
-        sink = Sink(writer, cut=cut["nbytes"] if cut else None,
-                    stall=(stall["seconds"], stall["after"]) if stall else None)
+        sink = Sink(writer, cut=cut["nbytes"] if cut else None, stall=stall)
         close = await self.forward_response(up_reader, sink, method, norange)
         return not close
 

@@ -1178,6 +1178,123 @@ static void test_download_resumes_after_sigkill(void **state)
         assert_int_equal(unlink(dest), 0);
 }
 
+/* What the before_rename hook saw, and whether it fails the call. */
+struct rename_probe {
+        const char *dest;
+        int calls;
+        int fail_with;
+        bool dest_existed;
+        struct download_result seen;
+};
+
+static int probe_before_rename(const struct download_result *result, void *userdata)
+{
+        struct rename_probe *probe = userdata;
+
+        probe->calls++;
+        probe->seen = *result;
+        probe->dest_existed = exists(probe->dest, "");
+        if (probe->fail_with)
+                return err_set(probe->fail_with, "could not record the download (test)");
+        return 0;
+}
+
+static int proxy_count(const char *method, const char *key)
+{
+        return faultproxy_log_count(&t.proxy, method, key, NULL);
+}
+
+/*
+ * before_rename sees the result before the file has its final name; when it fails, the call
+ * fails and the next one has nothing left to fetch. A recorded result is kept when the file
+ * and the object still match it (one HEAD, no GET), and downloaded again when the file's
+ * bytes or the object's ETag differ from the record. In one stream and in parts.
+ */
+static void test_download_before_rename_and_recorded(void **state)
+{
+        const struct object *o = &objects[OBJ_ODD];
+        struct rename_probe probe = {0};
+        struct download_result res, recorded;
+        struct download_params p;
+        char dest[512];
+        int gets, heads, fd, r;
+
+        (void)state;
+        dest_path("recorded", dest, sizeof(dest));
+        probe.dest = dest;
+        for (int parallel = 0; parallel < 2; parallel++) {
+                p = params(o, dest);
+                p.parallel_threshold_bytes = parallel ? MIB : 0;
+                p.before_rename = probe_before_rename;
+                p.before_rename_userdata = &probe;
+                probe.calls = 0;
+                probe.fail_with = -ECONNRESET;
+                gets = proxy_count("GET ", o->key);
+                r = download_object(t.proxied, &p, NULL, NULL, &res);
+                assert_int_equal(r, -ECONNRESET);
+                assert_int_equal(probe.calls, 1);
+                assert_false(probe.dest_existed);
+                assert_string_equal(probe.seen.sha256, o->sha256);
+                assert_false(exists(dest, ""));
+                assert_true(exists(dest, ".part"));
+                assert_int_equal(proxy_count("GET ", o->key), gets + (parallel ? 3 : 1));
+
+                probe.fail_with = 0;
+                r = download_object(t.proxied, &p, NULL, NULL, &res);
+                if (r < 0)
+                        fail_msg("second call failed: %s", err_text(r));
+                assert_int_equal(probe.calls, 2);
+                assert_int_equal(res.resumed_from_offset, o->size);
+                assert_false(res.kept);
+                assert_int_equal(proxy_count("GET ", o->key), gets + (parallel ? 3 : 1));
+                assert_string_equal(res.sha256, probe.seen.sha256);
+                assert_string_equal(res.etag, probe.seen.etag);
+                assert_file_is(dest, o);
+                recorded = res;
+
+                /* Recorded and unchanged: kept, after one HEAD; no partial file left. */
+                p.recorded = &recorded;
+                heads = proxy_count("HEAD ", o->key);
+                gets = proxy_count("GET ", o->key);
+                r = download_object(t.proxied, &p, NULL, NULL, &res);
+                if (r < 0)
+                        fail_msg("call with a matching record failed: %s", err_text(r));
+                assert_true(res.kept);
+                assert_int_equal(res.size, o->size);
+                assert_string_equal(res.sha256, o->sha256);
+                assert_string_equal(res.etag, recorded.etag);
+                assert_int_equal(probe.calls, 2);
+                assert_int_equal(proxy_count("HEAD ", o->key), heads + 1);
+                assert_int_equal(proxy_count("GET ", o->key), gets);
+                assert_false(exists(dest, ".part"));
+                assert_false(exists(dest, ".part.meta"));
+
+                /* Same size, one byte changed: the hash tells, and it is downloaded again. */
+                fd = open(dest, O_WRONLY | O_CLOEXEC);
+                assert_true(fd >= 0);
+                assert_int_equal(pwrite(fd, "!", 1, 1000), 1);
+                assert_int_equal(close(fd), 0);
+                r = download_object(t.proxied, &p, NULL, NULL, &res);
+                if (r < 0)
+                        fail_msg("call after the file changed failed: %s", err_text(r));
+                assert_false(res.kept);
+                assert_int_equal(probe.calls, 3);
+                assert_true(proxy_count("GET ", o->key) > gets);
+                assert_file_is(dest, o);
+
+                /* A record of another version of the object (another ETag): downloaded again. */
+                (void)snprintf(recorded.etag, sizeof(recorded.etag), "\"%s\"", "0123456789abcdef");
+                gets = proxy_count("GET ", o->key);
+                r = download_object(t.proxied, &p, NULL, NULL, &res);
+                if (r < 0)
+                        fail_msg("call with another ETag recorded failed: %s", err_text(r));
+                assert_false(res.kept);
+                assert_true(proxy_count("GET ", o->key) > gets);
+                assert_file_is(dest, o);
+                assert_int_equal(unlink(dest), 0);
+        }
+}
+
 /* The object is replaced between our HEAD and our GET: 412, and one restart within the call. */
 static void test_download_restarts_when_replaced_mid_call(void **state)
 {
@@ -1321,6 +1438,7 @@ int main(void)
                 cmocka_unit_test(test_download_session_token),
                 cmocka_unit_test(test_download_virtual_host),
                 cmocka_unit_test(test_download_resumes_after_sigkill),
+                cmocka_unit_test(test_download_before_rename_and_recorded),
                 cmocka_unit_test(test_download_restarts_when_replaced_mid_call),
                 cmocka_unit_test(test_download_permanent_error_after_partial),
                 cmocka_unit_test(test_download_parallel_connection_bound),

@@ -28,6 +28,7 @@
 #include "db/db.h"
 #include "helper_faultproxy.h"
 #include "helper_pg.h"
+#include "stages/download.h"
 #include "stages/s3_client.h"
 #include "worker/lease.h"
 #include "worker/stage.h"
@@ -341,48 +342,6 @@ static void test_download_stage_rejects_bad_requests_and_sources(void **state)
                          1);
 }
 
-static void test_download_stage_two_processes_one_download(void **state)
-{
-        struct env *e = *state;
-        pid_t pids[2];
-        int completes = 0;
-
-        for (int i = 0; i < 2; i++) {
-                pids[i] = fork();
-                assert_true(pids[i] >= 0);
-                if (pids[i] == 0) {
-                        struct db *db = NULL;
-                        struct stage_result res;
-
-                        /* Each child needs its own lease keeper thread: fork keeps none. */
-                        e->leases = NULL;
-                        if (db_connect(e->url, &db) < 0 ||
-                            lease_keeper_new(e->url, 2000, &e->leases) < 0 ||
-                            handle(e, db, "{\"s3_key\":\"images/small.tar\",\"image_id\":\"race\"}",
-                                   &res) < 0)
-                                _exit(100);
-                        _exit(res.outcome);
-                }
-        }
-        for (int i = 0; i < 2; i++) {
-                int status;
-
-                assert_int_equal(waitpid(pids[i], &status, 0), pids[i]);
-                assert_true(WIFEXITED(status));
-                assert_true(WEXITSTATUS(status) == FSM_OUTCOME_COMPLETE ||
-                            WEXITSTATUS(status) == FSM_OUTCOME_BUSY ||
-                            WEXITSTATUS(status) == FSM_OUTCOME_ALREADY_COMPLETE);
-                completes += WEXITSTATUS(status) == FSM_OUTCOME_COMPLETE;
-        }
-        assert_int_equal(completes, 1);
-        assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"), 1);
-        assert_int_equal(scalar(e->db,
-                                "SELECT count(*) FROM fsm_events WHERE kind = 'transition_start'"
-                                " AND transition = 'fetch'"),
-                         1);
-        assert_true(file_exists(e->dir, "race.tar"));
-}
-
 /* Point the stage at a fault proxy in front of S3Proxy. */
 static void env_use_proxy(struct env *e, struct faultproxy *fp)
 {
@@ -393,18 +352,252 @@ static void env_use_proxy(struct env *e, struct faultproxy *fp)
         assert_int_equal(config_set(&e->cfg, "S3_ENDPOINT", fp->url, CONFIG_SOURCE_FLAG), 0);
 }
 
-/* In a child: run one request on its own connections; exit with outcome * 2 + downloaded. */
-static void child_handle(struct env *e, const char *json)
+/*
+ * In a child: run one request on its own connections, with leases of @lease_ms; exit with
+ * outcome * 2 + downloaded.
+ */
+static void child_handle_lease(struct env *e, const char *json, int lease_ms)
 {
         struct db *db = NULL;
         struct stage_result res;
 
         /* Each child needs its own lease keeper thread: fork keeps none. */
         e->leases = NULL;
-        if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, 2000, &e->leases) < 0 ||
+        if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, lease_ms, &e->leases) < 0 ||
             handle(e, db, json, &res) < 0)
                 _exit(100);
         _exit((int)res.outcome * 2 + (res.response && doc_bool(res.response, "downloaded")));
+}
+
+static void child_handle(struct env *e, const char *json)
+{
+        child_handle_lease(e, json, 2000);
+}
+
+/* Wait for a child of child_handle() and return its exit status; fails unless it exited. */
+static int child_wait(pid_t pid)
+{
+        int status;
+
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        if (!WIFEXITED(status))
+                fail_msg("child %ld did not exit normally (wait status %#x)", (long)pid, status);
+        return WEXITSTATUS(status);
+}
+
+/*
+ * Two processes with the same request (one idempotency key) at the same time: one download.
+ * The first one's GET is held in the proxy until the second has had its answer, so they
+ * really overlap: the second finds the key's run alive and is told BUSY. The first one's
+ * leases are long, so that a slow machine cannot let its lease lapse while it is held.
+ */
+static void test_download_stage_two_processes_one_download(void **state)
+{
+        struct env *e = *state;
+        const char *json = "{\"s3_key\":\"images/small.tar\",\"image_id\":\"race\"}";
+        int64_t deadline = util_now_monotonic_ms() + 60000;
+        struct faultproxy fp;
+        pid_t first, second;
+        int status;
+
+        env_use_proxy(e, &fp);
+        faultproxy_command(&fp, "stall 120 100000 GET");
+        first = fork();
+        assert_true(first >= 0);
+        if (first == 0)
+                child_handle_lease(e, json, 30000);
+        while (faultproxy_log_count(&fp, "GET ", "/images/small.tar ", NULL) == 0) {
+                if (waitpid(first, &status, WNOHANG) == first)
+                        fail_msg("the first request ended (wait status %#x) before its GET",
+                                 status);
+                if (util_now_monotonic_ms() > deadline)
+                        fail_msg("the first request sent no GET within 60 s");
+                util_sleep_ms(50);
+        }
+
+        /* The first one is in its transfer, held by the proxy: the second one comes now. */
+        second = fork();
+        assert_true(second >= 0);
+        if (second == 0)
+                child_handle(e, json);
+        assert_int_equal(child_wait(second), FSM_OUTCOME_BUSY * 2);
+        faultproxy_command(&fp, "release");
+        assert_int_equal(child_wait(first), FSM_OUTCOME_COMPLETE * 2 + 1);
+
+        assert_int_equal(faultproxy_log_count(&fp, "GET ", "/images/small.tar ", NULL), 1);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE fsm = 'download'"), 1);
+        assert_int_equal(scalar(e->db,
+                                "SELECT count(*) FROM fsm_events WHERE kind = 'transition_start'"
+                                " AND transition = 'fetch'"),
+                         1);
+        assert_true(file_exists(e->dir, "race.tar"));
+        faultproxy_stop(&fp);
+}
+
+/* Run @json in a child that SIGKILLs itself at crash point @point (FIM_CRASH_AT). */
+static void child_crash_at(struct env *e, const char *point, const char *json)
+{
+        pid_t pid = fork();
+        int status;
+
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                (void)setenv("FIM_CRASH_AT", point, 1);
+                child_handle(e, json);
+        }
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGKILL)
+                fail_msg("the child did not die at crash point '%s' (wait status %#x)", point,
+                         status);
+}
+
+/* Run @json here until it is no longer BUSY: a dead child's lease lapses first. */
+static void handle_resumed(struct env *e, const char *json, struct stage_result *res)
+{
+        int64_t deadline = util_now_monotonic_ms() + 60000;
+
+        for (;;) {
+                assert_int_equal(handle(e, e->db, json, res), 0);
+                if (res->outcome != FSM_OUTCOME_BUSY)
+                        return;
+                stage_result_done(res);
+                if (util_now_monotonic_ms() > deadline)
+                        fail_msg("the run was still busy 60 s after its process died");
+                util_sleep_ms(200);
+        }
+}
+
+/* Overwrite one byte of LOCAL_DIR/@name in place: same size, other SHA-256. */
+static void corrupt_file(struct env *e, const char *name)
+{
+        char path[256];
+        int fd;
+
+        (void)snprintf(path, sizeof(path), "%s/%s", e->dir, name);
+        fd = open(path, O_WRONLY | O_CLOEXEC);
+        assert_true(fd >= 0);
+        assert_int_equal(pwrite(fd, "!", 1, 4096), 1);
+        assert_int_equal(close(fd), 0);
+}
+
+/* The file is the object's bytes again, and the image is completed with its checksum. */
+static void assert_image_ok(struct env *e, const char *image, const struct stage_result *res)
+{
+        char path[256], hex[65];
+        uint64_t size = 0;
+
+        if (res->outcome != FSM_OUTCOME_COMPLETE)
+                fail_msg("image '%s': outcome %s, error: %s", image, fsm_outcome_name(res->outcome),
+                         res->error_text);
+        assert_true(doc_bool(res->response, "downloaded"));
+        assert_non_null(strstr(res->response, e->sha_small));
+        (void)snprintf(path, sizeof(path), "%s/%s.tar", e->dir, image);
+        assert_int_equal(download_hash_file(path, hex, &size), 0);
+        assert_string_equal(hex, e->sha_small);
+        assert_int_equal(size, 300000);
+        assert_int_equal(scalar(e->db,
+                                "SELECT count(*) FROM images WHERE image_id = '%s' AND"
+                                " status = 'completed' AND checksum = '%s' AND etag IS NOT NULL",
+                                image, e->sha_small),
+                         1);
+}
+
+static int small_gets(struct faultproxy *fp)
+{
+        return faultproxy_log_count(fp, "GET ", "/images/small.tar ", NULL);
+}
+
+/*
+ * A run that resumes at verify (its process died after fetch committed) whose file is gone
+ * or changed downloads the object again and completes; the engine never goes back to fetch,
+ * so verify has to. An intact file is only hashed.
+ */
+static void test_download_stage_resume_at_verify(void **state)
+{
+        static const char *const cases[] = {"intact", "changed", "deleted"};
+        struct env *e = *state;
+        struct faultproxy fp;
+        struct stage_result res;
+
+        env_use_proxy(e, &fp);
+        for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+                char json[128], image[32], file[48];
+                int gets;
+
+                (void)snprintf(image, sizeof(image), "verify-%s", cases[i]);
+                (void)snprintf(file, sizeof(file), "%s.tar", image);
+                (void)snprintf(json, sizeof(json),
+                               "{\"s3_key\":\"images/small.tar\",\"image_id\":\"%s\"}", image);
+                child_crash_at(e, "download.before_verify", json);
+                assert_true(file_exists(e->dir, file));
+                gets = small_gets(&fp);
+                if (strcmp(cases[i], "changed") == 0) {
+                        corrupt_file(e, file);
+                } else if (strcmp(cases[i], "deleted") == 0) {
+                        char path[256];
+
+                        (void)snprintf(path, sizeof(path), "%s/%s", e->dir, file);
+                        assert_int_equal(unlink(path), 0);
+                }
+
+                handle_resumed(e, json, &res);
+                assert_image_ok(e, image, &res);
+                assert_int_equal(res.attempts, 2); /* the takeover after the crash */
+                assert_int_equal(small_gets(&fp), gets + (strcmp(cases[i], "intact") == 0 ? 0 : 1));
+                assert_int_equal(scalar(e->db,
+                                        "SELECT count(*) FROM fsm_events e JOIN fsm_runs r"
+                                        " USING (run_id) WHERE r.request->>'image_id' = '%s'"
+                                        " AND e.kind IN ('error', 'retry', 'abort', 'fail')",
+                                        image),
+                                 0);
+                stage_result_done(&res);
+        }
+        faultproxy_stop(&fp);
+}
+
+/*
+ * A process that dies right after the final rename, before fetch committed: the fetch that
+ * resumes finds the file recorded on the image row, checks it (HEAD, then its SHA-256) and
+ * keeps it, with no second GET. A file changed meanwhile is downloaded again.
+ */
+static void test_download_stage_crash_after_rename_keeps_file(void **state)
+{
+        struct env *e = *state;
+        struct faultproxy fp;
+        struct stage_result res;
+        const char *kept = "{\"s3_key\":\"images/small.tar\",\"image_id\":\"renamed\"}";
+        const char *redo = "{\"s3_key\":\"images/small.tar\",\"image_id\":\"renamed-changed\"}";
+        int gets, heads;
+
+        env_use_proxy(e, &fp);
+        child_crash_at(e, "download.after_rename", kept);
+        assert_true(file_exists(e->dir, "renamed.tar"));
+        assert_false(file_exists(e->dir, "renamed.tar.part"));
+        assert_false(file_exists(e->dir, "renamed.tar.part.meta"));
+        /* The row says what the file is, although fetch never completed. */
+        assert_int_equal(scalar(e->db,
+                                "SELECT count(*) FROM images WHERE image_id = 'renamed' AND"
+                                " status = 'downloading' AND checksum = '%s'"
+                                " AND size_bytes = 300000 AND etag IS NOT NULL",
+                                e->sha_small),
+                         1);
+        gets = small_gets(&fp);
+        heads = faultproxy_log_count(&fp, "HEAD ", "/images/small.tar ", NULL);
+        handle_resumed(e, kept, &res);
+        assert_image_ok(e, "renamed", &res);
+        assert_int_equal(small_gets(&fp), gets);
+        assert_true(faultproxy_log_count(&fp, "HEAD ", "/images/small.tar ", NULL) > heads);
+        assert_false(file_exists(e->dir, "renamed.tar.part"));
+        stage_result_done(&res);
+
+        child_crash_at(e, "download.after_rename", redo);
+        corrupt_file(e, "renamed-changed.tar");
+        gets = small_gets(&fp);
+        handle_resumed(e, redo, &res);
+        assert_image_ok(e, "renamed-changed", &res);
+        assert_int_equal(small_gets(&fp), gets + 1);
+        stage_result_done(&res);
+        faultproxy_stop(&fp);
 }
 
 /*
@@ -547,6 +740,10 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_download_stage_two_keys_one_download, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_download_stage_statuses, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_download_stage_resume_at_verify, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_download_stage_crash_after_rename_keeps_file,
+                                                setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);

@@ -2,7 +2,9 @@
  * The real binary's worker with the real download stage, against S3Proxy, Kafka and
  * PostgreSQL: an enqueued request is downloaded and verified, and the unpack request it hands
  * off is published to "<prefix>.unpack" through the outbox with the run's id as parent. The
- * same request enqueued again is acknowledged without work and hands nothing off again.
+ * same request enqueued again is acknowledged without work and hands nothing off again. A
+ * worker killed in the middle of a transfer (held by tests/integration/faultproxy.py) is
+ * replaced by one that resumes the download from the dead one's checkpoint.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -22,6 +24,7 @@
 #include <json-c/json.h>
 
 #include "common/util.h"
+#include "helper_faultproxy.h"
 #include "helper_worker.h"
 #include "stages/download.h"
 #include "stages/request.h"
@@ -208,6 +211,110 @@ static void test_worker_download_completed_in_process_hands_off_later(void **sta
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/* "verified N" from the sidecar of @dest's partial download: bytes synced; 0 without one. */
+static uint64_t meta_verified(const char *dest)
+{
+        char path[300], line[256];
+        uint64_t v = 0;
+        FILE *f;
+
+        (void)snprintf(path, sizeof(path), "%s.part.meta", dest);
+        f = fopen(path, "re");
+        if (!f)
+                return 0;
+        while (fgets(line, sizeof(line), f)) {
+                unsigned long long n;
+
+                if (sscanf(line, "verified %llu", &n) == 1)
+                        v = n;
+        }
+        fclose(f);
+        return v;
+}
+
+/*
+ * A worker SIGKILLed in the middle of a real download. The proxy pauses the body twice: the
+ * first pause outlasts the checkpoint interval (2 s), so the bytes after it bring a
+ * checkpoint; the second outlasts the test, and the worker is killed in it. The restarted
+ * worker gets the message again, takes the run over once its lease has lapsed and resumes
+ * with a Range request from the dead worker's checkpoint: one completed run, one resume,
+ * one handoff, and the file is the object.
+ */
+static void test_worker_download_sigkill_mid_transfer_resumes(void **state)
+{
+        struct dl_env *d = *state;
+        struct wt_env *e = &d->wt;
+        char key[128], image[80], sha[DOWNLOAD_SHA256_HEX_LEN + 1],
+                got[DOWNLOAD_SHA256_HEX_LEN + 1];
+        char out[4096], dest[256], log_path[256], needle[64], endpoint[128];
+        const char *worker[] = {"flyio-image-manager", "worker", "--stages", "download", NULL};
+        const char *enqueue[] = {"flyio-image-manager", "enqueue", "--s3-key", key,
+                                 "--image-id",          image,     NULL};
+        /* The held body must not end the attempt: only the kill does. */
+        const char *env[] = {endpoint, "DOWNLOAD_STALL_TIMEOUT=900", "DOWNLOAD_TIMEOUT=900", NULL};
+        struct faultproxy fp;
+        uint64_t verified = 0, size = 0;
+        int64_t deadline;
+        pid_t w;
+
+        (void)snprintf(key, sizeof(key), "wt/%s/killed.tar", e->prefix);
+        (void)snprintf(image, sizeof(image), "killed-%s", e->prefix);
+        (void)snprintf(dest, sizeof(dest), "%s/%s.tar", d->images, image);
+        seed_object(d, key, sha);
+        (void)snprintf(log_path, sizeof(log_path), "%s/faultproxy.log", d->dir);
+        assert_int_equal(faultproxy_start(&fp, getenv("S3_ENDPOINT"), log_path), 0);
+        (void)snprintf(endpoint, sizeof(endpoint), "S3_ENDPOINT=%s", fp.url);
+        faultproxy_command(&fp, "stalls 4@100000 900@200000 GET");
+
+        w = wt_cli_start(e, worker, env);
+        assert_int_equal(wt_cli(e, out, sizeof(out), enqueue), 0);
+        deadline = util_now_monotonic_ms() + 120000;
+        while ((verified = meta_verified(dest)) == 0) {
+                if (util_now_monotonic_ms() > deadline)
+                        fail_msg("no download checkpoint of '%s' within 120 s", dest);
+                util_sleep_ms(50);
+        }
+        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
+        verified = meta_verified(dest); /* what the dead worker left */
+        assert_true(verified > 0 && verified < 300000);
+        assert_int_equal(access(dest, F_OK), -1);
+        assert_int_equal(wt_sql(e,
+                                "SELECT count(*) FROM images WHERE image_id = '%s'"
+                                " AND status = 'downloading'",
+                                image),
+                         1);
+        assert_int_equal(faultproxy_log_count(&fp, "GET ", key, NULL), 1);
+
+        w = wt_cli_start(e, worker, env);
+        wt_wait_sql(e, 1, 120000,
+                    "SELECT count(*) FROM images WHERE image_id = '%s' AND status = 'completed'",
+                    image);
+        assert_int_equal(download_hash_file(dest, got, &size), 0);
+        assert_string_equal(got, sha);
+        assert_int_equal(size, 300000);
+        assert_int_equal(access(dest, F_OK), 0);
+
+        /* One more GET, from the checkpoint, guarded by the ETag. */
+        (void)snprintf(needle, sizeof(needle), " range=bytes=%llu- ", (unsigned long long)verified);
+        assert_int_equal(faultproxy_log_count(&fp, "GET ", key, NULL), 2);
+        assert_int_equal(faultproxy_log_count(&fp, "GET ", key, needle, "if-match=\"", NULL), 1);
+
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 1);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status = 'complete'"
+                                   " AND attempt = 2"),
+                         1);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_events WHERE kind = 'resume'"), 1);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_events WHERE kind ="
+                                   " 'transition_complete' AND transition = 'fetch'"),
+                         1);
+        wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL");
+        assert_int_equal(wt_topic_end(e, "unpack"), 1);
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+        faultproxy_command(&fp, "release");
+        faultproxy_stop(&fp);
+}
+
 int main(int argc, char **argv)
 {
         const struct CMUnitTest tests[] = {
@@ -215,6 +322,8 @@ int main(int argc, char **argv)
                                                 setup, teardown),
                 cmocka_unit_test_setup_teardown(
                         test_worker_download_completed_in_process_hands_off_later, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_download_sigkill_mid_transfer_resumes,
+                                                setup, teardown),
         };
         int status;
 
