@@ -245,6 +245,14 @@ const struct stage *wt_sample_stage(enum stage_id id)
         return &sample_stages[id];
 }
 
+/* Tells the test that exit() ran the atexit handlers (FIM_TEST_ATEXIT_NOTE). */
+static void wt_atexit_note(void)
+{
+        static const char note[] = "test worker: atexit handlers ran\n";
+
+        (void)!write(STDERR_FILENO, note, sizeof(note) - 1);
+}
+
 bool wt_child_main(int argc, char **argv, int *ret_status)
 {
         const struct stage *stages[STAGE_COUNT];
@@ -269,6 +277,8 @@ bool wt_child_main(int argc, char **argv, int *ret_status)
                         stages[wo.nstages++] = &sample_stages[i];
         }
         wo.cfg = &cfg;
+        if (getenv("FIM_TEST_ATEXIT_NOTE"))
+                (void)atexit(wt_atexit_note);
         *ret_status = kafka_worker_run(&wo);
         config_done(&cfg);
         return true;

@@ -45,6 +45,8 @@ struct wt_env {
  * If argv asks for it ("worker"), run a sample worker process from the environment and
  * return true with its exit status in *ret_status. Call first thing in main(). In the test
  * process, FIM_TEST_FILTER (a cmocka pattern such as "test_worker_poison*") selects cases.
+ * With FIM_TEST_ATEXIT_NOTE set, a worker process says on stderr when exit() runs its atexit
+ * handlers ("test worker: atexit handlers ran").
  */
 bool wt_child_main(int argc, char **argv, int *ret_status);
 

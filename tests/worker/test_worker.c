@@ -730,24 +730,47 @@ static void test_worker_graceful_shutdown_commits_finished_work(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/* The whole text of @path (at most @size - 1 bytes). */
+static void read_file(const char *path, char *buf, size_t size)
+{
+        FILE *f = fopen(path, "re");
+        size_t n;
+
+        assert_non_null(f);
+        n = fread(buf, 1, size - 1, f);
+        buf[n] = '\0';
+        fclose(f);
+}
+
 /*
  * A step that outlasts SHUTDOWN_TIMEOUT: the worker still exits 0 at the deadline, the run
- * keeps its lease, and the next worker takes it over once the lease expires.
+ * keeps its lease, and the next worker takes it over once the lease expires. The step's
+ * thread is still running when the worker exits, so the process ends without exit()'s atexit
+ * handlers (and without freeing the settings that thread reads).
  */
 static void test_worker_shutdown_deadline_leaves_run_to_lease(void **state)
 {
         struct wt_env *e = *state;
-        static const char *const stuck[] = {"FIM_TEST_SLOW_MS=8000", "SHUTDOWN_TIMEOUT=1", NULL};
+        static const char *const stuck[] = {"FIM_TEST_SLOW_MS=8000", "SHUTDOWN_TIMEOUT=1",
+                                            "FIM_TEST_ATEXIT_NOTE=1", NULL};
         static const char *const fast[] = {"FIM_TEST_SLOW_MS=200", NULL};
+        char log[320], text[65536];
         int64_t t0;
         pid_t w;
 
+        (void)snprintf(log, sizeof(log), "/tmp/fim-wt-%s-deadline.log", e->prefix);
+        (void)unlink(log);
         wt_produce(e, "download", "slow-d1", "{\"image_id\":\"slow-d1\"}");
-        w = wt_worker_start(e, stuck);
+        w = wt_worker_start_log(e, stuck, log);
         wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM sample_calls WHERE image_id = 'slow-d1'");
         t0 = util_now_monotonic_ms();
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 10000), 0);
         assert_true(util_now_monotonic_ms() - t0 < 5000);
+        read_file(log, text, sizeof(text));
+        assert_contains(text, "worker stopped with runs still going");
+        if (strstr(text, "atexit handlers ran"))
+                fail_msg("exit() ran the atexit handlers under a live worker thread:\n%s", text);
+        (void)unlink(log);
         assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status = 'running'"
                                    " AND lease_owner IS NOT NULL"),
                          1);
