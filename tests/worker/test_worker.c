@@ -499,6 +499,81 @@ static void test_worker_redelivered_failure_is_not_run_again(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/* A time in ms of the run's events of @kind, as the engine computes it: "min" or "max". */
+static int64_t event_ms(struct wt_env *e, const char *agg, const char *kind)
+{
+        return wt_sql(e,
+                      "SELECT (extract(epoch FROM %s(at)) * 1000)::bigint FROM fsm_events"
+                      " WHERE kind = '%s'",
+                      agg, kind);
+}
+
+/*
+ * A run whose failures span two worker processes: the first worker's attempt fails
+ * (transiently) and the worker stops during the backoff; the second worker's attempt fails
+ * too and uses up MAX_ATTEMPTS. The dead letter's first failure is the first worker's, as the
+ * run's history records it, not the second worker's, which is all that process saw. The
+ * second worker dies before committing, and the redelivered message's dead letter (written
+ * again: its record on the run is cleared here) dates the failures the same way.
+ */
+static void test_worker_first_failure_spans_workers(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const slow_retry[] = {"RETRY_BASE_MS=600000", "RETRY_MAX_MS=600000",
+                                                 NULL};
+        static const char *const no_commit[] = {NO_PERIODIC_COMMIT, NULL};
+        struct wt_msg *dlq = NULL;
+        size_t n;
+        pid_t w;
+
+        wt_produce(e, "download", "flaky-x1", "{\"image_id\":\"flaky-x1\"}");
+        w = wt_worker_start(e, slow_retry);
+        wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM fsm_events WHERE kind = 'retry'");
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status = 'running'"
+                                   " AND attempt = 2 AND lease_owner IS NULL"),
+                         1);
+        assert_int_equal(wt_topic_end(e, "dlq"), 0);
+
+        w = wt_worker_start(e, no_commit);
+        wt_wait_sql(e, 1, 30000,
+                    "SELECT count(*) FROM fsm_runs WHERE dead_lettered_at IS NOT NULL");
+        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
+        /* Two processes wrote the failures (worker ids are host/pid/stage.thread). */
+        assert_int_equal(wt_sql(e, "SELECT count(DISTINCT split_part(worker, '/', 2))"
+                                   " FROM fsm_events WHERE kind IN ('error', 'fail')"),
+                         2);
+
+        assert_int_equal(wt_sql(e, "UPDATE fsm_runs SET dead_lettered_at = NULL RETURNING 1"), 1);
+        w = wt_worker_start(e, NULL);
+        wt_wait_sql(e, 1, 30000,
+                    "SELECT count(*) FROM fsm_runs WHERE dead_lettered_at IS NOT NULL");
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 1);
+
+        n = wt_read_topic(e, "dlq", &dlq);
+        assert_int_equal(n, 2);
+        for (size_t i = 0; i < n; i++) {
+                int64_t first = 0, last = 0;
+
+                assert_string_equal(wt_header(&dlq[i], DLQ_HEADER_ERROR_CLASS), "exhausted");
+                assert_string_equal(wt_header(&dlq[i], DLQ_HEADER_ATTEMPTS), "2");
+                assert_int_equal(
+                        request_parse_time(wt_header(&dlq[i], DLQ_HEADER_FIRST_FAILURE), &first),
+                        0);
+                assert_int_equal(
+                        request_parse_time(wt_header(&dlq[i], DLQ_HEADER_LAST_FAILURE), &last), 0);
+                printf("dead letter %zu: first failure %s, last %s\n", i,
+                       wt_header(&dlq[i], DLQ_HEADER_FIRST_FAILURE),
+                       wt_header(&dlq[i], DLQ_HEADER_LAST_FAILURE));
+                assert_int_equal(first, event_ms(e, "min", "error"));
+                assert_int_equal(last, event_ms(e, "max", "fail"));
+                assert_true(first < last);
+        }
+        wt_msgs_free(dlq, n);
+}
+
 /* A dead letter as a worker writes it, straight onto the DLQ topic. */
 static void put_dead_letter(struct wt_env *e, const char *key, const char *stage,
                             const char *error_class, const char *run_id)
@@ -988,6 +1063,8 @@ int main(int argc, char **argv)
                         test_worker_bad_headers_and_engine_errors_do_not_stall, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_redelivered_failure_is_not_run_again,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_first_failure_spans_workers, setup,
+                                                teardown),
                 cmocka_unit_test_setup_teardown(test_worker_replay_dlq_filters, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_sigkill_mid_run_completes_once, setup,
                                                 teardown),
