@@ -604,6 +604,8 @@ static void test_worker_replay_dlq_filters(void **state)
                 "flyio-image-manager", "replay-dlq", "--stage", "download", "--limit", "1", NULL};
         const char *bad_class[] = {"flyio-image-manager", "replay-dlq", "--error-class", "fatal",
                                    NULL};
+        const char *hostile[] = {"flyio-image-manager", "replay-dlq", "--stage", "activate",
+                                 "--dry-run",           NULL};
         struct wt_msg *msgs = NULL;
         char out[8192];
         size_t n;
@@ -616,13 +618,14 @@ static void test_worker_replay_dlq_filters(void **state)
         assert_int_equal(wt_cli(e, out, sizeof(out), bad_class), 2);
         assert_int_equal(wt_cli(e, out, sizeof(out), by_stage), 0);
         assert_int_equal(count_occurrences(out, "would replay  "), 1);
-        assert_contains(out, "key='dl-b'");
+        assert_contains(out,
+                        "key=\"dl-b\" error_class=exhausted run_id=01HQZX9YFQR8TNKQZ7VXYZ0002");
         assert_int_equal(wt_topic_end(e, "unpack"), 0);
 
         /* Lower case finds the upper-case run id; the record goes to its own stage. */
         assert_int_equal(wt_cli(e, out, sizeof(out), by_run), 0);
         assert_contains(out, "selected 1, replayed 1, failed 0");
-        assert_contains(out, "key='dl-d'");
+        assert_contains(out, "key=\"dl-d\"");
         assert_int_equal(wt_read_topic(e, "activate", &msgs), 1);
         assert_string_equal(msgs[0].key, "dl-d");
         assert_string_equal(wt_header(&msgs[0], "attempt"), "2");
@@ -643,6 +646,20 @@ static void test_worker_replay_dlq_filters(void **state)
         assert_int_equal(wt_cli(e, out, sizeof(out), by_run), 0);
         assert_contains(out, "selected 1, replayed 1, failed 0");
         assert_int_equal(wt_topic_end(e, "activate"), 2);
+
+        /*
+         * A producer's key and headers reach the operator's terminal escaped: no escape
+         * sequence gets through, and no newline starts a line that looks like ours.
+         */
+        put_dead_letter(e, "evil\x1b]0;owned\x07\nreplayed      fake", "activate",
+                        "bad\x1b[2Jclass", NULL);
+        assert_int_equal(wt_cli(e, out, sizeof(out), hostile), 0);
+        assert_int_equal(count_occurrences(out, "would replay  "), 2);
+        assert_int_equal(count_occurrences(out, "\nreplayed      "), 0);
+        assert_null(strchr(out, '\x1b'));
+        assert_null(strchr(out, '\x07'));
+        assert_contains(out, "key=\"evil\\x1b]0;owned\\x07\\nreplayed      fake\""
+                             " error_class=\"bad\\x1b[2Jclass\" run_id=- attempt=2\n");
 }
 
 static void test_worker_sigkill_mid_run_completes_once(void **state)
