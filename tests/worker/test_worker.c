@@ -574,19 +574,24 @@ static void test_worker_first_failure_spans_workers(void **state)
         wt_msgs_free(dlq, n);
 }
 
-/* A dead letter as a worker writes it, straight onto the DLQ topic. */
-static void put_dead_letter(struct wt_env *e, const char *key, const char *stage,
-                            const char *error_class, const char *run_id)
+/* A dead letter as a worker writes it, straight onto the DLQ topic, last failed at @at. */
+static void put_dead_letter_at(struct wt_env *e, const char *key, const char *stage,
+                               const char *error_class, const char *run_id, const char *at)
 {
         static const char *const names[] = {
                 "attempt",        "trace_id",        DLQ_HEADER_STAGE,       DLQ_HEADER_ERROR_CLASS,
                 DLQ_HEADER_ERROR, DLQ_HEADER_RUN_ID, DLQ_HEADER_LAST_FAILURE};
-        const char *values[] = {"1",    "trace-replay",        stage, error_class, "it failed",
-                                run_id, "2026-01-02T03:04:05Z"};
+        const char *values[] = {"1", "trace-replay", stage, error_class, "it failed", run_id, at};
         char value[64];
 
         (void)snprintf(value, sizeof(value), "{\"image_id\":\"%s\"}", key);
         wt_produce_headers(e, "dlq", key, value, ARRAY_SIZE(names), names, values);
+}
+
+static void put_dead_letter(struct wt_env *e, const char *key, const char *stage,
+                            const char *error_class, const char *run_id)
+{
+        put_dead_letter_at(e, key, stage, error_class, run_id, "2026-01-02T03:04:05Z");
 }
 
 /*
@@ -660,6 +665,43 @@ static void test_worker_replay_dlq_filters(void **state)
         assert_null(strchr(out, '\x07'));
         assert_contains(out, "key=\"evil\\x1b]0;owned\\x07\\nreplayed      fake\""
                              " error_class=\"bad\\x1b[2Jclass\" run_id=- attempt=2\n");
+}
+
+/*
+ * --since selects by the last failure: an older dead letter is skipped, newer ones are
+ * replayed, whether the bound is a duration ago or an RFC 3339 time, which is inclusive.
+ */
+static void test_worker_replay_dlq_since(void **state)
+{
+        struct wt_env *e = *state;
+        const char *recent[] = {"flyio-image-manager", "replay-dlq", "--since", "1h", NULL};
+        const char *from[] = {"flyio-image-manager",  "replay-dlq", "--since",
+                              "2025-06-01T00:00:00Z", "--dry-run",  NULL};
+        struct wt_msg *msgs = NULL;
+        char now[40], out[8192];
+        size_t n;
+
+        util_format_time(util_now_realtime_ms() - 60000, now, sizeof(now));
+        put_dead_letter_at(e, "dl-old", "download", "permanent", NULL, "2020-01-01T00:00:00Z");
+        put_dead_letter_at(e, "dl-mid", "download", "permanent", NULL, "2025-06-01T00:00:00Z");
+        put_dead_letter_at(e, "dl-new", "download", "permanent", NULL, now);
+
+        assert_int_equal(wt_cli(e, out, sizeof(out), recent), 0);
+        assert_contains(out, "scanned 3 records");
+        assert_contains(out, "selected 1, replayed 1, failed 0");
+        assert_contains(out, "key=\"dl-new\"");
+        assert_null(strstr(out, "dl-old"));
+        assert_null(strstr(out, "dl-mid"));
+        n = wt_read_topic(e, "download", &msgs);
+        assert_int_equal(n, 1);
+        assert_string_equal(msgs[0].key, "dl-new");
+        wt_msgs_free(msgs, n);
+
+        assert_int_equal(wt_cli(e, out, sizeof(out), from), 0);
+        assert_int_equal(count_occurrences(out, "would replay  "), 2);
+        assert_contains(out, "key=\"dl-mid\"");
+        assert_contains(out, "key=\"dl-new\"");
+        assert_null(strstr(out, "dl-old"));
 }
 
 static void test_worker_sigkill_mid_run_completes_once(void **state)
@@ -1083,6 +1125,7 @@ int main(int argc, char **argv)
                 cmocka_unit_test_setup_teardown(test_worker_first_failure_spans_workers, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_replay_dlq_filters, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_replay_dlq_since, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_sigkill_mid_run_completes_once, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_graceful_shutdown_commits_finished_work,
