@@ -13,6 +13,8 @@
  *
  *   slow-*    sleeps FIM_TEST_SLOW_MS (default 2000) ms in the download stage's work step
  *   slowlast-* the same in the download stage's last step, "record"
+ *   hold-*    waits in the download stage's work step until sample_release lists the image
+ *             (or the worker stops)
  *   med-*     sleeps 150 ms in every stage
  *   fail-*    fails permanently in the download stage while sample_fail lists the image
  *   flaky-*   fails transiently in the download stage, every time
