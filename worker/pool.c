@@ -92,7 +92,8 @@ struct pool_job {
         rd_kafka_message_t *msg; /* owned */
         uint64_t epoch;          /* of its partition when received */
         int retries;
-        int failures; /* transient failures of the stage call itself, for its bound */
+        int failures;             /* transient failures of the stage call itself, for its bound */
+        int64_t first_failure_ms; /* wall clock of the first of them, 0 before one */
         enum metrics_retry_reason retry_reason; /* why, when result is POOL_JOB_RETRY */
         int64_t not_before_ms;
         enum pool_job_result result;
@@ -644,6 +645,10 @@ static enum pool_job_result pool_job_stage_error(struct pool *pool, struct pool_
                 return POOL_JOB_ABANDON;
         (void)snprintf(text, sizeof(text), "%s", err_text(r));
         log_redact(text);
+        /* No run records these failures: the job itself remembers when they began. */
+        if (!job->first_failure_ms)
+                job->first_failure_ms = util_now_realtime_ms();
+        f.first_failure_ms = job->first_failure_ms;
         if (err_is_transient(r)) {
                 if (!db_down)
                         job->failures++;

@@ -360,6 +360,7 @@ static void test_worker_bad_headers_and_engine_errors_do_not_stall(void **state)
         const char *cut[] = {"1", long_utf8, NULL};
         static const char *const fine[] = {"1", "trace-ok-1", NULL};
         struct wt_msg *dlq = NULL;
+        int64_t first = 0, last = 0;
         char trace[64];
         size_t n;
         pid_t w;
@@ -403,6 +404,16 @@ static void test_worker_bad_headers_and_engine_errors_do_not_stall(void **state)
         assert_contains(wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_ERROR),
                         "sample engine is stuck on 'stuck-1'");
         assert_string_equal(wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_ATTEMPTS), "2");
+        /* Its first failure came a retry's backoff (at least 100 ms) before the last. */
+        assert_int_equal(request_parse_time(wt_header(find_by_source_offset(dlq, n, 3),
+                                                      DLQ_HEADER_FIRST_FAILURE),
+                                            &first),
+                         0);
+        assert_int_equal(request_parse_time(wt_header(find_by_source_offset(dlq, n, 3),
+                                                      DLQ_HEADER_LAST_FAILURE),
+                                            &last),
+                         0);
+        assert_true(last - first >= 100);
         wt_msgs_free(dlq, n);
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
