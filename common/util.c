@@ -175,6 +175,61 @@ bool util_is_sha256_hex(const char *s)
         return i == 64;
 }
 
+/* The escape of one byte for util_escape_bytes(); returns its length. */
+static size_t util_escape_byte(unsigned char c, char esc[5])
+{
+        switch (c) {
+        case '\t':
+                c = 't';
+                break;
+        case '\n':
+                c = 'n';
+                break;
+        case '\r':
+                c = 'r';
+                break;
+        case '\\':
+        case '"':
+                break;
+        default:
+                if (c < 0x20 || c > 0x7e) {
+                        (void)snprintf(esc, 5, "\\x%02x", c);
+                        return 4;
+                }
+                esc[0] = (char)c;
+                return 1;
+        }
+        esc[0] = '\\';
+        esc[1] = (char)c;
+        return 2;
+}
+
+void util_escape_bytes(const void *data, size_t len, char *out, size_t size)
+{
+        const unsigned char *in = data;
+        size_t total = 0, room, o = 0;
+        char esc[5];
+
+        FIM_ASSERT(size >= 4);
+        for (size_t i = 0; i < len; i++)
+                total += util_escape_byte(in[i], esc);
+        /* Cut short: keep room for the "..." that says so. */
+        room = total < size ? total : size - 4;
+        for (size_t i = 0; i < len; i++) {
+                size_t n = util_escape_byte(in[i], esc);
+
+                if (o + n > room)
+                        break;
+                memcpy(out + o, esc, n);
+                o += n;
+        }
+        if (total >= size) {
+                memcpy(out + o, "...", 3);
+                o += 3;
+        }
+        out[o] = '\0';
+}
+
 #ifdef FIM_UNIT_TEST
 void util_crash_point(const char *point)
 {

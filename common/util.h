@@ -85,3 +85,13 @@ void util_hex_encode(const unsigned char *in, size_t len, char *out);
 
 /* Whether @s is exactly 64 lowercase hex digits (a SHA-256 in hex). */
 bool util_is_sha256_hex(const char *s);
+
+/*
+ * Write @len bytes of untrusted @data (a Kafka key, a header value) into @out as printable
+ * ASCII, for a terminal or a double-quoted field: backslash and double quote get a backslash,
+ * tab, newline and carriage return become \t, \n and \r, and every other byte outside
+ * 0x20-0x7e (ESC and other control characters, NUL, bytes of UTF-8 sequences) becomes \xNN.
+ * Always NUL-terminates @out, which holds @size >= 4 bytes; a text that does not fit is cut
+ * before an escape and ends in "...".
+ */
+void util_escape_bytes(const void *data, size_t len, char *out, size_t size);

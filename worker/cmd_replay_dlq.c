@@ -14,6 +14,7 @@
  * a new run for its failed key. Nothing is remembered between runs of the command: each run
  * replays every record that matches, so narrow it with --since, --run-id or --limit.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -293,10 +294,56 @@ static int cmd_replay_publish(struct replay_state *st, const rd_kafka_message_t 
         return kafka_producer_send_sync(st->producer, &out, &d);
 }
 
+/*
+ * What a record says about itself (its key, its headers) is anybody's bytes: escaped before
+ * it reaches the operator's terminal, where an ESC could rewrite the screen and a newline fake
+ * a line of our own. The key is always quoted; a header value only when it is more than a
+ * plain token, as error classes and run ids are.
+ */
+static void cmd_replay_field(const char *value, size_t len, bool quote, char *buf, size_t size)
+{
+        bool plain = len > 0;
+        size_t end;
+
+        for (size_t i = 0; i < len && plain; i++)
+                plain = isalnum((unsigned char)value[i]) || value[i] == '_' || value[i] == '-';
+        if (plain && !quote) {
+                util_escape_bytes(value, len, buf, size);
+                return;
+        }
+        buf[0] = '"';
+        util_escape_bytes(value, len, buf + 1, size - 2);
+        end = strlen(buf);
+        buf[end] = '"';
+        buf[end + 1] = '\0';
+}
+
+/* The record's key, error class and run id as cmd_replay_record() prints them. */
+struct replay_shown {
+        char key[256]; /* a longer one is cut, and ends in "..." */
+        char error_class[160];
+        char run_id[160];
+};
+
+static void cmd_replay_show(const rd_kafka_message_t *msg, const struct dlq_record *rec,
+                            struct replay_shown *ret)
+{
+        cmd_replay_field(msg->key ? msg->key : "", msg->key ? msg->key_len : 0, true, ret->key,
+                         sizeof(ret->key));
+        cmd_replay_field(rec->error_class, strlen(rec->error_class), false, ret->error_class,
+                         sizeof(ret->error_class));
+        if (rec->run_id[0])
+                cmd_replay_field(rec->run_id, strlen(rec->run_id), false, ret->run_id,
+                                 sizeof(ret->run_id));
+        else
+                (void)snprintf(ret->run_id, sizeof(ret->run_id), "-");
+}
+
 static void cmd_replay_record(struct replay_state *st, const rd_kafka_message_t *msg)
 {
         const struct replay_filter *f = st->filter;
         char topic[KAFKA_NAME_MAX];
+        struct replay_shown shown;
         struct dlq_record rec;
         int r;
 
@@ -311,12 +358,12 @@ static void cmd_replay_record(struct replay_state *st, const rd_kafka_message_t 
         st->selected++;
         if (kafka_client_topic(st->cfg, rec.stage, topic, sizeof(topic)) < 0)
                 return;
+        cmd_replay_show(msg, &rec, &shown);
         if (f->dry_run) {
-                printf("would replay  %s[%" PRId32 "]@%" PRId64 " -> '%s' key='%.*s'"
+                printf("would replay  %s[%" PRId32 "]@%" PRId64 " -> '%s' key=%s"
                        " error_class=%s run_id=%s attempt=%d\n",
-                       st->dlq, msg->partition, msg->offset, topic, (int)msg->key_len,
-                       msg->key ? (const char *)msg->key : "", rec.error_class,
-                       rec.run_id[0] ? rec.run_id : "-", rec.attempt + 1);
+                       st->dlq, msg->partition, msg->offset, topic, shown.key, shown.error_class,
+                       shown.run_id, rec.attempt + 1);
                 return;
         }
         r = cmd_replay_publish(st, msg, &rec, topic);
@@ -327,11 +374,10 @@ static void cmd_replay_record(struct replay_state *st, const rd_kafka_message_t 
                 return;
         }
         st->replayed++;
-        printf("replayed      %s[%" PRId32 "]@%" PRId64 " -> '%s' key='%.*s'"
+        printf("replayed      %s[%" PRId32 "]@%" PRId64 " -> '%s' key=%s"
                " error_class=%s run_id=%s attempt=%d\n",
-               st->dlq, msg->partition, msg->offset, topic, (int)msg->key_len,
-               msg->key ? (const char *)msg->key : "", rec.error_class,
-               rec.run_id[0] ? rec.run_id : "-", rec.attempt + 1);
+               st->dlq, msg->partition, msg->offset, topic, shown.key, shown.error_class,
+               shown.run_id, rec.attempt + 1);
 }
 
 /* Read every assigned partition up to its starting end. */

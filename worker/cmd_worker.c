@@ -155,6 +155,7 @@ int cmd_worker(int argc, char **argv)
 
                 r = kafka_worker_run(&wo);
         }
+        /* Safe: kafka_worker_run() ends the process itself when any of its threads lives on. */
         config_done(&cfg);
         return r;
 }

@@ -220,6 +220,41 @@ static int fsm_event_durable(struct fsm_run *run, const char *kind, const char *
         return db_tx_checked(run->db, fsm_event_tx, fsm_event_tx_committed, &c);
 }
 
+/* The detail of a takeover's "resume" event: the owner died or hung, an attempt was lost. */
+#define FSM_RESUME_EXPIRED "previous worker's lease expired"
+#define FSM_RESUME_RELEASED "previous worker released the run"
+
+/*
+ * When the failed run @run first and last failed, from its history rather than from this
+ * process's memory: the run may have failed in other workers before this one took it over.
+ * Its failures are the events of transient errors, of takeovers after an expired lease (a
+ * worker died mid-attempt) and of the final fail or abort. Both times are the database's
+ * clock, so they compare with each other whichever hosts wrote them. Keeps the times already
+ * set when the history has no failure (rows from before events were kept).
+ */
+static int fsm_failure_times(struct db *db, struct fsm_run *run)
+{
+        const char *params[2] = {run->run_id, FSM_RESUME_EXPIRED};
+        PGresult *res = NULL;
+        int r;
+
+        r = db_query_row(db, &res,
+                         "SELECT (extract(epoch FROM min(at)) * 1000)::bigint,"
+                         " (extract(epoch FROM max(at)) * 1000)::bigint FROM fsm_events"
+                         " WHERE run_id = $1 AND (kind IN ('error', 'fail', 'abort')"
+                         " OR (kind = 'resume' AND detail = $2))",
+                         2, params);
+        if (r < 0)
+                return r;
+        if (r > 0 && db_get(res, 0, 0)) {
+                run->first_failure_ms = db_get_i64(res, 0, 0);
+                run->last_failure_ms = db_get_i64(res, 0, 1);
+        }
+        if (r > 0)
+                PQclear(res);
+        return 0;
+}
+
 /* ---- claim ---------------------------------------------------------------------------- */
 
 static int fsm_insert_run(struct db *db, struct fsm_run *run)
@@ -320,9 +355,7 @@ static int fsm_claim_takeover(struct db *db, struct fsm_run *run, const char *ru
                 }
         }
         PQclear(res);
-        r = fsm_event(db, run, "resume", NULL,
-                      released ? "previous worker released the run"
-                               : "previous worker's lease expired");
+        r = fsm_event(db, run, "resume", NULL, released ? FSM_RESUME_RELEASED : FSM_RESUME_EXPIRED);
         if (r < 0)
                 return r;
         run->exhausted_on_takeover = run->attempt > run->max_attempts;
@@ -354,7 +387,7 @@ static int fsm_claim_handoff(struct db *db, struct fsm_run *run)
 }
 
 /* The key's run failed on this very message before: report that failure again. */
-static int fsm_claim_failed_before(struct fsm_run *run, PGresult *res)
+static int fsm_claim_failed_before(struct db *db, struct fsm_run *run, PGresult *res)
 {
         const char *error = db_get(res, 0, 9);
 
@@ -362,13 +395,14 @@ static int fsm_claim_failed_before(struct fsm_run *run, PGresult *res)
         run->failed_aborted = strcmp(db_get(res, 0, 2), "aborted") == 0;
         run->failed_dead_lettered = strcmp(db_get(res, 0, 8), "t") == 0;
         run->attempt = (int)db_get_i64(res, 0, 10);
+        /* Only when the history has no failure: its end is the best there is. */
         run->first_failure_ms = db_get_i64(res, 0, 11);
         run->last_failure_ms = run->first_failure_ms;
         free(run->failed_error);
         run->failed_error = strdup(error ? error : "");
         if (!run->failed_error)
                 return err_set(-ENOMEM, "out of memory");
-        return 0;
+        return fsm_failure_times(db, run);
 }
 
 static int fsm_claim_tx(struct db *db, void *userdata)
@@ -419,7 +453,7 @@ static int fsm_claim_tx(struct db *db, void *userdata)
                                 r = 0;
                 } else if (strcmp(key_status, "failed") == 0 &&
                            strcmp(db_get(res, 0, 7), "t") == 0) {
-                        r = fsm_claim_failed_before(run, res);
+                        r = fsm_claim_failed_before(db, run, res);
                 } else if (strcmp(key_status, "failed") == 0) {
                         char old[ULID_LEN + 1];
 
@@ -567,7 +601,10 @@ static int fsm_fail_tx(struct db *db, void *userdata)
                 if (r < 0)
                         return r;
         }
-        return fsm_event(db, run, c->permanent ? "abort" : "fail", c->transition, c->text);
+        r = fsm_event(db, run, c->permanent ? "abort" : "fail", c->transition, c->text);
+        if (r < 0)
+                return r;
+        return fsm_failure_times(db, run);
 }
 
 struct fsm_retry_ctx {
@@ -691,13 +728,6 @@ static uint32_t fsm_random(void)
         return v;
 }
 
-static void fsm_note_failure(struct fsm_run *run)
-{
-        run->last_failure_ms = util_now_realtime_ms();
-        if (!run->first_failure_ms)
-                run->first_failure_ms = run->last_failure_ms;
-}
-
 static int fsm_fail_tx_committed(struct db *db, void *userdata)
 {
         const struct fsm_fail_ctx *c = userdata;
@@ -787,7 +817,6 @@ static int fsm_run_transitions(struct fsm_run *run, struct fsm_result *res)
 
                 (void)snprintf(res->error_text, sizeof(res->error_text), "%s", err_text(step));
                 log_redact(res->error_text);
-                fsm_note_failure(run);
                 res->error = step;
                 if (!err_is_transient(step))
                         return fsm_fail(run, t->name, step, true, res);
@@ -938,7 +967,6 @@ int fsm_execute(struct db *db, const struct fsm_def *def, const struct fsm_optio
                         "run was interrupted %d times (worker died or lease expired); giving up",
                         run.max_attempts);
                 res.error = -ETIMEDOUT;
-                fsm_note_failure(&run);
                 r = fsm_fail(
                         &run,
                         def->transitions[run.next < (int)def->transition_count ? run.next : 0].name,

@@ -95,7 +95,12 @@ struct fsm_result {
         int error;      /* negative errno for FAILED and INTERRUPTED, else 0 */
         bool permanent; /* FAILED: true when aborted by a permanent error */
         char error_text[ERR_MSG_MAX];
-        int64_t first_failure_ms; /* wall clock of the run's first error, 0 if none */
+        /*
+         * FAILED: when the run first and last failed (ms since the epoch, the database's
+         * clock), from its recorded history, so failures in earlier workers count: transient
+         * errors, takeovers after an expired lease, and the final fail or abort. Else 0.
+         */
+        int64_t first_failure_ms;
         int64_t last_failure_ms;
         bool dead_lettered; /* FAILED before, and fsm_mark_dead_lettered() was called */
 };

@@ -380,6 +380,20 @@ static void kafka_worker_report_pool(const struct kafka_worker *w)
                                st.metadata_used_blocks, st.metadata_total_blocks);
 }
 
+/*
+ * Some thread is still running (a run outlasted the deadline, or was going when start-up
+ * failed): it reads the configuration, its pool and the libraries' global state, so nothing
+ * may be freed, and exit() must not run the atexit handlers (OpenSSL's, libpq's) under it.
+ * End the process here; the run is left to its lease. The log writes straight to fd 2; stdio
+ * may still hold output of the command.
+ */
+static _Noreturn void kafka_worker_leave(int status)
+{
+        (void)fflush(stdout);
+        (void)fflush(stderr);
+        _exit(status);
+}
+
 int kafka_worker_run(const struct kafka_worker_options *opts)
 {
         struct kafka_worker w = {.opts = opts};
@@ -420,7 +434,8 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
                 metrics_server_stop(w.metrics);
                 kafka_worker_db_probe_stop(w.probe);
                 kafka_worker_stop = -1;
-                (void)kafka_worker_stop_all(&w, util_now_monotonic_ms());
+                if (!kafka_worker_stop_all(&w, util_now_monotonic_ms()))
+                        kafka_worker_leave(signo > 0 ? 0 : 1);
                 kafka_worker_free(&w);
                 return signo > 0 ? 0 : 1;
         }
@@ -448,7 +463,7 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
                 kafka_worker_db_probe_stop(w.probe);
                 kafka_worker_log_totals(&w);
                 log_warning("worker stopped with runs still going; their leases will expire", "");
-                return failed ? 1 : 0;
+                kafka_worker_leave(failed ? 1 : 0);
         }
         metrics_server_stop(w.metrics);
         kafka_worker_db_probe_stop(w.probe);

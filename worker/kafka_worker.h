@@ -7,8 +7,10 @@
  * Shutdown: the first signal stops consuming and sets the FSM engine's stop flag, so running
  * runs finish their current transition and release their lease; after SHUTDOWN_TIMEOUT
  * seconds at most, finished work is committed, the consumers close, the publisher sends what
- * is left and the producer is flushed; the process exits 0. A second signal exits at once
- * with status 128 + signal number (leases let another worker resume).
+ * is left and the producer is flushed; the process exits 0. A run still going at that
+ * deadline is left to its lease, and the process still exits 0 (see kafka_worker_run()). A
+ * second signal exits at once with status 128 + signal number (leases let another worker
+ * resume).
  */
 
 #include <stdbool.h>
@@ -40,7 +42,13 @@ bool kafka_worker_stopping(void *unused);
 /*
  * Install the signal handlers, run until SIGTERM or SIGINT (or a fatal Kafka error), and shut
  * down. Returns the process exit status: 0 after a clean shutdown, 1 when start-up failed or
- * a component failed fatally.
+ * a component failed fatally. When it returns, no thread of the worker runs any more, so the
+ * caller may free @opts->cfg and exit normally.
+ *
+ * When a run is still going at the shutdown deadline (or when start-up fails while one is),
+ * its thread still reads @opts->cfg and the libraries' global state: then this does not
+ * return. It flushes stdout and stderr and ends the process with _exit() and the same status
+ * (0, or 1 after a fatal failure), skipping atexit handlers; the run is left to its lease.
  */
 int kafka_worker_run(const struct kafka_worker_options *opts);
 

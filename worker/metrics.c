@@ -73,6 +73,13 @@ static const char *const metrics_outcome_names[METRICS_OUTCOME_COUNT] = {
         [METRICS_OUTCOME_INVALID] = "invalid",
 };
 
+static const char *const metrics_retry_reasons[METRICS_RETRY_COUNT] = {
+        [METRICS_RETRY_TRANSITION] = "transition",
+        [METRICS_RETRY_BUSY] = "busy",
+        [METRICS_RETRY_INTERRUPTED] = "interrupted",
+        [METRICS_RETRY_STAGE_CALL] = "stage_call",
+};
+
 /* Static storage: every atomic starts at zero, which is a valid initial value. */
 static struct {
         _Atomic uint64_t jobs[STAGE_COUNT][METRICS_OUTCOME_COUNT];
@@ -81,7 +88,7 @@ static struct {
         _Atomic uint64_t duration_sum_us[STAGE_COUNT];
         _Atomic uint64_t bytes_downloaded;
         _Atomic uint64_t bytes_extracted;
-        _Atomic uint64_t retries[STAGE_COUNT];
+        _Atomic uint64_t retries[STAGE_COUNT][METRICS_RETRY_COUNT];
         _Atomic uint64_t dlq[STAGE_COUNT][METRICS_DLQ_CLASS_COUNT];
         _Atomic int64_t inflight[STAGE_COUNT];
         _Atomic int64_t lag[STAGE_COUNT];
@@ -163,17 +170,18 @@ void metrics_add_bytes_extracted(uint64_t n)
         metrics_add(metrics.bytes_extracted, n);
 }
 
-void metrics_retry(enum stage_id stage)
+void metrics_retry(enum stage_id stage, enum metrics_retry_reason reason)
 {
         metrics_check_stage(stage);
-        metrics_add(metrics.retries[stage], 1);
+        FIM_ASSERT((unsigned)reason < METRICS_RETRY_COUNT);
+        metrics_add(metrics.retries[stage][reason], 1);
 }
 
 void metrics_retry_by_name(const char *stage)
 {
         for (size_t s = 0; s < STAGE_COUNT; s++) {
                 if (strcmp(stage, stage_name((enum stage_id)s)) == 0) {
-                        metrics_add(metrics.retries[s], 1);
+                        metrics_add(metrics.retries[s][METRICS_RETRY_TRANSITION], 1);
                         return;
                 }
         }
@@ -258,8 +266,9 @@ void metrics_reset(void)
                         metrics_store(metrics.duration[s][b], 0);
                 for (size_t c = 0; c < METRICS_DLQ_CLASS_COUNT; c++)
                         metrics_store(metrics.dlq[s][c], 0);
+                for (size_t r = 0; r < METRICS_RETRY_COUNT; r++)
+                        metrics_store(metrics.retries[s][r], 0);
                 metrics_store(metrics.duration_sum_us[s], 0);
-                metrics_store(metrics.retries[s], 0);
                 metrics_store(metrics.inflight[s], 0);
                 metrics_store(metrics.lag[s], 0);
         }
@@ -422,11 +431,16 @@ static void metrics_render_counters(struct metrics_buf *b)
         metrics_buf_printf(b, "fim_extracted_bytes_total %" PRIu64 "\n",
                            metrics_load(metrics.bytes_extracted));
 
-        metrics_family(b, "fim_retries_total", "counter",
-                       "Failed attempts that were scheduled for a retry, by stage.");
-        for (size_t s = 0; s < STAGE_COUNT; s++)
-                metrics_buf_printf(b, "fim_retries_total{stage=\"%s\"} %" PRIu64 "\n",
-                                   stage_name((enum stage_id)s), metrics_load(metrics.retries[s]));
+        metrics_family(
+                b, "fim_retries_total", "counter",
+                "Retries scheduled, by stage and reason: a transition's transient failure, a run busy in another worker, an interrupted run, a failed stage call.");
+        for (size_t s = 0; s < STAGE_COUNT; s++) {
+                for (size_t r = 0; r < METRICS_RETRY_COUNT; r++)
+                        metrics_buf_printf(
+                                b, "fim_retries_total{stage=\"%s\",reason=\"%s\"} %" PRIu64 "\n",
+                                stage_name((enum stage_id)s), metrics_retry_reasons[r],
+                                metrics_load(metrics.retries[s][r]));
+        }
 
         metrics_family(b, "fim_dlq_messages_total", "counter",
                        "Messages published to the dead-letter topic, by stage and error class.");

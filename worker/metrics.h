@@ -11,7 +11,7 @@
  *   fim_jobs_total{stage,outcome}                     counter
  *   fim_stage_duration_seconds{stage}                 histogram, 0.1 s .. 1 h
  *   fim_downloaded_bytes_total, fim_extracted_bytes_total   counters
- *   fim_retries_total{stage}                          counter
+ *   fim_retries_total{stage,reason}                   counter
  *   fim_dlq_messages_total{stage,error_class}         counter
  *   fim_inflight_jobs{stage}                          gauge
  *   fim_consumer_lag_messages{stage}                  gauge
@@ -42,6 +42,17 @@ enum metrics_outcome {
         METRICS_OUTCOME_BUSY,
         METRICS_OUTCOME_INVALID, /* the request did not decode; nothing ran */
         METRICS_OUTCOME_COUNT,
+};
+
+/* The reason label of fim_retries_total: why a job of a stage is tried again. */
+enum metrics_retry_reason {
+        METRICS_RETRY_TRANSITION,  /* a transition failed transiently; its run retries it */
+        METRICS_RETRY_BUSY,        /* another worker holds the run; the pool asks again later */
+        METRICS_RETRY_INTERRUPTED, /* lease lost or database unreachable mid-run; the pool
+                                      runs the message again */
+        METRICS_RETRY_STAGE_CALL,  /* the stage call failed transiently before any run was
+                                      claimed or recorded; the pool runs the message again */
+        METRICS_RETRY_COUNT,
 };
 
 /* Distinct pools the usage gauges keep; metrics_pool_set() refuses more. */
@@ -78,12 +89,12 @@ void metrics_job_finished(enum stage_id stage, enum metrics_outcome outcome, dou
 void metrics_add_bytes_downloaded(uint64_t n);
 void metrics_add_bytes_extracted(uint64_t n);
 
-/* One retry of a failed attempt was scheduled for a job of @stage. */
-void metrics_retry(enum stage_id stage);
+/* One retry was scheduled for a job of @stage, for @reason. */
+void metrics_retry(enum stage_id stage, enum metrics_retry_reason reason);
 
 /*
- * metrics_retry() for code that knows the stage by name only (the FSM engine knows its
- * definition's name, "download", ...). Names that are not a stage are ignored.
+ * metrics_retry(METRICS_RETRY_TRANSITION) for the FSM engine, which knows the stage by its
+ * definition's name only ("download", ...). Names that are not a stage are ignored.
  */
 void metrics_retry_by_name(const char *stage);
 

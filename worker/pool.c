@@ -92,7 +92,9 @@ struct pool_job {
         rd_kafka_message_t *msg; /* owned */
         uint64_t epoch;          /* of its partition when received */
         int retries;
-        int failures; /* transient failures of the stage call itself, for its bound */
+        int failures;             /* transient failures of the stage call itself, for its bound */
+        int64_t first_failure_ms; /* wall clock of the first of them, 0 before one */
+        enum metrics_retry_reason retry_reason; /* why, when result is POOL_JOB_RETRY */
         int64_t not_before_ms;
         enum pool_job_result result;
 };
@@ -576,6 +578,7 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
         case FSM_OUTCOME_BUSY:
                 log_debug("run busy in another worker, will retry", "offset=%" PRId64,
                           job->msg->offset);
+                job->retry_reason = METRICS_RETRY_BUSY;
                 return POOL_JOB_RETRY;
         case FSM_OUTCOME_INTERRUPTED:
         default:
@@ -583,6 +586,7 @@ static enum pool_job_result pool_job_outcome(struct pool_thread *t, struct pool_
                         return POOL_JOB_ABANDON;
                 log_warning("run interrupted, will retry", "offset=%" PRId64 " error=%s",
                             job->msg->offset, log_quote(res->error_text));
+                job->retry_reason = METRICS_RETRY_INTERRUPTED;
                 return POOL_JOB_RETRY;
         }
 }
@@ -641,6 +645,10 @@ static enum pool_job_result pool_job_stage_error(struct pool *pool, struct pool_
                 return POOL_JOB_ABANDON;
         (void)snprintf(text, sizeof(text), "%s", err_text(r));
         log_redact(text);
+        /* No run records these failures: the job itself remembers when they began. */
+        if (!job->first_failure_ms)
+                job->first_failure_ms = util_now_realtime_ms();
+        f.first_failure_ms = job->first_failure_ms;
         if (err_is_transient(r)) {
                 if (!db_down)
                         job->failures++;
@@ -648,6 +656,7 @@ static enum pool_job_result pool_job_stage_error(struct pool *pool, struct pool_
                         log_warning_errno(r, "stage call failed, will retry",
                                           "offset=%" PRId64 " failures=%d", job->msg->offset,
                                           job->failures);
+                        job->retry_reason = METRICS_RETRY_STAGE_CALL;
                         return POOL_JOB_RETRY;
                 }
                 f.error_class = STAGE_ERROR_EXHAUSTED;
@@ -771,7 +780,9 @@ static void pool_delay(struct pool *pool, struct pool_job *job)
         job->retries++;
         delay = fsm_backoff_ms(job->retries, POOL_RETRY_BASE_MS, lease_ms, pool_random());
         job->not_before_ms = util_now_monotonic_ms() + delay;
+        /* Counted here, not by the worker thread: a job of a revoked partition is no retry. */
         pool_count(pool, POOL_STAT_RETRIED);
+        metrics_retry(pool->opts.stage->id, job->retry_reason);
         while (*pp && (*pp)->not_before_ms <= job->not_before_ms)
                 pp = &(*pp)->next;
         job->next = *pp;

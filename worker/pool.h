@@ -34,7 +34,8 @@ struct pool_stats {
         uint64_t completed;        /* runs finished by this pool */
         uint64_t already_complete; /* messages whose key had finished before */
         uint64_t dead_lettered;
-        uint64_t retried;   /* BUSY or INTERRUPTED, re-run after a delay */
+        uint64_t retried;   /* BUSY, INTERRUPTED or a transient stage-call failure, re-run
+                               after a delay (fim_retries_total counts them by reason) */
         uint64_t abandoned; /* left unacknowledged at shutdown, for redelivery */
 };
 

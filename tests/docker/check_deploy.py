@@ -540,6 +540,35 @@ def docker_checks(binary):
         if (shlex.split(cmd) if isinstance(cmd, str) else cmd) != ["worker"]:
             raise Failure(f"worker's command is {cmd}, expected ['worker']")
 
+    def run_directory():
+        """The directory of the pool's lock files and unpack mounts, from the sources."""
+        dirs = set()
+        for rel, name in (("stages/thin_pool.h", "THIN_POOL_LOCK_DIR"),
+                          ("stages/unpack_stage.c", "UNPACK_MOUNT_BASE")):
+            m = re.search(r'^#define\s+' + name + r'\s+"([^"]+)"', read(rel), re.M)
+            if not m:
+                raise Failure(f"{rel} no longer defines {name}; update this check")
+            dirs.add(m.group(1))
+        if len(dirs) != 1:
+            raise Failure(f"lock and unpack mount directories differ: {sorted(dirs)}")
+        return dirs.pop()
+
+    @check
+    def compose_worker_shares_the_run_directory():
+        run_dir = run_directory()
+        w = services()["worker"]
+        binds = []
+        for v in w.get("volumes", []):
+            if isinstance(v, dict):
+                binds.append((v.get("source"), v.get("target")))
+            else:
+                parts = str(v).split(":")
+                binds.append((parts[0], parts[1] if len(parts) > 1 else parts[0]))
+        if (run_dir, run_dir) not in binds:
+            raise Failure(f"worker does not bind-mount the host's {run_dir} at {run_dir}: "
+                          "processes sharing a pool must share its lock files and unpack "
+                          "mounts")
+
     @check
     def compose_worker_settings():
         w = services()["worker"]

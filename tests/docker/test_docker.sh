@@ -62,8 +62,10 @@ run_checks
 # The files check_deploy.py reads, copied so that a mutation never touches the tree.
 copy_tree() {
         local dst=$1
-        mkdir -p "$dst/docker" "$dst/config" "$dst/scripts" "$dst/cmake" "$dst/tests"
+        mkdir -p "$dst/docker" "$dst/config" "$dst/scripts" "$dst/cmake" "$dst/tests" \
+                "$dst/stages"
         cp "$ROOT"/docker/* "$dst/docker/"
+        cp "$ROOT/stages/thin_pool.h" "$ROOT/stages/unpack_stage.c" "$dst/stages/"
         cp "$ROOT/config/config.c" "$ROOT"/config/flyio-image-manager.* "$dst/config/"
         cp "$ROOT/scripts/setup.sh" "$dst/scripts/"
         cp "$ROOT/cmake/FimDependencies.cmake" "$dst/cmake/"
@@ -99,6 +101,9 @@ if [ "$GROUP" = docker ]; then
                 'setup.sh does not list: libfoo-dev'
         mutant "an unprivileged worker" docker/compose.yaml \
                 's/privileged: true/privileged: false/' 'must be privileged'
+        mutant "a worker without the host's run directory" docker/compose.yaml \
+                '\#^ *- /run/flyio-image-manager:/run/flyio-image-manager$#d' \
+                'does not bind-mount the host.s /run/flyio-image-manager'
         mutant "migrate not waiting for a healthy postgres" docker/compose.yaml \
                 's/condition: service_healthy$/condition: service_started/' \
                 'depend on postgres with condition: service_healthy'

@@ -549,6 +549,66 @@ static void test_fsm_exhausts_attempts(void **state)
         fsm_result_done(&res);
 }
 
+/*
+ * A run used up by interruptions across processes: the first worker's first attempt fails
+ * (transiently), its second hangs and the worker is killed; the run has no attempt left, so
+ * the next worker's takeover fails it at once. Its first failure is the first worker's error,
+ * from the run's history, and its last the final failure: not both "now", which is all the
+ * last worker saw itself.
+ */
+static void test_fsm_interrupted_run_dates_its_first_failure(void **state)
+{
+        struct env *e = *state;
+        struct sample s = {0};
+        struct fsm_result res;
+        int64_t deadline;
+        pid_t pid = fork();
+
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                struct sample dies = {.fail_at = "a",
+                                      .fail_errno = -ETIMEDOUT,
+                                      .fail_times = 1,
+                                      .hang_at = "b",
+                                      .hang_ms = -1};
+
+                (void)sample_execute(e->url, "interrupted-key", &dies, &res);
+                _exit(100);
+        }
+        deadline = util_now_monotonic_ms() + 15000;
+        while (count_where(e->db, "SELECT count(*) FROM sample_calls WHERE transition = '%s'",
+                           "b") == 0) {
+                assert_true(util_now_monotonic_ms() < deadline);
+                util_sleep_ms(20);
+        }
+        assert_int_equal(kill(pid, SIGKILL), 0);
+        assert_int_equal(waitpid(pid, NULL, 0), pid);
+        /* Its retry made this attempt 2: the takeover's attempt 3 is one too many. */
+        assert_int_equal(count_where(e->db,
+                                     "WITH u AS (UPDATE fsm_runs SET max_attempts = 2"
+                                     " WHERE attempt = 2 RETURNING 1) SELECT count(*) FROM u"),
+                         1);
+
+        sample_execute_until_not_busy(e->url, "interrupted-key", &s, &res);
+        assert_int_equal(res.outcome, FSM_OUTCOME_FAILED);
+        assert_false(res.permanent);
+        assert_non_null(strstr(res.error_text, "interrupted"));
+        assert_int_equal(s.fail_calls, 0);
+        assert_int_equal(res.first_failure_ms,
+                         count_where(e->db,
+                                     "SELECT (extract(epoch FROM min(at)) * 1000)::bigint"
+                                     " FROM fsm_events WHERE run_id = '%s' AND kind = 'error'",
+                                     res.run_id));
+        assert_int_equal(res.last_failure_ms,
+                         count_where(e->db,
+                                     "SELECT (extract(epoch FROM max(at)) * 1000)::bigint"
+                                     " FROM fsm_events WHERE run_id = '%s' AND kind = 'fail'",
+                                     res.run_id));
+        /* The lease had to lapse in between. */
+        assert_true(res.last_failure_ms - res.first_failure_ms >= LEASE_MS / 2);
+        fsm_result_done(&res);
+}
+
 /* ---- the database connection fails under the engine ------------------------------------ */
 
 /* Check the run of @res: complete, one effect and @calls_b step calls of b, no takeover. */
@@ -1015,6 +1075,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(
                         test_fsm_permanent_error_aborts_then_replay_runs_again, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_exhausts_attempts, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_interrupted_run_dates_its_first_failure,
+                                                setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_lost_commit_of_claim_is_resolved, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_lost_commit_of_completion_is_resolved,

@@ -343,7 +343,7 @@ static void *count_loop(void *arg)
                 for (int i = 0; i < JOBS_PER_BATCH; i++) {
                         metrics_job_finished(STAGE_DOWNLOAD, METRICS_OUTCOME_COMPLETE, 0.2);
                         metrics_add_bytes_downloaded(10);
-                        metrics_retry(STAGE_ACTIVATE);
+                        metrics_retry(STAGE_ACTIVATE, METRICS_RETRY_BUSY);
                         metrics_inflight_add(STAGE_UNPACK, 1);
                         metrics_inflight_add(STAGE_UNPACK, -1);
                 }
@@ -386,7 +386,8 @@ static void test_metrics_http_concurrent_scrapes_while_counting(void **state)
                 series_value(body, "fim_jobs_total{stage=\"download\",outcome=\"complete\"}"),
                 total);
         assert_int_equal(series_value(body, "fim_downloaded_bytes_total"), 10 * total);
-        assert_int_equal(series_value(body, "fim_retries_total{stage=\"activate\"}"), total);
+        assert_int_equal(
+                series_value(body, "fim_retries_total{stage=\"activate\",reason=\"busy\"}"), total);
         assert_int_equal(series_value(body, "fim_inflight_jobs{stage=\"unpack\"}"), 0);
         assert_int_equal(
                 series_value(body,

@@ -390,6 +390,28 @@ static void test_common_log_escape(void **state)
         assert_true(strlen(tiny) < sizeof(tiny));
 }
 
+static void test_common_escape_bytes(void **state)
+{
+        static const char key[] = "k\x1b[2J\n\"q\"\\\t\r\x7f\xc3\xa9\0end";
+        char out[128], cut[12];
+
+        (void)state;
+        util_escape_bytes(key, sizeof(key) - 1, out, sizeof(out));
+        assert_string_equal(out, "k\\x1b[2J\\n\\\"q\\\"\\\\\\t\\r\\x7f\\xc3\\xa9\\x00end");
+        util_escape_bytes("", 0, out, sizeof(out));
+        assert_string_equal(out, "");
+
+        /* Exactly what fits stays whole; more is cut before an escape and marked. */
+        util_escape_bytes("abcdefghijk", 11, cut, sizeof(cut));
+        assert_string_equal(cut, "abcdefghijk");
+        util_escape_bytes("abcdefghijkl", 12, cut, sizeof(cut));
+        assert_string_equal(cut, "abcdefgh...");
+        util_escape_bytes("abcdef\x1b", 7, cut, sizeof(cut));
+        assert_string_equal(cut, "abcdef\\x1b");
+        util_escape_bytes("abcdefg\x1bz", 9, cut, sizeof(cut));
+        assert_string_equal(cut, "abcdefg...");
+}
+
 static void test_common_parse_numbers(void **state)
 {
         uint64_t u;
@@ -516,6 +538,7 @@ int main(void)
                 cmocka_unit_test(test_common_log_quote_masks_before_escaping),
                 cmocka_unit_test(test_common_log_escape),
                 cmocka_unit_test(test_common_parse_numbers),
+                cmocka_unit_test(test_common_escape_bytes),
                 cmocka_unit_test(test_common_sha256_hex),
                 cmocka_unit_test(test_common_ulid_known_vectors),
                 cmocka_unit_test(test_common_ulid_monotonic_within_a_millisecond),

@@ -238,9 +238,10 @@ static void test_metrics_counters_move(void **state)
         metrics_add_bytes_downloaded(1000);
         metrics_add_bytes_downloaded(24);
         metrics_add_bytes_extracted(1ULL << 40);
-        metrics_retry(STAGE_UNPACK);
-        metrics_retry(STAGE_UNPACK);
-        metrics_retry(STAGE_DOWNLOAD);
+        metrics_retry(STAGE_UNPACK, METRICS_RETRY_BUSY);
+        metrics_retry(STAGE_UNPACK, METRICS_RETRY_BUSY);
+        metrics_retry(STAGE_UNPACK, METRICS_RETRY_STAGE_CALL);
+        metrics_retry(STAGE_DOWNLOAD, METRICS_RETRY_INTERRUPTED);
         metrics_retry_by_name("activate");
         metrics_retry_by_name("test-fsm"); /* not a stage: ignored */
         metrics_dlq(STAGE_UNPACK, STAGE_ERROR_PERMANENT);
@@ -261,9 +262,11 @@ static void test_metrics_counters_move(void **state)
         assert_sample(text, "fim_stage_duration_seconds_count{stage=\"activate\"}", "0");
         assert_sample(text, "fim_downloaded_bytes_total", "1024");
         assert_sample(text, "fim_extracted_bytes_total", "1099511627776");
-        assert_sample(text, "fim_retries_total{stage=\"unpack\"}", "2");
-        assert_sample(text, "fim_retries_total{stage=\"download\"}", "1");
-        assert_sample(text, "fim_retries_total{stage=\"activate\"}", "1");
+        assert_sample(text, "fim_retries_total{stage=\"unpack\",reason=\"busy\"}", "2");
+        assert_sample(text, "fim_retries_total{stage=\"unpack\",reason=\"stage_call\"}", "1");
+        assert_sample(text, "fim_retries_total{stage=\"unpack\",reason=\"transition\"}", "0");
+        assert_sample(text, "fim_retries_total{stage=\"download\",reason=\"interrupted\"}", "1");
+        assert_sample(text, "fim_retries_total{stage=\"activate\",reason=\"transition\"}", "1");
         assert_null(strstr(text, "test-fsm"));
         assert_sample(text, "fim_dlq_messages_total{stage=\"unpack\",error_class=\"permanent\"}",
                       "1");
@@ -283,7 +286,7 @@ static void test_metrics_counters_move(void **state)
         metrics_reset();
         text = render();
         assert_sample(text, "fim_downloaded_bytes_total", "0");
-        assert_sample(text, "fim_retries_total{stage=\"unpack\"}", "0");
+        assert_sample(text, "fim_retries_total{stage=\"unpack\",reason=\"busy\"}", "0");
         free(text);
 }
 

@@ -56,6 +56,33 @@ static int sample_failing(struct fsm_run *run, const char *image_id)
         return r;
 }
 
+/*
+ * hold-*: wait until the test lists the image in sample_release. A stop cuts the wait short,
+ * as a real stage's would be (-EINTR: the run is released, no attempt spent).
+ */
+static int sample_hold(struct fsm_run *run, const char *image_id)
+{
+        const char *params[1] = {image_id};
+        int64_t deadline = util_now_monotonic_ms() + 120000;
+
+        while (util_now_monotonic_ms() < deadline) {
+                PGresult *res = NULL;
+                int r = db_query_row(fsm_run_db(run), &res,
+                                     "SELECT 1 FROM sample_release WHERE image_id = $1", 1, params);
+
+                if (r < 0)
+                        return r;
+                if (r > 0) {
+                        PQclear(res);
+                        return 0;
+                }
+                if (fsm_run_should_stop(run))
+                        return err_set(-EINTR, "sample stage stops holding '%s'", image_id);
+                util_sleep_ms(50);
+        }
+        return err_set(-ETIMEDOUT, "sample stage held '%s' for too long", image_id);
+}
+
 static int sample_work_step(struct fsm_run *run, void *userdata)
 {
         struct sample_job *job = userdata;
@@ -75,6 +102,11 @@ static int sample_work_step(struct fsm_run *run, void *userdata)
                 const char *ms = getenv("FIM_TEST_SLOW_MS");
 
                 util_sleep_ms(ms ? strtol(ms, NULL, 10) : 2000);
+        }
+        if (sample_has_prefix(job->image_id, "hold-") && job->id == STAGE_DOWNLOAD) {
+                r = sample_hold(run, job->image_id);
+                if (r < 0)
+                        return r;
         }
         if (sample_has_prefix(job->image_id, "med-"))
                 util_sleep_ms(150);
@@ -245,6 +277,14 @@ const struct stage *wt_sample_stage(enum stage_id id)
         return &sample_stages[id];
 }
 
+/* Tells the test that exit() ran the atexit handlers (FIM_TEST_ATEXIT_NOTE). */
+static void wt_atexit_note(void)
+{
+        static const char note[] = "test worker: atexit handlers ran\n";
+
+        (void)!write(STDERR_FILENO, note, sizeof(note) - 1);
+}
+
 bool wt_child_main(int argc, char **argv, int *ret_status)
 {
         const struct stage *stages[STAGE_COUNT];
@@ -269,6 +309,8 @@ bool wt_child_main(int argc, char **argv, int *ret_status)
                         stages[wo.nstages++] = &sample_stages[i];
         }
         wo.cfg = &cfg;
+        if (getenv("FIM_TEST_ATEXIT_NOTE"))
+                (void)atexit(wt_atexit_note);
         *ret_status = kafka_worker_run(&wo);
         config_done(&cfg);
         return true;
@@ -372,7 +414,8 @@ void wt_setup(struct wt_env *e, const char *brokers)
                         "CREATE TABLE sample_calls (stage text, image_id text, run_id text,"
                         " pid int, at timestamptz DEFAULT clock_timestamp());"
                         "CREATE TABLE sample_effects (stage text, image_id text, run_id text);"
-                        "CREATE TABLE sample_fail (image_id text PRIMARY KEY)"),
+                        "CREATE TABLE sample_fail (image_id text PRIMARY KEY);"
+                        "CREATE TABLE sample_release (image_id text PRIMARY KEY)"),
                 0);
         (void)unsetenv("FIM_CONFIG");
         wt_export("DATABASE_URL", e->url);

@@ -13,6 +13,8 @@
  *
  *   slow-*    sleeps FIM_TEST_SLOW_MS (default 2000) ms in the download stage's work step
  *   slowlast-* the same in the download stage's last step, "record"
+ *   hold-*    waits in the download stage's work step until sample_release lists the image
+ *             (or the worker stops)
  *   med-*     sleeps 150 ms in every stage
  *   fail-*    fails permanently in the download stage while sample_fail lists the image
  *   flaky-*   fails transiently in the download stage, every time
@@ -45,6 +47,8 @@ struct wt_env {
  * If argv asks for it ("worker"), run a sample worker process from the environment and
  * return true with its exit status in *ret_status. Call first thing in main(). In the test
  * process, FIM_TEST_FILTER (a cmocka pattern such as "test_worker_poison*") selects cases.
+ * With FIM_TEST_ATEXIT_NOTE set, a worker process says on stderr when exit() runs its atexit
+ * handlers ("test worker: atexit handlers ran").
  */
 bool wt_child_main(int argc, char **argv, int *ret_status);
 

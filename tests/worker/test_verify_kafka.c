@@ -14,10 +14,12 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <librdkafka/rdkafka.h>
 
 #include "common/util.h"
 #include "config/config.h"
 #include "helper_worker.h"
+#include "worker/kafka_client.h"
 #include "worker/verify.h"
 
 struct verify_report {
@@ -88,6 +90,77 @@ static void test_verify_kafka_reports_topics_and_lag(void **state)
         assert_non_null(strstr(rep.detail[i], ": 0 message(s) behind"));
 }
 
+/* Put @count messages on @partition of @topic, and wait for the broker to have them. */
+static void produce_to(struct wt_env *e, const char *topic, int32_t partition, int count)
+{
+        rd_kafka_conf_t *conf = NULL;
+        rd_kafka_t *rk = NULL;
+
+        assert_int_equal(kafka_client_conf_new(&e->cfg, RD_KAFKA_PRODUCER, "test", NULL, &conf), 0);
+        assert_int_equal(kafka_client_new(RD_KAFKA_PRODUCER, conf, &rk), 0);
+        for (int i = 0; i < count; i++)
+                assert_int_equal(rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic),
+                                                   RD_KAFKA_V_PARTITION(partition),
+                                                   RD_KAFKA_V_VALUE((void *)"{}", 2),
+                                                   RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                                                   RD_KAFKA_V_END),
+                                 RD_KAFKA_RESP_ERR_NO_ERROR);
+        assert_int_equal(rd_kafka_flush(rk, 30000), RD_KAFKA_RESP_ERR_NO_ERROR);
+        rd_kafka_destroy(rk);
+}
+
+/* Commit @offset for @partition of @topic in the stage's group (named after its topic). */
+static void commit_at(struct wt_env *e, const char *topic, int32_t partition, int64_t offset)
+{
+        const char *props[] = {"group.id", topic, "enable.auto.commit", "false", NULL};
+        rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_conf_t *conf = NULL;
+        rd_kafka_t *rk = NULL;
+
+        assert_int_equal(kafka_client_conf_new(&e->cfg, RD_KAFKA_CONSUMER, "test", props, &conf),
+                         0);
+        assert_int_equal(kafka_client_new(RD_KAFKA_CONSUMER, conf, &rk), 0);
+        rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
+        /* Not subscribed: a plain offset commit, no group join. */
+        assert_int_equal(rd_kafka_commit(rk, list, 0), RD_KAFKA_RESP_ERR_NO_ERROR);
+        rd_kafka_topic_partition_list_destroy(list);
+        (void)rd_kafka_consumer_close(rk);
+        rd_kafka_destroy(rk);
+}
+
+/*
+ * Lag counts from the committed offset where there is one: partition 0 holds 5 messages and
+ * has 2 committed (3 behind), partition 1 holds 4 and has none (4), partition 2 holds 2 and
+ * has both committed (0): 7 in all, one partition never committed.
+ */
+static void test_verify_kafka_lag_counts_from_committed_offsets(void **state)
+{
+        struct wt_env *e = *state;
+        struct verify_report rep = {0};
+        int64_t ends[16], committed[16];
+        char topic[KAFKA_NAME_MAX];
+        int i;
+
+        assert_int_equal(kafka_client_topic(&e->cfg, "download", topic, sizeof(topic)), 0);
+        produce_to(e, topic, 0, 5);
+        produce_to(e, topic, 1, 4);
+        produce_to(e, topic, 2, 2);
+        assert_int_equal(wt_ends(e, "download", ends, 16), 3);
+        assert_true(ends[0] == 5 && ends[1] == 4 && ends[2] == 2);
+        commit_at(e, topic, 0, 2);
+        commit_at(e, topic, 2, 2);
+        assert_int_equal(wt_committed(e, "download", committed, 16), 3);
+        assert_true(committed[0] == 2 && committed[1] < 0 && committed[2] == 2);
+
+        verify_kafka(&rep, &e->cfg);
+        i = find(&rep, "lag-download");
+        assert_true(rep.ok[i]);
+        assert_non_null(strstr(rep.detail[i],
+                               ": 7 message(s) behind over 3 partitions (1 never committed)"));
+        i = find(&rep, "lag-unpack");
+        assert_non_null(strstr(rep.detail[i], ": 0 message(s) behind over 3 partitions (3 never"));
+}
+
 static void test_verify_kafka_missing_topics_fail(void **state)
 {
         struct wt_env *e = *state;
@@ -123,6 +196,8 @@ int main(int argc, char **argv)
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_verify_kafka_reports_topics_and_lag, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_verify_kafka_lag_counts_from_committed_offsets,
+                                                setup, teardown),
                 cmocka_unit_test_setup_teardown(test_verify_kafka_missing_topics_fail, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_verify_kafka_unreachable_broker_fails, setup,

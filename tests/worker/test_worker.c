@@ -360,6 +360,7 @@ static void test_worker_bad_headers_and_engine_errors_do_not_stall(void **state)
         const char *cut[] = {"1", long_utf8, NULL};
         static const char *const fine[] = {"1", "trace-ok-1", NULL};
         struct wt_msg *dlq = NULL;
+        int64_t first = 0, last = 0;
         char trace[64];
         size_t n;
         pid_t w;
@@ -403,6 +404,16 @@ static void test_worker_bad_headers_and_engine_errors_do_not_stall(void **state)
         assert_contains(wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_ERROR),
                         "sample engine is stuck on 'stuck-1'");
         assert_string_equal(wt_header(find_by_source_offset(dlq, n, 3), DLQ_HEADER_ATTEMPTS), "2");
+        /* Its first failure came a retry's backoff (at least 100 ms) before the last. */
+        assert_int_equal(request_parse_time(wt_header(find_by_source_offset(dlq, n, 3),
+                                                      DLQ_HEADER_FIRST_FAILURE),
+                                            &first),
+                         0);
+        assert_int_equal(request_parse_time(wt_header(find_by_source_offset(dlq, n, 3),
+                                                      DLQ_HEADER_LAST_FAILURE),
+                                            &last),
+                         0);
+        assert_true(last - first >= 100);
         wt_msgs_free(dlq, n);
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
@@ -499,19 +510,99 @@ static void test_worker_redelivered_failure_is_not_run_again(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
-/* A dead letter as a worker writes it, straight onto the DLQ topic. */
-static void put_dead_letter(struct wt_env *e, const char *key, const char *stage,
-                            const char *error_class, const char *run_id)
+/* A time in ms of the run's events of @kind, as the engine computes it: "min" or "max". */
+static int64_t event_ms(struct wt_env *e, const char *agg, const char *kind)
+{
+        return wt_sql(e,
+                      "SELECT (extract(epoch FROM %s(at)) * 1000)::bigint FROM fsm_events"
+                      " WHERE kind = '%s'",
+                      agg, kind);
+}
+
+/*
+ * A run whose failures span two worker processes: the first worker's attempt fails
+ * (transiently) and the worker stops during the backoff; the second worker's attempt fails
+ * too and uses up MAX_ATTEMPTS. The dead letter's first failure is the first worker's, as the
+ * run's history records it, not the second worker's, which is all that process saw. The
+ * second worker dies before committing, and the redelivered message's dead letter (written
+ * again: its record on the run is cleared here) dates the failures the same way.
+ */
+static void test_worker_first_failure_spans_workers(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const slow_retry[] = {"RETRY_BASE_MS=600000", "RETRY_MAX_MS=600000",
+                                                 NULL};
+        static const char *const no_commit[] = {NO_PERIODIC_COMMIT, NULL};
+        struct wt_msg *dlq = NULL;
+        size_t n;
+        pid_t w;
+
+        wt_produce(e, "download", "flaky-x1", "{\"image_id\":\"flaky-x1\"}");
+        w = wt_worker_start(e, slow_retry);
+        wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM fsm_events WHERE kind = 'retry'");
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status = 'running'"
+                                   " AND attempt = 2 AND lease_owner IS NULL"),
+                         1);
+        assert_int_equal(wt_topic_end(e, "dlq"), 0);
+
+        w = wt_worker_start(e, no_commit);
+        wt_wait_sql(e, 1, 30000,
+                    "SELECT count(*) FROM fsm_runs WHERE dead_lettered_at IS NOT NULL");
+        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
+        /* Two processes wrote the failures (worker ids are host/pid/stage.thread). */
+        assert_int_equal(wt_sql(e, "SELECT count(DISTINCT split_part(worker, '/', 2))"
+                                   " FROM fsm_events WHERE kind IN ('error', 'fail')"),
+                         2);
+
+        assert_int_equal(wt_sql(e, "UPDATE fsm_runs SET dead_lettered_at = NULL RETURNING 1"), 1);
+        w = wt_worker_start(e, NULL);
+        wt_wait_sql(e, 1, 30000,
+                    "SELECT count(*) FROM fsm_runs WHERE dead_lettered_at IS NOT NULL");
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 1);
+
+        n = wt_read_topic(e, "dlq", &dlq);
+        assert_int_equal(n, 2);
+        for (size_t i = 0; i < n; i++) {
+                int64_t first = 0, last = 0;
+
+                assert_string_equal(wt_header(&dlq[i], DLQ_HEADER_ERROR_CLASS), "exhausted");
+                assert_string_equal(wt_header(&dlq[i], DLQ_HEADER_ATTEMPTS), "2");
+                assert_int_equal(
+                        request_parse_time(wt_header(&dlq[i], DLQ_HEADER_FIRST_FAILURE), &first),
+                        0);
+                assert_int_equal(
+                        request_parse_time(wt_header(&dlq[i], DLQ_HEADER_LAST_FAILURE), &last), 0);
+                printf("dead letter %zu: first failure %s, last %s\n", i,
+                       wt_header(&dlq[i], DLQ_HEADER_FIRST_FAILURE),
+                       wt_header(&dlq[i], DLQ_HEADER_LAST_FAILURE));
+                assert_int_equal(first, event_ms(e, "min", "error"));
+                assert_int_equal(last, event_ms(e, "max", "fail"));
+                assert_true(first < last);
+        }
+        wt_msgs_free(dlq, n);
+}
+
+/* A dead letter as a worker writes it, straight onto the DLQ topic, last failed at @at. */
+static void put_dead_letter_at(struct wt_env *e, const char *key, const char *stage,
+                               const char *error_class, const char *run_id, const char *at)
 {
         static const char *const names[] = {
                 "attempt",        "trace_id",        DLQ_HEADER_STAGE,       DLQ_HEADER_ERROR_CLASS,
                 DLQ_HEADER_ERROR, DLQ_HEADER_RUN_ID, DLQ_HEADER_LAST_FAILURE};
-        const char *values[] = {"1",    "trace-replay",        stage, error_class, "it failed",
-                                run_id, "2026-01-02T03:04:05Z"};
+        const char *values[] = {"1", "trace-replay", stage, error_class, "it failed", run_id, at};
         char value[64];
 
         (void)snprintf(value, sizeof(value), "{\"image_id\":\"%s\"}", key);
         wt_produce_headers(e, "dlq", key, value, ARRAY_SIZE(names), names, values);
+}
+
+static void put_dead_letter(struct wt_env *e, const char *key, const char *stage,
+                            const char *error_class, const char *run_id)
+{
+        put_dead_letter_at(e, key, stage, error_class, run_id, "2026-01-02T03:04:05Z");
 }
 
 /*
@@ -529,6 +620,8 @@ static void test_worker_replay_dlq_filters(void **state)
                 "flyio-image-manager", "replay-dlq", "--stage", "download", "--limit", "1", NULL};
         const char *bad_class[] = {"flyio-image-manager", "replay-dlq", "--error-class", "fatal",
                                    NULL};
+        const char *hostile[] = {"flyio-image-manager", "replay-dlq", "--stage", "activate",
+                                 "--dry-run",           NULL};
         struct wt_msg *msgs = NULL;
         char out[8192];
         size_t n;
@@ -541,13 +634,14 @@ static void test_worker_replay_dlq_filters(void **state)
         assert_int_equal(wt_cli(e, out, sizeof(out), bad_class), 2);
         assert_int_equal(wt_cli(e, out, sizeof(out), by_stage), 0);
         assert_int_equal(count_occurrences(out, "would replay  "), 1);
-        assert_contains(out, "key='dl-b'");
+        assert_contains(out,
+                        "key=\"dl-b\" error_class=exhausted run_id=01HQZX9YFQR8TNKQZ7VXYZ0002");
         assert_int_equal(wt_topic_end(e, "unpack"), 0);
 
         /* Lower case finds the upper-case run id; the record goes to its own stage. */
         assert_int_equal(wt_cli(e, out, sizeof(out), by_run), 0);
         assert_contains(out, "selected 1, replayed 1, failed 0");
-        assert_contains(out, "key='dl-d'");
+        assert_contains(out, "key=\"dl-d\"");
         assert_int_equal(wt_read_topic(e, "activate", &msgs), 1);
         assert_string_equal(msgs[0].key, "dl-d");
         assert_string_equal(wt_header(&msgs[0], "attempt"), "2");
@@ -568,6 +662,57 @@ static void test_worker_replay_dlq_filters(void **state)
         assert_int_equal(wt_cli(e, out, sizeof(out), by_run), 0);
         assert_contains(out, "selected 1, replayed 1, failed 0");
         assert_int_equal(wt_topic_end(e, "activate"), 2);
+
+        /*
+         * A producer's key and headers reach the operator's terminal escaped: no escape
+         * sequence gets through, and no newline starts a line that looks like ours.
+         */
+        put_dead_letter(e, "evil\x1b]0;owned\x07\nreplayed      fake", "activate",
+                        "bad\x1b[2Jclass", NULL);
+        assert_int_equal(wt_cli(e, out, sizeof(out), hostile), 0);
+        assert_int_equal(count_occurrences(out, "would replay  "), 2);
+        assert_int_equal(count_occurrences(out, "\nreplayed      "), 0);
+        assert_null(strchr(out, '\x1b'));
+        assert_null(strchr(out, '\x07'));
+        assert_contains(out, "key=\"evil\\x1b]0;owned\\x07\\nreplayed      fake\""
+                             " error_class=\"bad\\x1b[2Jclass\" run_id=- attempt=2\n");
+}
+
+/*
+ * --since selects by the last failure: an older dead letter is skipped, newer ones are
+ * replayed, whether the bound is a duration ago or an RFC 3339 time, which is inclusive.
+ */
+static void test_worker_replay_dlq_since(void **state)
+{
+        struct wt_env *e = *state;
+        const char *recent[] = {"flyio-image-manager", "replay-dlq", "--since", "1h", NULL};
+        const char *from[] = {"flyio-image-manager",  "replay-dlq", "--since",
+                              "2025-06-01T00:00:00Z", "--dry-run",  NULL};
+        struct wt_msg *msgs = NULL;
+        char now[40], out[8192];
+        size_t n;
+
+        util_format_time(util_now_realtime_ms() - 60000, now, sizeof(now));
+        put_dead_letter_at(e, "dl-old", "download", "permanent", NULL, "2020-01-01T00:00:00Z");
+        put_dead_letter_at(e, "dl-mid", "download", "permanent", NULL, "2025-06-01T00:00:00Z");
+        put_dead_letter_at(e, "dl-new", "download", "permanent", NULL, now);
+
+        assert_int_equal(wt_cli(e, out, sizeof(out), recent), 0);
+        assert_contains(out, "scanned 3 records");
+        assert_contains(out, "selected 1, replayed 1, failed 0");
+        assert_contains(out, "key=\"dl-new\"");
+        assert_null(strstr(out, "dl-old"));
+        assert_null(strstr(out, "dl-mid"));
+        n = wt_read_topic(e, "download", &msgs);
+        assert_int_equal(n, 1);
+        assert_string_equal(msgs[0].key, "dl-new");
+        wt_msgs_free(msgs, n);
+
+        assert_int_equal(wt_cli(e, out, sizeof(out), from), 0);
+        assert_int_equal(count_occurrences(out, "would replay  "), 2);
+        assert_contains(out, "key=\"dl-mid\"");
+        assert_contains(out, "key=\"dl-new\"");
+        assert_null(strstr(out, "dl-old"));
 }
 
 static void test_worker_sigkill_mid_run_completes_once(void **state)
@@ -730,24 +875,47 @@ static void test_worker_graceful_shutdown_commits_finished_work(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/* The whole text of @path (at most @size - 1 bytes). */
+static void read_file(const char *path, char *buf, size_t size)
+{
+        FILE *f = fopen(path, "re");
+        size_t n;
+
+        assert_non_null(f);
+        n = fread(buf, 1, size - 1, f);
+        buf[n] = '\0';
+        fclose(f);
+}
+
 /*
  * A step that outlasts SHUTDOWN_TIMEOUT: the worker still exits 0 at the deadline, the run
- * keeps its lease, and the next worker takes it over once the lease expires.
+ * keeps its lease, and the next worker takes it over once the lease expires. The step's
+ * thread is still running when the worker exits, so the process ends without exit()'s atexit
+ * handlers (and without freeing the settings that thread reads).
  */
 static void test_worker_shutdown_deadline_leaves_run_to_lease(void **state)
 {
         struct wt_env *e = *state;
-        static const char *const stuck[] = {"FIM_TEST_SLOW_MS=8000", "SHUTDOWN_TIMEOUT=1", NULL};
+        static const char *const stuck[] = {"FIM_TEST_SLOW_MS=8000", "SHUTDOWN_TIMEOUT=1",
+                                            "FIM_TEST_ATEXIT_NOTE=1", NULL};
         static const char *const fast[] = {"FIM_TEST_SLOW_MS=200", NULL};
+        char log[320], text[65536];
         int64_t t0;
         pid_t w;
 
+        (void)snprintf(log, sizeof(log), "/tmp/fim-wt-%s-deadline.log", e->prefix);
+        (void)unlink(log);
         wt_produce(e, "download", "slow-d1", "{\"image_id\":\"slow-d1\"}");
-        w = wt_worker_start(e, stuck);
+        w = wt_worker_start_log(e, stuck, log);
         wt_wait_sql(e, 1, 30000, "SELECT count(*) FROM sample_calls WHERE image_id = 'slow-d1'");
         t0 = util_now_monotonic_ms();
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 10000), 0);
         assert_true(util_now_monotonic_ms() - t0 < 5000);
+        read_file(log, text, sizeof(text));
+        assert_contains(text, "worker stopped with runs still going");
+        if (strstr(text, "atexit handlers ran"))
+                fail_msg("exit() ran the atexit handlers under a live worker thread:\n%s", text);
+        (void)unlink(log);
         assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs WHERE status = 'running'"
                                    " AND lease_owner IS NOT NULL"),
                          1);
@@ -965,7 +1133,10 @@ int main(int argc, char **argv)
                         test_worker_bad_headers_and_engine_errors_do_not_stall, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_redelivered_failure_is_not_run_again,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_first_failure_spans_workers, setup,
+                                                teardown),
                 cmocka_unit_test_setup_teardown(test_worker_replay_dlq_filters, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_replay_dlq_since, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_sigkill_mid_run_completes_once, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_graceful_shutdown_commits_finished_work,

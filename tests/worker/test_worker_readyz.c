@@ -7,6 +7,9 @@
  *   restored, 200 again; /healthz stays 200 throughout.
  * - Consumer lag after a restart: every message was consumed and committed by a first worker;
  *   a second one, which has fetched nothing yet, must report no lag (not the whole topic).
+ * - The gauges and counters move with the work: a job held in its step shows in flight, the
+ *   backlog behind a full (paused) pool shows as lag, and both go back to 0 once it is done;
+ *   a stage call that fails transiently counts a retry, and so does a transition.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -374,6 +377,102 @@ static void test_worker_lag_after_restart_is_committed_not_retained(void **state
         assert_int_equal(wt_worker_stop(e, worker, SIGTERM, 30000), 0);
 }
 
+/* Poll /metrics until @name{@label} is exactly @want, or fail. */
+static void wait_metric(uint16_t port, const char *name, const char *label, long want,
+                        int timeout_ms)
+{
+        int64_t deadline = util_now_monotonic_ms() + timeout_ms;
+        long v;
+
+        while ((v = metric_value(port, name, label)) != want) {
+                if (util_now_monotonic_ms() > deadline)
+                        fail_msg("%s{%s} is %ld after %d ms, expected %ld", name, label, v,
+                                 timeout_ms, want);
+                util_sleep_ms(250);
+        }
+}
+
+/* Wait until the dead-letter topic holds @n messages. */
+static void wait_dead_letters(struct wt_env *e, long n, int timeout_ms)
+{
+        int64_t deadline = util_now_monotonic_ms() + timeout_ms;
+
+        while (wt_topic_end(e, "dlq") < n) {
+                assert_true(util_now_monotonic_ms() < deadline);
+                util_sleep_ms(200);
+        }
+}
+
+/*
+ * One download thread, held by a job that waits in its step, and 8 messages behind it on the
+ * same partition: the job is in flight, and the pool, full with two queued, has paused, so
+ * the rest shows as lag. Released, everything completes and both go back to 0. Then a stage
+ * call that fails transiently (MAX_ATTEMPTS=2: one retry, then a dead letter) counts one
+ * retry for its reason, and a transition that fails transiently one for its own.
+ */
+static void test_worker_metrics_follow_jobs(void **state)
+{
+        static const char *const download = "stage=\"download\"";
+        struct wt_env *e = *state;
+        char env_metrics[64], body[512], req[128];
+        uint16_t port = free_port();
+        const char *env[] = {env_metrics, "FIM_TEST_STAGES=download", "DOWNLOAD_QUEUE_SIZE=1",
+                             NULL};
+        int64_t deadline;
+        long inflight = 0, lag = 0;
+        pid_t worker;
+
+        (void)snprintf(env_metrics, sizeof(env_metrics), "METRICS_ADDR=127.0.0.1:%u",
+                       (unsigned)port);
+        /* One key: one partition, in this order. */
+        wt_produce(e, "download", "m", "{\"image_id\":\"hold-1\"}");
+        for (int i = 0; i < 8; i++) {
+                (void)snprintf(req, sizeof(req), "{\"image_id\":\"behind-%d\"}", i);
+                wt_produce(e, "download", "m", req);
+        }
+        worker = wt_worker_start(e, env);
+        (void)wait_readyz(port, worker, 200, 60000, body);
+
+        /* The dispatcher reports lag every 5 s: wait for a report made while held. */
+        deadline = util_now_monotonic_ms() + 60000;
+        while (inflight < 1 || lag < 1) {
+                if (util_now_monotonic_ms() > deadline)
+                        fail_msg("in flight %ld, lag %ld while a job is held", inflight, lag);
+                util_sleep_ms(250);
+                inflight = metric_value(port, "fim_inflight_jobs", download);
+                lag = metric_value(port, "fim_consumer_lag_messages", download);
+        }
+        print_message("held: %ld in flight, lag %ld\n", inflight, lag);
+        assert_int_equal(inflight, 1);
+        assert_true(lag <= 8);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM sample_calls WHERE image_id LIKE"
+                                   " 'behind-%%'"),
+                         0);
+
+        assert_int_equal(wt_sql(e, "INSERT INTO sample_release VALUES ('hold-1') RETURNING 1"), 1);
+        wt_wait_sql(e, 9, 60000,
+                    "SELECT count(*) FROM fsm_runs WHERE fsm = 'download' AND status = 'complete'");
+        wt_wait_committed(e, "download", 60000);
+        wait_metric(port, "fim_inflight_jobs", download, 0, 30000);
+        wait_metric(port, "fim_consumer_lag_messages", download, 0, 30000);
+        assert_int_equal(metric_value(port, "fim_retries_total", download), 0);
+
+        wt_produce(e, "download", "stuck-1", "{\"image_id\":\"stuck-1\"}");
+        wait_dead_letters(e, 1, 60000);
+        assert_int_equal(
+                metric_value(port, "fim_retries_total", "stage=\"download\",reason=\"stage_call\""),
+                1);
+        assert_int_equal(metric_value(port, "fim_retries_total", download), 1);
+
+        wt_produce(e, "download", "flaky-1", "{\"image_id\":\"flaky-1\"}");
+        wait_dead_letters(e, 2, 60000);
+        assert_int_equal(
+                metric_value(port, "fim_retries_total", "stage=\"download\",reason=\"transition\""),
+                1);
+        assert_int_equal(metric_value(port, "fim_retries_total", download), 2);
+        assert_int_equal(wt_worker_stop(e, worker, SIGTERM, 30000), 0);
+}
+
 int main(int argc, char **argv)
 {
         const struct CMUnitTest tests[] = {
@@ -381,6 +480,7 @@ int main(int argc, char **argv)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(
                         test_worker_lag_after_restart_is_committed_not_retained, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_worker_metrics_follow_jobs, setup, teardown),
         };
         int status;
 
