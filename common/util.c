@@ -179,8 +179,11 @@ bool util_is_sha256_hex(const char *s)
 void util_crash_point(const char *point)
 {
         const char *want = getenv("FIM_CRASH_AT");
+        const char *stop = getenv("FIM_STOP_AT");
 
         if (want && strcmp(want, point) == 0)
                 (void)kill(getpid(), SIGKILL);
+        if (stop && strcmp(stop, point) == 0)
+                (void)kill(getpid(), SIGSTOP);
 }
 #endif
