@@ -175,6 +175,59 @@ static const char *field(const char *doc, const char *name, char *buf, size_t si
         return buf;
 }
 
+/*
+ * Run the command line with this test's settings (database, LOCAL_DIR, POOL_NAME, HOST_ID)
+ * and @args (NULL-terminated). Returns spawn_run()'s result; @out gets the output.
+ */
+static int run_cli(struct env *e, const char *const *args, char *out, size_t size)
+{
+        const char *argv[24] = {FIM_BINARY_DIR "/flyio-image-manager",
+                                "--set",
+                                NULL,
+                                "--set",
+                                "LOCAL_DIR=" LOCAL,
+                                "--set",
+                                "POOL_NAME=" POOL,
+                                "--set",
+                                "HOST_ID=vm-host"};
+        char set_db[600];
+        size_t n = 9;
+
+        (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
+        argv[2] = set_db;
+        for (size_t i = 0; args[i]; i++) {
+                assert_true(n < ARRAY_SIZE(argv) - 1);
+                argv[n++] = args[i];
+        }
+        argv[n] = NULL;
+        return spawn_run(argv, out, size);
+}
+
+/* The "kernel" field list-snapshots --json gives snapshot @name ("" when it is not listed). */
+static const char *kernel_state(struct env *e, const char *name, char *buf, size_t size)
+{
+        struct json_object *arr = NULL, *v = NULL;
+        char out[8192];
+
+        buf[0] = '\0';
+        if (run_cli(e, (const char *const[]){"list-snapshots", "--json", NULL}, out, sizeof(out)) <
+            0)
+                fail_msg("list-snapshots: %s", err_last());
+        arr = json_tokener_parse(out);
+        if (!arr || !json_object_is_type(arr, json_type_array))
+                fail_msg("list-snapshots --json: not a JSON array: %s", out);
+        for (size_t i = 0; i < json_object_array_length(arr); i++) {
+                struct json_object *o = json_object_array_get_idx(arr, i);
+
+                if (json_object_object_get_ex(o, "snapshot_name", &v) &&
+                    strcmp(json_object_get_string(v), name) == 0 &&
+                    json_object_object_get_ex(o, "kernel", &v))
+                        (void)snprintf(buf, size, "%s", json_object_get_string(v));
+        }
+        json_object_put(arr);
+        return buf;
+}
+
 /* Unpack then activate; returns the origin id. */
 static uint32_t unpack_and_activate(struct env *e, const char *image_id, struct stage_result *act)
 {
@@ -372,48 +425,18 @@ static void test_stages_unpack_activate_realistic_image(void **state)
                 scalar(e->db, "SELECT count(*) FROM outbox WHERE topic = 'images.activate'"), 1);
         assert_pool_matches_rows(e);
 
-        /* list-snapshots shows the database's state next to the kernel's. */
-        {
-                const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
-                                      "--set",
-                                      NULL,
-                                      "--set",
-                                      "HOST_ID=vm-host",
-                                      "list-snapshots",
-                                      NULL};
-                char set_db[600], out[2048];
-
-                (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
-                argv[2] = set_db;
-                if (spawn_run(argv, out, sizeof(out)) < 0)
-                        fail_msg("list-snapshots: %s", err_last());
-                if (!strstr(out, "snapshot-alpine-1") || !strstr(out, "active  ") ||
-                    strstr(out, "missing"))
-                        fail_msg("list-snapshots output: %s", out);
-        }
+        /*
+         * list-snapshots shows the kernel's view next to the database's: active, then missing
+         * once the device is removed behind the tool's back.
+         */
+        assert_string_equal(kernel_state(e, "snapshot-alpine-1", buf, sizeof(buf)), "active");
+        assert_int_equal(thin_pool_deactivate("snapshot-alpine-1", NULL), 0);
+        assert_string_equal(kernel_state(e, "snapshot-alpine-1", buf, sizeof(buf)), "missing");
 
         /* gc removes snapshot, origin and tarball, and the pool is empty again. */
-        {
-                const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
-                                      "--set",
-                                      NULL,
-                                      "--set",
-                                      "LOCAL_DIR=" LOCAL,
-                                      "--set",
-                                      "POOL_NAME=" POOL,
-                                      "--set",
-                                      "HOST_ID=vm-host",
-                                      "gc",
-                                      "--image-id",
-                                      "alpine-1",
-                                      NULL};
-                char set_db[600], out[2048];
-
-                (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
-                argv[2] = set_db;
-                if (spawn_run(argv, out, sizeof(out)) < 0)
-                        fail_msg("gc: %s", err_last());
-        }
+        if (run_cli(e, (const char *const[]){"gc", "--image-id", "alpine-1", NULL}, buf,
+                    sizeof(buf)) < 0)
+                fail_msg("gc: %s", err_last());
         assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
         assert_int_equal(access("/dev/mapper/snapshot-alpine-1", F_OK), -1);
         assert_int_equal(access(LOCAL "/alpine-1.tar", F_OK), -1);
@@ -908,24 +931,7 @@ static void assert_origin_holds(struct env *e, const char *image_id)
 
 static int run_gc(struct env *e, const char *image_id, char *out, size_t size)
 {
-        const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
-                              "--set",
-                              NULL,
-                              "--set",
-                              "LOCAL_DIR=" LOCAL,
-                              "--set",
-                              "POOL_NAME=" POOL,
-                              "--set",
-                              "HOST_ID=vm-host",
-                              "gc",
-                              "--image-id",
-                              image_id,
-                              NULL};
-        char set_db[600];
-
-        (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
-        argv[2] = set_db;
-        return spawn_run(argv, out, size);
+        return run_cli(e, (const char *const[]){"gc", "--image-id", image_id, NULL}, out, size);
 }
 
 #define MANY_FILES "&& for i in $(seq 1 40); do head -c 1000000 /dev/urandom > usr/lib/f$i; done"
