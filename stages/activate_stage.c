@@ -344,23 +344,24 @@ static int activate_record_commit(struct fsm_run *run, struct db *db, void *user
                                              fsm_run_id(run)});
 }
 
-static int activate_on_failure(struct fsm_run *run, struct db *db, void *userdata)
+/* Once the failure is committed (see unpack_after_failure): the half-made snapshot goes. */
+static void activate_after_failure(struct fsm_run *run, void *userdata)
 {
         struct activate_job *job = userdata;
+        struct db *db = fsm_run_db(run);
         struct thin_row row;
         int r;
 
         r = thin_registry_find_by_run(db, activate_host(job), job->pool, "snapshot",
                                       fsm_run_id(run), &row);
-        if (r > 0 && strcmp(row.state, "ready") != 0) {
+        if (r == 0 || (r > 0 && strcmp(row.state, "ready") == 0))
+                return;
+        if (r > 0)
                 r = thin_registry_destroy(db, activate_host(job), job->pool, row.device_id);
-                if (r < 0)
-                        log_warning_errno(
-                                r,
-                                "failed to remove a half-made snapshot, reconciliation will retry",
-                                "device_id=%" PRIu32, row.device_id);
-        }
-        return 0;
+        if (r < 0)
+                log_warning_errno(
+                        r, "failed to remove a half-made snapshot, reconciliation will retry",
+                        "pool=%s", log_quote(job->pool));
 }
 
 static const struct fsm_transition activate_transitions[] = {
@@ -374,7 +375,7 @@ static const struct fsm_def activate_fsm = {
         .name = "activate",
         .transitions = activate_transitions,
         .transition_count = ARRAY_SIZE(activate_transitions),
-        .on_failure = activate_on_failure,
+        .after_failure = activate_after_failure,
 };
 
 static int activate_handle(const struct stage_ctx *ctx, const char *request_json,

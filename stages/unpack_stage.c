@@ -940,23 +940,28 @@ static int unpack_handoff(struct fsm_run *run, struct db *db, void *userdata)
         return r < 0 ? r : 1;
 }
 
-static int unpack_on_failure(struct fsm_run *run, struct db *db, void *userdata)
+/*
+ * Leave no half-made device. Runs once the failure is committed, so the row's 'deleting' intent
+ * is durable before the delete and no transaction waits on device-mapper; reconciliation
+ * finishes this if it fails here, or if the process dies before it runs.
+ */
+static void unpack_after_failure(struct fsm_run *run, void *userdata)
 {
         struct unpack_job *job = userdata;
+        struct db *db = fsm_run_db(run);
         struct thin_row row;
         int r;
 
-        /* Leave no half-made device: reconciliation finishes this if it fails here. */
         r = thin_registry_find_by_run(db, unpack_host(job), job->pool, "origin", fsm_run_id(run),
                                       &row);
-        if (r > 0 && strcmp(row.state, "ready") != 0) {
+        if (r == 0 || (r > 0 && strcmp(row.state, "ready") == 0))
+                return;
+        if (r > 0)
                 r = thin_registry_destroy(db, unpack_host(job), job->pool, row.device_id);
-                if (r < 0)
-                        log_warning_errno(
-                                r, "failed to remove a half-made device, reconciliation will retry",
-                                "device_id=%" PRIu32, row.device_id);
-        }
-        return 0;
+        if (r < 0)
+                log_warning_errno(r,
+                                  "failed to remove a half-made device, reconciliation will retry",
+                                  "pool=%s", log_quote(job->pool));
 }
 
 static const struct fsm_transition unpack_transitions[] = {
@@ -972,7 +977,7 @@ static const struct fsm_def unpack_fsm = {
         .name = "unpack",
         .transitions = unpack_transitions,
         .transition_count = ARRAY_SIZE(unpack_transitions),
-        .on_failure = unpack_on_failure,
+        .after_failure = unpack_after_failure,
         .handoff = unpack_handoff,
 };
 
