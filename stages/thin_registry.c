@@ -179,19 +179,44 @@ static int thin_registry_deactivate_id(const char *pool, uint32_t id, bool check
         return r < 0 ? r : 0;
 }
 
-int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id)
+/*
+ * Remove what a process killed inside thin_pool_activate() left under the names our rows give
+ * @id: thin-<id>, and the name of any snapshot row of it. Such a device holds no live table;
+ * one with an inactive table keeps the id open in the pool, and delete would say EBUSY.
+ */
+static int thin_registry_remove_leftovers(struct db *db, const char *host, const char *pool,
+                                          uint32_t id)
+{
+        char name[THIN_POOL_NAME_MAX + 1], idbuf[16];
+        PGresult *res = NULL;
+        int r;
+
+        thin_registry_origin_name(id, name, sizeof(name));
+        r = thin_pool_remove_leftover(pool, name);
+        if (r < 0)
+                return r;
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        r = db_exec(db, &res,
+                    "SELECT snapshot_name FROM snapshots WHERE host_id = $1 AND pool_name = $2"
+                    " AND device_id = $3",
+                    3, (const char *const[]){host, pool, idbuf});
+        if (r < 0)
+                return r;
+        for (int i = 0; i < PQntuples(res) && r >= 0; i++)
+                r = thin_pool_remove_leftover(pool, db_get(res, i, 0));
+        PQclear(res);
+        return r < 0 ? r : 0;
+}
+
+/* thin_registry_destroy(); a deactivation that finds the device busy sets @restore back. */
+static int thin_registry_destroy_from(struct db *db, const char *host, const char *pool,
+                                      uint32_t id, const char *restore)
 {
         char idbuf[16];
         const char *params[3] = {host, pool, idbuf};
-        struct thin_row row;
-        bool restore;
         int r;
 
         (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
-        r = thin_registry_get(db, host, pool, id, &row);
-        if (r < 0)
-                return r;
-        restore = r > 0 && strcmp(row.state, "deleting") != 0;
         /*
          * A device in use (a VM's root) is refused before the row says 'deleting': a row left
          * 'deleting' would make the next reconciliation delete it as soon as it is closed.
@@ -209,11 +234,13 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
                 char saved[ERR_MSG_MAX];
 
                 (void)snprintf(saved, sizeof(saved), "%s", err_last());
-                if (thin_registry_set_state(db, host, pool, id, row.state) < 0)
+                if (thin_registry_set_state(db, host, pool, id, restore) < 0)
                         log_debug("failed to restore a thin row's state",
-                                  "device_id=%" PRIu32 " state=%s", id, row.state);
+                                  "device_id=%" PRIu32 " state=%s", id, restore);
                 (void)err_set(r, "%s", saved);
         }
+        if (r == 0)
+                r = thin_registry_remove_leftovers(db, host, pool, id);
         if (r < 0)
                 return err_wrap(r, "failed to deactivate thin device %" PRIu32 " of pool '%s'", id,
                                 pool);
@@ -229,6 +256,18 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
                        " DELETE FROM thin_devices WHERE host_id = $1 AND pool_name = $2 AND"
                        " device_id = $3",
                        3, params);
+}
+
+int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id)
+{
+        struct thin_row row;
+        int r;
+
+        r = thin_registry_get(db, host, pool, id, &row);
+        if (r <= 0)
+                return r; /* no row: gone already, or not ours (an id we do not know stays) */
+        return thin_registry_destroy_from(db, host, pool, id,
+                                          strcmp(row.state, "deleting") != 0 ? row.state : NULL);
 }
 
 static void thin_reconcile_report(thin_reconcile_fn cb, void *userdata,

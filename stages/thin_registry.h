@@ -59,10 +59,13 @@ int thin_registry_set_state(struct db *db, const char *host, const char *pool, u
 
 /*
  * Remove a thin device for good: mark the row 'deleting', deactivate every active device that
- * maps the id, delete the id from the pool (an id the pool no longer has counts as deleted),
- * then delete the row and any snapshot or image row naming it. Each step is safe to repeat.
- * A device that is open (a VM's root, a mount) makes it fail with -EBUSY before anything
- * changes; one opened between that check and the deactivation gets its row's state back.
+ * maps the id, remove what a killed activation left under the row's names (a device without a
+ * live table, whose inactive table would keep the id busy), delete the id from the pool (an id
+ * the pool no longer has counts as deleted), then delete the row and any snapshot or image row
+ * naming it. Each step is safe to repeat. An id without a row is left alone (gone already, or
+ * not ours). A device that is open (a VM's root, a mount) makes it fail with -EBUSY before
+ * anything changes; one opened between that check and the deactivation gets its row's state
+ * back.
  */
 int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id);
 

@@ -1375,6 +1375,71 @@ static void test_stages_unpack_mount_does_not_propagate(void **state)
         assert_pool_matches_rows(e);
 }
 
+/* Make the killed child's run use up its attempts: the next takeover fails it. */
+static void exhaust_running_runs(struct env *e)
+{
+        assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET attempt = max_attempts,"
+                                               " lease_until = now() - interval '1 second'"
+                                               " WHERE status = 'running'"),
+                         0);
+}
+
+/*
+ * A process killed inside the dm create sequence of a run that then never resumes: between
+ * creating the device and loading its table (a device without a table), and between loading
+ * and resuming it (an inactive table, which holds the thin id open in the pool: delete says
+ * EBUSY). Whether the run is aborted (reconciliation cleans up), uses up its attempts (its
+ * failure hook does), or its worker dies right after recording the failure (reconciliation
+ * again), no id leaks and no device is left behind.
+ */
+static void test_stages_leftovers_of_runs_that_never_resume(void **state)
+{
+        static const char *const points[] = {"dm.after_create", "dm.after_load"};
+        struct env *e = *state;
+        struct stage_result res;
+        char image[32], json[1024];
+
+        for (int i = 0; i < 2; i++) {
+                (void)snprintf(image, sizeof(image), "never-%d", i);
+                make_rootfs_tar(image, "");
+                unpack_json(image, json, sizeof(json));
+                crash_at(e, STAGE_UNPACK, json, points[i]);
+                assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET status = 'aborted',"
+                                                       " lease_owner = NULL, lease_until = NULL"
+                                                       " WHERE status = 'running'"),
+                                 0);
+                assert_int_equal(thin_registry_reconcile(e->db, "vm-host", POOL, true, NULL, NULL),
+                                 0);
+                assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
+                assert_pool_matches_rows(e);
+        }
+
+        /* Its attempts used up: the takeover fails the run and its failure hook cleans up. */
+        make_rootfs_tar("never-2", "");
+        unpack_json("never-2", json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "dm.after_load");
+        exhaust_running_runs(e);
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_FAILED);
+        stage_result_done(&res);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
+        assert_pool_matches_rows(e);
+
+        /* Killed once the failure is committed, before the hook: reconciliation cleans up. */
+        make_rootfs_tar("never-3", "");
+        unpack_json("never-3", json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "dm.after_load");
+        exhaust_running_runs(e);
+        crash_at(e, STAGE_UNPACK, json, "fsm.after_failure_commit");
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE status = 'failed'"), 2);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices WHERE"
+                                       " state = 'creating'"),
+                         1);
+        assert_int_equal(thin_registry_reconcile(e->db, "vm-host", POOL, true, NULL, NULL), 0);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
+        assert_pool_matches_rows(e);
+}
+
 /* Whether @name matches one of the comma-separated fnmatch patterns of @filter. */
 static bool filter_matches(const char *filter, const char *name)
 {
@@ -1426,6 +1491,8 @@ int main(void)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_unpack_mount_does_not_propagate, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_stages_leftovers_of_runs_that_never_resume,
+                                                setup, teardown),
         };
         const char *filter = getenv("FIM_TEST_FILTER");
         size_t n = 0;
