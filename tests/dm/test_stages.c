@@ -1375,6 +1375,59 @@ static void test_stages_unpack_mount_does_not_propagate(void **state)
         assert_pool_matches_rows(e);
 }
 
+/*
+ * A snapshot id the pool has but the database does not (an operator's, made since the last
+ * reconciliation) makes create_snap answer EEXIST: activate reserves the id as unknown and
+ * takes another, as unpack does, and never deletes it.
+ */
+static void test_stages_activate_keeps_an_unknown_id(void **state)
+{
+        struct env *e = *state;
+        struct stage_result res;
+        char json[1024], dev[16], name[64], snap[16];
+        uint32_t *ids = NULL;
+        size_t n = 0;
+        bool kept = false;
+        long foreign;
+
+        make_rootfs_tar("foreign", "");
+        unpack_json("foreign", json, sizeof(json));
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        field(res.response, "device_id", dev, sizeof(dev));
+        field(res.response, "device_name", name, sizeof(name));
+        stage_result_done(&res);
+        /* The id the snapshot gets next, made behind the database's back. */
+        foreign = scalar(e->db, "SELECT max(device_id) + 1 FROM thin_devices");
+        assert_int_equal(thin_pool_create_thin(POOL, (uint32_t)foreign), 0);
+
+        (void)snprintf(json, sizeof(json),
+                       "{\"image_id\":\"foreign\",\"device_id\":\"%s\",\"device_name\":\"%s\"}",
+                       dev, name);
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_ACTIVATE, json, &res), 0);
+        if (res.outcome != FSM_OUTCOME_COMPLETE)
+                fail_msg("activate: %s %s", fsm_outcome_name(res.outcome), res.error_text);
+        assert_int_not_equal(
+                strtol(field(res.response, "snapshot_id", snap, sizeof(snap)), NULL, 10), foreign);
+        stage_result_done(&res);
+        assert_int_equal(scalar(e->db,
+                                "SELECT count(*) FROM thin_devices WHERE device_id = %ld AND"
+                                " kind = 'unknown' AND state = 'ready'",
+                                foreign),
+                         1);
+        assert_int_equal(thin_pool_metadata_thin_ids(POOL, &ids, &n), 0);
+        for (size_t i = 0; i < n; i++)
+                kept |= ids[i] == (uint32_t)foreign;
+        free(ids);
+        assert_true(kept);
+        assert_pool_matches_rows(e);
+
+        /* The operator's way out, as reconciliation reports it. */
+        assert_int_equal(thin_pool_delete(POOL, (uint32_t)foreign), 0);
+        assert_int_equal(thin_registry_reconcile(e->db, "vm-host", POOL, true, NULL, NULL), 0);
+        assert_pool_matches_rows(e);
+}
+
 /* Make the killed child's run use up its attempts: the next takeover fails it. */
 static void exhaust_running_runs(struct env *e)
 {
@@ -1490,6 +1543,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_stages_concurrent_id_allocation, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_unpack_mount_does_not_propagate, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_stages_activate_keeps_an_unknown_id, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_leftovers_of_runs_that_never_resume,
                                                 setup, teardown),
