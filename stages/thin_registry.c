@@ -270,6 +270,80 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
                                           strcmp(row.state, "deleting") != 0 ? row.state : NULL);
 }
 
+struct thin_claim {
+        const char *host;
+        const char *pool;
+        const char *except_image;
+        uint32_t id;
+        int outcome; /* 1: still used, leave it; 0: marked 'deleting'; -1: no such row */
+        bool was_ready;
+};
+
+/*
+ * Under the allocation lock, which unpack holds while it maps an image to an existing origin:
+ * check again that nothing uses origin @c->id, and mark it 'deleting' (from then on no image
+ * can come to share it), in one transaction. A busy device changes nothing.
+ */
+static int thin_registry_claim_tx(struct db *db, void *userdata)
+{
+        struct thin_claim *c = userdata;
+        char idbuf[16];
+        const char *params[4] = {c->host, c->pool, idbuf, c->except_image ? c->except_image : ""};
+        PGresult *res = NULL;
+        bool used;
+        int r;
+
+        c->outcome = 0;
+        c->was_ready = false;
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, c->id);
+        r = thin_registry_lock(db, c->host);
+        if (r < 0)
+                return r;
+        r = db_query_row(db, &res,
+                         "SELECT d.state, d.state = 'creating' OR EXISTS (SELECT 1 FROM"
+                         " unpacked_images u WHERE u.host_id = d.host_id AND"
+                         " u.pool_name = d.pool_name AND u.device_id = d.device_id AND"
+                         " u.image_id <> $4) OR EXISTS (SELECT 1 FROM snapshots s WHERE"
+                         " s.host_id = d.host_id AND s.pool_name = d.pool_name AND"
+                         " s.origin_id = d.device_id AND s.image_id <> $4)"
+                         " FROM thin_devices d WHERE d.host_id = $1 AND d.pool_name = $2 AND"
+                         " d.device_id = $3 AND d.kind = 'origin' FOR UPDATE",
+                         4, params);
+        if (r == 0)
+                c->outcome = -1;
+        if (r <= 0)
+                return r;
+        c->was_ready = strcmp(db_get(res, 0, 0), "ready") == 0;
+        used = strcmp(db_get(res, 0, 1), "t") == 0;
+        PQclear(res);
+        if (used) {
+                c->outcome = 1;
+                return 0;
+        }
+        if (!c->was_ready)
+                return 0; /* 'deleting' already */
+        r = thin_registry_deactivate_id(c->pool, c->id, true);
+        if (r < 0)
+                return err_wrap(r, "not removing thin id %" PRIu32 " of pool '%s'", c->id, c->pool);
+        return thin_registry_set_state(db, c->host, c->pool, c->id, "deleting");
+}
+
+int thin_registry_destroy_unused_origin(struct db *db, const char *host, const char *pool,
+                                        uint32_t id, const char *except_image)
+{
+        struct thin_claim c = {host, pool, except_image, id, 0, false};
+        int r;
+
+        r = db_tx(db, thin_registry_claim_tx, &c);
+        if (r < 0)
+                return r;
+        if (c.outcome != 0)
+                return c.outcome > 0 ? 1 : 0;
+        util_crash_point("destroy.after_claim");
+        /* Back to 'ready' if it turns out busy: nothing could share it meanwhile. */
+        return thin_registry_destroy_from(db, host, pool, id, c.was_ready ? "ready" : NULL);
+}
+
 static void thin_reconcile_report(thin_reconcile_fn cb, void *userdata,
                                   enum thin_reconcile_finding what, uint32_t id, const char *fmt,
                                   ...) __attribute__((format(printf, 5, 6)));

@@ -69,6 +69,18 @@ int thin_registry_set_state(struct db *db, const char *host, const char *pool, u
  */
 int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id);
 
+/*
+ * thin_registry_destroy() for origin @id, unless something still uses it: an image other than
+ * @except_image (NULL: any image) maps to it, a snapshot of another image was taken from it,
+ * or it is still being made. The check and the 'deleting' mark are one transaction under the
+ * allocation lock, which unpack also holds when it maps an image to an existing origin, so no
+ * image can come to share an origin that gc has chosen. Returns 0 when removed (or no such
+ * row), 1 when it is in use and was left alone, or a negative errno: -EBUSY when the device is
+ * open, with nothing changed.
+ */
+int thin_registry_destroy_unused_origin(struct db *db, const char *host, const char *pool,
+                                        uint32_t id, const char *except_image);
+
 /* What reconciliation found about one id. */
 enum thin_reconcile_finding {
         THIN_RECONCILE_REMOVED_HALF_MADE, /* 'creating' row of a dead or failed run: undone */

@@ -46,6 +46,7 @@
 #include "stages/pool_setup.h"
 #include "stages/thin_pool.h"
 #include "stages/thin_registry.h"
+#include "worker/commands.h"
 #include "worker/lease.h"
 #include "worker/stage.h"
 
@@ -871,8 +872,11 @@ static void test_stages_reactivate_after_reboot(void **state)
         assert_pool_matches_rows(e);
 }
 
-/* Run @stage in a child process with its own connections; it exits 0 when the run completed. */
-static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
+/*
+ * Run @stage in a child process with its own connections and leases of @lease_ms; it exits 0
+ * when the run completed.
+ */
+static pid_t stage_child_lease(struct env *e, enum stage_id stage, const char *json, int lease_ms)
 {
         pid_t pid;
 
@@ -884,7 +888,7 @@ static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
                 struct lease_keeper *leases = NULL;
                 struct stage_result res;
 
-                if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, 2000, &leases) < 0)
+                if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, lease_ms, &leases) < 0)
                         _exit(100);
                 if (run_stage(e, db, leases, stage, json, &res) < 0)
                         _exit(101);
@@ -896,6 +900,11 @@ static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
                 _exit(0);
         }
         return pid;
+}
+
+static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
+{
+        return stage_child_lease(e, stage, json, 2000);
 }
 
 static void wait_ok(pid_t pid, const char *what)
@@ -914,8 +923,8 @@ static void umount_leftovers(void)
            " umount -l \"$m\" 2>/dev/null || true; done");
 }
 
-/* The origin of @image_id holds its tarball's os-release. */
-static void assert_origin_holds(struct env *e, const char *image_id)
+/* The origin of @image_id holds the os-release of the tarball made for image @made_as. */
+static void assert_origin_holds_tar_of(struct env *e, const char *image_id, const char *made_as)
 {
         char cmd[512];
 
@@ -925,8 +934,14 @@ static void assert_origin_holds(struct env *e, const char *image_id)
                        " rc=$?; umount /tmp/originmnt; exit $rc",
                        scalar(e->db, "SELECT device_id FROM unpacked_images WHERE image_id = '%s'",
                               image_id),
-                       image_id);
+                       made_as);
         sh(cmd);
+}
+
+/* The origin of @image_id holds its tarball's os-release. */
+static void assert_origin_holds(struct env *e, const char *image_id)
+{
+        assert_origin_holds_tar_of(e, image_id, image_id);
 }
 
 static int run_gc(struct env *e, const char *image_id, char *out, size_t size)
@@ -1493,6 +1508,158 @@ static void test_stages_leftovers_of_runs_that_never_resume(void **state)
         assert_pool_matches_rows(e);
 }
 
+static int run_gc_all(struct env *e, bool dry_run, char *out, size_t size)
+{
+        return run_cli(
+                e,
+                dry_run ? (const char *const[]){"gc", "--all-unreferenced", "--dry-run", NULL}
+                        : (const char *const[]){"gc", "--all-unreferenced", NULL},
+                out, size);
+}
+
+/* Unpack @image_id, then drop its image row: its origin is left unreferenced. */
+static long unreferenced_origin(struct env *e, const char *image_id)
+{
+        struct stage_result res;
+        char json[1024];
+        long id;
+
+        make_rootfs_tar(image_id, "");
+        unpack_json(image_id, json, sizeof(json));
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        stage_result_done(&res);
+        id = scalar(e->db, "SELECT device_id FROM unpacked_images WHERE image_id = '%s'", image_id);
+        assert_int_equal(db_exec(e->db, NULL, "DELETE FROM unpacked_images WHERE image_id = $1", 1,
+                                 (const char *const[]){image_id}),
+                         0);
+        return id;
+}
+
+/*
+ * gc --all-unreferenced in a child of ours (crash and stop points work there), stopped at
+ * @stop_at until the caller lets it go on (SIGCONT).
+ */
+static pid_t gc_all_child(struct env *e, const char *stop_at)
+{
+        pid_t pid;
+
+        (void)fflush(NULL);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                char *argv[] = {(char *)"gc", (char *)"--all-unreferenced", NULL};
+
+                setenv("FIM_STOP_AT", stop_at, 1);
+                setenv("DATABASE_URL", e->url, 1);
+                setenv("LOCAL_DIR", LOCAL, 1);
+                setenv("POOL_NAME", POOL, 1);
+                setenv("HOST_ID", "vm-host", 1);
+                (void)freopen("/dev/null", "w", stdout);
+                _exit(cmd_gc(2, argv));
+        }
+        return pid;
+}
+
+static void wait_stopped(pid_t pid)
+{
+        int status;
+
+        assert_int_equal(waitpid(pid, &status, WUNTRACED), pid);
+        if (!WIFSTOPPED(status))
+                fail_msg("child did not stop (status %d)", status);
+}
+
+/*
+ * gc --all-unreferenced removes an origin no image maps to, the half-made device of a failed
+ * run and a tarball no image row knows (--dry-run only says so), and leaves an image in use
+ * alone. An image that comes to share an unreferenced origin while gc is between choosing it
+ * and removing it keeps it: gc checks again, under the lock unpack maps images under. And
+ * an unpack that saw the origin before gc removed it makes its own instead of mapping to it.
+ */
+static void test_stages_gc_all_unreferenced(void **state)
+{
+        struct env *e = *state;
+        struct stage_result act, res;
+        char json[1024], out[4096], buf[32];
+        long used, orphan, lonely;
+        pid_t gc, unpack;
+
+        make_rootfs_tar("used", "");
+        used = unpack_and_activate(e, "used", &act);
+        stage_result_done(&act);
+        orphan = unreferenced_origin(e, "orphan");
+        make_rootfs_tar("failed", "");
+        unpack_json("failed", json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "unpack.after_create_thin");
+        assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET status = 'failed',"
+                                               " lease_owner = NULL WHERE status = 'running'"),
+                         0);
+        sh("head -c 1000 /dev/urandom > " LOCAL "/stray.tar");
+
+        if (run_gc_all(e, true, out, sizeof(out)) < 0)
+                fail_msg("gc --dry-run: %s", err_last());
+        (void)snprintf(buf, sizeof(buf), "thin id %ld ", orphan);
+        if (!strstr(out, "would remove unreferenced origin") || !strstr(out, buf) ||
+            !strstr(out, "stray.tar") || !strstr(out, "left creating"))
+                fail_msg("gc --dry-run output: %s", out);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 4);
+        assert_int_equal(access(LOCAL "/stray.tar", F_OK), 0);
+
+        if (run_gc_all(e, false, out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 2);
+        assert_int_equal(
+                scalar(e->db, "SELECT count(*) FROM thin_devices WHERE device_id = %ld", used), 1);
+        assert_int_equal(access(LOCAL "/stray.tar", F_OK), -1);
+        assert_int_equal(access("/dev/mapper/snapshot-used", F_OK), 0);
+        assert_pool_matches_rows(e);
+
+        /* An image maps to the origin between gc's choice and its removal. */
+        lonely = unreferenced_origin(e, "lonely");
+        sh("cp " LOCAL "/lonely.tar " LOCAL "/twin.tar");
+        gc = gc_all_child(e, "gc.after_select");
+        wait_stopped(gc);
+        unpack_json("twin", json, sizeof(json));
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        assert_int_equal(strtol(field(res.response, "device_id", buf, sizeof(buf)), NULL, 10),
+                         lonely);
+        stage_result_done(&res);
+        assert_int_equal(kill(gc, SIGCONT), 0);
+        wait_ok(gc, "gc --all-unreferenced");
+        assert_int_equal(scalar(e->db, "SELECT device_id FROM unpacked_images WHERE"
+                                       " image_id = 'twin'"),
+                         lonely);
+        assert_origin_holds_tar_of(e, "twin", "lonely");
+        assert_pool_matches_rows(e);
+
+        /*
+         * An unpack looked the origin up before gc removed it: it must not map to it. Its
+         * tarball has an image row, or gc would take it too.
+         */
+        lonely = unreferenced_origin(e, "lonely-2");
+        sh("cp " LOCAL "/lonely-2.tar " LOCAL "/twin-2.tar");
+        assert_int_equal(db_exec_script(e->db, "INSERT INTO images (host_id, image_id, bucket,"
+                                               " s3_key) VALUES ('vm-host', 'twin-2', 'b', 'k')"),
+                         0);
+        unpack_json("twin-2", json, sizeof(json));
+        setenv("FIM_STOP_AT", "unpack.share.after_lookup", 1);
+        /* A lease that outlasts the stop: the run must go on, not be taken over. */
+        unpack = stage_child_lease(e, STAGE_UNPACK, json, 600000);
+        unsetenv("FIM_STOP_AT");
+        wait_stopped(unpack);
+        if (run_gc_all(e, false, out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_int_equal(
+                scalar(e->db, "SELECT count(*) FROM thin_devices WHERE device_id = %ld", lonely),
+                0);
+        assert_int_equal(kill(unpack, SIGCONT), 0);
+        wait_ok(unpack, "unpack of content whose origin gc removed");
+        assert_origin_holds_tar_of(e, "twin-2", "lonely-2");
+        assert_pool_matches_rows(e);
+}
+
 /* Whether @name matches one of the comma-separated fnmatch patterns of @filter. */
 static bool filter_matches(const char *filter, const char *name)
 {
@@ -1548,6 +1715,7 @@ int main(void)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_leftovers_of_runs_that_never_resume,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(test_stages_gc_all_unreferenced, setup, teardown),
         };
         const char *filter = getenv("FIM_TEST_FILTER");
         size_t n = 0;
