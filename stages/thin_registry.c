@@ -344,6 +344,43 @@ int thin_registry_destroy_unused_origin(struct db *db, const char *host, const c
         return thin_registry_destroy_from(db, host, pool, id, c.was_ready ? "ready" : NULL);
 }
 
+int thin_registry_pools(struct db *db, const char *host, const char *also, char ***ret_pools)
+{
+        PGresult *res = NULL;
+        char **pools = NULL;
+        int n, r;
+
+        r = db_exec(db, &res,
+                    "SELECT pool_name FROM thin_devices WHERE host_id = $1 UNION"
+                    " SELECT $2::text ORDER BY 1",
+                    2, (const char *const[]){host, also});
+        if (r < 0)
+                return r;
+        n = PQntuples(res);
+        pools = calloc((size_t)n + 1, sizeof(*pools));
+        for (int i = 0; pools && i < n; i++) {
+                pools[i] = strdup(db_get(res, i, 0));
+                if (!pools[i]) {
+                        thin_registry_pools_free(pools);
+                        pools = NULL;
+                }
+        }
+        PQclear(res);
+        if (!pools)
+                return err_set(-ENOMEM, "out of memory");
+        *ret_pools = pools;
+        return n;
+}
+
+void thin_registry_pools_free(char **pools)
+{
+        if (!pools)
+                return;
+        for (char **p = pools; *p; p++)
+                free(*p);
+        free(pools);
+}
+
 static void thin_reconcile_report(thin_reconcile_fn cb, void *userdata,
                                   enum thin_reconcile_finding what, uint32_t id, const char *fmt,
                                   ...) __attribute__((format(printf, 5, 6)));

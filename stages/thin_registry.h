@@ -81,6 +81,14 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
 int thin_registry_destroy_unused_origin(struct db *db, const char *host, const char *pool,
                                         uint32_t id, const char *except_image);
 
+/*
+ * The pools this host has rows in, plus @also (POOL_NAME), sorted and without duplicates: a
+ * request may name any pool. Returns how many, with @ret_pools a NULL-terminated array owned
+ * by the caller (thin_registry_pools_free()), or a negative errno.
+ */
+int thin_registry_pools(struct db *db, const char *host, const char *also, char ***ret_pools);
+void thin_registry_pools_free(char **pools);
+
 /* What reconciliation found about one id. */
 enum thin_reconcile_finding {
         THIN_RECONCILE_REMOVED_HALF_MADE, /* 'creating' row of a dead or failed run: undone */

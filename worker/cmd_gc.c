@@ -176,6 +176,25 @@ static void gc_report(enum thin_reconcile_finding what, uint32_t id, const char 
         printf("reconcile: %s\n", detail);
 }
 
+/* Half-made devices of failed runs and interrupted deletes, in every pool of this host. */
+static int gc_reconcile(struct gc *g)
+{
+        char **pools = NULL;
+        int r;
+
+        r = thin_registry_pools(g->db, g->cfg->host_id, g->cfg->pool_name, &pools);
+        if (r < 0)
+                return r;
+        for (char **p = pools; *p && r >= 0; p++) {
+                r = thin_registry_reconcile(g->db, g->cfg->host_id, *p, !g->dry_run, gc_report,
+                                            NULL);
+                if (r < 0)
+                        r = err_wrap(r, "failed to reconcile pool '%s'", *p);
+        }
+        thin_registry_pools_free(pools);
+        return r < 0 ? r : 0;
+}
+
 static int gc_unreferenced(struct gc *g)
 {
         const char *host = g->cfg->host_id;
@@ -201,9 +220,9 @@ static int gc_unreferenced(struct gc *g)
         PQclear(res);
         if (r < 0)
                 return r;
-        r = thin_registry_reconcile(g->db, host, g->cfg->pool_name, !g->dry_run, gc_report, NULL);
+        r = gc_reconcile(g);
         if (r < 0)
-                return err_wrap(r, "failed to reconcile pool '%s'", g->cfg->pool_name);
+                return r;
 
         /* Tarballs in LOCAL_DIR that no image row knows. */
         d = opendir(g->cfg->local_dir);

@@ -48,6 +48,7 @@
 #include "stages/thin_registry.h"
 #include "worker/commands.h"
 #include "worker/lease.h"
+#include "worker/reconcile.h"
 #include "worker/stage.h"
 
 #define POOL "fimtestpool"
@@ -204,6 +205,22 @@ static int run_cli(struct env *e, const char *const *args, char *out, size_t siz
         return spawn_run(argv, out, size);
 }
 
+/* verify-system without the checks of services the VM cannot reach. */
+static int run_verify(struct env *e, char *out, size_t size)
+{
+        return run_cli(e, (const char *const[]){"verify-system", "--skip", "s3,kafka,disk", NULL},
+                       out, size);
+}
+
+/* Whether verify-system's @out has a line of @status for @check whose detail starts so. */
+static bool has_line(const char *out, const char *status, const char *check, const char *detail)
+{
+        char want[256];
+
+        (void)snprintf(want, sizeof(want), "%-4s  %-14s %s", status, check, detail);
+        return strstr(out, want) != NULL;
+}
+
 /* The "kernel" field list-snapshots --json gives snapshot @name ("" when it is not listed). */
 static const char *kernel_state(struct env *e, const char *name, char *buf, size_t size)
 {
@@ -281,64 +298,100 @@ static void dm_names(char *buf, size_t size)
         sh_out("dmsetup ls | awk '$1 != \"No\" {print $1}' | sort", buf, size);
 }
 
+/* Whether @name is one of the newline-terminated lines of @lines. */
+static bool lines_contain(const char *lines, const char *name)
+{
+        size_t n = strlen(name);
+
+        for (const char *p = lines; *p; p += strcspn(p, "\n") + 1) {
+                if (strncmp(p, name, n) == 0 && p[n] == '\n')
+                        return true;
+                if (!strchr(p, '\n'))
+                        break;
+        }
+        return false;
+}
+
 /*
- * The pool's ids must be exactly the rows' ids, and device-mapper must hold exactly the
- * devices the rows say are active, each under its recorded name, live and not suspended:
- * nothing leaked, nothing lost, no orphan or half-made device.
+ * @pool's ids must be exactly its rows' ids, and device-mapper must hold exactly the devices
+ * the rows say are active on it, each under its recorded name, live and not suspended. The
+ * names found are appended to @listed, one per line.
  */
-static void assert_pool_matches_rows(struct env *e)
+static void assert_one_pool_matches_rows(struct env *e, const char *pool, char *listed, size_t size)
 {
         struct thin_pool_active_thin *devs = NULL;
         uint32_t *ids = NULL;
         size_t n = 0, ndevs = 0;
-        char names[8192];
 
-        assert_int_equal(thin_pool_metadata_thin_ids(POOL, &ids, &n), 0);
-        assert_int_equal((long)n, scalar(e->db, "SELECT count(*) FROM thin_devices"));
+        assert_int_equal(thin_pool_metadata_thin_ids(pool, &ids, &n), 0);
+        assert_int_equal(
+                (long)n,
+                scalar(e->db, "SELECT count(*) FROM thin_devices WHERE pool_name = '%s'", pool));
         for (size_t i = 0; i < n; i++)
                 assert_int_equal(
                         scalar(e->db,
                                "SELECT count(*) FROM thin_devices WHERE device_id = %" PRIu32
-                               " AND state = 'ready'",
-                               ids[i]),
+                               " AND state = 'ready' AND pool_name = '%s'",
+                               ids[i], pool),
                         1);
         free(ids);
 
-        assert_int_equal(thin_pool_list_thin_ids(POOL, &devs, &ndevs), 0);
+        assert_int_equal(thin_pool_list_thin_ids(pool, &devs, &ndevs), 0);
         for (size_t i = 0; i < ndevs; i++) {
+                size_t len = strlen(listed);
+
                 if (devs[i].suspended)
                         fail_msg("device '%s' is left suspended", devs[i].name);
                 if (scalar(e->db,
                            "SELECT count(*) FROM thin_devices d WHERE device_id = %" PRIu32
-                           " AND state = 'ready' AND ((kind = 'origin' AND"
+                           " AND state = 'ready' AND pool_name = '%s' AND ((kind = 'origin' AND"
                            " 'thin-' || device_id = '%s') OR (kind = 'snapshot' AND EXISTS"
                            " (SELECT 1 FROM snapshots s WHERE s.device_id = d.device_id AND"
                            " s.snapshot_name = '%s' AND s.state = 'active')))",
-                           devs[i].dev_id, devs[i].name, devs[i].name) != 1)
+                           devs[i].dev_id, pool, devs[i].name, devs[i].name) != 1)
                         fail_msg("device '%s' (thin id %" PRIu32 ") is not what the rows record",
                                  devs[i].name, devs[i].dev_id);
+                (void)snprintf(listed + len, size - len, "%s\n", devs[i].name);
         }
         assert_int_equal((long)ndevs,
-                         scalar(e->db, "SELECT (SELECT count(*) FROM thin_devices WHERE"
-                                       " kind = 'origin' AND state = 'ready') + (SELECT count(*)"
-                                       " FROM snapshots WHERE state = 'active')"));
+                         scalar(e->db,
+                                "SELECT (SELECT count(*) FROM thin_devices WHERE"
+                                " kind = 'origin' AND state = 'ready' AND pool_name = '%s') +"
+                                " (SELECT count(*) FROM snapshots WHERE state = 'active' AND"
+                                " pool_name = '%s')",
+                                pool, pool));
+        free(devs);
+}
 
-        /* A device of our naming that is not a live thin device of the pool is an orphan. */
+/*
+ * Every pool (POOL and any other the rows name) must match its rows, and no device of our
+ * naming may exist that is not a live thin device the rows record: nothing leaked, nothing
+ * lost, no orphan or half-made device.
+ */
+static void assert_pool_matches_rows(struct env *e)
+{
+        char listed[8192] = "", names[8192];
+        PGresult *res = NULL;
+
+        assert_int_equal(db_exec(e->db, &res,
+                                 "SELECT pool_name FROM thin_devices UNION SELECT '" POOL "'"
+                                 " ORDER BY 1",
+                                 0, NULL),
+                         0);
+        for (int i = 0; i < PQntuples(res); i++)
+                assert_one_pool_matches_rows(e, db_get(res, i, 0), listed, sizeof(listed));
+        PQclear(res);
+
         dm_names(names, sizeof(names));
         for (char *line = names, *end; *line; line = end) {
-                bool listed = false;
-
                 end = line + strcspn(line, "\n");
                 if (*end)
                         *end++ = '\0';
                 if (strncmp(line, "thin-", 5) != 0 && strncmp(line, "snapshot-", 9) != 0)
                         continue;
-                for (size_t i = 0; i < ndevs && !listed; i++)
-                        listed = strcmp(devs[i].name, line) == 0;
-                if (!listed)
+                if (!lines_contain(listed, line))
                         fail_msg("orphan device-mapper device '%s'", line);
         }
-        free(devs);
 }
 
 /* What a failed unpack must leave as it was: the pool's ids and every dm device. */
@@ -1660,6 +1713,74 @@ static void test_stages_gc_all_unreferenced(void **state)
         assert_pool_matches_rows(e);
 }
 
+#define OTHER_POOL "fimotherpool"
+#define OTHER_POOL_DIR POOL_DIR "-other"
+
+/* Make the half-made device of a failed unpack run of @image_id in the configured pool. */
+static void half_made_device(struct env *e, const char *image_id)
+{
+        char json[1024];
+
+        make_rootfs_tar(image_id, "");
+        unpack_json(image_id, json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "unpack.after_create_thin");
+        assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET status = 'failed',"
+                                               " lease_owner = NULL WHERE status = 'running'"),
+                         0);
+}
+
+/*
+ * Requests may name another pool than POOL_NAME: the worker's start (reconcile_at_start),
+ * verify-system and gc --all-unreferenced cover every pool this host has rows in.
+ */
+static void test_stages_every_pool_is_reconciled(void **state)
+{
+        struct env *e = *state;
+        struct pool_setup_opts o = POOL_SETUP_OPTS_INIT;
+        struct stage_result act;
+        char out[4096], origin[32];
+
+        o.name = OTHER_POOL;
+        o.dir = OTHER_POOL_DIR;
+        o.data_size = 512ULL << 20;
+        assert_true(pool_setup_create(&o, NULL) >= 0);
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", OTHER_POOL, CONFIG_SOURCE_FLAG), 0);
+        make_rootfs_tar("elsewhere", "");
+        thin_registry_origin_name(unpack_and_activate(e, "elsewhere", &act), origin,
+                                  sizeof(origin));
+        stage_result_done(&act);
+        half_made_device(e, "elsewhere-half-1");
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", POOL, CONFIG_SOURCE_FLAG), 0);
+
+        if (run_verify(e, out, sizeof(out)) == 0)
+                fail_msg("verify-system passed with a half-made device in '" OTHER_POOL "': %s",
+                         out);
+        if (!has_line(out, "FAIL", "thin-ids", "pool '" OTHER_POOL "'") ||
+            !has_line(out, "PASS", "thin-ids", "pool '" POOL "'"))
+                fail_msg("verify-system output: %s", out);
+        if (run_gc_all(e, false, out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 2);
+        assert_pool_matches_rows(e);
+
+        /* Another half-made device there, then a reboot: the worker's start repairs both. */
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", OTHER_POOL, CONFIG_SOURCE_FLAG), 0);
+        half_made_device(e, "elsewhere-half-2");
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", POOL, CONFIG_SOURCE_FLAG), 0);
+        assert_int_equal(thin_pool_deactivate("snapshot-elsewhere", NULL), 0);
+        assert_int_equal(thin_pool_deactivate(origin, NULL), 0);
+        assert_int_equal(reconcile_at_start(&e->cfg, e->db), 0);
+        assert_int_equal(access("/dev/mapper/snapshot-elsewhere", F_OK), 0);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 2);
+        assert_pool_matches_rows(e);
+        if (run_verify(e, out, sizeof(out)) < 0)
+                fail_msg("verify-system: %s", err_last());
+
+        if (run_gc(e, "elsewhere", out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_true(pool_setup_teardown(OTHER_POOL, OTHER_POOL_DIR, true, NULL) >= 0);
+}
+
 /* Whether @name matches one of the comma-separated fnmatch patterns of @filter. */
 static bool filter_matches(const char *filter, const char *name)
 {
@@ -1716,6 +1837,8 @@ int main(void)
                 cmocka_unit_test_setup_teardown(test_stages_leftovers_of_runs_that_never_resume,
                                                 setup, teardown),
                 cmocka_unit_test_setup_teardown(test_stages_gc_all_unreferenced, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_stages_every_pool_is_reconciled, setup,
+                                                teardown),
         };
         const char *filter = getenv("FIM_TEST_FILTER");
         size_t n = 0;
