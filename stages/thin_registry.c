@@ -699,6 +699,42 @@ out:
         return r;
 }
 
+int thin_registry_stalled(struct db *db, const char *host, const char *pool, int older_than_s,
+                          thin_reconcile_fn cb, void *userdata)
+{
+        char secs[16];
+        PGresult *rows = NULL;
+        int n;
+        int r;
+
+        (void)snprintf(secs, sizeof(secs), "%d", older_than_s);
+        r = db_exec(db, &rows,
+                    "SELECT d.device_id, d.run_id, r.fsm, coalesce(r.request->>'image_id', ''),"
+                    " date_trunc('second', now() - coalesce(r.lease_until, r.updated_at))::text"
+                    " FROM thin_devices d JOIN fsm_runs r ON r.run_id = d.run_id"
+                    " WHERE d.host_id = $1 AND d.pool_name = $2 AND d.state = 'creating' AND"
+                    " r.status IN ('pending', 'running') AND coalesce(r.lease_until,"
+                    " r.updated_at) < now() - $3::int * interval '1 second'"
+                    " ORDER BY d.device_id",
+                    3, (const char *const[]){host, pool, secs});
+        if (r < 0)
+                return r;
+        n = PQntuples(rows);
+        for (int i = 0; i < n; i++) {
+                uint32_t id = (uint32_t)db_get_i64(rows, i, 0);
+                const char *image = db_get(rows, i, 3);
+
+                thin_reconcile_report(
+                        cb, userdata, THIN_RECONCILE_STALLED, id,
+                        "thin id %" PRIu32
+                        " is held by %s run %s of image '%s', whose lease expired %s ago (more than UNPACK_TIMEOUT) and which has not come back: its message is probably lost; to finish the run, send image '%s' through 'flyio-image-manager process-image' again (same image id and pool)",
+                        id, db_get(rows, i, 2), db_get(rows, i, 1), image, db_get(rows, i, 4),
+                        image);
+        }
+        PQclear(rows);
+        return n;
+}
+
 int thin_registry_reactivate(struct db *db, const char *host, const char *pool,
                              thin_reconcile_fn cb, void *userdata)
 {

@@ -97,6 +97,7 @@ enum thin_reconcile_finding {
         THIN_RECONCILE_MISSING_IN_POOL,   /* 'ready' row whose id the pool does not have */
         THIN_RECONCILE_IN_PROGRESS,       /* 'creating' row of a resumable run: left alone */
         THIN_RECONCILE_RESUMED_SUSPENDED, /* devices a killed create_snap left suspended */
+        THIN_RECONCILE_STALLED,           /* a run that can resume has not, for too long */
 };
 
 typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id, const char *detail,
@@ -115,6 +116,16 @@ typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id,
  */
 int thin_registry_reconcile(struct db *db, const char *host, const char *pool, bool repair,
                             thin_reconcile_fn cb, void *userdata);
+
+/*
+ * The 'creating' rows of (@host, @pool) whose run could still resume but has not come back
+ * for more than @older_than_s seconds after its lease expired: its message was probably lost,
+ * and its half-made device stays until somebody finishes the run (reconciliation leaves it
+ * alone). @cb hears each (THIN_RECONCILE_STALLED), told what to do. Returns how many, or a
+ * negative errno.
+ */
+int thin_registry_stalled(struct db *db, const char *host, const char *pool, int older_than_s,
+                          thin_reconcile_fn cb, void *userdata);
 
 /*
  * Bring the kernel back in line with the rows after a reboot: activate every ready origin as

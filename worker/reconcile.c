@@ -15,6 +15,9 @@ static void reconcile_log(enum thin_reconcile_finding what, uint32_t id, const c
         if (what == THIN_RECONCILE_IN_PROGRESS)
                 log_info("reconcile", "pool=%s thin_id=%" PRIu32 " detail=%s", log_quote(pool), id,
                          log_quote(detail));
+        else if (what == THIN_RECONCILE_STALLED)
+                log_warning("reconcile", "pool=%s thin_id=%" PRIu32 " detail=%s", log_quote(pool),
+                            id, log_quote(detail));
         else
                 log_notice("reconcile", "pool=%s thin_id=%" PRIu32 " detail=%s", log_quote(pool),
                            id, log_quote(detail));
@@ -31,6 +34,10 @@ static int reconcile_pool(const struct config *cfg, struct db *db, const char *p
         if (r > 0)
                 log_warning("thin pool and database disagree; see the reconcile lines above",
                             "pool=%s problems=%d", log_quote(pool), r);
+        r = thin_registry_stalled(db, cfg->host_id, pool, cfg->unpack_timeout, reconcile_log,
+                                  (void *)pool);
+        if (r < 0)
+                log_warning_errno(r, "failed to look for stalled runs", "pool=%s", log_quote(pool));
         r = thin_registry_reactivate(db, cfg->host_id, pool, reconcile_log, (void *)pool);
         if (r < 0)
                 return log_warning_errno(r, "failed to re-activate devices", "pool=%s",

@@ -11,8 +11,8 @@ struct db;
 
 /*
  * Reconcile every pool this host has thin device rows in, and POOL_NAME (requests may name
- * any pool), and re-activate their devices. A pool that cannot be read does not stop the
- * others. Returns 0, or the first negative errno
+ * any pool), re-activate their devices and report runs stalled longer than UNPACK_TIMEOUT.
+ * A pool that cannot be read does not stop the others. Returns 0, or the first negative errno
  * (the caller decides whether to start anyway).
  */
 int reconcile_at_start(const struct config *cfg, struct db *db);

@@ -1,7 +1,8 @@
 /*
  * verify-system: the device-mapper control node, the thin pool POOL_NAME and its health,
- * and whether every pool this host has rows in and PostgreSQL agree on the thin ids
- * (reconciliation, report only).
+ * whether every pool this host has rows in and PostgreSQL agree on the thin ids
+ * (reconciliation, report only), and runs that hold a half-made device and have been gone for
+ * longer than UNPACK_TIMEOUT.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -59,6 +60,38 @@ static void verify_thin_ids_of(struct verify_report *rep, struct db *db, const s
                         pool, r, r == 1 ? "" : "s");
 }
 
+/*
+ * A 'creating' row of a run that can still resume is not a problem while its message may come
+ * back; one that has not for longer than UNPACK_TIMEOUT after its lease expired is.
+ */
+static void verify_stalled(struct verify_report *rep, struct db *db, const struct config *cfg,
+                           char **pools)
+{
+        int total = 0, shown = 0;
+
+        for (char **p = pools; *p; p++) {
+                struct verify_reconcile v = {rep, "stalled-runs", *p, shown};
+                int r = thin_registry_stalled(db, cfg->host_id, *p, cfg->unpack_timeout,
+                                              verify_reconcile_finding, &v);
+
+                if (r < 0) {
+                        verify_report_add(rep, "stalled-runs", false,
+                                          "pool '%s': could not look for stalled runs: %s", *p,
+                                          err_text(r));
+                        return;
+                }
+                total += r;
+                shown = v.shown;
+        }
+        if (total == 0)
+                verify_report_add(
+                        rep, "stalled-runs", true,
+                        "no half-made device is held by a run gone for longer than UNPACK_TIMEOUT (%d s)",
+                        cfg->unpack_timeout);
+        else if (total > VERIFY_SHOWN_MAX)
+                verify_report_add(rep, "stalled-runs", false, "%d stalled runs in all", total);
+}
+
 /* Every pool this host has rows in, and POOL_NAME: requests may name any pool. */
 static void verify_thin_ids(struct verify_report *rep, const struct config *cfg)
 {
@@ -79,6 +112,7 @@ static void verify_thin_ids(struct verify_report *rep, const struct config *cfg)
         }
         for (char **p = pools; *p; p++)
                 verify_thin_ids_of(rep, db, cfg, *p);
+        verify_stalled(rep, db, cfg, pools);
 out:
         thin_registry_pools_free(pools);
         db_free(db);

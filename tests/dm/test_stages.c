@@ -832,7 +832,7 @@ static void test_stages_crash_during_delete(void **state)
 
 /* Reconciliation findings by kind, and their text. */
 struct findings {
-        int count[THIN_RECONCILE_RESUMED_SUSPENDED + 1];
+        int count[THIN_RECONCILE_STALLED + 1];
         char text[4096];
 };
 
@@ -1014,7 +1014,7 @@ static void test_stages_resumable_run_survives_reconciliation(void **state)
         struct env *e = *state;
         struct stage_result res;
         struct findings f = {0};
-        char json[1024], dev[16];
+        char json[1024], dev[16], out[4096];
         long id;
 
         make_rootfs_tar("late", MANY_FILES);
@@ -1031,11 +1031,25 @@ static void test_stages_resumable_run_survives_reconciliation(void **state)
         assert_int_equal(
                 scalar(e->db, "SELECT count(*) FROM thin_devices WHERE device_id = %ld", id), 1);
 
+        /*
+         * verify-system calls a run that has not come back for longer than UNPACK_TIMEOUT
+         * after its lease expired a problem, and says how to finish it.
+         */
+        if (run_verify(e, out, sizeof(out)) == 0)
+                fail_msg("verify-system passed with a stalled run: %s", out);
+        if (!has_line(out, "FAIL", "stalled-runs", "") || !strstr(out, "process-image") ||
+            !strstr(out, "'late'"))
+                fail_msg("verify-system output: %s", out);
+
         resume_until_done(e, STAGE_UNPACK, json, &res);
         assert_int_equal(strtol(field(res.response, "device_id", dev, sizeof(dev)), NULL, 10), id);
         stage_result_done(&res);
         assert_origin_holds(e, "late");
         assert_pool_matches_rows(e);
+        if (run_verify(e, out, sizeof(out)) < 0)
+                fail_msg("verify-system: %s", err_last());
+        if (!has_line(out, "PASS", "stalled-runs", ""))
+                fail_msg("verify-system output: %s", out);
 }
 
 /*
