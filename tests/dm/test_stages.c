@@ -7,10 +7,14 @@
  * corrupt tarballs that leave the pool and device-mapper as they were, a pool above its
  * high-water mark, a pool that runs out of space, SIGKILL during unpack and activate and at
  * each crash point (between intent and result, inside the dm create and create_snap
- * sequences) with resume, runs resumed after their device vanished, reconciliation (of
- * half-made devices, unknown ids, resumable runs, suspended origins, and racing with
- * deletes and with other processes), id allocation by several processes, gc (also of a
- * snapshot in use), and an unpack mount that must not propagate to a peer of a shared /run.
+ * sequences) with resume, runs resumed after their device vanished, and runs killed there
+ * that never resume (aborted, out of attempts, killed after recording their failure),
+ * reconciliation (of half-made devices, unknown ids, resumable runs, suspended origins, every
+ * pool the rows name, and racing with deletes and with other processes), a snapshot id the
+ * pool has but the database does not, verify-system on a stalled run and a second pool, id
+ * allocation by several processes, list-snapshots' kernel view, gc (also of a snapshot in
+ * use; --all-unreferenced, also racing with unpacks that share an origin), and an unpack
+ * mount that must not propagate to a peer of a shared /run.
  *
  * After each step the pool, the rows and device-mapper must agree exactly: no leaked id, no
  * orphan device (assert_pool_matches_rows).
