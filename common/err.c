@@ -62,6 +62,12 @@ void err_clear(void)
 bool err_is_transient(int r)
 {
         switch (-r) {
+        /*
+         * An I/O error (a disk, a device or a transfer that failed) may pass, and the run's
+         * attempts bound the retries; what it touched is kept for the retry (a half-made
+         * device, a partial download) and given back only when the run fails for good.
+         */
+        case EIO:
         case EAGAIN:
         case EINTR:
         case ETIMEDOUT:

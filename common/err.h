@@ -36,8 +36,8 @@ void err_clear(void);
 
 /*
  * Whether a failure with this negative errno is worth retrying: network trouble, timeouts,
- * busy devices and server-side overload are; bad input, missing objects and refused access
- * are not.
+ * I/O errors (-EIO), busy devices and server-side overload are; bad input, missing objects,
+ * full disks and refused access are not.
  */
 bool err_is_transient(int r);
 

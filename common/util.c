@@ -234,8 +234,11 @@ void util_escape_bytes(const void *data, size_t len, char *out, size_t size)
 void util_crash_point(const char *point)
 {
         const char *want = getenv("FIM_CRASH_AT");
+        const char *stop = getenv("FIM_STOP_AT");
 
         if (want && strcmp(want, point) == 0)
                 (void)kill(getpid(), SIGKILL);
+        if (stop && strcmp(stop, point) == 0)
+                (void)kill(getpid(), SIGSTOP);
 }
 #endif

@@ -30,7 +30,9 @@ _Noreturn void util_assert_failed(const char *expr, const char *file, int line, 
 /*
  * Crash points for recovery tests: in test builds (FIM_UNIT_TEST), when the environment
  * variable FIM_CRASH_AT equals @point, the process kills itself with SIGKILL right there, as a
- * power cut or an OOM kill would. In production builds this compiles to nothing.
+ * power cut or an OOM kill would. When FIM_STOP_AT equals @point it stops itself with SIGSTOP
+ * instead, so that a test can act inside that window and then let it go on (SIGCONT). In
+ * production builds this compiles to nothing.
  */
 #ifdef FIM_UNIT_TEST
 void util_crash_point(const char *point);

@@ -229,9 +229,40 @@ static int activate_find_snapshot(struct fsm_run *run, struct activate_job *job,
         return 1;
 }
 
+struct activate_reserve {
+        struct activate_job *job;
+        const char *run_id;
+};
+
+/* Our rows of an id the pool has but nobody recorded: keep the id, as 'unknown'. */
+static int activate_reserve_tx(struct db *db, void *userdata)
+{
+        const struct activate_reserve *c = userdata;
+        const struct activate_job *job = c->job;
+        char idbuf[16];
+        const char *params[4] = {activate_host(job), job->pool, idbuf, c->run_id};
+        int r;
+
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, job->snap_id);
+        r = db_exec(db, NULL,
+                    "DELETE FROM snapshots WHERE host_id = $1 AND pool_name = $2 AND"
+                    " device_id = $3 AND run_id = $4",
+                    4, params);
+        if (r < 0)
+                return r;
+        return db_exec(
+                db, NULL,
+                "UPDATE thin_devices SET kind = 'unknown', state = 'ready', origin_id = NULL,"
+                " run_id = NULL, updated_at = now() WHERE host_id = $1 AND pool_name = $2"
+                " AND device_id = $3 AND run_id = $4 AND kind = 'snapshot'",
+                4, params);
+}
+
 /*
  * Allocate the snapshot's id and rows (unless @resumed: they are ours from before a crash)
- * and send create_snap. A resumed id the pool already has was made before the crash.
+ * and send create_snap. A resumed id the pool already has was made before the crash; a fresh
+ * one it has is somebody else's (an operator's, made since reconciliation last looked): it is
+ * reserved, never deleted, and the step is retried with another id, as unpack does.
  */
 static int activate_make_snapshot(struct fsm_run *run, struct activate_job *job, bool resumed)
 {
@@ -250,6 +281,22 @@ static int activate_make_snapshot(struct fsm_run *run, struct activate_job *job,
         util_crash_point("activate.after_create_snap");
         if (r == -EEXIST && resumed)
                 return 0; /* made before a crash */
+        if (r == -EEXIST) {
+                struct activate_reserve c = {job, fsm_run_id(run)};
+
+                r = db_tx(fsm_run_db(run), activate_reserve_tx, &c);
+                if (r < 0)
+                        return err_wrap(r,
+                                        "failed to reserve thin id %" PRIu32
+                                        ", which pool '%s' has but the database does not",
+                                        job->snap_id, job->pool);
+                job->have_snap = false;
+                return err_set(
+                        -EAGAIN,
+                        "thin id %" PRIu32
+                        " already exists in pool '%s' but not in the database; reserved it, will retry with another id",
+                        job->snap_id, job->pool);
+        }
         if (r < 0)
                 return err_wrap(
                         r, "failed to snapshot thin device %" PRIu32 " as %" PRIu32 " in pool '%s'",
@@ -344,23 +391,24 @@ static int activate_record_commit(struct fsm_run *run, struct db *db, void *user
                                              fsm_run_id(run)});
 }
 
-static int activate_on_failure(struct fsm_run *run, struct db *db, void *userdata)
+/* Once the failure is committed (see unpack_after_failure): the half-made snapshot goes. */
+static void activate_after_failure(struct fsm_run *run, void *userdata)
 {
         struct activate_job *job = userdata;
+        struct db *db = fsm_run_db(run);
         struct thin_row row;
         int r;
 
         r = thin_registry_find_by_run(db, activate_host(job), job->pool, "snapshot",
                                       fsm_run_id(run), &row);
-        if (r > 0 && strcmp(row.state, "ready") != 0) {
+        if (r == 0 || (r > 0 && strcmp(row.state, "ready") == 0))
+                return;
+        if (r > 0)
                 r = thin_registry_destroy(db, activate_host(job), job->pool, row.device_id);
-                if (r < 0)
-                        log_warning_errno(
-                                r,
-                                "failed to remove a half-made snapshot, reconciliation will retry",
-                                "device_id=%" PRIu32, row.device_id);
-        }
-        return 0;
+        if (r < 0)
+                log_warning_errno(
+                        r, "failed to remove a half-made snapshot, reconciliation will retry",
+                        "pool=%s", log_quote(job->pool));
 }
 
 static const struct fsm_transition activate_transitions[] = {
@@ -374,7 +422,7 @@ static const struct fsm_def activate_fsm = {
         .name = "activate",
         .transitions = activate_transitions,
         .transition_count = ARRAY_SIZE(activate_transitions),
-        .on_failure = activate_on_failure,
+        .after_failure = activate_after_failure,
 };
 
 static int activate_handle(const struct stage_ctx *ctx, const char *request_json,

@@ -1293,6 +1293,25 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
         return r;
 }
 
+int thin_pool_remove_leftover(const char *pool_name, const char *name)
+{
+        int lock_fd = -1;
+        int r = thin_pool_check_name(pool_name);
+
+        if (r == 0)
+                r = thin_pool_check_name(name);
+        if (r < 0)
+                return r;
+        r = thin_pool_flock(pool_name, "dev", &lock_fd);
+        if (r < 0)
+                return r;
+        thin_pool_enter();
+        r = thin_pool_remove_tableless_locked(name);
+        thin_pool_leave();
+        thin_pool_funlock(lock_fd);
+        return r;
+}
+
 /* ---- deactivation ---- */
 
 /* "held by 'snap' (dm-4)" from sysfs holders, or "" when nothing is stacked on the device. */

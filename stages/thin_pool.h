@@ -231,6 +231,16 @@ int thin_pool_activate(const char *pool_name, uint32_t dev_id, const char *name,
                        uint64_t size_bytes, char **ret_path);
 
 /*
+ * Remove dm device @name if it exists without a live table: the leftover of a process killed
+ * inside thin_pool_activate() between creating the device and resuming it. One with an
+ * inactive (loaded, never resumed) thin table holds its thin id open in the pool, so that
+ * delete fails with -EBUSY until it is gone. Holds the pool's device lock, under which no live
+ * process is half-way through making @name. The caller must own @name. Returns 1 when one was
+ * removed, 0 when there was none (or it has a live table), or a negative errno.
+ */
+int thin_pool_remove_leftover(const char *pool_name, const char *name);
+
+/*
  * Remove dm device @name (a thin device or a pool), retrying while it is busy (@opts NULL:
  * THIN_POOL_REMOVE_OPTS_INIT). Returns 0 when removed, THIN_POOL_ALREADY when there was no such
  * device, THIN_POOL_DEFERRED when opts->deferred asked for a deferred remove and the kernel

@@ -179,19 +179,44 @@ static int thin_registry_deactivate_id(const char *pool, uint32_t id, bool check
         return r < 0 ? r : 0;
 }
 
-int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id)
+/*
+ * Remove what a process killed inside thin_pool_activate() left under the names our rows give
+ * @id: thin-<id>, and the name of any snapshot row of it. Such a device holds no live table;
+ * one with an inactive table keeps the id open in the pool, and delete would say EBUSY.
+ */
+static int thin_registry_remove_leftovers(struct db *db, const char *host, const char *pool,
+                                          uint32_t id)
+{
+        char name[THIN_POOL_NAME_MAX + 1], idbuf[16];
+        PGresult *res = NULL;
+        int r;
+
+        thin_registry_origin_name(id, name, sizeof(name));
+        r = thin_pool_remove_leftover(pool, name);
+        if (r < 0)
+                return r;
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
+        r = db_exec(db, &res,
+                    "SELECT snapshot_name FROM snapshots WHERE host_id = $1 AND pool_name = $2"
+                    " AND device_id = $3",
+                    3, (const char *const[]){host, pool, idbuf});
+        if (r < 0)
+                return r;
+        for (int i = 0; i < PQntuples(res) && r >= 0; i++)
+                r = thin_pool_remove_leftover(pool, db_get(res, i, 0));
+        PQclear(res);
+        return r < 0 ? r : 0;
+}
+
+/* thin_registry_destroy(); a deactivation that finds the device busy sets @restore back. */
+static int thin_registry_destroy_from(struct db *db, const char *host, const char *pool,
+                                      uint32_t id, const char *restore)
 {
         char idbuf[16];
         const char *params[3] = {host, pool, idbuf};
-        struct thin_row row;
-        bool restore;
         int r;
 
         (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, id);
-        r = thin_registry_get(db, host, pool, id, &row);
-        if (r < 0)
-                return r;
-        restore = r > 0 && strcmp(row.state, "deleting") != 0;
         /*
          * A device in use (a VM's root) is refused before the row says 'deleting': a row left
          * 'deleting' would make the next reconciliation delete it as soon as it is closed.
@@ -209,11 +234,13 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
                 char saved[ERR_MSG_MAX];
 
                 (void)snprintf(saved, sizeof(saved), "%s", err_last());
-                if (thin_registry_set_state(db, host, pool, id, row.state) < 0)
+                if (thin_registry_set_state(db, host, pool, id, restore) < 0)
                         log_debug("failed to restore a thin row's state",
-                                  "device_id=%" PRIu32 " state=%s", id, row.state);
+                                  "device_id=%" PRIu32 " state=%s", id, restore);
                 (void)err_set(r, "%s", saved);
         }
+        if (r == 0)
+                r = thin_registry_remove_leftovers(db, host, pool, id);
         if (r < 0)
                 return err_wrap(r, "failed to deactivate thin device %" PRIu32 " of pool '%s'", id,
                                 pool);
@@ -229,6 +256,129 @@ int thin_registry_destroy(struct db *db, const char *host, const char *pool, uin
                        " DELETE FROM thin_devices WHERE host_id = $1 AND pool_name = $2 AND"
                        " device_id = $3",
                        3, params);
+}
+
+int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id)
+{
+        struct thin_row row;
+        int r;
+
+        r = thin_registry_get(db, host, pool, id, &row);
+        if (r <= 0)
+                return r; /* no row: gone already, or not ours (an id we do not know stays) */
+        return thin_registry_destroy_from(db, host, pool, id,
+                                          strcmp(row.state, "deleting") != 0 ? row.state : NULL);
+}
+
+struct thin_claim {
+        const char *host;
+        const char *pool;
+        const char *except_image;
+        uint32_t id;
+        int outcome; /* 1: still used, leave it; 0: marked 'deleting'; -1: no such row */
+        bool was_ready;
+};
+
+/*
+ * Under the allocation lock, which unpack holds while it maps an image to an existing origin:
+ * check again that nothing uses origin @c->id, and mark it 'deleting' (from then on no image
+ * can come to share it), in one transaction. A busy device changes nothing.
+ */
+static int thin_registry_claim_tx(struct db *db, void *userdata)
+{
+        struct thin_claim *c = userdata;
+        char idbuf[16];
+        const char *params[4] = {c->host, c->pool, idbuf, c->except_image ? c->except_image : ""};
+        PGresult *res = NULL;
+        bool used;
+        int r;
+
+        c->outcome = 0;
+        c->was_ready = false;
+        (void)snprintf(idbuf, sizeof(idbuf), "%" PRIu32, c->id);
+        r = thin_registry_lock(db, c->host);
+        if (r < 0)
+                return r;
+        r = db_query_row(db, &res,
+                         "SELECT d.state, d.state = 'creating' OR EXISTS (SELECT 1 FROM"
+                         " unpacked_images u WHERE u.host_id = d.host_id AND"
+                         " u.pool_name = d.pool_name AND u.device_id = d.device_id AND"
+                         " u.image_id <> $4) OR EXISTS (SELECT 1 FROM snapshots s WHERE"
+                         " s.host_id = d.host_id AND s.pool_name = d.pool_name AND"
+                         " s.origin_id = d.device_id AND s.image_id <> $4)"
+                         " FROM thin_devices d WHERE d.host_id = $1 AND d.pool_name = $2 AND"
+                         " d.device_id = $3 AND d.kind = 'origin' FOR UPDATE",
+                         4, params);
+        if (r == 0)
+                c->outcome = -1;
+        if (r <= 0)
+                return r;
+        c->was_ready = strcmp(db_get(res, 0, 0), "ready") == 0;
+        used = strcmp(db_get(res, 0, 1), "t") == 0;
+        PQclear(res);
+        if (used) {
+                c->outcome = 1;
+                return 0;
+        }
+        if (!c->was_ready)
+                return 0; /* 'deleting' already */
+        r = thin_registry_deactivate_id(c->pool, c->id, true);
+        if (r < 0)
+                return err_wrap(r, "not removing thin id %" PRIu32 " of pool '%s'", c->id, c->pool);
+        return thin_registry_set_state(db, c->host, c->pool, c->id, "deleting");
+}
+
+int thin_registry_destroy_unused_origin(struct db *db, const char *host, const char *pool,
+                                        uint32_t id, const char *except_image)
+{
+        struct thin_claim c = {host, pool, except_image, id, 0, false};
+        int r;
+
+        r = db_tx(db, thin_registry_claim_tx, &c);
+        if (r < 0)
+                return r;
+        if (c.outcome != 0)
+                return c.outcome > 0 ? 1 : 0;
+        util_crash_point("destroy.after_claim");
+        /* Back to 'ready' if it turns out busy: nothing could share it meanwhile. */
+        return thin_registry_destroy_from(db, host, pool, id, c.was_ready ? "ready" : NULL);
+}
+
+int thin_registry_pools(struct db *db, const char *host, const char *also, char ***ret_pools)
+{
+        PGresult *res = NULL;
+        char **pools = NULL;
+        int n, r;
+
+        r = db_exec(db, &res,
+                    "SELECT pool_name FROM thin_devices WHERE host_id = $1 UNION"
+                    " SELECT $2::text ORDER BY 1",
+                    2, (const char *const[]){host, also});
+        if (r < 0)
+                return r;
+        n = PQntuples(res);
+        pools = calloc((size_t)n + 1, sizeof(*pools));
+        for (int i = 0; pools && i < n; i++) {
+                pools[i] = strdup(db_get(res, i, 0));
+                if (!pools[i]) {
+                        thin_registry_pools_free(pools);
+                        pools = NULL;
+                }
+        }
+        PQclear(res);
+        if (!pools)
+                return err_set(-ENOMEM, "out of memory");
+        *ret_pools = pools;
+        return n;
+}
+
+void thin_registry_pools_free(char **pools)
+{
+        if (!pools)
+                return;
+        for (char **p = pools; *p; p++)
+                free(*p);
+        free(pools);
 }
 
 static void thin_reconcile_report(thin_reconcile_fn cb, void *userdata,
@@ -547,6 +697,42 @@ out:
         PQclear(rows);
         free(ids);
         return r;
+}
+
+int thin_registry_stalled(struct db *db, const char *host, const char *pool, int older_than_s,
+                          thin_reconcile_fn cb, void *userdata)
+{
+        char secs[16];
+        PGresult *rows = NULL;
+        int n;
+        int r;
+
+        (void)snprintf(secs, sizeof(secs), "%d", older_than_s);
+        r = db_exec(db, &rows,
+                    "SELECT d.device_id, d.run_id, r.fsm, coalesce(r.request->>'image_id', ''),"
+                    " date_trunc('second', now() - coalesce(r.lease_until, r.updated_at))::text"
+                    " FROM thin_devices d JOIN fsm_runs r ON r.run_id = d.run_id"
+                    " WHERE d.host_id = $1 AND d.pool_name = $2 AND d.state = 'creating' AND"
+                    " r.status IN ('pending', 'running') AND coalesce(r.lease_until,"
+                    " r.updated_at) < now() - $3::int * interval '1 second'"
+                    " ORDER BY d.device_id",
+                    3, (const char *const[]){host, pool, secs});
+        if (r < 0)
+                return r;
+        n = PQntuples(rows);
+        for (int i = 0; i < n; i++) {
+                uint32_t id = (uint32_t)db_get_i64(rows, i, 0);
+                const char *image = db_get(rows, i, 3);
+
+                thin_reconcile_report(
+                        cb, userdata, THIN_RECONCILE_STALLED, id,
+                        "thin id %" PRIu32
+                        " is held by %s run %s of image '%s', whose lease expired %s ago (more than UNPACK_TIMEOUT) and which has not come back: its message is probably lost; to finish the run, send image '%s' through 'flyio-image-manager process-image' again (same image id and pool)",
+                        id, db_get(rows, i, 2), db_get(rows, i, 1), image, db_get(rows, i, 4),
+                        image);
+        }
+        PQclear(rows);
+        return n;
 }
 
 int thin_registry_reactivate(struct db *db, const char *host, const char *pool,

@@ -59,12 +59,35 @@ int thin_registry_set_state(struct db *db, const char *host, const char *pool, u
 
 /*
  * Remove a thin device for good: mark the row 'deleting', deactivate every active device that
- * maps the id, delete the id from the pool (an id the pool no longer has counts as deleted),
- * then delete the row and any snapshot or image row naming it. Each step is safe to repeat.
- * A device that is open (a VM's root, a mount) makes it fail with -EBUSY before anything
- * changes; one opened between that check and the deactivation gets its row's state back.
+ * maps the id, remove what a killed activation left under the row's names (a device without a
+ * live table, whose inactive table would keep the id busy), delete the id from the pool (an id
+ * the pool no longer has counts as deleted), then delete the row and any snapshot or image row
+ * naming it. Each step is safe to repeat. An id without a row is left alone (gone already, or
+ * not ours). A device that is open (a VM's root, a mount) makes it fail with -EBUSY before
+ * anything changes; one opened between that check and the deactivation gets its row's state
+ * back.
  */
 int thin_registry_destroy(struct db *db, const char *host, const char *pool, uint32_t id);
+
+/*
+ * thin_registry_destroy() for origin @id, unless something still uses it: an image other than
+ * @except_image (NULL: any image) maps to it, a snapshot of another image was taken from it,
+ * or it is still being made. The check and the 'deleting' mark are one transaction under the
+ * allocation lock, which unpack also holds when it maps an image to an existing origin, so no
+ * image can come to share an origin that gc has chosen. Returns 0 when removed (or no such
+ * row), 1 when it is in use and was left alone, or a negative errno: -EBUSY when the device is
+ * open, with nothing changed.
+ */
+int thin_registry_destroy_unused_origin(struct db *db, const char *host, const char *pool,
+                                        uint32_t id, const char *except_image);
+
+/*
+ * The pools this host has rows in, plus @also (POOL_NAME), sorted and without duplicates: a
+ * request may name any pool. Returns how many, with @ret_pools a NULL-terminated array owned
+ * by the caller (thin_registry_pools_free()), or a negative errno.
+ */
+int thin_registry_pools(struct db *db, const char *host, const char *also, char ***ret_pools);
+void thin_registry_pools_free(char **pools);
 
 /* What reconciliation found about one id. */
 enum thin_reconcile_finding {
@@ -74,6 +97,7 @@ enum thin_reconcile_finding {
         THIN_RECONCILE_MISSING_IN_POOL,   /* 'ready' row whose id the pool does not have */
         THIN_RECONCILE_IN_PROGRESS,       /* 'creating' row of a resumable run: left alone */
         THIN_RECONCILE_RESUMED_SUSPENDED, /* devices a killed create_snap left suspended */
+        THIN_RECONCILE_STALLED,           /* a run that can resume has not, for too long */
 };
 
 typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id, const char *detail,
@@ -92,6 +116,16 @@ typedef void (*thin_reconcile_fn)(enum thin_reconcile_finding what, uint32_t id,
  */
 int thin_registry_reconcile(struct db *db, const char *host, const char *pool, bool repair,
                             thin_reconcile_fn cb, void *userdata);
+
+/*
+ * The 'creating' rows of (@host, @pool) whose run could still resume but has not come back
+ * for more than @older_than_s seconds after its lease expired: its message was probably lost,
+ * and its half-made device stays until somebody finishes the run (reconciliation leaves it
+ * alone). @cb hears each (THIN_RECONCILE_STALLED), told what to do. Returns how many, or a
+ * negative errno.
+ */
+int thin_registry_stalled(struct db *db, const char *host, const char *pool, int older_than_s,
+                          thin_reconcile_fn cb, void *userdata);
 
 /*
  * Bring the kernel back in line with the rows after a reboot: activate every ready origin as

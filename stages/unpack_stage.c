@@ -244,6 +244,48 @@ static int unpack_ensure_active(const struct unpack_job *job, uint32_t id, uint6
         return r < 0 ? r : 0;
 }
 
+struct unpack_share_ctx {
+        struct unpack_job *job;
+        const char *run_id;
+        struct thin_row *origin;
+        bool shared;
+};
+
+static int unpack_share_tx(struct db *db, void *userdata)
+{
+        struct unpack_share_ctx *c = userdata;
+        struct unpack_job *job = c->job;
+        int r;
+
+        c->shared = false;
+        r = thin_registry_lock(db, unpack_host(job));
+        if (r < 0)
+                return r;
+        r = thin_registry_find_origin(db, unpack_host(job), job->pool, job->req.checksum,
+                                      c->origin);
+        if (r <= 0 || strcmp(c->origin->state, "ready") != 0)
+                return r < 0 ? r : 0;
+        c->shared = true;
+        return unpack_map_image_tx(db, job, c->origin->device_id, c->run_id);
+}
+
+/*
+ * Map the image to the ready origin @origin found for its content, looking again under the
+ * allocation lock: gc chooses origins to remove under it too, and one it has marked is not
+ * found again. Sets job->skip (and refreshes @origin) when the image now shares the origin.
+ */
+static int unpack_share(struct fsm_run *run, struct unpack_job *job, struct thin_row *origin)
+{
+        struct unpack_share_ctx c = {job, fsm_run_id(run), origin, false};
+        int r;
+
+        r = db_tx(fsm_run_db(run), unpack_share_tx, &c);
+        if (r < 0)
+                return r;
+        job->skip = c.shared;
+        return 0;
+}
+
 static int unpack_check_unpacked(struct fsm_run *run, void *userdata)
 {
         struct unpack_job *job = userdata;
@@ -286,17 +328,19 @@ static int unpack_check_unpacked(struct fsm_run *run, void *userdata)
         if (r < 0)
                 return r;
         if (r > 0 && strcmp(origin.state, "ready") == 0) {
-                r = unpack_ensure_active(job, origin.device_id, origin.size_bytes);
+                util_crash_point("unpack.share.after_lookup");
+                r = unpack_share(run, job, &origin);
                 if (r < 0)
                         return r;
-                r = unpack_map_image_tx(db, job, origin.device_id, fsm_run_id(run));
+        }
+        if (job->skip) {
+                r = unpack_ensure_active(job, origin.device_id, origin.size_bytes);
                 if (r < 0)
                         return r;
                 unpack_response_set(run, job, origin.device_id, origin.extracted_bytes,
                                     origin.file_count, false);
                 log_info("image shares an existing origin", "device_id=%" PRIu32 " checksum=%s",
                          origin.device_id, job->req.checksum);
-                job->skip = true;
                 return 0;
         }
 
@@ -944,23 +988,28 @@ static int unpack_handoff(struct fsm_run *run, struct db *db, void *userdata)
         return r < 0 ? r : 1;
 }
 
-static int unpack_on_failure(struct fsm_run *run, struct db *db, void *userdata)
+/*
+ * Leave no half-made device. Runs once the failure is committed, so the row's 'deleting' intent
+ * is durable before the delete and no transaction waits on device-mapper; reconciliation
+ * finishes this if it fails here, or if the process dies before it runs.
+ */
+static void unpack_after_failure(struct fsm_run *run, void *userdata)
 {
         struct unpack_job *job = userdata;
+        struct db *db = fsm_run_db(run);
         struct thin_row row;
         int r;
 
-        /* Leave no half-made device: reconciliation finishes this if it fails here. */
         r = thin_registry_find_by_run(db, unpack_host(job), job->pool, "origin", fsm_run_id(run),
                                       &row);
-        if (r > 0 && strcmp(row.state, "ready") != 0) {
+        if (r == 0 || (r > 0 && strcmp(row.state, "ready") == 0))
+                return;
+        if (r > 0)
                 r = thin_registry_destroy(db, unpack_host(job), job->pool, row.device_id);
-                if (r < 0)
-                        log_warning_errno(
-                                r, "failed to remove a half-made device, reconciliation will retry",
-                                "device_id=%" PRIu32, row.device_id);
-        }
-        return 0;
+        if (r < 0)
+                log_warning_errno(r,
+                                  "failed to remove a half-made device, reconciliation will retry",
+                                  "pool=%s", log_quote(job->pool));
 }
 
 static const struct fsm_transition unpack_transitions[] = {
@@ -976,7 +1025,7 @@ static const struct fsm_def unpack_fsm = {
         .name = "unpack",
         .transitions = unpack_transitions,
         .transition_count = ARRAY_SIZE(unpack_transitions),
-        .on_failure = unpack_on_failure,
+        .after_failure = unpack_after_failure,
         .handoff = unpack_handoff,
 };
 

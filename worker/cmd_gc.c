@@ -30,6 +30,15 @@ struct gc {
         int removed;
 };
 
+/* A device in use: say what to do about it. */
+static int gc_busy(int r)
+{
+        char why[ERR_MSG_MAX];
+
+        (void)snprintf(why, sizeof(why), "%s", err_last());
+        return err_set(r, "%s; stop what uses it (a VM?), then run gc again", why);
+}
+
 static int gc_destroy(struct gc *g, const char *pool, uint32_t id, const char *what)
 {
         int r;
@@ -39,12 +48,34 @@ static int gc_destroy(struct gc *g, const char *pool, uint32_t id, const char *w
         if (g->dry_run)
                 return 0;
         r = thin_registry_destroy(g->db, g->cfg->host_id, pool, id);
-        if (r == -EBUSY) {
-                char why[ERR_MSG_MAX];
+        if (r == -EBUSY)
+                return gc_busy(r);
+        if (r < 0)
+                return r;
+        g->removed++;
+        return 0;
+}
 
-                (void)snprintf(why, sizeof(why), "%s", err_last());
-                return err_set(r, "%s; stop what uses it (a VM?), then run gc again", why);
+/*
+ * Remove origin @id unless something uses it by now (other than @image_id): gc's choice is
+ * checked again, under the lock unpack maps images under. Returns 1 when it was kept.
+ */
+static int gc_destroy_origin(struct gc *g, const char *pool, uint32_t id, const char *what,
+                             const char *image_id)
+{
+        int r;
+
+        printf("%s %s thin id %" PRIu32 " in pool '%s'\n", g->dry_run ? "would remove" : "removing",
+               what, id, pool);
+        if (g->dry_run)
+                return 0;
+        r = thin_registry_destroy_unused_origin(g->db, g->cfg->host_id, pool, id, image_id);
+        if (r == 1) {
+                printf("keeping %s thin id %" PRIu32 ": an image has come to use it\n", what, id);
+                return 1;
         }
+        if (r == -EBUSY)
+                return gc_busy(r);
         if (r < 0)
                 return r;
         g->removed++;
@@ -99,17 +130,18 @@ static int gc_image(struct gc *g, const char *image_id)
         for (int i = 0; i < PQntuples(res) && r >= 0; i++) {
                 const char *pool = db_get(res, i, 0);
                 uint32_t id = (uint32_t)db_get_i64(res, i, 1);
+                bool shared = db_get_i64(res, i, 2) > 0;
 
-                if (db_get_i64(res, i, 2) > 0) {
+                if (shared)
                         printf("keeping origin thin id %" PRIu32 ": other images share it\n", id);
-                        if (!g->dry_run)
-                                r = db_exec(g->db, NULL,
-                                            "DELETE FROM unpacked_images WHERE host_id = $1 AND"
-                                            " image_id = $2",
-                                            2, (const char *const[]){host, image_id});
-                        continue;
-                }
-                r = gc_destroy(g, pool, id, "origin");
+                else
+                        r = gc_destroy_origin(g, pool, id, "origin", image_id);
+                /* Kept (shared, or shared since the query): only this image's mapping goes. */
+                if ((shared || r > 0) && !g->dry_run)
+                        r = db_exec(g->db, NULL,
+                                    "DELETE FROM unpacked_images WHERE host_id = $1 AND"
+                                    " image_id = $2",
+                                    2, (const char *const[]){host, image_id});
         }
         PQclear(res);
         if (r < 0)
@@ -144,6 +176,25 @@ static void gc_report(enum thin_reconcile_finding what, uint32_t id, const char 
         printf("reconcile: %s\n", detail);
 }
 
+/* Half-made devices of failed runs and interrupted deletes, in every pool of this host. */
+static int gc_reconcile(struct gc *g)
+{
+        char **pools = NULL;
+        int r;
+
+        r = thin_registry_pools(g->db, g->cfg->host_id, g->cfg->pool_name, &pools);
+        if (r < 0)
+                return r;
+        for (char **p = pools; *p && r >= 0; p++) {
+                r = thin_registry_reconcile(g->db, g->cfg->host_id, *p, !g->dry_run, gc_report,
+                                            NULL);
+                if (r < 0)
+                        r = err_wrap(r, "failed to reconcile pool '%s'", *p);
+        }
+        thin_registry_pools_free(pools);
+        return r < 0 ? r : 0;
+}
+
 static int gc_unreferenced(struct gc *g)
 {
         const char *host = g->cfg->host_id;
@@ -162,15 +213,16 @@ static int gc_unreferenced(struct gc *g)
                     1, (const char *const[]){host});
         if (r < 0)
                 return r;
+        util_crash_point("gc.after_select");
         for (int i = 0; i < PQntuples(res) && r >= 0; i++)
-                r = gc_destroy(g, db_get(res, i, 0), (uint32_t)db_get_i64(res, i, 1),
-                               "unreferenced origin");
+                r = gc_destroy_origin(g, db_get(res, i, 0), (uint32_t)db_get_i64(res, i, 1),
+                                      "unreferenced origin", NULL);
         PQclear(res);
         if (r < 0)
                 return r;
-        r = thin_registry_reconcile(g->db, host, g->cfg->pool_name, !g->dry_run, gc_report, NULL);
+        r = gc_reconcile(g);
         if (r < 0)
-                return err_wrap(r, "failed to reconcile pool '%s'", g->cfg->pool_name);
+                return r;
 
         /* Tarballs in LOCAL_DIR that no image row knows. */
         d = opendir(g->cfg->local_dir);

@@ -755,6 +755,12 @@ static int fsm_fail(struct fsm_run *run, const char *transition, int error, bool
         res->permanent = permanent;
         log_warning("run failed", "transition=%s class=%s error=%s", transition,
                     permanent ? "permanent" : "exhausted", log_quote(res->error_text));
+        util_crash_point("fsm.after_failure_commit");
+        if (run->def->after_failure) {
+                run->error_text = res->error_text;
+                run->def->after_failure(run, run->userdata);
+                run->error_text = NULL;
+        }
         return 0;
 }
 

@@ -36,6 +36,14 @@ typedef int (*fsm_step_fn)(struct fsm_run *run, void *userdata);
 /* Database writes committed atomically with a transition's completion (or a run's failure). */
 typedef int (*fsm_commit_fn)(struct fsm_run *run, struct db *db, void *userdata);
 
+/*
+ * Work that must follow a run's failure but must not hold the failure's transaction open
+ * (device-mapper calls, which can wait seconds on a busy device): it runs once the failure is
+ * committed, outside any transaction, on fsm_run_db(). Nothing records whether it ran, so what
+ * it cleans up must also be found and repaired by other means after a crash (reconciliation).
+ */
+typedef void (*fsm_after_fn)(struct fsm_run *run, void *userdata);
+
 struct fsm_transition {
         const char *name;
         fsm_step_fn step;
@@ -56,6 +64,7 @@ struct fsm_def {
          * wanted, or a negative errno. The run's response is the stored one.
          */
         fsm_commit_fn handoff;
+        fsm_after_fn after_failure; /* optional: runs once the failure is committed */
 };
 
 struct fsm_options {
@@ -133,7 +142,7 @@ struct db *fsm_run_db(struct fsm_run *run);
 /* The response object: steps add or change fields; it is saved with each completion. */
 struct json_object *fsm_run_response(struct fsm_run *run);
 
-/* The error text of the failure being recorded (for on_failure hooks), else "". */
+/* The error text of the failure being recorded (for the failure hooks), else "". */
 const char *fsm_run_error(const struct fsm_run *run);
 
 /* Whether the step should give up early: shutdown requested or the lease was lost. */

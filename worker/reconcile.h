@@ -10,7 +10,9 @@ struct config;
 struct db;
 
 /*
- * Reconcile POOL_NAME on this host and re-activate its devices. Returns 0, or a negative
- * errno when the pool cannot be read (the caller decides whether to start anyway).
+ * Reconcile every pool this host has thin device rows in, and POOL_NAME (requests may name
+ * any pool), re-activate their devices and report runs stalled longer than UNPACK_TIMEOUT.
+ * A pool that cannot be read does not stop the others. Returns 0, or the first negative errno
+ * (the caller decides whether to start anyway).
  */
 int reconcile_at_start(const struct config *cfg, struct db *db);

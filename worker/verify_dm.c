@@ -1,6 +1,8 @@
 /*
- * verify-system: the device-mapper control node, the thin pool POOL_NAME and its health, and
- * whether the pool and PostgreSQL agree on the thin ids (reconciliation, report only).
+ * verify-system: the device-mapper control node, the thin pool POOL_NAME and its health,
+ * whether every pool this host has rows in and PostgreSQL agree on the thin ids
+ * (reconciliation, report only), and runs that hold a half-made device and have been gone for
+ * longer than UNPACK_TIMEOUT.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -15,8 +17,13 @@
 #include "stages/thin_registry.h"
 #include "worker/verify.h"
 
+/* Findings beyond these are counted, not shown: a handful of lines is enough to act on. */
+#define VERIFY_SHOWN_MAX 5
+
 struct verify_reconcile {
         struct verify_report *rep;
+        const char *check;
+        const char *pool;
         int shown;
 };
 
@@ -28,15 +35,68 @@ static void verify_reconcile_finding(enum thin_reconcile_finding what, uint32_t 
         (void)id;
         if (what == THIN_RECONCILE_IN_PROGRESS)
                 return;
-        /* A handful of lines is enough to act on; the count says the rest. */
-        if (v->shown++ < 5)
-                verify_report_add(v->rep, "thin-ids", false, "%s", detail);
+        if (v->shown++ < VERIFY_SHOWN_MAX)
+                verify_report_add(v->rep, v->check, false, "pool '%s': %s", v->pool, detail);
 }
 
+static void verify_thin_ids_of(struct verify_report *rep, struct db *db, const struct config *cfg,
+                               const char *pool)
+{
+        struct verify_reconcile v = {rep, "thin-ids", pool, 0};
+        int r;
+
+        r = thin_registry_reconcile(db, cfg->host_id, pool, false, verify_reconcile_finding, &v);
+        if (r < 0)
+                verify_report_add(rep, "thin-ids", false,
+                                  "pool '%s': could not compare the pool and the database: %s",
+                                  pool, err_text(r));
+        else if (r == 0)
+                verify_report_add(rep, "thin-ids", true,
+                                  "pool '%s' and the database agree on every thin id", pool);
+        else
+                verify_report_add(
+                        rep, "thin-ids", false,
+                        "pool '%s': %d problem%s; the worker repairs what is safe at start, or run 'flyio-image-manager gc --all-unreferenced'",
+                        pool, r, r == 1 ? "" : "s");
+}
+
+/*
+ * A 'creating' row of a run that can still resume is not a problem while its message may come
+ * back; one that has not for longer than UNPACK_TIMEOUT after its lease expired is.
+ */
+static void verify_stalled(struct verify_report *rep, struct db *db, const struct config *cfg,
+                           char **pools)
+{
+        int total = 0, shown = 0;
+
+        for (char **p = pools; *p; p++) {
+                struct verify_reconcile v = {rep, "stalled-runs", *p, shown};
+                int r = thin_registry_stalled(db, cfg->host_id, *p, cfg->unpack_timeout,
+                                              verify_reconcile_finding, &v);
+
+                if (r < 0) {
+                        verify_report_add(rep, "stalled-runs", false,
+                                          "pool '%s': could not look for stalled runs: %s", *p,
+                                          err_text(r));
+                        return;
+                }
+                total += r;
+                shown = v.shown;
+        }
+        if (total == 0)
+                verify_report_add(
+                        rep, "stalled-runs", true,
+                        "no half-made device is held by a run gone for longer than UNPACK_TIMEOUT (%d s)",
+                        cfg->unpack_timeout);
+        else if (total > VERIFY_SHOWN_MAX)
+                verify_report_add(rep, "stalled-runs", false, "%d stalled runs in all", total);
+}
+
+/* Every pool this host has rows in, and POOL_NAME: requests may name any pool. */
 static void verify_thin_ids(struct verify_report *rep, const struct config *cfg)
 {
-        struct verify_reconcile v = {rep, 0};
         struct db *db = NULL;
+        char **pools = NULL;
         int r;
 
         r = db_connect(cfg->database_url, &db);
@@ -44,20 +104,17 @@ static void verify_thin_ids(struct verify_report *rep, const struct config *cfg)
                 verify_report_add(rep, "thin-ids", false, "not checked: database unreachable");
                 return;
         }
-        r = thin_registry_reconcile(db, cfg->host_id, cfg->pool_name, false,
-                                    verify_reconcile_finding, &v);
-        if (r < 0)
-                verify_report_add(rep, "thin-ids", false, "could not compare pool and database: %s",
+        r = thin_registry_pools(db, cfg->host_id, cfg->pool_name, &pools);
+        if (r < 0) {
+                verify_report_add(rep, "thin-ids", false, "could not list the pools: %s",
                                   err_text(r));
-        else if (r == 0)
-                verify_report_add(rep, "thin-ids", true,
-                                  "pool '%s' and the database agree on every thin id",
-                                  cfg->pool_name);
-        else
-                verify_report_add(
-                        rep, "thin-ids", false,
-                        "%d problem%s; the worker repairs what is safe at start, or run 'flyio-image-manager gc --all-unreferenced'",
-                        r, r == 1 ? "" : "s");
+                goto out;
+        }
+        for (char **p = pools; *p; p++)
+                verify_thin_ids_of(rep, db, cfg, *p);
+        verify_stalled(rep, db, cfg, pools);
+out:
+        thin_registry_pools_free(pools);
         db_free(db);
 }
 

@@ -52,8 +52,10 @@ for var in FIM_PG_ADMIN_URL DATABASE_URL S3_ENDPOINT; do
 	fi
 	vm_args+=(-e "$var=$url")
 done
-# The rest of S3's settings pass as they are (process-image's test downloads for real).
-for var in AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION S3_BUCKET S3_FORCE_PATH_STYLE; do
+# The rest of S3's settings pass as they are (process-image's test downloads for real), and
+# FIM_TEST_FILTER selects cases of the C suites while iterating.
+for var in AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION S3_BUCKET S3_FORCE_PATH_STYLE \
+	FIM_TEST_FILTER; do
 	[ -z "${!var:-}" ] || vm_args+=(-e "$var=${!var}")
 done
 

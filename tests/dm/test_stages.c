@@ -7,16 +7,21 @@
  * corrupt tarballs that leave the pool and device-mapper as they were, a pool above its
  * high-water mark, a pool that runs out of space, SIGKILL during unpack and activate and at
  * each crash point (between intent and result, inside the dm create and create_snap
- * sequences) with resume, runs resumed after their device vanished, reconciliation (of
- * half-made devices, unknown ids, resumable runs, suspended origins, and racing with
- * deletes and with other processes), id allocation by several processes, gc (also of a
- * snapshot in use), and an unpack mount that must not propagate to a peer of a shared /run.
+ * sequences) with resume, runs resumed after their device vanished, and runs killed there
+ * that never resume (aborted, out of attempts, killed after recording their failure),
+ * reconciliation (of half-made devices, unknown ids, resumable runs, suspended origins, every
+ * pool the rows name, and racing with deletes and with other processes), a snapshot id the
+ * pool has but the database does not, verify-system on a stalled run and a second pool, id
+ * allocation by several processes, list-snapshots' kernel view, gc (also of a snapshot in
+ * use; --all-unreferenced, also racing with unpacks that share an origin), and an unpack
+ * mount that must not propagate to a peer of a shared /run.
  *
  * After each step the pool, the rows and device-mapper must agree exactly: no leaked id, no
  * orphan device (assert_pool_matches_rows).
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <inttypes.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -45,7 +50,9 @@
 #include "stages/pool_setup.h"
 #include "stages/thin_pool.h"
 #include "stages/thin_registry.h"
+#include "worker/commands.h"
 #include "worker/lease.h"
+#include "worker/reconcile.h"
 #include "worker/stage.h"
 
 #define POOL "fimtestpool"
@@ -174,6 +181,75 @@ static const char *field(const char *doc, const char *name, char *buf, size_t si
         return buf;
 }
 
+/*
+ * Run the command line with this test's settings (database, LOCAL_DIR, POOL_NAME, HOST_ID)
+ * and @args (NULL-terminated). Returns spawn_run()'s result; @out gets the output.
+ */
+static int run_cli(struct env *e, const char *const *args, char *out, size_t size)
+{
+        const char *argv[24] = {FIM_BINARY_DIR "/flyio-image-manager",
+                                "--set",
+                                NULL,
+                                "--set",
+                                "LOCAL_DIR=" LOCAL,
+                                "--set",
+                                "POOL_NAME=" POOL,
+                                "--set",
+                                "HOST_ID=vm-host"};
+        char set_db[600];
+        size_t n = 9;
+
+        (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
+        argv[2] = set_db;
+        for (size_t i = 0; args[i]; i++) {
+                assert_true(n < ARRAY_SIZE(argv) - 1);
+                argv[n++] = args[i];
+        }
+        argv[n] = NULL;
+        return spawn_run(argv, out, size);
+}
+
+/* verify-system without the checks of services the VM cannot reach. */
+static int run_verify(struct env *e, char *out, size_t size)
+{
+        return run_cli(e, (const char *const[]){"verify-system", "--skip", "s3,kafka,disk", NULL},
+                       out, size);
+}
+
+/* Whether verify-system's @out has a line of @status for @check whose detail starts so. */
+static bool has_line(const char *out, const char *status, const char *check, const char *detail)
+{
+        char want[256];
+
+        (void)snprintf(want, sizeof(want), "%-4s  %-14s %s", status, check, detail);
+        return strstr(out, want) != NULL;
+}
+
+/* The "kernel" field list-snapshots --json gives snapshot @name ("" when it is not listed). */
+static const char *kernel_state(struct env *e, const char *name, char *buf, size_t size)
+{
+        struct json_object *arr = NULL, *v = NULL;
+        char out[8192];
+
+        buf[0] = '\0';
+        if (run_cli(e, (const char *const[]){"list-snapshots", "--json", NULL}, out, sizeof(out)) <
+            0)
+                fail_msg("list-snapshots: %s", err_last());
+        arr = json_tokener_parse(out);
+        if (!arr || !json_object_is_type(arr, json_type_array))
+                fail_msg("list-snapshots --json: not a JSON array: %s", out);
+        for (size_t i = 0; i < json_object_array_length(arr); i++) {
+                struct json_object *o = json_object_array_get_idx(arr, i);
+
+                if (json_object_object_get_ex(o, "snapshot_name", &v) &&
+                    strcmp(json_object_get_string(v), name) == 0 &&
+                    json_object_object_get_ex(o, "kernel", &v))
+                        (void)snprintf(buf, size, "%s", json_object_get_string(v));
+        }
+        json_object_put(arr);
+        return buf;
+}
+
 /* Unpack then activate; returns the origin id. */
 static uint32_t unpack_and_activate(struct env *e, const char *image_id, struct stage_result *act)
 {
@@ -226,64 +302,100 @@ static void dm_names(char *buf, size_t size)
         sh_out("dmsetup ls | awk '$1 != \"No\" {print $1}' | sort", buf, size);
 }
 
+/* Whether @name is one of the newline-terminated lines of @lines. */
+static bool lines_contain(const char *lines, const char *name)
+{
+        size_t n = strlen(name);
+
+        for (const char *p = lines; *p; p += strcspn(p, "\n") + 1) {
+                if (strncmp(p, name, n) == 0 && p[n] == '\n')
+                        return true;
+                if (!strchr(p, '\n'))
+                        break;
+        }
+        return false;
+}
+
 /*
- * The pool's ids must be exactly the rows' ids, and device-mapper must hold exactly the
- * devices the rows say are active, each under its recorded name, live and not suspended:
- * nothing leaked, nothing lost, no orphan or half-made device.
+ * @pool's ids must be exactly its rows' ids, and device-mapper must hold exactly the devices
+ * the rows say are active on it, each under its recorded name, live and not suspended. The
+ * names found are appended to @listed, one per line.
  */
-static void assert_pool_matches_rows(struct env *e)
+static void assert_one_pool_matches_rows(struct env *e, const char *pool, char *listed, size_t size)
 {
         struct thin_pool_active_thin *devs = NULL;
         uint32_t *ids = NULL;
         size_t n = 0, ndevs = 0;
-        char names[8192];
 
-        assert_int_equal(thin_pool_metadata_thin_ids(POOL, &ids, &n), 0);
-        assert_int_equal((long)n, scalar(e->db, "SELECT count(*) FROM thin_devices"));
+        assert_int_equal(thin_pool_metadata_thin_ids(pool, &ids, &n), 0);
+        assert_int_equal(
+                (long)n,
+                scalar(e->db, "SELECT count(*) FROM thin_devices WHERE pool_name = '%s'", pool));
         for (size_t i = 0; i < n; i++)
                 assert_int_equal(
                         scalar(e->db,
                                "SELECT count(*) FROM thin_devices WHERE device_id = %" PRIu32
-                               " AND state = 'ready'",
-                               ids[i]),
+                               " AND state = 'ready' AND pool_name = '%s'",
+                               ids[i], pool),
                         1);
         free(ids);
 
-        assert_int_equal(thin_pool_list_thin_ids(POOL, &devs, &ndevs), 0);
+        assert_int_equal(thin_pool_list_thin_ids(pool, &devs, &ndevs), 0);
         for (size_t i = 0; i < ndevs; i++) {
+                size_t len = strlen(listed);
+
                 if (devs[i].suspended)
                         fail_msg("device '%s' is left suspended", devs[i].name);
                 if (scalar(e->db,
                            "SELECT count(*) FROM thin_devices d WHERE device_id = %" PRIu32
-                           " AND state = 'ready' AND ((kind = 'origin' AND"
+                           " AND state = 'ready' AND pool_name = '%s' AND ((kind = 'origin' AND"
                            " 'thin-' || device_id = '%s') OR (kind = 'snapshot' AND EXISTS"
                            " (SELECT 1 FROM snapshots s WHERE s.device_id = d.device_id AND"
                            " s.snapshot_name = '%s' AND s.state = 'active')))",
-                           devs[i].dev_id, devs[i].name, devs[i].name) != 1)
+                           devs[i].dev_id, pool, devs[i].name, devs[i].name) != 1)
                         fail_msg("device '%s' (thin id %" PRIu32 ") is not what the rows record",
                                  devs[i].name, devs[i].dev_id);
+                (void)snprintf(listed + len, size - len, "%s\n", devs[i].name);
         }
         assert_int_equal((long)ndevs,
-                         scalar(e->db, "SELECT (SELECT count(*) FROM thin_devices WHERE"
-                                       " kind = 'origin' AND state = 'ready') + (SELECT count(*)"
-                                       " FROM snapshots WHERE state = 'active')"));
+                         scalar(e->db,
+                                "SELECT (SELECT count(*) FROM thin_devices WHERE"
+                                " kind = 'origin' AND state = 'ready' AND pool_name = '%s') +"
+                                " (SELECT count(*) FROM snapshots WHERE state = 'active' AND"
+                                " pool_name = '%s')",
+                                pool, pool));
+        free(devs);
+}
 
-        /* A device of our naming that is not a live thin device of the pool is an orphan. */
+/*
+ * Every pool (POOL and any other the rows name) must match its rows, and no device of our
+ * naming may exist that is not a live thin device the rows record: nothing leaked, nothing
+ * lost, no orphan or half-made device.
+ */
+static void assert_pool_matches_rows(struct env *e)
+{
+        char listed[8192] = "", names[8192];
+        PGresult *res = NULL;
+
+        assert_int_equal(db_exec(e->db, &res,
+                                 "SELECT pool_name FROM thin_devices UNION SELECT '" POOL "'"
+                                 " ORDER BY 1",
+                                 0, NULL),
+                         0);
+        for (int i = 0; i < PQntuples(res); i++)
+                assert_one_pool_matches_rows(e, db_get(res, i, 0), listed, sizeof(listed));
+        PQclear(res);
+
         dm_names(names, sizeof(names));
         for (char *line = names, *end; *line; line = end) {
-                bool listed = false;
-
                 end = line + strcspn(line, "\n");
                 if (*end)
                         *end++ = '\0';
                 if (strncmp(line, "thin-", 5) != 0 && strncmp(line, "snapshot-", 9) != 0)
                         continue;
-                for (size_t i = 0; i < ndevs && !listed; i++)
-                        listed = strcmp(devs[i].name, line) == 0;
-                if (!listed)
+                if (!lines_contain(listed, line))
                         fail_msg("orphan device-mapper device '%s'", line);
         }
-        free(devs);
 }
 
 /* What a failed unpack must leave as it was: the pool's ids and every dm device. */
@@ -371,48 +483,18 @@ static void test_stages_unpack_activate_realistic_image(void **state)
                 scalar(e->db, "SELECT count(*) FROM outbox WHERE topic = 'images.activate'"), 1);
         assert_pool_matches_rows(e);
 
-        /* list-snapshots shows the database's state next to the kernel's. */
-        {
-                const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
-                                      "--set",
-                                      NULL,
-                                      "--set",
-                                      "HOST_ID=vm-host",
-                                      "list-snapshots",
-                                      NULL};
-                char set_db[600], out[2048];
-
-                (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
-                argv[2] = set_db;
-                if (spawn_run(argv, out, sizeof(out)) < 0)
-                        fail_msg("list-snapshots: %s", err_last());
-                if (!strstr(out, "snapshot-alpine-1") || !strstr(out, "active  ") ||
-                    strstr(out, "missing"))
-                        fail_msg("list-snapshots output: %s", out);
-        }
+        /*
+         * list-snapshots shows the kernel's view next to the database's: active, then missing
+         * once the device is removed behind the tool's back.
+         */
+        assert_string_equal(kernel_state(e, "snapshot-alpine-1", buf, sizeof(buf)), "active");
+        assert_int_equal(thin_pool_deactivate("snapshot-alpine-1", NULL), 0);
+        assert_string_equal(kernel_state(e, "snapshot-alpine-1", buf, sizeof(buf)), "missing");
 
         /* gc removes snapshot, origin and tarball, and the pool is empty again. */
-        {
-                const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
-                                      "--set",
-                                      NULL,
-                                      "--set",
-                                      "LOCAL_DIR=" LOCAL,
-                                      "--set",
-                                      "POOL_NAME=" POOL,
-                                      "--set",
-                                      "HOST_ID=vm-host",
-                                      "gc",
-                                      "--image-id",
-                                      "alpine-1",
-                                      NULL};
-                char set_db[600], out[2048];
-
-                (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
-                argv[2] = set_db;
-                if (spawn_run(argv, out, sizeof(out)) < 0)
-                        fail_msg("gc: %s", err_last());
-        }
+        if (run_cli(e, (const char *const[]){"gc", "--image-id", "alpine-1", NULL}, buf,
+                    sizeof(buf)) < 0)
+                fail_msg("gc: %s", err_last());
         assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
         assert_int_equal(access("/dev/mapper/snapshot-alpine-1", F_OK), -1);
         assert_int_equal(access(LOCAL "/alpine-1.tar", F_OK), -1);
@@ -754,7 +836,7 @@ static void test_stages_crash_during_delete(void **state)
 
 /* Reconciliation findings by kind, and their text. */
 struct findings {
-        int count[THIN_RECONCILE_RESUMED_SUSPENDED + 1];
+        int count[THIN_RECONCILE_STALLED + 1];
         char text[4096];
 };
 
@@ -847,8 +929,11 @@ static void test_stages_reactivate_after_reboot(void **state)
         assert_pool_matches_rows(e);
 }
 
-/* Run @stage in a child process with its own connections; it exits 0 when the run completed. */
-static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
+/*
+ * Run @stage in a child process with its own connections and leases of @lease_ms; it exits 0
+ * when the run completed.
+ */
+static pid_t stage_child_lease(struct env *e, enum stage_id stage, const char *json, int lease_ms)
 {
         pid_t pid;
 
@@ -860,7 +945,7 @@ static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
                 struct lease_keeper *leases = NULL;
                 struct stage_result res;
 
-                if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, 2000, &leases) < 0)
+                if (db_connect(e->url, &db) < 0 || lease_keeper_new(e->url, lease_ms, &leases) < 0)
                         _exit(100);
                 if (run_stage(e, db, leases, stage, json, &res) < 0)
                         _exit(101);
@@ -872,6 +957,11 @@ static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
                 _exit(0);
         }
         return pid;
+}
+
+static pid_t stage_child(struct env *e, enum stage_id stage, const char *json)
+{
+        return stage_child_lease(e, stage, json, 2000);
 }
 
 static void wait_ok(pid_t pid, const char *what)
@@ -890,8 +980,8 @@ static void umount_leftovers(void)
            " umount -l \"$m\" 2>/dev/null || true; done");
 }
 
-/* The origin of @image_id holds its tarball's os-release. */
-static void assert_origin_holds(struct env *e, const char *image_id)
+/* The origin of @image_id holds the os-release of the tarball made for image @made_as. */
+static void assert_origin_holds_tar_of(struct env *e, const char *image_id, const char *made_as)
 {
         char cmd[512];
 
@@ -901,30 +991,19 @@ static void assert_origin_holds(struct env *e, const char *image_id)
                        " rc=$?; umount /tmp/originmnt; exit $rc",
                        scalar(e->db, "SELECT device_id FROM unpacked_images WHERE image_id = '%s'",
                               image_id),
-                       image_id);
+                       made_as);
         sh(cmd);
+}
+
+/* The origin of @image_id holds its tarball's os-release. */
+static void assert_origin_holds(struct env *e, const char *image_id)
+{
+        assert_origin_holds_tar_of(e, image_id, image_id);
 }
 
 static int run_gc(struct env *e, const char *image_id, char *out, size_t size)
 {
-        const char *argv[] = {FIM_BINARY_DIR "/flyio-image-manager",
-                              "--set",
-                              NULL,
-                              "--set",
-                              "LOCAL_DIR=" LOCAL,
-                              "--set",
-                              "POOL_NAME=" POOL,
-                              "--set",
-                              "HOST_ID=vm-host",
-                              "gc",
-                              "--image-id",
-                              image_id,
-                              NULL};
-        char set_db[600];
-
-        (void)snprintf(set_db, sizeof(set_db), "DATABASE_URL=%s", e->url);
-        argv[2] = set_db;
-        return spawn_run(argv, out, size);
+        return run_cli(e, (const char *const[]){"gc", "--image-id", image_id, NULL}, out, size);
 }
 
 #define MANY_FILES "&& for i in $(seq 1 40); do head -c 1000000 /dev/urandom > usr/lib/f$i; done"
@@ -939,7 +1018,7 @@ static void test_stages_resumable_run_survives_reconciliation(void **state)
         struct env *e = *state;
         struct stage_result res;
         struct findings f = {0};
-        char json[1024], dev[16];
+        char json[1024], dev[16], out[4096];
         long id;
 
         make_rootfs_tar("late", MANY_FILES);
@@ -956,11 +1035,25 @@ static void test_stages_resumable_run_survives_reconciliation(void **state)
         assert_int_equal(
                 scalar(e->db, "SELECT count(*) FROM thin_devices WHERE device_id = %ld", id), 1);
 
+        /*
+         * verify-system calls a run that has not come back for longer than UNPACK_TIMEOUT
+         * after its lease expired a problem, and says how to finish it.
+         */
+        if (run_verify(e, out, sizeof(out)) == 0)
+                fail_msg("verify-system passed with a stalled run: %s", out);
+        if (!has_line(out, "FAIL", "stalled-runs", "") || !strstr(out, "process-image") ||
+            !strstr(out, "'late'"))
+                fail_msg("verify-system output: %s", out);
+
         resume_until_done(e, STAGE_UNPACK, json, &res);
         assert_int_equal(strtol(field(res.response, "device_id", dev, sizeof(dev)), NULL, 10), id);
         stage_result_done(&res);
         assert_origin_holds(e, "late");
         assert_pool_matches_rows(e);
+        if (run_verify(e, out, sizeof(out)) < 0)
+                fail_msg("verify-system: %s", err_last());
+        if (!has_line(out, "PASS", "stalled-runs", ""))
+                fail_msg("verify-system output: %s", out);
 }
 
 /*
@@ -1368,9 +1461,363 @@ static void test_stages_unpack_mount_does_not_propagate(void **state)
         assert_pool_matches_rows(e);
 }
 
+/*
+ * A snapshot id the pool has but the database does not (an operator's, made since the last
+ * reconciliation) makes create_snap answer EEXIST: activate reserves the id as unknown and
+ * takes another, as unpack does, and never deletes it.
+ */
+static void test_stages_activate_keeps_an_unknown_id(void **state)
+{
+        struct env *e = *state;
+        struct stage_result res;
+        char json[1024], dev[16], name[64], snap[16];
+        uint32_t *ids = NULL;
+        size_t n = 0;
+        bool kept = false;
+        long foreign;
+
+        make_rootfs_tar("foreign", "");
+        unpack_json("foreign", json, sizeof(json));
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        field(res.response, "device_id", dev, sizeof(dev));
+        field(res.response, "device_name", name, sizeof(name));
+        stage_result_done(&res);
+        /* The id the snapshot gets next, made behind the database's back. */
+        foreign = scalar(e->db, "SELECT max(device_id) + 1 FROM thin_devices");
+        assert_int_equal(thin_pool_create_thin(POOL, (uint32_t)foreign), 0);
+
+        (void)snprintf(json, sizeof(json),
+                       "{\"image_id\":\"foreign\",\"device_id\":\"%s\",\"device_name\":\"%s\"}",
+                       dev, name);
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_ACTIVATE, json, &res), 0);
+        if (res.outcome != FSM_OUTCOME_COMPLETE)
+                fail_msg("activate: %s %s", fsm_outcome_name(res.outcome), res.error_text);
+        assert_int_not_equal(
+                strtol(field(res.response, "snapshot_id", snap, sizeof(snap)), NULL, 10), foreign);
+        stage_result_done(&res);
+        assert_int_equal(scalar(e->db,
+                                "SELECT count(*) FROM thin_devices WHERE device_id = %ld AND"
+                                " kind = 'unknown' AND state = 'ready'",
+                                foreign),
+                         1);
+        assert_int_equal(thin_pool_metadata_thin_ids(POOL, &ids, &n), 0);
+        for (size_t i = 0; i < n; i++)
+                kept |= ids[i] == (uint32_t)foreign;
+        free(ids);
+        assert_true(kept);
+        assert_pool_matches_rows(e);
+
+        /* The operator's way out, as reconciliation reports it. */
+        assert_int_equal(thin_pool_delete(POOL, (uint32_t)foreign), 0);
+        assert_int_equal(thin_registry_reconcile(e->db, "vm-host", POOL, true, NULL, NULL), 0);
+        assert_pool_matches_rows(e);
+}
+
+/* Make the killed child's run use up its attempts: the next takeover fails it. */
+static void exhaust_running_runs(struct env *e)
+{
+        assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET attempt = max_attempts,"
+                                               " lease_until = now() - interval '1 second'"
+                                               " WHERE status = 'running'"),
+                         0);
+}
+
+/*
+ * A process killed inside the dm create sequence of a run that then never resumes: between
+ * creating the device and loading its table (a device without a table), and between loading
+ * and resuming it (an inactive table, which holds the thin id open in the pool: delete says
+ * EBUSY). Whether the run is aborted (reconciliation cleans up), uses up its attempts (its
+ * failure hook does), or its worker dies right after recording the failure (reconciliation
+ * again), no id leaks and no device is left behind.
+ */
+static void test_stages_leftovers_of_runs_that_never_resume(void **state)
+{
+        static const char *const points[] = {"dm.after_create", "dm.after_load"};
+        struct env *e = *state;
+        struct stage_result res;
+        char image[32], json[1024];
+
+        for (int i = 0; i < 2; i++) {
+                (void)snprintf(image, sizeof(image), "never-%d", i);
+                make_rootfs_tar(image, "");
+                unpack_json(image, json, sizeof(json));
+                crash_at(e, STAGE_UNPACK, json, points[i]);
+                assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET status = 'aborted',"
+                                                       " lease_owner = NULL, lease_until = NULL"
+                                                       " WHERE status = 'running'"),
+                                 0);
+                assert_int_equal(thin_registry_reconcile(e->db, "vm-host", POOL, true, NULL, NULL),
+                                 0);
+                assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
+                assert_pool_matches_rows(e);
+        }
+
+        /* Its attempts used up: the takeover fails the run and its failure hook cleans up. */
+        make_rootfs_tar("never-2", "");
+        unpack_json("never-2", json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "dm.after_load");
+        exhaust_running_runs(e);
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_FAILED);
+        stage_result_done(&res);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
+        assert_pool_matches_rows(e);
+
+        /* Killed once the failure is committed, before the hook: reconciliation cleans up. */
+        make_rootfs_tar("never-3", "");
+        unpack_json("never-3", json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "dm.after_load");
+        exhaust_running_runs(e);
+        crash_at(e, STAGE_UNPACK, json, "fsm.after_failure_commit");
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM fsm_runs WHERE status = 'failed'"), 2);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices WHERE"
+                                       " state = 'creating'"),
+                         1);
+        assert_int_equal(thin_registry_reconcile(e->db, "vm-host", POOL, true, NULL, NULL), 0);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 0);
+        assert_pool_matches_rows(e);
+}
+
+static int run_gc_all(struct env *e, bool dry_run, char *out, size_t size)
+{
+        return run_cli(
+                e,
+                dry_run ? (const char *const[]){"gc", "--all-unreferenced", "--dry-run", NULL}
+                        : (const char *const[]){"gc", "--all-unreferenced", NULL},
+                out, size);
+}
+
+/* Unpack @image_id, then drop its image row: its origin is left unreferenced. */
+static long unreferenced_origin(struct env *e, const char *image_id)
+{
+        struct stage_result res;
+        char json[1024];
+        long id;
+
+        make_rootfs_tar(image_id, "");
+        unpack_json(image_id, json, sizeof(json));
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        stage_result_done(&res);
+        id = scalar(e->db, "SELECT device_id FROM unpacked_images WHERE image_id = '%s'", image_id);
+        assert_int_equal(db_exec(e->db, NULL, "DELETE FROM unpacked_images WHERE image_id = $1", 1,
+                                 (const char *const[]){image_id}),
+                         0);
+        return id;
+}
+
+/*
+ * gc --all-unreferenced in a child of ours (crash and stop points work there), stopped at
+ * @stop_at until the caller lets it go on (SIGCONT).
+ */
+static pid_t gc_all_child(struct env *e, const char *stop_at)
+{
+        pid_t pid;
+
+        (void)fflush(NULL);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                char *argv[] = {(char *)"gc", (char *)"--all-unreferenced", NULL};
+
+                setenv("FIM_STOP_AT", stop_at, 1);
+                setenv("DATABASE_URL", e->url, 1);
+                setenv("LOCAL_DIR", LOCAL, 1);
+                setenv("POOL_NAME", POOL, 1);
+                setenv("HOST_ID", "vm-host", 1);
+                (void)freopen("/dev/null", "w", stdout);
+                _exit(cmd_gc(2, argv));
+        }
+        return pid;
+}
+
+static void wait_stopped(pid_t pid)
+{
+        int status;
+
+        assert_int_equal(waitpid(pid, &status, WUNTRACED), pid);
+        if (!WIFSTOPPED(status))
+                fail_msg("child did not stop (status %d)", status);
+}
+
+/*
+ * gc --all-unreferenced removes an origin no image maps to, the half-made device of a failed
+ * run and a tarball no image row knows (--dry-run only says so), and leaves an image in use
+ * alone. An image that comes to share an unreferenced origin while gc is between choosing it
+ * and removing it keeps it: gc checks again, under the lock unpack maps images under. And
+ * an unpack that saw the origin before gc removed it makes its own instead of mapping to it.
+ */
+static void test_stages_gc_all_unreferenced(void **state)
+{
+        struct env *e = *state;
+        struct stage_result act, res;
+        char json[1024], out[4096], buf[32];
+        long used, orphan, lonely;
+        pid_t gc, unpack;
+
+        make_rootfs_tar("used", "");
+        used = unpack_and_activate(e, "used", &act);
+        stage_result_done(&act);
+        orphan = unreferenced_origin(e, "orphan");
+        make_rootfs_tar("failed", "");
+        unpack_json("failed", json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "unpack.after_create_thin");
+        assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET status = 'failed',"
+                                               " lease_owner = NULL WHERE status = 'running'"),
+                         0);
+        sh("head -c 1000 /dev/urandom > " LOCAL "/stray.tar");
+
+        if (run_gc_all(e, true, out, sizeof(out)) < 0)
+                fail_msg("gc --dry-run: %s", err_last());
+        (void)snprintf(buf, sizeof(buf), "thin id %ld ", orphan);
+        if (!strstr(out, "would remove unreferenced origin") || !strstr(out, buf) ||
+            !strstr(out, "stray.tar") || !strstr(out, "left creating"))
+                fail_msg("gc --dry-run output: %s", out);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 4);
+        assert_int_equal(access(LOCAL "/stray.tar", F_OK), 0);
+
+        if (run_gc_all(e, false, out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 2);
+        assert_int_equal(
+                scalar(e->db, "SELECT count(*) FROM thin_devices WHERE device_id = %ld", used), 1);
+        assert_int_equal(access(LOCAL "/stray.tar", F_OK), -1);
+        assert_int_equal(access("/dev/mapper/snapshot-used", F_OK), 0);
+        assert_pool_matches_rows(e);
+
+        /* An image maps to the origin between gc's choice and its removal. */
+        lonely = unreferenced_origin(e, "lonely");
+        sh("cp " LOCAL "/lonely.tar " LOCAL "/twin.tar");
+        gc = gc_all_child(e, "gc.after_select");
+        wait_stopped(gc);
+        unpack_json("twin", json, sizeof(json));
+        assert_int_equal(run_stage(e, e->db, e->leases, STAGE_UNPACK, json, &res), 0);
+        assert_int_equal(res.outcome, FSM_OUTCOME_COMPLETE);
+        assert_int_equal(strtol(field(res.response, "device_id", buf, sizeof(buf)), NULL, 10),
+                         lonely);
+        stage_result_done(&res);
+        assert_int_equal(kill(gc, SIGCONT), 0);
+        wait_ok(gc, "gc --all-unreferenced");
+        assert_int_equal(scalar(e->db, "SELECT device_id FROM unpacked_images WHERE"
+                                       " image_id = 'twin'"),
+                         lonely);
+        assert_origin_holds_tar_of(e, "twin", "lonely");
+        assert_pool_matches_rows(e);
+
+        /*
+         * An unpack looked the origin up before gc removed it: it must not map to it. Its
+         * tarball has an image row, or gc would take it too.
+         */
+        lonely = unreferenced_origin(e, "lonely-2");
+        sh("cp " LOCAL "/lonely-2.tar " LOCAL "/twin-2.tar");
+        assert_int_equal(db_exec_script(e->db, "INSERT INTO images (host_id, image_id, bucket,"
+                                               " s3_key) VALUES ('vm-host', 'twin-2', 'b', 'k')"),
+                         0);
+        unpack_json("twin-2", json, sizeof(json));
+        setenv("FIM_STOP_AT", "unpack.share.after_lookup", 1);
+        /* A lease that outlasts the stop: the run must go on, not be taken over. */
+        unpack = stage_child_lease(e, STAGE_UNPACK, json, 600000);
+        unsetenv("FIM_STOP_AT");
+        wait_stopped(unpack);
+        if (run_gc_all(e, false, out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_int_equal(
+                scalar(e->db, "SELECT count(*) FROM thin_devices WHERE device_id = %ld", lonely),
+                0);
+        assert_int_equal(kill(unpack, SIGCONT), 0);
+        wait_ok(unpack, "unpack of content whose origin gc removed");
+        assert_origin_holds_tar_of(e, "twin-2", "lonely-2");
+        assert_pool_matches_rows(e);
+}
+
+#define OTHER_POOL "fimotherpool"
+#define OTHER_POOL_DIR POOL_DIR "-other"
+
+/* Make the half-made device of a failed unpack run of @image_id in the configured pool. */
+static void half_made_device(struct env *e, const char *image_id)
+{
+        char json[1024];
+
+        make_rootfs_tar(image_id, "");
+        unpack_json(image_id, json, sizeof(json));
+        crash_at(e, STAGE_UNPACK, json, "unpack.after_create_thin");
+        assert_int_equal(db_exec_script(e->db, "UPDATE fsm_runs SET status = 'failed',"
+                                               " lease_owner = NULL WHERE status = 'running'"),
+                         0);
+}
+
+/*
+ * Requests may name another pool than POOL_NAME: the worker's start (reconcile_at_start),
+ * verify-system and gc --all-unreferenced cover every pool this host has rows in.
+ */
+static void test_stages_every_pool_is_reconciled(void **state)
+{
+        struct env *e = *state;
+        struct pool_setup_opts o = POOL_SETUP_OPTS_INIT;
+        struct stage_result act;
+        char out[4096], origin[32];
+
+        o.name = OTHER_POOL;
+        o.dir = OTHER_POOL_DIR;
+        o.data_size = 512ULL << 20;
+        assert_true(pool_setup_create(&o, NULL) >= 0);
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", OTHER_POOL, CONFIG_SOURCE_FLAG), 0);
+        make_rootfs_tar("elsewhere", "");
+        thin_registry_origin_name(unpack_and_activate(e, "elsewhere", &act), origin,
+                                  sizeof(origin));
+        stage_result_done(&act);
+        half_made_device(e, "elsewhere-half-1");
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", POOL, CONFIG_SOURCE_FLAG), 0);
+
+        if (run_verify(e, out, sizeof(out)) == 0)
+                fail_msg("verify-system passed with a half-made device in '" OTHER_POOL "': %s",
+                         out);
+        if (!has_line(out, "FAIL", "thin-ids", "pool '" OTHER_POOL "'") ||
+            !has_line(out, "PASS", "thin-ids", "pool '" POOL "'"))
+                fail_msg("verify-system output: %s", out);
+        if (run_gc_all(e, false, out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 2);
+        assert_pool_matches_rows(e);
+
+        /* Another half-made device there, then a reboot: the worker's start repairs both. */
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", OTHER_POOL, CONFIG_SOURCE_FLAG), 0);
+        half_made_device(e, "elsewhere-half-2");
+        assert_int_equal(config_set(&e->cfg, "POOL_NAME", POOL, CONFIG_SOURCE_FLAG), 0);
+        assert_int_equal(thin_pool_deactivate("snapshot-elsewhere", NULL), 0);
+        assert_int_equal(thin_pool_deactivate(origin, NULL), 0);
+        assert_int_equal(reconcile_at_start(&e->cfg, e->db), 0);
+        assert_int_equal(access("/dev/mapper/snapshot-elsewhere", F_OK), 0);
+        assert_int_equal(scalar(e->db, "SELECT count(*) FROM thin_devices"), 2);
+        assert_pool_matches_rows(e);
+        if (run_verify(e, out, sizeof(out)) < 0)
+                fail_msg("verify-system: %s", err_last());
+
+        if (run_gc(e, "elsewhere", out, sizeof(out)) < 0)
+                fail_msg("gc: %s", err_last());
+        assert_true(pool_setup_teardown(OTHER_POOL, OTHER_POOL_DIR, true, NULL) >= 0);
+}
+
+/* Whether @name matches one of the comma-separated fnmatch patterns of @filter. */
+static bool filter_matches(const char *filter, const char *name)
+{
+        char pattern[256];
+
+        for (const char *p = filter; *p;) {
+                size_t len = strcspn(p, ",");
+
+                (void)snprintf(pattern, sizeof(pattern), "%.*s", (int)len, p);
+                if (fnmatch(pattern, name, 0) == 0)
+                        return true;
+                p += len + (p[len] == ',');
+        }
+        return false;
+}
+
 int main(void)
 {
-        const struct CMUnitTest tests[] = {
+        struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_stages_unpack_activate_realistic_image, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_identical_content_shares_one_origin,
@@ -1403,10 +1850,21 @@ int main(void)
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_stages_unpack_mount_does_not_propagate, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_stages_activate_keeps_an_unknown_id, setup,
+                                                teardown),
+                cmocka_unit_test_setup_teardown(test_stages_leftovers_of_runs_that_never_resume,
+                                                setup, teardown),
+                cmocka_unit_test_setup_teardown(test_stages_gc_all_unreferenced, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_stages_every_pool_is_reconciled, setup,
+                                                teardown),
         };
+        const char *filter = getenv("FIM_TEST_FILTER");
+        size_t n = 0;
 
-        /* FIM_TEST_FILTER=pattern runs only the matching cases (cmocka's * wildcard). */
-        if (getenv("FIM_TEST_FILTER"))
-                cmocka_set_test_filter(getenv("FIM_TEST_FILTER"));
-        return cmocka_run_group_tests(tests, NULL, NULL);
+        /* FIM_TEST_FILTER=pattern[,pattern...] runs only the cases matching one (fnmatch). */
+        for (size_t i = 0; i < ARRAY_SIZE(tests); i++) {
+                if (!filter || filter_matches(filter, tests[i].name))
+                        tests[n++] = tests[i];
+        }
+        return _cmocka_run_group_tests("test_stages", tests, n, NULL, NULL);
 }

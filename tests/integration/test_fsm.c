@@ -45,6 +45,9 @@ struct sample {
         int fail_times;      /* how many calls of fail_at fail (-1: all) */
         int fail_calls;
         int failures_recorded;               /* on_failure hook calls */
+        const char *check_url;               /* after_failure reads the run's status here */
+        char status_after_failure[16];       /* ... as another connection sees it */
+        char error_after_failure[128];       /* ... and fsm_run_error() then */
         const char *arm_at;                  /* step that arms a COMMIT fault on g_proxy ... */
         enum pgproxy_commit_fault arm_fault; /* ... this one */
         bool cut_when_failing;               /* fail_at cuts g_proxy's connections first */
@@ -138,6 +141,26 @@ static int sample_on_failure(struct fsm_run *run, struct db *db, void *userdata)
         return 0;
 }
 
+/* What another connection sees of the run once the failure hook after the commit runs. */
+static void sample_after_failure(struct fsm_run *run, void *userdata)
+{
+        struct sample *s = userdata;
+        struct db *db = NULL;
+        PGresult *res = NULL;
+
+        (void)snprintf(s->error_after_failure, sizeof(s->error_after_failure), "%s",
+                       fsm_run_error(run));
+        if (!s->check_url || db_connect(s->check_url, &db) < 0)
+                return;
+        if (db_query_row(db, &res, "SELECT status FROM fsm_runs WHERE run_id = $1", 1,
+                         (const char *const[]){fsm_run_id(run)}) > 0) {
+                (void)snprintf(s->status_after_failure, sizeof(s->status_after_failure), "%s",
+                               db_get(res, 0, 0));
+                PQclear(res);
+        }
+        db_free(db);
+}
+
 static const struct fsm_transition sample_transitions[] = {
         {"a", step_a, commit_a},
         {"b", step_b, commit_b},
@@ -150,6 +173,7 @@ static const struct fsm_def sample_fsm = {
         .transitions = sample_transitions,
         .transition_count = 4,
         .on_failure = sample_on_failure,
+        .after_failure = sample_after_failure,
 };
 
 struct env {
@@ -498,7 +522,8 @@ static void test_fsm_transient_errors_retry_with_backoff(void **state)
 static void test_fsm_permanent_error_aborts_then_replay_runs_again(void **state)
 {
         struct env *e = *state;
-        struct sample bad = {.fail_at = "b", .fail_errno = -EINVAL, .fail_times = -1};
+        struct sample bad = {
+                .fail_at = "b", .fail_errno = -EINVAL, .fail_times = -1, .check_url = e->url};
         struct sample good = {0};
         struct fsm_result res, again;
 
@@ -510,6 +535,9 @@ static void test_fsm_permanent_error_aborts_then_replay_runs_again(void **state)
         assert_int_equal(bad.fail_calls, 1);
         assert_int_equal(bad.failures_recorded, 1);
         assert_non_null(strstr(res.error_text, "failed on purpose"));
+        /* The hook for device-mapper work runs once the failure is visible to everybody. */
+        assert_string_equal(bad.status_after_failure, "aborted");
+        assert_non_null(strstr(bad.error_after_failure, "failed on purpose"));
         assert_int_equal(count_where(e->db,
                                      "SELECT count(*) FROM fsm_runs WHERE run_id = '%s'"
                                      " AND status = '%s' AND error_class = 'permanent'",

@@ -38,6 +38,9 @@ static void test_common_err_transient_classification(void **state)
         assert_true(err_is_transient(-ETIMEDOUT));
         assert_true(err_is_transient(-ECONNRESET));
         assert_true(err_is_transient(-EBUSY));
+        /* stages/extract.h: an I/O error of the target filesystem is the retryable class. */
+        assert_true(err_is_transient(-EIO));
+        assert_false(err_is_transient(-ENOSPC));
         assert_false(err_is_transient(-EINVAL));
         assert_false(err_is_transient(-ENOENT));
         assert_false(err_is_transient(-EACCES));
