@@ -288,7 +288,7 @@ static const struct {
          "the bucket needs another endpoint: check AWS_REGION and S3_ENDPOINT"},
         {"NotImplemented", -ENOSYS,
          "the server does not implement this request: check that S3_ENDPOINT is an S3 API"},
-        {"XAmzContentSHA256Mismatch", -EIO,
+        {"XAmzContentSHA256Mismatch", -EBADMSG,
          "the server saw a different payload hash: a client bug or a proxy that alters requests"},
 };
 
@@ -329,7 +329,8 @@ FIM_TESTABLE int s3_client_errno_for(long status, const char *code, const char *
                 r = -EINVAL;
                 hint = "the server redirects: check AWS_REGION and S3_ENDPOINT";
         } else {
-                r = -EIO;
+                /* Asking the same server the same way gives the same answer: permanent. */
+                r = -EBADMSG;
                 hint = "unexpected answer from the server: check S3_ENDPOINT";
         }
         *ret_hint = hint;

@@ -25,7 +25,8 @@
  *   the s3_limits deadline                              -ETIMEDOUT  transient
  *   connection reset or refused                         -ECONNRESET/-ECONNREFUSED transient
  *   truncated body                                      -EPIPE      transient
- *   anything else from the server                       -EIO        permanent
+ *   anything else from the server                       -EBADMSG    permanent
+ *   an unexpected curl failure                          -EIO        transient
  */
 
 #include <stdbool.h>

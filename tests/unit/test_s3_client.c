@@ -128,7 +128,7 @@ static void test_s3_client_error_mapping_table(void **state)
                 {429, "", -EAGAIN, "transient"},
                 {502, "", -EAGAIN, "transient"},
                 {503, "", -EAGAIN, "transient"},
-                {400, "", -EIO, "unexpected"},
+                {400, "", -EBADMSG, "unexpected"},
                 {503, "SomethingNew", -EAGAIN, "transient"},
                 /* Not implemented is not a passing condition. */
                 {501, "NotImplemented", -ENOSYS, "S3_ENDPOINT"},
