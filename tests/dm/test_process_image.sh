@@ -128,12 +128,42 @@ out=$("$BIN" verify-system 2>&1)
 check "pool and database agree" grep -Eq '^PASS +thin-ids' <<<"$out"
 check "no stray thin device" test -z "$(dmsetup ls --target thin | grep -v -e snapshot-pi-good -e '^thin-' )"
 
-# 6. Usage errors.
+# 6. Another pool and device size than the defaults, from the flags: the origin is made in
+# that pool with that size, and the rows say so.
+"$BIN" pool-setup --name "${POOL_NAME}2" --dir "$W/pool2" --data-size 512M >/dev/null ||
+        bad "pool-setup of a second pool"
+out=$("$BIN" process-image --s3-key "$KEY_PREFIX/good.tar" --image-id pi-other \
+        --pool "${POOL_NAME}2" --device-size 128M 2>&1); rc=$?
+check "process-image --pool --device-size succeeds" test "$rc" -eq 0
+other_id=$(psql "$DATABASE_URL" -qAtc "SELECT device_id FROM thin_devices WHERE kind = 'origin' AND pool_name = '${POOL_NAME}2'")
+if [ -n "$other_id" ] && [ -b "/dev/mapper/thin-$other_id" ]; then
+        check "the origin has the requested size" \
+                test "$(blockdev --getsize64 "/dev/mapper/thin-$other_id")" = $((128 << 20))
+        pool2_dev=$(dmsetup info -c --noheadings -o major,minor "${POOL_NAME}2" | tr -d ' ')
+        check "the origin lives in the requested pool" \
+                grep -q " thin $pool2_dev $other_id\$" <<<" $(dmsetup table "thin-$other_id")"
+else
+        bad "an origin row and device in the second pool" "$out"
+fi
+check "the snapshot of the other image exists" test -b /dev/mapper/snapshot-pi-other
+check "no row of that image in the default pool" test "$(psql "$DATABASE_URL" -qAtc \
+        "SELECT count(*) FROM snapshots WHERE image_id = 'pi-other' AND pool_name <> '${POOL_NAME}2'")" = 0
+out=$("$BIN" verify-system 2>&1)
+check "verify-system checks the second pool too" grep -Eq "^PASS +thin-ids.*${POOL_NAME}2" <<<"$out"
+out=$("$BIN" gc --image-id pi-other 2>&1); rc=$?
+check "gc of the other image succeeds" test "$rc" -eq 0
+check "gc left no rows in the second pool" test "$(psql "$DATABASE_URL" -qAtc \
+        "SELECT count(*) FROM thin_devices WHERE pool_name = '${POOL_NAME}2'")" = 0
+check "gc removed the other image's devices" \
+        test ! -e /dev/mapper/snapshot-pi-other -a ! -e "/dev/mapper/thin-${other_id:-none}"
+"$BIN" pool-setup --teardown --name "${POOL_NAME}2" --dir "$W/pool2" --force >/dev/null 2>&1
+
+# 7. Usage errors.
 "$BIN" process-image --image-id x >/dev/null 2>&1; check "missing --s3-key is a usage error" test $? -eq 2
 "$BIN" process-image --s3-key k --image-id 'a/b' >/dev/null 2>&1; check "bad image id is a usage error" test $? -eq 2
 "$BIN" process-image --s3-key k --image-id a --device-size 1000 >/dev/null 2>&1; check "bad device size is a usage error" test $? -eq 2
 
-# 7. gc removes snapshot, origin and tarball.
+# 8. gc removes snapshot, origin and tarball.
 out=$("$BIN" gc --image-id pi-good 2>&1); rc=$?
 check "gc succeeds" test "$rc" -eq 0
 check "gc removed the snapshot" test ! -e /dev/mapper/snapshot-pi-good
