@@ -3,7 +3,8 @@
 # builds three times (warnings as errors; ASan+UBSan; TSan), starts real PostgreSQL, S3Proxy
 # and Kafka on loopback, runs unit and integration tests in the first two builds and the
 # threaded worker-pool tests in the TSan build, runs the device-mapper
-# suites inside one qemu VM boot (the host kernel has no dm-thin), and a short fuzz run of
+# suites inside one qemu VM boot (the host kernel has no dm-thin), the end-to-end suite and
+# the README's main command (scripts/demo.sh) in a VM boot each, and a short fuzz run of
 # the tar extractor. Stops the services on exit, also on failure.
 #
 # Usage: scripts/test.sh [--no-vm] [--no-fuzz] [--no-asan] [--no-tsan]
@@ -102,6 +103,8 @@ if [ "$run_vm" = 1 ]; then
         suite "VM harness self-test" bash tests/vm/selftest.sh
         suite "device-mapper suites (qemu VM, real dm-thin)" bash tests/dm/run_in_vm.sh build
         suite "end to end: real worker in the VM" bash tests/e2e/run.sh build
+        suite "the README's main command (scripts/demo.sh, twice, then --clean)" \
+                bash tests/demo/test_demo.sh
 fi
 
 if [ "$run_fuzz" = 1 ] && [ -x tests/fuzz/run.sh ]; then

@@ -58,6 +58,20 @@ ROOT=$(cd "$HERE/../.." && pwd)
 STATE=${FIM_SERVICES_DIR:-/tmp/fim-services}
 CACHE=$ROOT/.cache
 
+# The ports a running set was started with, so that status, stop and a later start find it
+# without the caller repeating them (a port the caller sets still wins).
+PORTS_FILE=$STATE/ports.env
+if [ -f "$PORTS_FILE" ]; then
+        while IFS='=' read -r var value; do
+                case $var in
+                FIM_PG_PORT | FIM_S3_PORT | FIM_S3_VHOST_PORT | FIM_KAFKA_PORT | \
+                        FIM_KAFKA_CONTROLLER_PORT | FIM_KAFKA_GUEST_PORT)
+                        [[ "$value" =~ ^[0-9]+$ ]] && [ -z "${!var:-}" ] && export "$var=$value"
+                        ;;
+                esac
+        done <"$PORTS_FILE"
+fi
+
 PG_PORT=${FIM_PG_PORT:-55432}
 S3_PORT=${FIM_S3_PORT:-19000}
 S3_VHOST_PORT=${FIM_S3_VHOST_PORT:-$((S3_PORT + 1))}
@@ -619,6 +633,9 @@ cmd_start() {
         take_lock
         mkdir -p "$STATE"
         chmod 755 "$STATE"
+        printf '%s\n' "FIM_PG_PORT=$PG_PORT" "FIM_S3_PORT=$S3_PORT" "FIM_S3_VHOST_PORT=$S3_VHOST_PORT" \
+                "FIM_KAFKA_PORT=$KAFKA_PORT" "FIM_KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT" \
+                "FIM_KAFKA_GUEST_PORT=$KAFKA_GUEST_PORT" >"$PORTS_FILE"
 
         # Each service starts in its own background job: the JVMs take
         # seconds to boot on 2 cores and need not wait for one another.
