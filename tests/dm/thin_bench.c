@@ -4,7 +4,7 @@
  *
  *   thin_bench [--rounds N] [--dir DIR]
  *
- * Needs root and dm-thin (run it in the VM through tests/bench/thin_bench.sh). It sets up a
+ * Needs root and dm-thin (run it in the VM through tests/bench/dm_bench.sh). It sets up a
  * loop-backed pool in DIR (default: a fresh directory under /tmp), then for each scenario runs
  * N rounds, alternating ours and dmsetup so drift hits both alike:
  *

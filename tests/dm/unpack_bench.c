@@ -12,7 +12,7 @@
  *             xattrs we keep (user.*, security.capability), syncfs, unmount
  *
  * Needs root, dm-thin and PostgreSQL (FIM_PG_ADMIN_URL; a scratch database is created and
- * dropped): run it in the VM through tests/bench/unpack_bench.sh. Rounds alternate ours and
+ * dropped): run it in the VM through tests/bench/dm_bench.sh. Rounds alternate ours and
  * the baseline so drift hits both alike; each round's device is removed untimed. Prints each
  * round, each side's median and their ratio. Exit status 0, or 1 on any failure.
  */
