@@ -142,12 +142,13 @@ static int process_stage(const struct stage_ctx *ctx, enum stage_id id, const ch
                 return 0;
         case FSM_OUTCOME_FAILED:
                 return err_set(res->error ? res->error : -EIO,
-                               "%s failed (%s, run %s, %d attempt%s): %s", st->name,
-                               res->error_class, res->run_id[0] ? res->run_id : "-", res->attempts,
-                               res->attempts == 1 ? "" : "s", res->error_text);
+                               "%s of image '%s' failed (%s, run %s, %d attempt%s): %s", st->name,
+                               res->image_id, res->error_class, res->run_id[0] ? res->run_id : "-",
+                               res->attempts, res->attempts == 1 ? "" : "s", res->error_text);
         default:
-                return err_set(res->error ? res->error : -EINTR, "%s interrupted (run %s): %s",
-                               st->name, res->run_id,
+                return err_set(res->error ? res->error : -EINTR,
+                               "%s of image '%s' interrupted (run %s): %s", st->name, res->image_id,
+                               res->run_id,
                                res->error_text[0] ? res->error_text
                                                   : "resume it by running the same command again");
         }

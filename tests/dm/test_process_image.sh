@@ -105,7 +105,7 @@ assert d["unpack"]["outcome"] == "already_complete" and d["unpack"]["response"][
 # 4. A missing object: the download stage fails, permanently, with S3's reason.
 out=$("$BIN" process-image --s3-key "$KEY_PREFIX/missing.tar" --image-id pi-missing 2>&1); rc=$?
 check "missing object exits 1" test "$rc" -eq 1
-if grep -q 'download failed (permanent' <<<"$out" && grep -q 'NoSuchKey' <<<"$out"; then
+if grep -q "download of image 'pi-missing' failed (permanent" <<<"$out" && grep -q 'NoSuchKey' <<<"$out"; then
         ok "missing object names stage and S3 error"
 else
         bad "missing object names stage and S3 error" "$out"
@@ -117,7 +117,7 @@ ids_before=$(psql "$DATABASE_URL" -qAtc "SELECT string_agg(device_id::text, ',' 
 tid_before=$(dmsetup status "$POOL_NAME" | awk '{print $4}')
 out=$("$BIN" process-image --s3-key "$KEY_PREFIX/evil.tar" --image-id pi-evil 2>&1); rc=$?
 check "hostile tarball exits 1" test "$rc" -eq 1
-if grep -q 'unpack failed (permanent' <<<"$out" && grep -q "escape" <<<"$out"; then
+if grep -q "unpack of image 'pi-evil' failed (permanent" <<<"$out" && grep -q "escape" <<<"$out"; then
         ok "hostile tarball names stage and member"
 else
         bad "hostile tarball names stage and member" "$out"
