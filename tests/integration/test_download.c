@@ -25,6 +25,7 @@
 
 #include "common/err.h"
 #include "common/util.h"
+#include "helper_download.h"
 #include "helper_faultproxy.h"
 #include "stages/download.h"
 #include "stages/s3_client.h"
@@ -1095,27 +1096,6 @@ static void test_download_virtual_host(void **state)
 
 /* ---- crashes and changes mid-download --------------------------------------------------- */
 
-/* The verified prefix recorded in a sidecar, or 0. */
-static uint64_t meta_verified(const char *dest)
-{
-        char path[600], line[256];
-        uint64_t v = 0;
-        FILE *f;
-
-        (void)snprintf(path, sizeof(path), "%s.part.meta", dest);
-        f = fopen(path, "re");
-        if (!f)
-                return 0;
-        while (fgets(line, sizeof(line), f)) {
-                unsigned long long n;
-
-                if (sscanf(line, "verified %llu", &n) == 1)
-                        v = n;
-        }
-        fclose(f);
-        return v;
-}
-
 /* A process killed mid-transfer: the next one resumes from the last checkpoint, not zero. */
 static void test_download_resumes_after_sigkill(void **state)
 {
@@ -1156,7 +1136,7 @@ static void test_download_resumes_after_sigkill(void **state)
         }
         for (int i = 0; i < 1200 && verified < 3 * MIB; i++) {
                 util_sleep_ms(50);
-                verified = meta_verified(dest);
+                verified = download_test_verified(dest);
                 if (waitpid(pid, &status, WNOHANG) == pid)
                         fail_msg(
                                 "the downloading child exited by itself (status %d) before the kill, verified %llu",
@@ -1169,7 +1149,7 @@ static void test_download_resumes_after_sigkill(void **state)
         if (verified < 3 * MIB)
                 fail_msg("no checkpoint past 3 MiB before the kill (verified %llu)",
                          (unsigned long long)verified);
-        verified = meta_verified(dest); /* what the dead process left */
+        verified = download_test_verified(dest); /* what the dead process left */
         assert_true(verified >= 3 * MIB && verified < o->size);
 
         r = download_object(t.proxied, &p, NULL, NULL, &res);

@@ -24,6 +24,7 @@
 #include <json-c/json.h>
 
 #include "common/util.h"
+#include "helper_download.h"
 #include "helper_faultproxy.h"
 #include "helper_worker.h"
 #include "stages/download.h"
@@ -211,27 +212,6 @@ static void test_worker_download_completed_in_process_hands_off_later(void **sta
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
-/* "verified N" from the sidecar of @dest's partial download: bytes synced; 0 without one. */
-static uint64_t meta_verified(const char *dest)
-{
-        char path[300], line[256];
-        uint64_t v = 0;
-        FILE *f;
-
-        (void)snprintf(path, sizeof(path), "%s.part.meta", dest);
-        f = fopen(path, "re");
-        if (!f)
-                return 0;
-        while (fgets(line, sizeof(line), f)) {
-                unsigned long long n;
-
-                if (sscanf(line, "verified %llu", &n) == 1)
-                        v = n;
-        }
-        fclose(f);
-        return v;
-}
-
 /*
  * A worker SIGKILLed in the middle of a real download. The proxy pauses the body twice: the
  * first pause outlasts the checkpoint interval (2 s), so the bytes after it bring a
@@ -269,13 +249,13 @@ static void test_worker_download_sigkill_mid_transfer_resumes(void **state)
         w = wt_cli_start(e, worker, env);
         assert_int_equal(wt_cli(e, out, sizeof(out), enqueue), 0);
         deadline = util_now_monotonic_ms() + 120000;
-        while ((verified = meta_verified(dest)) == 0) {
+        while ((verified = download_test_verified(dest)) == 0) {
                 if (util_now_monotonic_ms() > deadline)
                         fail_msg("no download checkpoint of '%s' within 120 s", dest);
                 util_sleep_ms(50);
         }
         assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
-        verified = meta_verified(dest); /* what the dead worker left */
+        verified = download_test_verified(dest); /* what the dead worker left */
         assert_true(verified > 0 && verified < 300000);
         assert_int_equal(access(dest, F_OK), -1);
         assert_int_equal(wt_sql(e,
