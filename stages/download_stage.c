@@ -223,15 +223,9 @@ static int download_check_exists(struct fsm_run *run, void *userdata)
 
 static int download_s3_client(const struct config *cfg, struct s3_client **ret)
 {
-        struct s3_client_options o = {
-                .endpoint = cfg->s3_endpoint,
-                .region = cfg->s3_region,
-                .access_key_id = cfg->s3_access_key,
-                .secret_access_key = cfg->s3_secret_key,
-                .session_token = cfg->s3_session_token[0] ? cfg->s3_session_token : NULL,
-                .force_path_style = cfg->s3_force_path_style,
-        };
+        struct s3_client_options o;
 
+        s3_client_options_from_config(cfg, &o);
         return s3_client_new(&o, ret);
 }
 

@@ -18,6 +18,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "config/config.h"
 #include "stages/s3_sigv4.h"
 
 /*
@@ -552,6 +553,18 @@ static int s3_client_parse_endpoint(struct s3_client *c, const char *endpoint)
         if (s3_host_is_ip_literal(c->authority))
                 c->path_style = true;
         return 0;
+}
+
+void s3_client_options_from_config(const struct config *cfg, struct s3_client_options *ret)
+{
+        *ret = (struct s3_client_options){
+                .endpoint = cfg->s3_endpoint,
+                .region = cfg->s3_region,
+                .access_key_id = cfg->s3_access_key,
+                .secret_access_key = cfg->s3_secret_key,
+                .session_token = cfg->s3_session_token[0] ? cfg->s3_session_token : NULL,
+                .force_path_style = cfg->s3_force_path_style,
+        };
 }
 
 int s3_client_new(const struct s3_client_options *opts, struct s3_client **ret)

@@ -93,6 +93,15 @@ struct s3_get {
 /* Create a client. Returns 0, -EINVAL (bad endpoint, region or half-set credentials), -ENOMEM. */
 int s3_client_new(const struct s3_client_options *opts, struct s3_client **ret);
 
+struct config;
+
+/*
+ * The options the settings give: S3_ENDPOINT, AWS_REGION, the credentials (an empty session
+ * token means none), S3_FORCE_PATH_STYLE; everything else zero (the defaults). The strings
+ * are borrowed from @cfg.
+ */
+void s3_client_options_from_config(const struct config *cfg, struct s3_client_options *ret);
+
 /* Free a client and its connections. NULL-safe; returns NULL. */
 struct s3_client *s3_client_free(struct s3_client *c);
 

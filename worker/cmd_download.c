@@ -118,15 +118,9 @@ static int cmd_download_parse(int argc, char **argv, struct cmd_download_args *a
 
 static int cmd_download_client(const struct config *cfg, struct s3_client **ret)
 {
-        const struct s3_client_options o = {
-                .endpoint = cfg->s3_endpoint,
-                .region = cfg->s3_region,
-                .access_key_id = cfg->s3_access_key,
-                .secret_access_key = cfg->s3_secret_key,
-                .session_token = cfg->s3_session_token[0] ? cfg->s3_session_token : NULL,
-                .force_path_style = cfg->s3_force_path_style,
-        };
+        struct s3_client_options o;
 
+        s3_client_options_from_config(cfg, &o);
         return s3_client_new(&o, ret);
 }
 

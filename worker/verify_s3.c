@@ -12,21 +12,15 @@
 
 void verify_s3(struct verify_report *rep, const struct config *cfg)
 {
-        struct s3_client_options o = {
-                .endpoint = cfg->s3_endpoint,
-                .region = cfg->s3_region,
-                .access_key_id = cfg->s3_access_key,
-                .secret_access_key = cfg->s3_secret_key,
-                .session_token = cfg->s3_session_token[0] ? cfg->s3_session_token : NULL,
-                .force_path_style = cfg->s3_force_path_style,
-                .connect_timeout_ms = 5000,
-        };
         struct s3_limits limits = {.stall_timeout_ms = 10000};
+        struct s3_client_options o;
         struct s3_client *client = NULL;
         struct s3_object_info info;
         const char *who = config_has_s3_credentials(cfg) ? "signed" : "anonymous";
         int r;
 
+        s3_client_options_from_config(cfg, &o);
+        o.connect_timeout_ms = 5000;
         r = s3_client_new(&o, &client);
         if (r < 0) {
                 verify_report_add(rep, "s3", false, "%s", err_text(r));
