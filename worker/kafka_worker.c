@@ -18,6 +18,7 @@
 #include "config/config.h"
 #include "db/db.h"
 #include "stages/thin_pool.h"
+#include "worker/kafka_client.h"
 #include "worker/kafka_producer.h"
 #include "worker/lease.h"
 #include "worker/metrics.h"
@@ -27,13 +28,17 @@
 
 #define KAFKA_WORKER_MAX_STAGES 8
 /*
- * /readyz: PostgreSQL is probed this often by a thread of its own, with a fresh connection
- * each time (bounded by libpq's connect_timeout, so a dead network cannot hang the probe or
- * shutdown); a probe older than KAFKA_WORKER_DB_STALE_MS counts as a failure. Each consumer
- * must have polled within KAFKA_WORKER_POLL_STALE_MS (the dispatcher polls every 100 ms).
+ * /readyz: PostgreSQL and the Kafka brokers are probed this often by a thread of its own.
+ * PostgreSQL with a fresh connection each time (bounded by libpq's connect_timeout, so a dead
+ * network cannot hang the probe or shutdown); Kafka with a metadata request through a client
+ * of the probe's own, bounded by KAFKA_WORKER_KAFKA_PROBE_TIMEOUT_MS. The consumers cannot
+ * tell: a consumer keeps its group membership while every broker is down. A probe older than
+ * KAFKA_WORKER_DB_STALE_MS counts as a failure. Each consumer must have polled within
+ * KAFKA_WORKER_POLL_STALE_MS (the dispatcher polls every 100 ms).
  */
 #define KAFKA_WORKER_DB_PROBE_MS 5000
 #define KAFKA_WORKER_DB_STALE_MS 20000
+#define KAFKA_WORKER_KAFKA_PROBE_TIMEOUT_MS 3000
 #define KAFKA_WORKER_POLL_STALE_MS 10000
 
 /* Set by the first SIGTERM/SIGINT (to its number) or by a fatal failure (to -1). */
@@ -78,7 +83,7 @@ struct kafka_worker {
         const struct kafka_worker_options *opts;
         struct metrics_server *metrics;
         atomic_bool ready; /* started and not stopping; /readyz also asks the probes */
-        struct kafka_worker_db_probe *probe;
+        struct kafka_worker_probe *probe;
         struct lease_keeper *leases;
         struct kafka_producer *producer;
         struct outbox_publisher *publisher;
@@ -86,43 +91,66 @@ struct kafka_worker {
         size_t npools;
 };
 
-/* The PostgreSQL half of /readyz. */
-struct kafka_worker_db_probe {
+/* The PostgreSQL and Kafka half of /readyz. */
+struct kafka_worker_probe {
         const char *url;
+        rd_kafka_t *kafka; /* the probe's own client: only its metadata requests use it */
         pthread_t thread;
         pthread_mutex_t lock;
         pthread_cond_t wake;
         bool stopping;
-        int64_t ok_ms;   /* monotonic time of the last successful query, 0 before one */
-        char error[256]; /* why the last probe failed, "" when it succeeded */
-        bool failing;
+        int64_t ok_ms;       /* monotonic time of the last successful probe, 0 before one */
+        char error[256];     /* why the last probe failed, "" when it succeeded */
+        const char *failing; /* what failed the last probe, NULL when it succeeded */
 };
 
-static void kafka_worker_db_probe_once(struct kafka_worker_db_probe *p)
+/* Whether a broker answers a metadata request; 0, or a negative errno with err_last(). */
+static int kafka_worker_kafka_probe_once(rd_kafka_t *rk)
+{
+        const struct rd_kafka_metadata *md = NULL;
+        rd_kafka_resp_err_t err;
+
+        /* No topic of ours: the answer lists the brokers only, whatever the cluster holds. */
+        err = rd_kafka_metadata(rk, 0, NULL, &md, KAFKA_WORKER_KAFKA_PROBE_TIMEOUT_MS);
+        if (md)
+                rd_kafka_metadata_destroy(md);
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+                return kafka_client_errno(err, "no Kafka broker answers (KAFKA_BROKERS)");
+        return 0;
+}
+
+static void kafka_worker_probe_once(struct kafka_worker_probe *p)
 {
         struct db *db = NULL;
         PGresult *res = NULL;
+        const char *failed = "PostgreSQL unreachable";
         int r;
 
         r = db_connect(p->url, &db);
         if (r == 0)
                 r = db_query_row(db, &res, "SELECT 1", 0, NULL);
+        if (r == 0)
+                r = err_set(-EPROTO, "no row");
+        if (r > 0 && p->kafka) {
+                failed = "Kafka unreachable";
+                r = kafka_worker_kafka_probe_once(p->kafka);
+                r = r < 0 ? r : 1;
+        }
         pthread_mutex_lock(&p->lock);
         if (r > 0) {
                 p->ok_ms = util_now_monotonic_ms();
                 p->error[0] = '\0';
                 if (p->failing)
-                        log_notice("readiness probe: PostgreSQL answers again", "");
-                p->failing = false;
+                        log_notice("readiness probe: PostgreSQL and Kafka answer again", "");
+                p->failing = NULL;
         } else {
-                (void)snprintf(p->error, sizeof(p->error), "PostgreSQL unreachable: %s",
-                               r < 0 ? err_last() : "no row");
+                (void)snprintf(p->error, sizeof(p->error), "%s: %s", failed, err_last());
                 log_redact(p->error);
-                /* Once per outage: the probe runs every few seconds. */
-                if (!p->failing)
+                /* Once per outage of each service: the probe runs every few seconds. */
+                if (p->failing != failed)
                         log_warning("readiness probe failed, /readyz reports not ready", "error=%s",
                                     log_quote(p->error));
-                p->failing = true;
+                p->failing = failed;
         }
         pthread_mutex_unlock(&p->lock);
         if (res)
@@ -141,16 +169,16 @@ static void kafka_worker_deadline(struct timespec *ts, int64_t ms)
         }
 }
 
-static void *kafka_worker_db_probe_main(void *arg)
+static void *kafka_worker_probe_main(void *arg)
 {
-        struct kafka_worker_db_probe *p = arg;
+        struct kafka_worker_probe *p = arg;
 
         pthread_mutex_lock(&p->lock);
         while (!p->stopping) {
                 struct timespec until;
 
                 pthread_mutex_unlock(&p->lock);
-                kafka_worker_db_probe_once(p);
+                kafka_worker_probe_once(p);
                 kafka_worker_deadline(&until, KAFKA_WORKER_DB_PROBE_MS);
                 pthread_mutex_lock(&p->lock);
                 if (!p->stopping)
@@ -160,26 +188,48 @@ static void *kafka_worker_db_probe_main(void *arg)
         return NULL;
 }
 
-static int kafka_worker_db_probe_start(const char *url, struct kafka_worker_db_probe **ret)
+/*
+ * The probe's Kafka client is a producer that never produces. Its own connection failures
+ * are not logged: the consumers and the producer of the worker already report them.
+ */
+static int kafka_worker_probe_kafka_new(const struct config *cfg, rd_kafka_t **ret_rk)
 {
-        struct kafka_worker_db_probe *p;
+        static const char *const props[] = {"log_level", "2", NULL};
+        rd_kafka_conf_t *conf = NULL;
+        int r;
+
+        r = kafka_client_conf_new(cfg, RD_KAFKA_PRODUCER, "probe", props, &conf);
+        if (r < 0)
+                return r;
+        return kafka_client_new(RD_KAFKA_PRODUCER, conf, ret_rk);
+}
+
+static int kafka_worker_probe_start(const struct config *cfg, struct kafka_worker_probe **ret)
+{
+        struct kafka_worker_probe *p;
         pthread_condattr_t attr;
         int r;
 
         p = calloc(1, sizeof(*p));
         if (!p)
                 return err_set(-ENOMEM, "out of memory");
-        p->url = url;
-        (void)snprintf(p->error, sizeof(p->error), "PostgreSQL not probed yet");
+        p->url = cfg->database_url;
+        r = kafka_worker_probe_kafka_new(cfg, &p->kafka);
+        if (r < 0) {
+                free(p);
+                return r;
+        }
+        (void)snprintf(p->error, sizeof(p->error), "PostgreSQL and Kafka not probed yet");
         pthread_mutex_init(&p->lock, NULL);
         pthread_condattr_init(&attr);
         pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
         pthread_cond_init(&p->wake, &attr);
         pthread_condattr_destroy(&attr);
-        r = pthread_create(&p->thread, NULL, kafka_worker_db_probe_main, p);
+        r = pthread_create(&p->thread, NULL, kafka_worker_probe_main, p);
         if (r != 0) {
                 pthread_cond_destroy(&p->wake);
                 pthread_mutex_destroy(&p->lock);
+                rd_kafka_destroy(p->kafka);
                 free(p);
                 return err_set(-r, "failed to start the readiness probe: %s", strerror(r));
         }
@@ -187,7 +237,7 @@ static int kafka_worker_db_probe_start(const char *url, struct kafka_worker_db_p
         return 0;
 }
 
-static void kafka_worker_db_probe_stop(struct kafka_worker_db_probe *p)
+static void kafka_worker_probe_stop(struct kafka_worker_probe *p)
 {
         if (!p)
                 return;
@@ -198,10 +248,11 @@ static void kafka_worker_db_probe_stop(struct kafka_worker_db_probe *p)
         (void)pthread_join(p->thread, NULL);
         pthread_cond_destroy(&p->wake);
         pthread_mutex_destroy(&p->lock);
+        rd_kafka_destroy(p->kafka);
         free(p);
 }
 
-static bool kafka_worker_db_ready(struct kafka_worker_db_probe *p, char *reason, size_t size)
+static bool kafka_worker_probe_ready(struct kafka_worker_probe *p, char *reason, size_t size)
 {
         bool ok;
 
@@ -211,7 +262,7 @@ static bool kafka_worker_db_ready(struct kafka_worker_db_probe *p, char *reason,
         ok = p->error[0] == '\0' && util_now_monotonic_ms() - p->ok_ms <= KAFKA_WORKER_DB_STALE_MS;
         if (!ok)
                 (void)snprintf(reason, size, "%s",
-                               p->error[0] ? p->error : "PostgreSQL probe overdue");
+                               p->error[0] ? p->error : "readiness probe overdue");
         pthread_mutex_unlock(&p->lock);
         return ok;
 }
@@ -352,7 +403,7 @@ static bool kafka_worker_ready(char *reason, size_t reason_size, void *userdata)
                                kafka_worker_stop ? "shutting down" : "starting");
                 return false;
         }
-        if (!kafka_worker_db_ready(w->probe, reason, reason_size))
+        if (!kafka_worker_probe_ready(w->probe, reason, reason_size))
                 return false;
         for (size_t i = 0; i < w->npools; i++) {
                 if (!pool_consuming(w->pools[i], KAFKA_WORKER_POLL_STALE_MS, reason, reason_size))
@@ -422,7 +473,7 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         }
         r = kafka_worker_start(&w);
         if (r == 0 && cfg->metrics_addr[0])
-                r = kafka_worker_db_probe_start(cfg->database_url, &w.probe);
+                r = kafka_worker_probe_start(cfg, &w.probe);
         if (r < 0) {
                 int signo = kafka_worker_stop;
 
@@ -432,7 +483,7 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
                 else
                         log_err_errno(r, "worker failed to start", "");
                 metrics_server_stop(w.metrics);
-                kafka_worker_db_probe_stop(w.probe);
+                kafka_worker_probe_stop(w.probe);
                 kafka_worker_stop = -1;
                 if (!kafka_worker_stop_all(&w, util_now_monotonic_ms()))
                         kafka_worker_leave(signo > 0 ? 0 : 1);
@@ -460,13 +511,13 @@ int kafka_worker_run(const struct kafka_worker_options *opts)
         deadline = util_now_monotonic_ms() + (int64_t)cfg->shutdown_timeout * 1000;
         if (!kafka_worker_stop_all(&w, deadline)) {
                 metrics_server_stop(w.metrics);
-                kafka_worker_db_probe_stop(w.probe);
+                kafka_worker_probe_stop(w.probe);
                 kafka_worker_log_totals(&w);
                 log_warning("worker stopped with runs still going; their leases will expire", "");
                 kafka_worker_leave(failed ? 1 : 0);
         }
         metrics_server_stop(w.metrics);
-        kafka_worker_db_probe_stop(w.probe);
+        kafka_worker_probe_stop(w.probe);
         kafka_worker_log_totals(&w);
         kafka_worker_free(&w);
         log_notice("worker stopped", "");

@@ -1,5 +1,8 @@
 #include "helper_worker.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -13,6 +16,7 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <curl/curl.h>
 #include <json-c/json.h>
 #include <librdkafka/rdkafka.h>
 
@@ -892,4 +896,69 @@ void wt_wait_sql(struct wt_env *e, long expect, int timeout_ms, const char *fmt,
                         fail_msg("waited %d ms for %ld, got %ld: %s", timeout_ms, expect, v, sql);
                 util_sleep_ms(100);
         }
+}
+
+/* A loopback port that was free a moment ago. */
+uint16_t wt_free_port(void)
+{
+        struct sockaddr_in a = {.sin_family = AF_INET};
+        socklen_t len = sizeof(a);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+        assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+        close(fd);
+        return ntohs(a.sin_port);
+}
+
+static size_t wt_body_write(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+        char *body = userdata;
+        size_t have = strlen(body), n = size * nmemb;
+
+        if (have + n < 512) {
+                memcpy(body + have, ptr, n);
+                body[have + n] = '\0';
+        }
+        return n;
+}
+
+/* GET http://127.0.0.1:@port@path: the status (-1 when nothing answers), the body's start. */
+long wt_http_get(uint16_t port, const char *path, char body[512])
+{
+        CURL *h = curl_easy_init();
+        char url[128];
+        long status = -1;
+
+        body[0] = '\0';
+        (void)snprintf(url, sizeof(url), "http://127.0.0.1:%u%s", (unsigned)port, path);
+        curl_easy_setopt(h, CURLOPT_URL, url);
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 3000L);
+        curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, wt_body_write);
+        curl_easy_setopt(h, CURLOPT_WRITEDATA, body);
+        if (curl_easy_perform(h) == CURLE_OK)
+                curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+        curl_easy_cleanup(h);
+        return status;
+}
+
+/* Poll /readyz until it answers @want (and @want_text, unless NULL); returns the time taken. */
+int64_t wt_wait_readyz(uint16_t port, pid_t worker, long want, const char *want_text,
+                       int timeout_ms, char body[512])
+{
+        int64_t start = util_now_monotonic_ms();
+        long status = -1;
+
+        while (util_now_monotonic_ms() - start < timeout_ms) {
+                status = wt_http_get(port, "/readyz", body);
+                if (status == want && (!want_text || strstr(body, want_text)))
+                        return util_now_monotonic_ms() - start;
+                if (waitpid(worker, NULL, WNOHANG) == worker)
+                        fail_msg("the worker exited while /readyz was expected to turn %ld", want);
+                util_sleep_ms(250);
+        }
+        fail_msg("/readyz still answers %ld (%s) after %d ms, expected %ld%s%s", status, body,
+                 timeout_ms, want, want_text ? " with " : "", want_text ? want_text : "");
+        return -1;
 }

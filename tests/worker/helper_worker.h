@@ -141,3 +141,17 @@ int wt_cli(struct wt_env *e, char *out, size_t size, const char *const *args);
 
 /* Wait until group "<prefix>.<suffix>" is stable with @members members. */
 void wt_wait_group(struct wt_env *e, const char *suffix, int members, int timeout_ms);
+
+/* A loopback port that was free a moment ago. */
+uint16_t wt_free_port(void);
+
+/* GET http://127.0.0.1:@port@path: the status (-1 when nothing answers), the body's start. */
+long wt_http_get(uint16_t port, const char *path, char body[512]);
+
+/*
+ * Poll a worker's /readyz on @port until it answers @want with a body containing @want_text
+ * (NULL: any body); returns the milliseconds it took. Fails the test after @timeout_ms or when
+ * @worker exits. @body gets the last answer's start.
+ */
+int64_t wt_wait_readyz(uint16_t port, pid_t worker, long want, const char *want_text,
+                       int timeout_ms, char body[512]);

@@ -176,70 +176,6 @@ static void relay_stop(struct relay *r)
  */
 static struct relay the_relay;
 
-/* A loopback port that was free a moment ago. */
-static uint16_t free_port(void)
-{
-        struct sockaddr_in a = {.sin_family = AF_INET};
-        socklen_t len = sizeof(a);
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
-
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-        assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-        close(fd);
-        return ntohs(a.sin_port);
-}
-
-static size_t body_write(char *ptr, size_t size, size_t nmemb, void *userdata)
-{
-        char *body = userdata;
-        size_t have = strlen(body), n = size * nmemb;
-
-        if (have + n < 512) {
-                memcpy(body + have, ptr, n);
-                body[have + n] = '\0';
-        }
-        return n;
-}
-
-/* GET http://127.0.0.1:@port@path: the status (-1 when nothing answers), the body's start. */
-static long http_get(uint16_t port, const char *path, char body[512])
-{
-        CURL *h = curl_easy_init();
-        char url[128];
-        long status = -1;
-
-        body[0] = '\0';
-        (void)snprintf(url, sizeof(url), "http://127.0.0.1:%u%s", (unsigned)port, path);
-        curl_easy_setopt(h, CURLOPT_URL, url);
-        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 3000L);
-        curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, body_write);
-        curl_easy_setopt(h, CURLOPT_WRITEDATA, body);
-        if (curl_easy_perform(h) == CURLE_OK)
-                curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-        curl_easy_cleanup(h);
-        return status;
-}
-
-/* Poll /readyz until it answers @want; returns the milliseconds it took, or fails. */
-static int64_t wait_readyz(uint16_t port, pid_t worker, long want, int timeout_ms, char body[512])
-{
-        int64_t start = util_now_monotonic_ms();
-        long status = -1;
-
-        while (util_now_monotonic_ms() - start < timeout_ms) {
-                status = http_get(port, "/readyz", body);
-                if (status == want)
-                        return util_now_monotonic_ms() - start;
-                if (waitpid(worker, NULL, WNOHANG) == worker)
-                        fail_msg("the worker exited while /readyz was expected to turn %ld", want);
-                util_sleep_ms(250);
-        }
-        fail_msg("/readyz still answers %ld (%s) after %d ms, expected %ld", status, body,
-                 timeout_ms, want);
-        return -1;
-}
-
 /* The conninfo of @url with host and port replaced by the relay's. */
 static void relayed_url(const char *url, uint16_t relay_port, uint16_t *ret_port, char *out,
                         size_t size)
@@ -288,7 +224,7 @@ static void test_worker_readyz_follows_postgres(void **state)
         struct wt_env *e = *state;
         struct relay *relay = &the_relay;
         char url[768], env_url[800], env_metrics[64], body[512];
-        uint16_t pg_port, metrics_port = free_port();
+        uint16_t pg_port, metrics_port = wt_free_port();
         int64_t took;
         pid_t worker;
 
@@ -301,17 +237,16 @@ static void test_worker_readyz_follows_postgres(void **state)
         worker = wt_worker_start(
                 e, (const char *const[]){env_url, env_metrics, "FIM_TEST_STAGES=download", NULL});
 
-        took = wait_readyz(metrics_port, worker, 200, 60000, body);
+        took = wt_wait_readyz(metrics_port, worker, 200, NULL, 60000, body);
         print_message("ready %ld ms after the start\n", (long)took);
 
         atomic_store(&relay->down, true);
-        took = wait_readyz(metrics_port, worker, 503, 20000, body);
+        took = wt_wait_readyz(metrics_port, worker, 503, "PostgreSQL", 20000, body);
         print_message("503 %ld ms after PostgreSQL went away: %s", (long)took, body);
-        assert_non_null(strstr(body, "PostgreSQL"));
-        assert_int_equal(http_get(metrics_port, "/healthz", body), 200);
+        assert_int_equal(wt_http_get(metrics_port, "/healthz", body), 200);
 
         atomic_store(&relay->down, false);
-        took = wait_readyz(metrics_port, worker, 200, 30000, body);
+        took = wt_wait_readyz(metrics_port, worker, 200, NULL, 30000, body);
         print_message("ready again %ld ms after PostgreSQL came back\n", (long)took);
 
         assert_int_equal(wt_worker_stop(e, worker, SIGTERM, 30000), 0);
@@ -350,7 +285,7 @@ static void test_worker_lag_after_restart_is_committed_not_retained(void **state
         const int n = (int)(sizeof(images) / sizeof(images[0]));
         struct wt_env *e = *state;
         char env_metrics[64], body[512], req[128];
-        uint16_t port = free_port();
+        uint16_t port = wt_free_port();
         const char *env[] = {env_metrics, "FIM_TEST_STAGES=download", NULL};
         long lag;
         pid_t worker;
@@ -368,7 +303,7 @@ static void test_worker_lag_after_restart_is_committed_not_retained(void **state
 
         /* A new consumer: its partitions have no position until a message is consumed. */
         worker = wt_worker_start(e, env);
-        (void)wait_readyz(port, worker, 200, 60000, body);
+        (void)wt_wait_readyz(port, worker, 200, NULL, 60000, body);
         /* The dispatcher reports lag every 5 s; wait for a report made while consuming. */
         util_sleep_ms(6000);
         lag = metric_value(port, "fim_consumer_lag_messages", "stage=\"download\"");
@@ -415,7 +350,7 @@ static void test_worker_metrics_follow_jobs(void **state)
         static const char *const download = "stage=\"download\"";
         struct wt_env *e = *state;
         char env_metrics[64], body[512], req[128];
-        uint16_t port = free_port();
+        uint16_t port = wt_free_port();
         const char *env[] = {env_metrics, "FIM_TEST_STAGES=download", "DOWNLOAD_QUEUE_SIZE=1",
                              NULL};
         int64_t deadline;
@@ -431,7 +366,7 @@ static void test_worker_metrics_follow_jobs(void **state)
                 wt_produce(e, "download", "m", req);
         }
         worker = wt_worker_start(e, env);
-        (void)wait_readyz(port, worker, 200, 60000, body);
+        (void)wt_wait_readyz(port, worker, 200, NULL, 60000, body);
 
         /* The dispatcher reports lag every 5 s: wait for a report made while held. */
         deadline = util_now_monotonic_ms() + 60000;

@@ -3,6 +3,7 @@
  * broker (tests/infra/services.sh with its own state directory and ports) so that restarting
  * it cannot disturb tests running in parallel against the shared one; the restart is a
  * SIGTERM (controlled shutdown) and a relaunch of the same command line on the same data.
+ * The same broker outage must show in the worker's /readyz, and go away with it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -34,19 +35,6 @@ static struct {
         char env[3][64];
 } broker;
 
-static int free_port(void)
-{
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        socklen_t len = sizeof(a);
-        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-        assert_true(fd >= 0);
-        assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-        assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-        close(fd);
-        return ntohs(a.sin_port);
-}
-
 static int services(const char *verb)
 {
         char cmd[1024];
@@ -64,13 +52,13 @@ static int group_setup(void **state)
         (void)snprintf(broker.dir, sizeof(broker.dir), "/tmp/fim-wt-kafka-%ld", (long)getpid());
         /* Ports picked free may be taken by someone else before the JVM binds them: retry. */
         for (int attempt = 1;; attempt++) {
-                int port = free_port();
+                int port = wt_free_port();
 
                 (void)snprintf(broker.env[0], sizeof(broker.env[0]), "FIM_KAFKA_PORT=%d", port);
                 (void)snprintf(broker.env[1], sizeof(broker.env[1]), "FIM_KAFKA_CONTROLLER_PORT=%d",
-                               free_port());
+                               wt_free_port());
                 (void)snprintf(broker.env[2], sizeof(broker.env[2]), "FIM_KAFKA_GUEST_PORT=%d",
-                               free_port());
+                               wt_free_port());
                 (void)snprintf(broker.brokers, sizeof(broker.brokers), "127.0.0.1:%d", port);
                 if (services("start") == 0)
                         return 0;
@@ -126,8 +114,11 @@ static bool alive(pid_t pid)
         return p && p[1] == ' ' && p[2] != 'Z';
 }
 
-/* SIGTERM the broker, wait for it to exit, and start the same command line again. */
-static void restart_broker(void)
+/*
+ * SIGTERM the broker, wait for it to exit, call @while_down (may be NULL), and start the same
+ * command line again.
+ */
+static void restart_broker(void (*while_down)(void *), void *userdata)
 {
         char pidfile[320], cmdline[320], args[8192], log[320];
         char *argv[256];
@@ -158,6 +149,8 @@ static void restart_broker(void)
                 assert_true(util_now_monotonic_ms() < deadline);
                 util_sleep_ms(100);
         }
+        if (while_down)
+                while_down(userdata);
         (void)snprintf(log, sizeof(log), "%s/kafka/kafka.log", broker.dir);
         fflush(NULL);
         if (fork() == 0) {
@@ -220,7 +213,7 @@ static void test_worker_broker_restart_loses_no_job(void **state)
         wt_wait_sql(e, 1, 30000,
                     "SELECT (count(*) >= 4)::int FROM fsm_runs WHERE fsm = 'unpack'"
                     " AND status = 'complete'");
-        restart_broker();
+        restart_broker(NULL, NULL);
         /* Produced while the broker is down or starting: the producer waits it out. */
         produce_jobs(e, "med-b", JOBS_DURING);
         wt_wait_sql(e, JOBS_BEFORE + JOBS_DURING, 120000,
@@ -248,11 +241,59 @@ static void test_worker_broker_restart_loses_no_job(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+struct readyz_watch {
+        uint16_t port;
+        pid_t worker;
+};
+
+/*
+ * While the broker is down: /readyz turns 503 and, once the probe has run, says that no broker
+ * answers (the consumer's "not joined" may come first); /healthz stays 200.
+ */
+static void readyz_turns_unready(void *userdata)
+{
+        const struct readyz_watch *rw = userdata;
+        char body[512];
+        int64_t took;
+
+        took = wt_wait_readyz(rw->port, rw->worker, 503, "Kafka unreachable", 30000, body);
+        printf("503 %ld ms after the broker stopped: %s", (long)took, body);
+        assert_int_equal(wt_http_get(rw->port, "/healthz", body), 200);
+}
+
+/*
+ * /readyz follows the brokers: a consumer keeps its group membership while every broker is
+ * down, so only the worker's own probe can tell.
+ */
+static void test_worker_readyz_follows_kafka(void **state)
+{
+        struct wt_env *e = *state;
+        struct readyz_watch rw = {.port = wt_free_port()};
+        char env_metrics[64], body[512];
+        int64_t took;
+
+        (void)snprintf(env_metrics, sizeof(env_metrics), "METRICS_ADDR=127.0.0.1:%u",
+                       (unsigned)rw.port);
+        rw.worker = wt_worker_start(
+                e, (const char *const[]){env_metrics, "FIM_TEST_STAGES=download", NULL});
+        took = wt_wait_readyz(rw.port, rw.worker, 200, NULL, 60000, body);
+        printf("ready %ld ms after the start\n", (long)took);
+        restart_broker(readyz_turns_unready, &rw);
+        took = wt_wait_readyz(rw.port, rw.worker, 200, NULL, 120000, body);
+        printf("ready again %ld ms after the broker was started again\n", (long)took);
+        /* Still doing its job after the outage. */
+        wt_produce(e, "download", "after-outage", "{\"image_id\":\"after-outage\"}");
+        wt_wait_sql(e, 1, 60000,
+                    "SELECT count(*) FROM fsm_runs WHERE fsm = 'download' AND status = 'complete'");
+        assert_int_equal(wt_worker_stop(e, rw.worker, SIGTERM, 30000), 0);
+}
+
 int main(int argc, char **argv)
 {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_worker_broker_restart_loses_no_job, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_worker_readyz_follows_kafka, setup, teardown),
         };
         int status;
 
