@@ -362,9 +362,20 @@ int cli_main(int argc, char **argv)
                                 return cli_usage(CLI_PROGRAM, "too many --set flags");
                         cli_globals.sets[cli_globals.nsets++] = optarg;
                         break;
-                case 'l':
+                case 'l': {
+                        enum log_level level;
+
+                        /* Applied now as well, for the commands that read no configuration
+                         * (extract); cli_config() applies it again over LOG_LEVEL. */
+                        if (log_level_parse(optarg, &level) < 0)
+                                return cli_usage(
+                                        CLI_PROGRAM,
+                                        "--log-level '%s': expected one of debug, info, notice, warning, err",
+                                        optarg);
+                        log_set_level(level);
                         cli_globals.log_level = optarg;
                         break;
+                }
                 case 'V':
                         printf(CLI_PROGRAM " %s\n", FIM_VERSION);
                         return CMD_EXIT_OK;

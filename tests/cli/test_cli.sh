@@ -88,6 +88,10 @@ run "unknown command" 2 "unknown command 'frobnicate'" -- frobnicate
 run "unknown global flag" 2 "unknown global flag '--bogus'" "^Try 'flyio-image-manager --help'\.$" -- --bogus list-images
 check "global usage names the program once" not_contains "$LAST_OUT" "flyio-image-manager flyio-image-manager"
 run "unknown command hint" 2 "^Try 'flyio-image-manager --help'\.$" -- frobnicate
+run "bad --log-level" 2 "--log-level 'loud': expected one of debug, info, notice, warning, err" -- --log-level loud list-images
+# --log-level reaches a command that reads no configuration: extract logs at debug level.
+mkdir -p "$WORK/loglevel-root" && tar cf "$WORK/loglevel.tar" -C "$HERE" test_cli.sh
+run "--log-level debug reaches extract" 0 "level=debug .*msg=\"extracted archive\" entries=1" -- --log-level debug extract --tar "$WORK/loglevel.tar" --root "$WORK/loglevel-root"
 run "global flag takes no value" 2 "flag '--help' takes no value" -- --help=yes
 run "global flag abbreviated" 2 "unknown flag '--conf' \(abbreviations are not accepted: write '--config'\)" -- --conf /dev/null show-config
 run "flag takes no value" 2 "list-images: flag '--json' takes no value" -- list-images --json=1
