@@ -5,10 +5,13 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #include "common/err.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "config/config.h"
+#include "db/db.h"
 #include "stages/request.h"
 #include "worker/kafka_client.h"
 #include "worker/kafka_producer.h"
@@ -156,4 +159,65 @@ rd_kafka_headers_t *dlq_replay_headers(const rd_kafka_message_t *msg, int attemp
         (void)rd_kafka_header_add(hdrs, MSG_HEADER_ATTEMPT, -1, value, -1);
         (void)rd_kafka_header_add(hdrs, MSG_HEADER_REPLAYED_FROM, -1, replayed_from, -1);
         return hdrs;
+}
+
+/* The SHA-256 of @msg's value (empty for none) as lowercase hex. */
+static int dlq_value_sha256(const rd_kafka_message_t *msg, char hex[65])
+{
+        static const char digits[] = "0123456789abcdef";
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned int md_len = 0;
+
+        if (EVP_Digest(msg->payload ? msg->payload : "", msg->payload ? msg->len : 0, md, &md_len,
+                       EVP_sha256(), NULL) != 1 ||
+            md_len != 32)
+                return err_set(-EIO, "SHA-256 of a message value failed");
+        for (unsigned int i = 0; i < md_len; i++) {
+                hex[2 * i] = digits[md[i] >> 4];
+                hex[2 * i + 1] = digits[md[i] & 0xf];
+        }
+        hex[64] = '\0';
+        return 0;
+}
+
+int dlq_runless_stored(struct db *db, const char *source, const rd_kafka_message_t *msg)
+{
+        const char *params[2];
+        PGresult *res = NULL;
+        char digest[65];
+        int r;
+
+        r = dlq_value_sha256(msg, digest);
+        if (r < 0)
+                return r;
+        params[0] = source;
+        params[1] = digest;
+        r = db_query_row(db, &res,
+                         "SELECT 1 FROM runless_dead_letters WHERE source = $1"
+                         " AND value_sha256 = $2",
+                         2, params);
+        if (res)
+                PQclear(res);
+        return r < 0 ? r : r > 0;
+}
+
+int dlq_runless_record(struct db *db, const struct config *cfg, const char *source,
+                       const rd_kafka_message_t *msg)
+{
+        const char *params[3];
+        char digest[65];
+        int r;
+
+        r = dlq_value_sha256(msg, digest);
+        if (r < 0)
+                return r;
+        params[0] = source;
+        params[1] = digest;
+        params[2] = cfg->host_id;
+        return db_exec(db, NULL,
+                       "WITH pruned AS (DELETE FROM runless_dead_letters"
+                       " WHERE stored_at < now() - interval '30 days')"
+                       " INSERT INTO runless_dead_letters (source, value_sha256, host_id)"
+                       " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                       3, params);
 }

@@ -28,6 +28,7 @@
 #include "common/ulid.h"
 
 struct config;
+struct db;
 struct kafka_producer;
 
 #define DLQ_HEADER_STAGE "stage"
@@ -68,6 +69,21 @@ struct dlq_failure {
  */
 int dlq_send(struct kafka_producer *p, const struct config *cfg, const rd_kafka_message_t *msg,
              const struct dlq_failure *f);
+
+/*
+ * A message dead-lettered without a run (not JSON, an invalid request, a stage call that
+ * could not record a run) has no run to remember its dead letter on; these two keep the
+ * record in PostgreSQL instead, by @source ("<topic>/<partition>/<offset>") and the SHA-256
+ * of the message's value, so that a redelivery of the very same message after a crash is only
+ * acknowledged.
+ *
+ * dlq_runless_stored() returns 1 when this message's dead letter is recorded as stored, 0 when
+ * not, or a negative errno. dlq_runless_record() records it, after the broker acknowledged the
+ * dead letter, and prunes records older than 30 days; returns 0 or a negative errno.
+ */
+int dlq_runless_stored(struct db *db, const char *source, const rd_kafka_message_t *msg);
+int dlq_runless_record(struct db *db, const struct config *cfg, const char *source,
+                       const rd_kafka_message_t *msg);
 
 /* What replay-dlq selects by. Missing headers leave fields empty or 0. */
 struct dlq_record {

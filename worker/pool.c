@@ -484,25 +484,48 @@ static bool pool_stop_requested(const struct pool *pool)
         return pool->opts.stop && *pool->opts.stop;
 }
 
-/* Copy the message to the dead-letter topic, retrying until it is stored or we stop. */
-static enum pool_job_result pool_job_dead_letter(struct pool *pool, struct pool_job *job,
+/* "<topic>/<partition>/<offset>": how runs and run-less dead letters name a message. */
+static void pool_job_source(const struct pool *pool, const struct pool_job *job, char *buf,
+                            size_t size)
+{
+        (void)snprintf(buf, size, "%s/%" PRId32 "/%" PRId64, pool->topic, job->msg->partition,
+                       job->msg->offset);
+}
+
+/*
+ * Copy the message to the dead-letter topic, retrying until it is stored or we stop. A
+ * message without a run has its dead letter recorded by dlq_runless_record(), so that its
+ * redelivery after a crash is only acknowledged; a run records it itself (pool_job_failed).
+ */
+static enum pool_job_result pool_job_dead_letter(struct pool_thread *t, struct pool_job *job,
                                                  const struct dlq_failure *f)
 {
+        struct pool *pool = t->pool;
+        bool runless = !f->run_id || !f->run_id[0];
+        char source[KAFKA_NAME_MAX + 48];
         int64_t delay = 250;
+        int r;
 
-        for (;;) {
-                int r = dlq_send(pool->opts.producer, pool->opts.cfg, job->msg, f);
-
-                if (r == 0) {
-                        pool_count(pool, POOL_STAT_DLQ);
-                        metrics_dlq(pool->opts.stage->id, f->error_class);
-                        log_warning("message sent to the dead-letter topic",
-                                    "topic=%s partition=%" PRId32 " offset=%" PRId64
-                                    " error_class=%s error=%s",
-                                    pool->topic, job->msg->partition, job->msg->offset,
-                                    f->error_class, log_quote(f->error_text));
+        pool_job_source(pool, job, source, sizeof(source));
+        if (runless) {
+                r = dlq_runless_stored(t->db, source, job->msg);
+                if (r > 0) {
+                        pool_count(pool, POOL_STAT_ALREADY);
+                        log_info("dead letter already stored for this message, acknowledged",
+                                 "offset=%" PRId64, job->msg->offset);
                         return POOL_JOB_DONE;
                 }
+                /* Unknown: writing it (again) loses nothing. */
+                if (r < 0)
+                        log_warning_errno(
+                                r,
+                                "could not check for an earlier dead letter of this message, writing one",
+                                "offset=%" PRId64, job->msg->offset);
+        }
+        for (;;) {
+                r = dlq_send(pool->opts.producer, pool->opts.cfg, job->msg, f);
+                if (r == 0)
+                        break;
                 if (pool_stop_requested(pool))
                         return POOL_JOB_ABANDON;
                 log_warning_errno(r, "failed to dead-letter a message, will retry",
@@ -513,6 +536,21 @@ static enum pool_job_result pool_job_dead_letter(struct pool *pool, struct pool_
                         util_sleep_ms(100);
                 delay = delay * 2 > POOL_DLQ_BACKOFF_MAX_MS ? POOL_DLQ_BACKOFF_MAX_MS : delay * 2;
         }
+        pool_count(pool, POOL_STAT_DLQ);
+        metrics_dlq(pool->opts.stage->id, f->error_class);
+        log_warning("message sent to the dead-letter topic",
+                    "topic=%s partition=%" PRId32 " offset=%" PRId64 " error_class=%s error=%s",
+                    pool->topic, job->msg->partition, job->msg->offset, f->error_class,
+                    log_quote(f->error_text));
+        if (runless) {
+                r = dlq_runless_record(t->db, pool->opts.cfg, source, job->msg);
+                if (r < 0)
+                        log_warning_errno(
+                                r,
+                                "failed to record the dead letter, ignoring; a redelivery would write another",
+                                "offset=%" PRId64, job->msg->offset);
+        }
+        return POOL_JOB_DONE;
 }
 
 /*
@@ -535,7 +573,7 @@ static enum pool_job_result pool_job_failed(struct pool_thread *t, struct pool_j
                          "offset=%" PRId64, job->msg->offset);
                 return POOL_JOB_DONE;
         }
-        result = pool_job_dead_letter(pool, job, f);
+        result = pool_job_dead_letter(t, job, f);
         if (result != POOL_JOB_DONE || !res->run_id[0])
                 return result;
         r = fsm_mark_dead_lettered(t->db, res->run_id);
@@ -629,9 +667,10 @@ static void pool_job_headers(struct pool *pool, const struct pool_job *job, stru
  * budget, forever. PostgreSQL being unreachable is not counted against the message: every
  * message fails alike then, and the pool waits (paused) until it is back.
  */
-static enum pool_job_result pool_job_stage_error(struct pool *pool, struct pool_job *job, int r,
+static enum pool_job_result pool_job_stage_error(struct pool_thread *t, struct pool_job *job, int r,
                                                  const struct stage_result *res)
 {
+        struct pool *pool = t->pool;
         bool db_down = r == -ECONNRESET || r == -ECONNREFUSED;
         char text[ERR_MSG_MAX];
         struct dlq_failure f = {
@@ -663,7 +702,7 @@ static enum pool_job_result pool_job_stage_error(struct pool *pool, struct pool_
         }
         /* Logged once, by the dead letter's own line. */
         f.attempts = job->failures > 0 ? job->failures : 1;
-        return pool_job_dead_letter(pool, job, &f);
+        return pool_job_dead_letter(t, job, &f);
 }
 
 static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job *job)
@@ -689,8 +728,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
 
         log_context_set(NULL, NULL, stage->name, -1);
         pool_job_headers(pool, job, &ctx, trace_id, sizeof(trace_id), parent, sizeof(parent));
-        (void)snprintf(source, sizeof(source), "%s/%" PRId32 "/%" PRId64, pool->topic,
-                       job->msg->partition, job->msg->offset);
+        pool_job_source(pool, job, source, sizeof(source));
         value = pool_job_value(job->msg, why, sizeof(why));
         if (!value) {
                 struct dlq_failure f = {.stage = stage->name,
@@ -698,7 +736,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                                         .error_text = why};
 
                 metrics_job_finished(stage->id, METRICS_OUTCOME_INVALID, 0);
-                result = pool_job_dead_letter(pool, job, &f);
+                result = pool_job_dead_letter(t, job, &f);
                 log_context_clear();
                 return result;
         }
@@ -712,7 +750,7 @@ static enum pool_job_result pool_job_run(struct pool_thread *t, struct pool_job 
                         stage->name, res.run_id[0] ? res.attempts : -1);
         if (r < 0) {
                 /* The call could not proceed (database down, ...): nothing was decided. */
-                result = pool_job_stage_error(pool, job, r, &res);
+                result = pool_job_stage_error(t, job, r, &res);
         } else {
                 result = pool_job_outcome(t, job, &res);
         }

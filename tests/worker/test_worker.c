@@ -510,6 +510,74 @@ static void test_worker_redelivered_failure_is_not_run_again(void **state)
         assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
 }
 
+/* How many dead letters hold exactly @value. */
+static long dead_letters_with_value(struct wt_env *e, const char *value)
+{
+        struct wt_msg *dlq = NULL;
+        size_t n = wt_read_topic(e, "dlq", &dlq);
+        long found = 0;
+
+        for (size_t i = 0; i < n; i++)
+                found += strcmp(dlq[i].value, value) == 0;
+        wt_msgs_free(dlq, n);
+        return found;
+}
+
+/*
+ * The same for messages dead-lettered without a run (not JSON; JSON that is not a valid
+ * request): the worker dies before committing their offsets, and the redelivered copies are
+ * only acknowledged, except the one whose record is gone (as if the worker had died between
+ * the broker's acknowledgement and the record), which is dead-lettered again. The same bytes
+ * sent again as a new message are a new dead letter.
+ */
+static void test_worker_redelivered_runless_dead_letter_is_not_repeated(void **state)
+{
+        struct wt_env *e = *state;
+        static const char *const no_commit[] = {NO_PERIODIC_COMMIT, NULL};
+        static const char not_json[] = "this is not json either";
+        static const char invalid[] = "{\"s3_key\":\"images/no-image-id.tar\"}";
+        int64_t committed[16], ends[16];
+        int parts;
+        pid_t w;
+
+        wt_produce(e, "download", "runless", not_json);
+        wt_produce(e, "download", "runless", invalid);
+        w = wt_worker_start(e, no_commit);
+        wt_wait_sql(e, 2, 30000, "SELECT count(*) FROM runless_dead_letters");
+        assert_int_equal(wt_topic_end(e, "dlq"), 2);
+        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
+        parts = wt_committed(e, "download", committed, 16);
+        assert_int_equal(wt_ends(e, "download", ends, 16), parts);
+        for (int p = 0; p < parts; p++)
+                assert_true(ends[p] == 0 || committed[p] < ends[p]);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM runless_dead_letters"
+                                   " WHERE source LIKE '%%.download/%%/%%'"
+                                   " AND length(value_sha256) = 64"),
+                         2);
+
+        /* The invalid request's record is lost: its redelivery writes a second dead letter. */
+        assert_int_equal(wt_sql(e,
+                                "WITH d AS (DELETE FROM runless_dead_letters"
+                                " WHERE value_sha256 = encode(sha256('%s'::bytea), 'hex')"
+                                " RETURNING 1) SELECT count(*) FROM d",
+                                invalid),
+                         1);
+        w = wt_worker_start(e, NULL);
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(wt_topic_end(e, "dlq"), 3);
+        assert_int_equal(dead_letters_with_value(e, not_json), 1);
+        assert_int_equal(dead_letters_with_value(e, invalid), 2);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM runless_dead_letters"), 2);
+        assert_int_equal(wt_sql(e, "SELECT count(*) FROM fsm_runs"), 0);
+
+        /* Sent again by a producer: a new message, so a new dead letter. */
+        wt_produce(e, "download", "runless", not_json);
+        wt_wait_sql(e, 3, 30000, "SELECT count(*) FROM runless_dead_letters");
+        wt_wait_committed(e, "download", 30000);
+        assert_int_equal(dead_letters_with_value(e, not_json), 2);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 30000), 0);
+}
+
 /* A time in ms of the run's events of @kind, as the engine computes it: "min" or "max". */
 static int64_t event_ms(struct wt_env *e, const char *agg, const char *kind)
 {
@@ -1133,6 +1201,9 @@ int main(int argc, char **argv)
                         test_worker_bad_headers_and_engine_errors_do_not_stall, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_worker_redelivered_failure_is_not_run_again,
                                                 setup, teardown),
+                cmocka_unit_test_setup_teardown(
+                        test_worker_redelivered_runless_dead_letter_is_not_repeated, setup,
+                        teardown),
                 cmocka_unit_test_setup_teardown(test_worker_first_failure_spans_workers, setup,
                                                 teardown),
                 cmocka_unit_test_setup_teardown(test_worker_replay_dlq_filters, setup, teardown),
