@@ -182,16 +182,13 @@ static int dlq_value_sha256(const rd_kafka_message_t *msg, char hex[65])
 
 int dlq_runless_stored(struct db *db, const char *source, const rd_kafka_message_t *msg)
 {
-        const char *params[2];
-        PGresult *res = NULL;
         char digest[65];
-        int r;
+        const char *params[] = {source, digest};
+        PGresult *res = NULL;
+        int r = dlq_value_sha256(msg, digest);
 
-        r = dlq_value_sha256(msg, digest);
         if (r < 0)
                 return r;
-        params[0] = source;
-        params[1] = digest;
         r = db_query_row(db, &res,
                          "SELECT 1 FROM runless_dead_letters WHERE source = $1"
                          " AND value_sha256 = $2",
@@ -204,16 +201,12 @@ int dlq_runless_stored(struct db *db, const char *source, const rd_kafka_message
 int dlq_runless_record(struct db *db, const struct config *cfg, const char *source,
                        const rd_kafka_message_t *msg)
 {
-        const char *params[3];
         char digest[65];
-        int r;
+        const char *params[] = {source, digest, cfg->host_id};
+        int r = dlq_value_sha256(msg, digest);
 
-        r = dlq_value_sha256(msg, digest);
         if (r < 0)
                 return r;
-        params[0] = source;
-        params[1] = digest;
-        params[2] = cfg->host_id;
         return db_exec(db, NULL,
                        "WITH pruned AS (DELETE FROM runless_dead_letters"
                        " WHERE stored_at < now() - interval '30 days')"

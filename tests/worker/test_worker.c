@@ -452,6 +452,19 @@ static long dead_letters_of(struct wt_env *e, const char *image, const char *run
         return found;
 }
 
+/* SIGKILL a worker that commits no offsets by itself: what it consumed stays uncommitted. */
+static void kill_before_commit(struct wt_env *e, pid_t w)
+{
+        int64_t committed[16], ends[16];
+        int parts;
+
+        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
+        parts = wt_committed(e, "download", committed, 16);
+        assert_int_equal(wt_ends(e, "download", ends, 16), parts);
+        for (int p = 0; p < parts; p++)
+                assert_true(ends[p] == 0 || committed[p] < ends[p]);
+}
+
 /*
  * A worker dead-letters two failing messages and dies before committing their offsets. The
  * redelivered copies start no new run: the one whose dead letter the run recorded is only
@@ -463,9 +476,7 @@ static void test_worker_redelivered_failure_is_not_run_again(void **state)
 {
         struct wt_env *e = *state;
         static const char *const no_commit[] = {NO_PERIODIC_COMMIT, NULL};
-        int64_t committed[16], ends[16];
         char run1[64], run2[64];
-        int parts;
         pid_t w;
 
         assert_int_equal(wt_sql(e, "WITH i AS (INSERT INTO sample_fail VALUES ('fail-r1'),"
@@ -478,11 +489,7 @@ static void test_worker_redelivered_failure_is_not_run_again(void **state)
                     "SELECT count(*) FROM fsm_runs WHERE dead_lettered_at IS NOT NULL"
                     " AND failed_source LIKE '%%.download/%%'");
         assert_int_equal(wt_topic_end(e, "dlq"), 2);
-        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
-        parts = wt_committed(e, "download", committed, 16);
-        assert_int_equal(wt_ends(e, "download", ends, 16), parts);
-        for (int p = 0; p < parts; p++)
-                assert_true(ends[p] == 0 || committed[p] < ends[p]);
+        kill_before_commit(e, w);
 
         assert_int_equal(wt_sql(e, "UPDATE fsm_runs SET dead_lettered_at = NULL"
                                    " WHERE request->>'image_id' = 'fail-r2' RETURNING 1"),
@@ -536,8 +543,6 @@ static void test_worker_redelivered_runless_dead_letter_is_not_repeated(void **s
         static const char *const no_commit[] = {NO_PERIODIC_COMMIT, NULL};
         static const char not_json[] = "this is not json either";
         static const char invalid[] = "{\"s3_key\":\"images/no-image-id.tar\"}";
-        int64_t committed[16], ends[16];
-        int parts;
         pid_t w;
 
         wt_produce(e, "download", "runless", not_json);
@@ -545,11 +550,7 @@ static void test_worker_redelivered_runless_dead_letter_is_not_repeated(void **s
         w = wt_worker_start(e, no_commit);
         wt_wait_sql(e, 2, 30000, "SELECT count(*) FROM runless_dead_letters");
         assert_int_equal(wt_topic_end(e, "dlq"), 2);
-        assert_int_equal(wt_worker_stop(e, w, SIGKILL, 10000), 128 + SIGKILL);
-        parts = wt_committed(e, "download", committed, 16);
-        assert_int_equal(wt_ends(e, "download", ends, 16), parts);
-        for (int p = 0; p < parts; p++)
-                assert_true(ends[p] == 0 || committed[p] < ends[p]);
+        kill_before_commit(e, w);
         assert_int_equal(wt_sql(e, "SELECT count(*) FROM runless_dead_letters"
                                    " WHERE source LIKE '%%.download/%%/%%'"
                                    " AND length(value_sha256) = 64"),
