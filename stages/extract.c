@@ -3390,6 +3390,8 @@ static int extract_run(int root_fd, const struct extract_options *opts, int tar_
         int r;
 
         err_clear();
+        if (ret_result)
+                memset(ret_result, 0, sizeof(*ret_result));
         /*
          * libarchive converts pax names from UTF-8 to the locale's charset. C.UTF-8 keeps
          * valid UTF-8 names as they are; for the rest it warns and keeps the raw bytes.
@@ -3418,13 +3420,14 @@ static int extract_run(int root_fd, const struct extract_options *opts, int tar_
         if (r < 0)
                 goto out;
         r = extract_loop(&c);
+        /* On failure too: what was created before it, for the caller to report. */
+        if (ret_result)
+                *ret_result = c.res;
         if (r < 0)
                 goto out;
         log_debug("extracted archive", "entries=%llu bytes=%llu dirs=%llu",
                   (unsigned long long)c.entries, (unsigned long long)c.bytes,
                   (unsigned long long)c.res.dir_count);
-        if (ret_result)
-                *ret_result = c.res;
 out:
         extract_ctx_done(&c);
         if (loc != (locale_t)0) {

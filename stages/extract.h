@@ -125,7 +125,8 @@ void extract_options_init(struct extract_options *opts);
 /*
  * Extract the tarball at @tar_path into the directory @root_fd (not consumed; it must be
  * opened with O_DIRECTORY). @opts may be NULL for the defaults. @ret_result, when not NULL,
- * is written on success only.
+ * gets the counts; after a failure, those of what was created before it (all 0 when the
+ * failure came first), which stays in the root: removing it is the caller's business.
  */
 int extract_file(int root_fd, const char *tar_path, const struct extract_options *opts,
                  struct extract_result *ret_result);

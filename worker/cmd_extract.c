@@ -179,7 +179,7 @@ static void cmd_extract_print(const struct extract_result *res, bool json, int64
 int cmd_extract(int argc, char **argv)
 {
         struct cmd_extract_args a = {0};
-        struct extract_result res;
+        struct extract_result res = {0};
         bool progress;
         int64_t start;
         int r;
@@ -205,8 +205,18 @@ int cmd_extract(int argc, char **argv)
                         "hint: keeping the archive's owners needs root: run as root, or pass --no-same-owner\n");
                 return CMD_EXIT_FAILURE;
         }
-        if (r < 0)
-                return cli_fail(r);
+        if (r < 0) {
+                uint64_t made = res.file_count + res.dir_count;
+
+                (void)cli_fail(r);
+                /* The root may have held files before: only the operator can clean it up. */
+                if (made > 0)
+                        fprintf(stderr,
+                                "note: nothing outside '%s' was changed; what was extracted before the failure (%" PRIu64
+                                " member%s) is still in it: remove it before using the directory\n",
+                                a.root, made, made == 1 ? "" : "s");
+                return CMD_EXIT_FAILURE;
+        }
         cmd_extract_print(&res, a.json, util_now_monotonic_ms() - start);
         return CMD_EXIT_OK;
 }

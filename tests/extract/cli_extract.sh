@@ -30,6 +30,7 @@ tar(work + "/three.tar", [("a", tarfile.REGTYPE, b"A", ""), ("b", tarfile.REGTYP
                           ("c", tarfile.SYMTYPE, b"", "a")])
 tar(work + "/escape.tar", [("ok", tarfile.REGTYPE, b"x", ""),
                            ("../outside", tarfile.REGTYPE, b"pwned", "")])
+tar(work + "/absolute.tar", [("/etc/x", tarfile.REGTYPE, b"x", "")])
 tar(work + "/deep.tar", [("d1/d2/d3/f", tarfile.REGTYPE, b"x", "")])
 tar(work + "/owned.tar", [("o", tarfile.REGTYPE, b"owned", "")], uid=1234)
 
@@ -105,9 +106,16 @@ check "--max-path-length refuses a longer name" 1 \
         "error: failed to extract 'd1/d2/d3/f': name is 10 bytes long, more than the limit of 9" -- \
         --tar "$work/deep.tar" --root "$work/root" --max-path-length 9
 
-check "an escaping member fails, named" 1 \
-        "error: failed to extract '../outside': path has a '..' component" -- \
+check "an escaping member fails, named; what came before it is reported" 1 \
+        "error: failed to extract '../outside': path has a '..' component" \
+        "note: nothing outside '$work/root' was changed; what was extracted before the failure (1 member) is still in it" -- \
         --tar "$work/escape.tar" --root "$work/root"
+check "a member refused first is named" 1 "error: failed to extract '/etc/x'" -- \
+        --tar "$work/absolute.tar" --root "$work/root"
+if "$bin" extract --tar "$work/absolute.tar" --root "$work/root" 2>&1 | grep -q "^note:"; then
+        echo "FAIL a member refused first: a note about members extracted before it"
+        failures=$((failures + 1))
+fi
 if [ -e "$work/outside" ]; then
         echo "FAIL an escaping member: '$work/outside' was created"
         failures=$((failures + 1))

@@ -576,7 +576,8 @@ static void test_extract_hostile(void **state)
         if (r != tc->err || !strstr(err_last(), member))
                 fail_msg("%s: got %s (%d) '%s', want %s with \"%s\"", tc->file, err_name(r), r,
                          err_last(), err_name(tc->err), member);
-        assert_int_equal(res.file_count, 12345); /* not written on failure */
+        /* Written on failure too, with what came before the refused member. */
+        assert_true(res.file_count < 12345);
         after = snapshot();
         if (strcmp(before, after) != 0)
                 fail_msg("%s changed things outside the root:\n--- before\n%s--- after\n%s",
