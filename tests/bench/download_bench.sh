@@ -5,10 +5,17 @@
 #
 #   tests/bench/download_bench.sh [ROUNDS]          # default 3 rounds
 #
+# Two settings, in one run:
+#   loopback      straight to S3Proxy: the disk and the CPU are the limit, not the network;
+#   link          the 512 MiB object through tests/bench/throttle_relay.py, which limits each
+#                 connection to FIM_BENCH_LINK_MIBS MiB/s, as S3 serves one connection: the
+#                 network is the limit, as it is against a real S3.
+#
 # Environment:
 #   FIM_BUILD_DIR     build tree with flyio-image-manager (default: build)
 #   FIM_BENCH_DIR     where the source objects and downloads go (default: /tmp/fim-bench)
 #   FIM_BENCH_PARALLEL / FIM_BENCH_PART_SIZE   parallel settings (default 4 and 8M)
+#   FIM_BENCH_LINK_MIBS   per-connection limit of the link setting (default 64; 0 skips it)
 #   FIM_SERVICES_DIR, FIM_S3_PORT              passed to tests/infra/services.sh
 #
 # S3Proxy is started through tests/infra/services.sh when services.env is missing. The
@@ -27,6 +34,7 @@ case $BUILD in /*) ;; *) BUILD=$ROOT/$BUILD ;; esac
 WORK=${FIM_BENCH_DIR:-/tmp/fim-bench}
 PARALLEL=${FIM_BENCH_PARALLEL:-4}
 PART_SIZE=${FIM_BENCH_PART_SIZE:-8M}
+LINK_MIBS=${FIM_BENCH_LINK_MIBS:-64}
 BUCKET=fim-bench
 SERVICES_ENV=${FIM_SERVICES_DIR:-/tmp/fim-services}/services.env
 
@@ -36,6 +44,7 @@ die() {
 }
 
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
+[[ $LINK_MIBS =~ ^[0-9]+$ ]] || die "FIM_BENCH_LINK_MIBS must be a whole number of MiB/s"
 [ -x /usr/bin/time ] || die "/usr/bin/time is missing (apt-get install time)"
 mkdir -p "$WORK"
 
@@ -46,6 +55,7 @@ if [ ! -f "$SERVICES_ENV" ] || ! bash "$ROOT/tests/infra/services.sh" status 2>/
 fi
 # shellcheck source=/dev/null
 . "$SERVICES_ENV"
+ENDPOINT=$S3_ENDPOINT # where the runs go: S3Proxy, or the relay in front of it
 
 SIG=(--aws-sigv4 "aws:amz:${AWS_REGION:-us-east-1}:s3" -u "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY"
         -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD')
@@ -87,8 +97,9 @@ run_ours() { # KEY PARALLEL
         local out=$WORK/out.bin stats=$WORK/time.txt
         rm -f "$out" "$out.part" "$out.part.meta"
         settle
-        /usr/bin/time -f '%e %M' -o "$stats" "${FIM[@]}" --bucket "$BUCKET" --key "$1" \
-                --output "$out" --parallel "$2" --part-size "$PART_SIZE" >"$WORK/ours.txt"
+        S3_ENDPOINT=$ENDPOINT /usr/bin/time -f '%e %M' -o "$stats" "${FIM[@]}" \
+                --bucket "$BUCKET" --key "$1" --output "$out" --parallel "$2" \
+                --part-size "$PART_SIZE" >"$WORK/ours.txt"
         sha=$(sed -n 's/.* sha256=\([0-9a-f]*\).*/\1/p' "$WORK/ours.txt")
         [ "$sha" = "$(cat "$WORK/${1%.bin}.sha")" ] || die "wrong SHA-256 from our download of $1"
         rm -f "$out"
@@ -103,15 +114,15 @@ run_curl() { # KEY [hash|sync]
                 # shellcheck disable=SC2016 # expanded by the inner bash
                 /usr/bin/time -f '%e %M' -o "$stats" bash -c \
                         'curl -sSf "${@:3}" -o "$1" "$2" && sync "$1"' _ \
-                        "$out" "$S3_ENDPOINT/$BUCKET/$1" "${SIG[@]}"
+                        "$out" "$ENDPOINT/$BUCKET/$1" "${SIG[@]}"
         elif [ "${2:-}" = hash ]; then
                 # shellcheck disable=SC2016 # expanded by the inner bash
                 /usr/bin/time -f '%e %M' -o "$stats" bash -c \
                         'curl -sSf "${@:3}" -o "$1" "$2" && sha256sum "$1" >/dev/null' _ \
-                        "$out" "$S3_ENDPOINT/$BUCKET/$1" "${SIG[@]}"
+                        "$out" "$ENDPOINT/$BUCKET/$1" "${SIG[@]}"
         else
                 /usr/bin/time -f '%e %M' -o "$stats" curl -sSf "${SIG[@]}" -o "$out" \
-                        "$S3_ENDPOINT/$BUCKET/$1"
+                        "$ENDPOINT/$BUCKET/$1"
         fi
         rm -f "$out"
         cat "$stats"
@@ -127,9 +138,10 @@ for name in big small; do
         fi
 done
 
-# One timed run of client KIND on object NAME, recorded under NAME.KIND.
-run_kind() { # NAME KIND
-        local t m
+# One timed run of client KIND on object NAME, recorded under SETTING.KIND (SETTING
+# defaults to NAME).
+run_kind() { # NAME KIND [SETTING]
+        local t m key=${3:-$1}.$2
         case $2 in
         single) read -r t m < <(run_ours "$1.bin" 1) ;;
         parallel) read -r t m < <(run_ours "$1.bin" "$PARALLEL") ;;
@@ -137,8 +149,8 @@ run_kind() { # NAME KIND
         curlsync) read -r t m < <(run_curl "$1.bin" sync); m= ;;
         curlhash) read -r t m < <(run_curl "$1.bin" hash); m= ;;
         esac
-        times[$1.$2]+="$t "
-        [ -z "$m" ] || rss[$1.$2]+="$m "
+        times[$key]+="$t "
+        [ -z "$m" ] || rss[$key]+="$m "
 }
 
 # The clients take turns going first: round R starts with client R (mod 5). A run pays for
@@ -148,7 +160,7 @@ run_kind() { # NAME KIND
 KINDS=(single parallel curl curlsync curlhash)
 declare -A times rss
 for round in $(seq 1 "$ROUNDS"); do
-        echo "round $round/$ROUNDS" >&2
+        echo "round $round/$ROUNDS (loopback)" >&2
         for name in big small; do
                 for i in 0 1 2 3 4; do
                         run_kind "$name" "${KINDS[$(((round - 1 + i) % 5))]}"
@@ -156,14 +168,43 @@ for round in $(seq 1 "$ROUNDS"); do
         done
 done
 
+# The link setting: the same clients through the relay (curl + sha256sum adds nothing here).
+relay_pid=
+stop_relay() {
+        [ -z "$relay_pid" ] || kill "$relay_pid" 2>/dev/null || true
+}
+trap stop_relay EXIT
+if [ "$LINK_MIBS" -gt 0 ]; then
+        relay_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        coproc RELAY { exec python3 "$HERE/throttle_relay.py" --listen "$relay_port" \
+                --upstream "${S3_ENDPOINT#http://}" --rate "$LINK_MIBS"; }
+        relay_pid=$RELAY_PID
+        read -r ready <&"${RELAY[0]}" && [ "$ready" = ready ] || die "the throttling relay did not start"
+        ENDPOINT=http://127.0.0.1:$relay_port
+        LINK_KINDS=(single parallel curl curlsync)
+        for round in $(seq 1 "$ROUNDS"); do
+                echo "round $round/$ROUNDS (link, $LINK_MIBS MiB/s per connection)" >&2
+                for i in 0 1 2 3; do
+                        run_kind big "${LINK_KINDS[$(((round - 1 + i) % 4))]}" link
+                done
+        done
+        stop_relay
+        ENDPOINT=$S3_ENDPOINT
+fi
+
 # ---- report -----------------------------------------------------------------------------
 printf '\nS3Proxy at %s, %s round(s), parallel=%s part-size=%s\n' "$S3_ENDPOINT" "$ROUNDS" \
         "$PARALLEL" "$PART_SIZE"
+[ "$LINK_MIBS" -gt 0 ] && printf 'link: the 512 MiB object with each connection limited to %s MiB/s\n' \
+        "$LINK_MIBS"
 printf '%-8s %-22s %10s %10s %12s %14s\n' object client median_s MiB/s vs_curl peak_rss_KiB
-for name in big small; do
-        mib=$([ $name = big ] && echo 512 || echo 64)
+settings=(big small)
+[ "$LINK_MIBS" -gt 0 ] && settings+=(link)
+for name in "${settings[@]}"; do
+        mib=$([ $name = small ] && echo 64 || echo 512)
         curl_med=$(tr ' ' '\n' <<<"${times[$name.curl]}" | grep . | median)
         for kind in single parallel curl curlsync curlhash; do
+                [ -n "${times[$name.$kind]:-}" ] || continue
                 med=$(tr ' ' '\n' <<<"${times[$name.$kind]}" | grep . | median)
                 peak=-
                 [ -n "${rss[$name.$kind]:-}" ] && peak=$(tr ' ' '\n' <<<"${rss[$name.$kind]}" | grep . | sort -n | tail -1)
