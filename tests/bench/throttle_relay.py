@@ -8,8 +8,10 @@ the benchmark can also compare clients where the network is the limit.
 
   throttle_relay.py --listen PORT --upstream HOST:PORT --rate MIB_PER_S
 
-Bytes from the upstream to the client are paced per connection with a token bucket (one
-second of burst); bytes to the upstream pass unpaced. Prints "ready" once listening.
+Bytes from the upstream to the client are paced per connection with a token bucket that
+starts empty and holds at most a tenth of a second's worth: a new connection gets no head
+start, so splitting an object into many short requests gains nothing by itself. Bytes to
+the upstream pass unpaced. Prints "ready" once listening.
 """
 import argparse
 import asyncio
@@ -20,7 +22,8 @@ CHUNK = 64 * 1024
 
 async def pump(reader, writer, rate):
     """Copy until EOF; with @rate (bytes/s), never faster than that on average."""
-    allowance = float(rate) if rate else 0.0
+    burst = rate / 10.0
+    allowance = 0.0
     last = time.monotonic()
     try:
         while True:
@@ -29,7 +32,7 @@ async def pump(reader, writer, rate):
                 break
             if rate:
                 now = time.monotonic()
-                allowance = min(float(rate), allowance + (now - last) * rate)
+                allowance = min(burst, allowance + (now - last) * rate)
                 last = now
                 allowance -= len(data)
                 if allowance < 0:
