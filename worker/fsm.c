@@ -878,10 +878,53 @@ static int fsm_claim_tx_committed(struct db *db, void *userdata)
         return r;
 }
 
+/*
+ * The fast path for a request already done, which redeliveries, replays and repeated
+ * producers make the most common case: one statement outside a transaction, without a row
+ * lock, instead of the locking claim's BEGIN, SELECT ... FOR UPDATE and COMMIT. Returns 1
+ * when the key is complete and nothing is left to do for it (its handoff, if any, is written),
+ * else 0, also when the read failed: the locking claim then decides, and reports errors.
+ * A complete key never goes back to another state (gc only deletes it), so what the read
+ * sees stays true; a delete that commits after it orders this message before the delete.
+ */
+static int fsm_claim_if_complete(struct fsm_run *run)
+{
+        PGresult *res = NULL;
+        const char *response;
+        int r;
+
+        r = db_query_row(run->db, &res,
+                         "SELECT k.run_id, r.response::text,"
+                         " EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = k.run_id)"
+                         " FROM idempotency_keys k JOIN fsm_runs r ON r.run_id = k.run_id"
+                         " WHERE k.key = $1 AND k.status = 'complete'",
+                         1, (const char *const[]){run->key});
+        if (r <= 0) {
+                err_clear();
+                return 0;
+        }
+        r = 0;
+        response = db_get(res, 0, 1);
+        if (!run->def->handoff || strcmp(db_get(res, 0, 2), "t") == 0) {
+                free(run->stored_response);
+                run->stored_response = response ? strdup(response) : NULL;
+                if (!response || run->stored_response) {
+                        (void)snprintf(run->run_id, sizeof(run->run_id), "%s", db_get(res, 0, 0));
+                        run->claimed = false;
+                        run->claim_outcome = FSM_OUTCOME_ALREADY_COMPLETE;
+                        r = 1;
+                }
+        }
+        PQclear(res);
+        return r;
+}
+
 static int fsm_claim(struct fsm_run *run)
 {
         int r = 0;
 
+        if (fsm_claim_if_complete(run) > 0)
+                return 0;
         for (int i = 0; i < FSM_CLAIM_ATTEMPTS; i++) {
                 run->claim_outcome = FSM_OUTCOME_COMPLETE;
                 r = db_tx_checked(run->db, fsm_claim_tx, fsm_claim_tx_committed, run);

@@ -411,6 +411,46 @@ static void test_fsm_racing_processes_run_one_key_once(void **state)
         fsm_result_done(&res);
 }
 
+/*
+ * A complete key is answered from one read, without the claim's row lock: while another
+ * transaction holds that lock, a repeat still returns at once (with lock_timeout set, the
+ * locking claim would fail instead), with the run id and response of the finished run.
+ */
+static void test_fsm_complete_key_answers_without_its_lock(void **state)
+{
+        struct env *e = *state;
+        struct lease_keeper *leases = NULL;
+        struct fsm_result first, again;
+        struct sample s = {0};
+        struct fsm_options o;
+        struct db *db;
+
+        assert_int_equal(sample_execute(e->url, "fast-key", &s, &first), 0);
+        assert_int_equal(first.outcome, FSM_OUTCOME_COMPLETE);
+
+        assert_int_equal(db_exec_script(e->db, "BEGIN"), 0);
+        assert_int_equal(count_where(e->db,
+                                     "SELECT count(*) FROM (SELECT 1 FROM idempotency_keys"
+                                     " WHERE key = '%s' FOR UPDATE%s) k",
+                                     "fast-key", ""),
+                         1);
+        db = pg_test_connect(e->url);
+        assert_int_equal(db_exec_script(db, "SET lock_timeout = '1s'"), 0);
+        assert_int_equal(lease_keeper_new(e->url, LEASE_MS, &leases), 0);
+        o = sample_options(leases, "test-worker");
+        assert_int_equal(fsm_execute(db, &sample_fsm, &o, "fast-key",
+                                     "{\"image_id\":\"sample-image\"}", &s, &again),
+                         0);
+        assert_int_equal(again.outcome, FSM_OUTCOME_ALREADY_COMPLETE);
+        assert_string_equal(again.run_id, first.run_id);
+        assert_true(response_has(again.response, "d"));
+        assert_int_equal(db_exec_script(e->db, "ROLLBACK"), 0);
+        lease_keeper_free(leases);
+        db_free(db);
+        fsm_result_done(&first);
+        fsm_result_done(&again);
+}
+
 static void test_fsm_lease_expiry_takeover_fences_paused_owner(void **state)
 {
         struct env *e = *state;
@@ -1096,6 +1136,8 @@ int main(void)
                         test_fsm_crash_at_every_transition_resumes_exactly_once, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_racing_processes_run_one_key_once, setup,
                                                 teardown),
+                cmocka_unit_test_setup_teardown(test_fsm_complete_key_answers_without_its_lock,
+                                                setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_lease_expiry_takeover_fences_paused_owner,
                                                 setup, teardown),
                 cmocka_unit_test_setup_teardown(test_fsm_transient_errors_retry_with_backoff, setup,

@@ -172,7 +172,8 @@ static const struct fsm_transition sample_transitions[] = {
 static const struct fsm_def sample_defs[STAGE_COUNT] = {
         [STAGE_DOWNLOAD] = {"download", sample_transitions, 2, NULL, sample_handoff},
         [STAGE_UNPACK] = {"unpack", sample_transitions, 2, NULL, sample_handoff},
-        [STAGE_ACTIVATE] = {"activate", sample_transitions, 2, NULL, sample_handoff},
+        /* The last stage hands nothing off, like the real activate stage. */
+        [STAGE_ACTIVATE] = {"activate", sample_transitions, 2, NULL, NULL},
 };
 
 static bool sample_image_id(const char *json, char *buf, size_t size)
