@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -518,6 +519,48 @@ static void wt_forget(struct wt_env *e, pid_t pid)
         }
 }
 
+/* Print what a process that did not stop is doing: its signal masks and each thread's state. */
+static void wt_describe_stuck(pid_t pid)
+{
+        char path[320], line[256];
+        struct dirent *d;
+        FILE *f;
+        DIR *dir;
+
+        (void)snprintf(path, sizeof(path), "/proc/%ld/status", (long)pid);
+        f = fopen(path, "re");
+        while (f && fgets(line, sizeof(line), f)) {
+                if (strncmp(line, "Sig", 3) == 0 || strncmp(line, "ShdPnd", 6) == 0 ||
+                    strncmp(line, "Threads", 7) == 0)
+                        printf("process %ld did not stop: %s", (long)pid, line);
+        }
+        if (f)
+                fclose(f);
+        (void)snprintf(path, sizeof(path), "/proc/%ld/task", (long)pid);
+        dir = opendir(path);
+        while (dir && (d = readdir(dir))) {
+                char wchan[64] = "", stat[256] = "";
+
+                if (d->d_name[0] == '.')
+                        continue;
+                (void)snprintf(path, sizeof(path), "/proc/%ld/task/%s/wchan", (long)pid, d->d_name);
+                if ((f = fopen(path, "re"))) {
+                        (void)!fgets(wchan, sizeof(wchan), f);
+                        fclose(f);
+                }
+                (void)snprintf(path, sizeof(path), "/proc/%ld/task/%s/stat", (long)pid, d->d_name);
+                if ((f = fopen(path, "re"))) {
+                        (void)!fgets(stat, sizeof(stat), f);
+                        fclose(f);
+                }
+                stat[strcspn(stat, "\n")] = '\0';
+                printf("  thread %s wchan=%s stat=%.120s\n", d->d_name, wchan, stat);
+        }
+        if (dir)
+                closedir(dir);
+        fflush(stdout);
+}
+
 int wt_worker_stop(struct wt_env *e, pid_t pid, int sig, int timeout_ms)
 {
         int64_t deadline = util_now_monotonic_ms() + timeout_ms;
@@ -530,6 +573,8 @@ int wt_worker_stop(struct wt_env *e, pid_t pid, int sig, int timeout_ms)
                 if (r == pid)
                         break;
                 if (util_now_monotonic_ms() > deadline) {
+                        if (sig != SIGKILL)
+                                wt_describe_stuck(pid);
                         (void)kill(pid, SIGKILL);
                         (void)waitpid(pid, NULL, 0);
                         wt_forget(e, pid);

