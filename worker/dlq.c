@@ -5,14 +5,13 @@
 #include <stdio.h>
 #include <string.h>
 
-#include <openssl/evp.h>
-
 #include "common/err.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "config/config.h"
 #include "db/db.h"
 #include "stages/request.h"
+#include "stages/s3_sigv4.h"
 #include "worker/kafka_client.h"
 #include "worker/kafka_producer.h"
 
@@ -162,27 +161,14 @@ rd_kafka_headers_t *dlq_replay_headers(const rd_kafka_message_t *msg, int attemp
 }
 
 /* The SHA-256 of @msg's value (empty for none) as lowercase hex. */
-static int dlq_value_sha256(const rd_kafka_message_t *msg, char hex[65])
+static int dlq_value_sha256(const rd_kafka_message_t *msg, char hex[SIGV4_HEX_LEN + 1])
 {
-        static const char digits[] = "0123456789abcdef";
-        unsigned char md[EVP_MAX_MD_SIZE];
-        unsigned int md_len = 0;
-
-        if (EVP_Digest(msg->payload ? msg->payload : "", msg->payload ? msg->len : 0, md, &md_len,
-                       EVP_sha256(), NULL) != 1 ||
-            md_len != 32)
-                return err_set(-EIO, "SHA-256 of a message value failed");
-        for (unsigned int i = 0; i < md_len; i++) {
-                hex[2 * i] = digits[md[i] >> 4];
-                hex[2 * i + 1] = digits[md[i] & 0xf];
-        }
-        hex[64] = '\0';
-        return 0;
+        return sigv4_sha256_hex(msg->payload ? msg->payload : "", msg->payload ? msg->len : 0, hex);
 }
 
 int dlq_runless_stored(struct db *db, const char *source, const rd_kafka_message_t *msg)
 {
-        char digest[65];
+        char digest[SIGV4_HEX_LEN + 1];
         const char *params[] = {source, digest};
         PGresult *res = NULL;
         int r = dlq_value_sha256(msg, digest);
@@ -201,7 +187,7 @@ int dlq_runless_stored(struct db *db, const char *source, const rd_kafka_message
 int dlq_runless_record(struct db *db, const struct config *cfg, const char *source,
                        const rd_kafka_message_t *msg)
 {
-        char digest[65];
+        char digest[SIGV4_HEX_LEN + 1];
         const char *params[] = {source, digest, cfg->host_id};
         int r = dlq_value_sha256(msg, digest);
 
