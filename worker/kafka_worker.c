@@ -33,11 +33,11 @@
  * network cannot hang the probe or shutdown); Kafka with a metadata request through a client
  * of the probe's own, bounded by KAFKA_WORKER_KAFKA_PROBE_TIMEOUT_MS. The consumers cannot
  * tell: a consumer keeps its group membership while every broker is down. A probe older than
- * KAFKA_WORKER_DB_STALE_MS counts as a failure. Each consumer must have polled within
+ * KAFKA_WORKER_PROBE_STALE_MS counts as a failure. Each consumer must have polled within
  * KAFKA_WORKER_POLL_STALE_MS (the dispatcher polls every 100 ms).
  */
-#define KAFKA_WORKER_DB_PROBE_MS 5000
-#define KAFKA_WORKER_DB_STALE_MS 20000
+#define KAFKA_WORKER_PROBE_MS 5000
+#define KAFKA_WORKER_PROBE_STALE_MS 20000
 #define KAFKA_WORKER_KAFKA_PROBE_TIMEOUT_MS 3000
 #define KAFKA_WORKER_POLL_STALE_MS 10000
 
@@ -131,7 +131,7 @@ static void kafka_worker_probe_once(struct kafka_worker_probe *p)
                 r = db_query_row(db, &res, "SELECT 1", 0, NULL);
         if (r == 0)
                 r = err_set(-EPROTO, "no row");
-        if (r > 0 && p->kafka) {
+        if (r > 0) {
                 failed = "Kafka unreachable";
                 r = kafka_worker_kafka_probe_once(p->kafka);
                 r = r < 0 ? r : 1;
@@ -179,7 +179,7 @@ static void *kafka_worker_probe_main(void *arg)
 
                 pthread_mutex_unlock(&p->lock);
                 kafka_worker_probe_once(p);
-                kafka_worker_deadline(&until, KAFKA_WORKER_DB_PROBE_MS);
+                kafka_worker_deadline(&until, KAFKA_WORKER_PROBE_MS);
                 pthread_mutex_lock(&p->lock);
                 if (!p->stopping)
                         (void)pthread_cond_timedwait(&p->wake, &p->lock, &until);
@@ -259,7 +259,8 @@ static bool kafka_worker_probe_ready(struct kafka_worker_probe *p, char *reason,
         if (!p)
                 return true;
         pthread_mutex_lock(&p->lock);
-        ok = p->error[0] == '\0' && util_now_monotonic_ms() - p->ok_ms <= KAFKA_WORKER_DB_STALE_MS;
+        ok = p->error[0] == '\0' &&
+             util_now_monotonic_ms() - p->ok_ms <= KAFKA_WORKER_PROBE_STALE_MS;
         if (!ok)
                 (void)snprintf(reason, size, "%s",
                                p->error[0] ? p->error : "readiness probe overdue");
