@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -469,6 +470,7 @@ void wt_teardown(struct wt_env *e)
 static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *argv,
                       const char *const *extra_env, const char *log)
 {
+        pid_t parent = getpid();
         size_t slot = 0;
         pid_t pid;
 
@@ -479,6 +481,11 @@ static pid_t wt_spawn(struct wt_env *e, const char *path, const char *const *arg
         pid = fork();
         assert_true(pid >= 0);
         if (pid == 0) {
+                /* A test process that dies (a sanitizer's halt_on_error, a crash) takes its
+                 * workers along: an orphan would keep ctest's output pipe open until the
+                 * test's timeout. */
+                if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+                        _exit(125);
                 for (size_t i = 0; extra_env && extra_env[i]; i++)
                         (void)putenv((char *)extra_env[i]);
                 if (log) {
