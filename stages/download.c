@@ -18,6 +18,7 @@
 
 #include "common/err.h"
 #include "common/util.h"
+#include "stages/prefix_hasher.h"
 
 /*
  * DESIGN
@@ -27,18 +28,21 @@
  * never mixed.
  *
  * Single stream (objects up to the parallel threshold): one GET from the resume offset to
- * the end, each chunk written at its offset and fed to SHA-256 as it arrives.
+ * the end, each chunk written at its offset.
  *
  * Parts (larger objects): ranged GETs of part_size bytes, at most max_connections in flight
- * on the client's curl multi loop, each written with pwrite at its offset. Hashing must be
- * in order, so whenever a part completes, the contiguous prefix of completed parts is read
- * back from the file (page cache, 1 MiB at a time) and hashed. Memory stays at one read
- * buffer plus curl's buffers whatever the object size.
+ * on the client's curl multi loop, each written with pwrite at its offset.
  *
- * Writes: curl hands the body over in 16 KiB pieces. Each piece is hashed at once but
- * copied into a write buffer (64 KiB for a stream and per part in flight, see
- * DOWNLOAD_STREAM_BUF) that goes to the file in one pwrite, so the data path costs one
- * syscall per buffer, not per piece.
+ * Hashing: SHA-256 runs on a thread of its own (prefix_hasher), which reads back from the
+ * file (page cache) the prefix that is complete on disk: for a stream, what has been written;
+ * for parts, the parts that follow each other without a gap from byte zero. At 1-2 GB/s,
+ * hashing costs about as much CPU as receiving, so doing both on curl's thread halved the
+ * speed. Memory stays at the hasher's 1 MiB read buffer plus the write buffers and curl's,
+ * whatever the object size.
+ *
+ * Writes: curl hands the body over in 16 KiB pieces. Each piece is copied into a write
+ * buffer (64 KiB for a stream and per part in flight, see DOWNLOAD_STREAM_BUF) that goes to
+ * the file in one pwrite, so the data path costs one syscall per buffer, not per piece.
  * Every 32 MiB written, sync_file_range starts writeback without waiting, so the final fsync
  * finds little left to do and disk and network work at the same time.
  *
@@ -68,7 +72,6 @@
 
 #define DOWNLOAD_META_MAGIC "fim-download-meta 1"
 #define DOWNLOAD_META_MAX (1u << 20)
-#define DOWNLOAD_READ_BUF (1u << 20)
 /*
  * Received bytes are written in 64 KiB pieces (a stream's, and each part's). Larger writes cost
  * more, not less: with 512 KiB and 1 MiB pieces, copying into the page cache took 1-1.6 s of
@@ -77,6 +80,7 @@
  * about 1.4 s to 0.65 s, with much less spread. curl writes 16 KiB at a time.
  */
 #define DOWNLOAD_STREAM_BUF (64u << 10)
+#define DOWNLOAD_HASH_FILE_BUF (1u << 20)
 #define DOWNLOAD_PART_BUF (64u << 10)
 /*
  * Writeback is started every 32 MiB. With 8 MiB windows, writeback of the fallocated (still
@@ -116,13 +120,13 @@ struct download_ctx {
         int fd;
 
         struct s3_object_info info;
-        struct download_meta meta; /* the plan for this call, kept current */
-        EVP_MD_CTX *sha;
-        unsigned char *buf;  /* DOWNLOAD_READ_BUF, for hashing from disk */
-        unsigned char *wbuf; /* single stream: DOWNLOAD_STREAM_BUF of received bytes */
-        size_t wbuf_len;     /* bytes in wbuf, to be written at offset written */
-        uint64_t hashed;     /* bytes fed to sha, always a prefix */
-        uint64_t written;    /* single stream: end of what was written to the file */
+        struct download_meta meta;    /* the plan for this call, kept current */
+        EVP_MD_CTX *sha;              /* the hasher's while it runs */
+        struct prefix_hasher *hasher; /* from download_begin to download_finish */
+        unsigned char *wbuf;          /* single stream: DOWNLOAD_STREAM_BUF of received bytes */
+        size_t wbuf_len;              /* bytes in wbuf, to be written at offset written */
+        uint64_t hashed;              /* bytes handed to the hasher, always a prefix */
+        uint64_t written;             /* single stream: end of what was written to the file */
         uint64_t resumed;
         uint64_t done_bytes; /* for progress reports */
         uint64_t kicked_at;  /* single stream: writeback started up to here */
@@ -327,6 +331,19 @@ out:
 }
 
 /*
+ * Bytes [0, end) are on disk for good: let the hasher have them. After a failed attempt the
+ * hasher is gone, and the checkpoint that saves what is on disk has nothing to hash.
+ */
+static void download_hash_to(struct download_ctx *d, uint64_t end)
+{
+        if (end <= d->hashed)
+                return;
+        d->hashed = end;
+        if (d->hasher)
+                prefix_hasher_advance(d->hasher, end);
+}
+
+/*
  * Start writing a range back to disk without waiting, so the final fsync (and the
  * checkpoints' fdatasync) find little left to do: disk and network then work at the same
  * time instead of one after the other. Only a hint; errors show up at fsync.
@@ -348,6 +365,7 @@ static int download_flush_stream(struct download_ctx *d)
                 return r;
         d->written += d->wbuf_len;
         d->wbuf_len = 0;
+        download_hash_to(d, d->written);
         return 0;
 }
 
@@ -371,30 +389,11 @@ static int download_checkpoint(struct download_ctx *d)
 
 /* ---- Hashing ---------------------------------------------------------------------------- */
 
-static int download_hash_from_disk(struct download_ctx *d, uint64_t end)
-{
-        while (d->hashed < end) {
-                uint64_t left = end - d->hashed;
-                size_t want = left < DOWNLOAD_READ_BUF ? (size_t)left : DOWNLOAD_READ_BUF;
-                ssize_t n = pread(d->fd, d->buf, want, (off_t)d->hashed);
-
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n <= 0)
-                        return err_set(n < 0 ? -errno : -EIO, "failed to read back '%s': %s",
-                                       d->part_path, n < 0 ? strerror(errno) : "file too short");
-                if (EVP_DigestUpdate(d->sha, d->buf, (size_t)n) != 1)
-                        return err_set(-ENOMEM, "failed to hash '%s': OpenSSL error", d->part_path);
-                d->hashed += (uint64_t)n;
-        }
-        return 0;
-}
-
 int download_hash_file(const char *path, char *ret_hex, uint64_t *ret_size)
 {
         unsigned char md[EVP_MAX_MD_SIZE];
         unsigned int md_len = 0;
-        unsigned char *buf = malloc(DOWNLOAD_READ_BUF);
+        unsigned char *buf = malloc(DOWNLOAD_HASH_FILE_BUF);
         EVP_MD_CTX *sha = EVP_MD_CTX_new();
         uint64_t size = 0;
         int fd = -1, r = 0;
@@ -409,7 +408,7 @@ int download_hash_file(const char *path, char *ret_hex, uint64_t *ret_size)
                 goto out;
         }
         for (;;) {
-                ssize_t n = read(fd, buf, DOWNLOAD_READ_BUF);
+                ssize_t n = read(fd, buf, DOWNLOAD_HASH_FILE_BUF);
 
                 if (n < 0 && errno == EINTR)
                         continue;
@@ -462,9 +461,6 @@ static int download_on_stream_data(const void *data, size_t len, void *userdata)
         const unsigned char *p = data;
         int r;
 
-        if (EVP_DigestUpdate(d->sha, data, len) != 1)
-                return err_set(-ENOMEM, "failed to hash '%s': OpenSSL error", d->part_path);
-        d->hashed += len;
         d->done_bytes += len;
         if (d->p->received_bytes)
                 *d->p->received_bytes += len;
@@ -501,9 +497,7 @@ static int download_stream(struct download_ctx *d)
         uint64_t start = d->meta.verified;
         int r;
 
-        r = download_hash_from_disk(d, start);
-        if (r < 0)
-                return r;
+        download_hash_to(d, start);
         d->written = d->kicked_at = d->done_bytes = start;
         d->wbuf_len = 0;
         d->resumed = start;
@@ -580,7 +574,7 @@ static int download_on_part_data(const void *data, size_t len, void *userdata)
 }
 
 /* Hash every completed part that follows the hashed prefix without a gap. */
-static int download_hash_completed_prefix(struct download_ctx *d)
+static void download_hash_completed_prefix(struct download_ctx *d)
 {
         const struct download_meta *m = &d->meta;
         size_t i = (size_t)(d->hashed / m->part_size);
@@ -590,7 +584,7 @@ static int download_hash_completed_prefix(struct download_ctx *d)
                 end = (uint64_t)i * m->part_size + download_part_len(m, i);
                 i++;
         }
-        return download_hash_from_disk(d, end);
+        download_hash_to(d, end);
 }
 
 /* Per-part completion, on the client's loop: record, hash what became contiguous. */
@@ -599,7 +593,6 @@ static void download_on_part_done(size_t index, int r, void *userdata)
         struct download_part *parts = userdata;
         struct download_part *part = &parts[index];
         struct download_ctx *d = parts[0].d;
-        int hr;
 
         free(part->buf);
         part->buf = NULL;
@@ -607,9 +600,9 @@ static void download_on_part_done(size_t index, int r, void *userdata)
                 return;
         d->meta.parts[part->index] = '1';
         download_start_writeback(d, part->offset, part->written);
-        /* A failure here is found again at the end, when the prefix must reach the size. */
-        hr = download_hash_completed_prefix(d);
-        if (hr >= 0 && util_now_monotonic_ms() - d->last_checkpoint_ms >= DOWNLOAD_CHECKPOINT_MS)
+        download_hash_completed_prefix(d);
+        /* A failed checkpoint costs only progress a later attempt would have kept. */
+        if (util_now_monotonic_ms() - d->last_checkpoint_ms >= DOWNLOAD_CHECKPOINT_MS)
                 (void)download_checkpoint(d);
         err_clear();
 }
@@ -623,9 +616,7 @@ static int download_parts(struct download_ctx *d, unsigned max_connections)
         int r;
 
         d->resumed = d->done_bytes = download_meta_kept(m);
-        r = download_hash_completed_prefix(d);
-        if (r < 0)
-                return r;
+        download_hash_completed_prefix(d);
         parts = calloc(m->n_parts, sizeof(*parts));
         gets = calloc(m->n_parts, sizeof(*gets));
         if (!parts || !gets) {
@@ -653,8 +644,6 @@ static int download_parts(struct download_ctx *d, unsigned max_connections)
         parts[0].d = d; /* download_on_part_done finds the context through parts[0] */
         r = s3_client_get_many(d->client, gets, n, max_connections, &d->limits,
                                download_on_part_done, parts);
-        if (r >= 0)
-                r = download_hash_completed_prefix(d);
 out:
         /* Parts cancelled after a failure got no done_cb: their buffers are still here. */
         for (size_t i = 0; parts && i < n; i++)
@@ -817,6 +806,7 @@ static int download_finish(struct download_ctx *d, struct download_result *ret)
         unsigned int md_len = 0;
         char hex[DOWNLOAD_SHA256_HEX_LEN + 1];
         struct download_result res;
+        uint64_t hashed = 0;
         int r;
 
         if (d->hashed != d->info.size)
@@ -825,6 +815,13 @@ static int download_finish(struct download_ctx *d, struct download_result *ret)
                         "failed to download object '%.300s' from bucket '%.100s': got %" PRIu64
                         " of %" PRIu64 " bytes; transient, retry later",
                         d->p->key, d->p->bucket, d->hashed, d->info.size);
+        r = prefix_hasher_finish(d->hasher, &hashed);
+        d->hasher = NULL;
+        if (r < 0)
+                return r;
+        if (hashed != d->hashed)
+                return err_set(-EIO, "failed to hash '%s': hashed %" PRIu64 " of %" PRIu64 " bytes",
+                               d->part_path, hashed, d->hashed);
         if (EVP_DigestFinal_ex(d->sha, md, &md_len) != 1)
                 return err_set(-ENOMEM, "failed to hash '%s': OpenSSL error", d->part_path);
         util_hex_encode(md, md_len, hex);
@@ -909,11 +906,19 @@ static uint64_t download_part_size(const struct download_params *p, uint64_t siz
         return ps < min ? min : ps;
 }
 
-/* Start this call's plan: record it, size the file, hash what is kept. */
+/* End the hasher's thread, if one runs, without waiting for it to catch up. */
+static void download_stop_hashing(struct download_ctx *d)
+{
+        prefix_hasher_stop(d->hasher);
+        d->hasher = NULL;
+}
+
+/* Start this call's plan: record it, size the file, start hashing from byte zero. */
 static int download_begin(struct download_ctx *d, bool parallel)
 {
         int r;
 
+        download_stop_hashing(d); /* a plan made earlier in this call */
         r = download_plan(d, parallel, download_part_size(d->p, d->info.size));
         if (r < 0)
                 return r;
@@ -925,7 +930,10 @@ static int download_begin(struct download_ctx *d, bool parallel)
                 return r;
         d->planned = true;
         d->last_checkpoint_ms = util_now_monotonic_ms();
-        return download_prepare_file(d);
+        r = download_prepare_file(d);
+        if (r < 0)
+                return r;
+        return prefix_hasher_start(d->fd, d->part_path, d->sha, 0, &d->hasher);
 }
 
 /*
@@ -970,10 +978,13 @@ static int download_run(struct download_ctx *d, struct download_result *ret)
                 if (r >= 0)
                         r = download_stream(d);
         }
-        if (r < 0)
-                return r;
-        download_progress(d, true);
-        return download_finish(d, ret);
+        if (r >= 0) {
+                download_progress(d, true);
+                r = download_finish(d, ret);
+        }
+        /* The caller may close or remove the file next: the hasher must be gone by then. */
+        download_stop_hashing(d);
+        return r;
 }
 
 static int download_ctx_init(struct download_ctx *d, struct s3_client *client,
@@ -986,9 +997,8 @@ static int download_ctx_init(struct download_ctx *d, struct s3_client *client,
         d->meta_path = malloc(n + sizeof(".part.meta"));
         d->meta_tmp_path = malloc(n + sizeof(".part.meta.tmp"));
         d->sha = EVP_MD_CTX_new();
-        d->buf = malloc(DOWNLOAD_READ_BUF);
         d->wbuf = malloc(DOWNLOAD_STREAM_BUF);
-        if (!d->part_path || !d->meta_path || !d->meta_tmp_path || !d->sha || !d->buf || !d->wbuf)
+        if (!d->part_path || !d->meta_path || !d->meta_tmp_path || !d->sha || !d->wbuf)
                 return -ENOMEM;
         memcpy(d->part_path, p->dest_path, n);
         memcpy(d->part_path + n, ".part", sizeof(".part"));
@@ -1007,13 +1017,13 @@ static int download_ctx_init(struct download_ctx *d, struct s3_client *client,
 
 static void download_ctx_done(struct download_ctx *d)
 {
+        download_stop_hashing(d); /* before its file is closed */
         if (d->fd >= 0)
                 (void)close(d->fd);
         free(d->part_path);
         free(d->meta_path);
         free(d->meta_tmp_path);
         EVP_MD_CTX_free(d->sha);
-        free(d->buf);
         free(d->wbuf);
         download_meta_done(&d->meta);
 }
