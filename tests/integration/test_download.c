@@ -636,8 +636,14 @@ static void test_download_parallel_resume_keeps_done_parts(void **state)
         if (r < 0)
                 fail_msg("resume failed: %s", err_text(r));
         assert_int_equal(res.parts, 6);
+        /*
+         * What was kept is whole parts, never the one cut. With two connections the third part
+         * may still be in flight when the fourth is cut, and parts finish in any order, so the
+         * 123-byte last one may be among them.
+         */
         assert_true(res.resumed_from_offset >= 2 * MIB);
-        assert_int_equal(res.resumed_from_offset % MIB, 0);
+        assert_true(res.resumed_from_offset <= o->size - MIB);
+        assert_true(res.resumed_from_offset % MIB == 0 || res.resumed_from_offset % MIB == 123);
         assert_string_equal(res.sha256, o->sha256);
         assert_file_is(dest, o);
         assert_int_equal(unlink(dest), 0);
