@@ -28,6 +28,7 @@ struct prefix_hasher {
 
         /* Under lock. */
         uint64_t target;
+        uint64_t idle_at; /* where the thread stopped when it began to wait */
         bool waiting;
         bool finishing; /* exit once target is reached */
         bool stopping;  /* exit now */
@@ -73,6 +74,7 @@ static void *prefix_hasher_main(void *arg)
 
                 (void)pthread_mutex_lock(&h->lock);
                 while (!h->stopping && !h->finishing && h->hashed >= h->target) {
+                        h->idle_at = h->hashed;
                         h->waiting = true;
                         (void)pthread_cond_wait(&h->wake, &h->lock);
                         h->waiting = false;
@@ -136,7 +138,12 @@ void prefix_hasher_advance(struct prefix_hasher *h, uint64_t end)
         (void)pthread_mutex_lock(&h->lock);
         if (end > h->target) {
                 h->target = end;
-                if (h->waiting)
+                /*
+                 * A waiting thread is woken for a full chunk, not for every write: a download
+                 * that trickles in 64 KiB at a time would otherwise cost a wake-up per write.
+                 * prefix_hasher_finish() wakes it for the rest.
+                 */
+                if (h->waiting && end - h->idle_at >= PREFIX_HASHER_CHUNK)
                         (void)pthread_cond_signal(&h->wake);
         }
         (void)pthread_mutex_unlock(&h->lock);

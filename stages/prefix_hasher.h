@@ -28,7 +28,10 @@ struct prefix_hasher;
 int prefix_hasher_start(int fd, const char *path, EVP_MD_CTX *sha, uint64_t hashed,
                         struct prefix_hasher **ret);
 
-/* Bytes [0, @end) are in the file and will not change: hash up to there. Never shrinks. */
+/*
+ * Bytes [0, @end) are in the file and will not change: hash up to there. Never shrinks. An
+ * idle thread starts once 1 MiB is waiting, or at prefix_hasher_finish().
+ */
 void prefix_hasher_advance(struct prefix_hasher *h, uint64_t end);
 
 /*
