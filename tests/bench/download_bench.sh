@@ -20,10 +20,13 @@
 #
 # S3Proxy is started through tests/infra/services.sh when services.env is missing. The
 # objects are generated and uploaded once and reused by later runs (checked with a HEAD).
-# Ours hashes (SHA-256) and fsyncs what it downloads; curl only writes. Two more columns
-# give curl part of that work, so the comparison can be read several ways: "curl + sync"
-# (curl, then `sync FILE`, an fsync of the file) and "curl + sha256sum" (a separate hashing
-# pass; coreutils' sha256sum is several times slower than OpenSSL's SHA-256 here).
+# Ours hashes (SHA-256, on a thread of its own) and fsyncs what it downloads; curl only
+# writes. Two more rows give curl part of that work, so the comparison can be read several
+# ways: "curl + sync" (curl, then `sync FILE`, an fsync of the file) and "curl + sha256sum"
+# (a separate hashing pass; coreutils' sha256sum is several times slower than OpenSSL's
+# SHA-256 here). The CPU columns show why loopback and link differ: on loopback the client
+# and S3Proxy share the machine's cores, and SHA-256 alone costs about 0.3 s of CPU per
+# 512 MiB, more than half of what plain curl spends on the whole transfer.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -82,7 +85,29 @@ ensure_object big.bin 512
 ensure_object small.bin 64
 
 # ---- runs -------------------------------------------------------------------------------
-# Each run prints "SECONDS RSS_KIB" on stdout; the output file is removed afterwards.
+# Each run prints "SECONDS RSS_KIB CLIENT_CPU_S SERVER_CPU_S" on stdout; the output file is
+# removed afterwards. CPU is user + system time: the client's (with its children), and
+# S3Proxy's over the same run, read from /proc ("-" when its pid is unknown). On loopback
+# the two together show how much of the machine's cores a run kept busy.
+S3PROXY_PID=$(cat "${FIM_SERVICES_DIR:-/tmp/fim-services}/s3.pid" 2>/dev/null || true)
+[[ $S3PROXY_PID =~ ^[0-9]+$ ]] && [ -r "/proc/$S3PROXY_PID/stat" ] || S3PROXY_PID=
+CLK_TCK=$(getconf CLK_TCK)
+
+server_ticks() { # utime + stime of S3Proxy, in clock ticks
+        [ -n "$S3PROXY_PID" ] || return 0
+        # The fields after the command name, which is in parentheses and may hold spaces.
+        sed 's/.*) //' "/proc/$S3PROXY_PID/stat" | awk '{ print $12 + $13 }'
+}
+
+# Print "SECONDS RSS CLIENT_CPU SERVER_CPU" from /usr/bin/time's "%e %M %U %S" and the
+# server's ticks before the run.
+report_run() { # STATS_FILE TICKS_BEFORE
+        local after
+        after=$(server_ticks)
+        awk -v b="$2" -v a="$after" -v hz="$CLK_TCK" '{
+                printf "%s %s %.2f %s\n", $1, $2, $3 + $4, (a == "" ? "-" : sprintf("%.2f", (a - b) / hz))
+        }' "$1"
+}
 #
 # Every run starts from the same state: the previous run's output is deleted, and the
 # deletion's writeback and discards (this disk is mounted with `discard`) are let through
@@ -94,38 +119,40 @@ settle() {
 }
 
 run_ours() { # KEY PARALLEL
-        local out=$WORK/out.bin stats=$WORK/time.txt
+        local out=$WORK/out.bin stats=$WORK/time.txt ticks
         rm -f "$out" "$out.part" "$out.part.meta"
         settle
-        S3_ENDPOINT=$ENDPOINT /usr/bin/time -f '%e %M' -o "$stats" "${FIM[@]}" \
+        ticks=$(server_ticks)
+        S3_ENDPOINT=$ENDPOINT /usr/bin/time -f '%e %M %U %S' -o "$stats" "${FIM[@]}" \
                 --bucket "$BUCKET" --key "$1" --output "$out" --parallel "$2" \
                 --part-size "$PART_SIZE" >"$WORK/ours.txt"
         sha=$(sed -n 's/.* sha256=\([0-9a-f]*\).*/\1/p' "$WORK/ours.txt")
         [ "$sha" = "$(cat "$WORK/${1%.bin}.sha")" ] || die "wrong SHA-256 from our download of $1"
         rm -f "$out"
-        cat "$stats"
+        report_run "$stats" "$ticks"
 }
 
 run_curl() { # KEY [hash|sync]
-        local out=$WORK/out.bin stats=$WORK/time.txt
+        local out=$WORK/out.bin stats=$WORK/time.txt ticks
         rm -f "$out"
         settle
+        ticks=$(server_ticks)
         if [ "${2:-}" = sync ]; then
                 # shellcheck disable=SC2016 # expanded by the inner bash
-                /usr/bin/time -f '%e %M' -o "$stats" bash -c \
+                /usr/bin/time -f '%e %M %U %S' -o "$stats" bash -c \
                         'curl -sSf "${@:3}" -o "$1" "$2" && sync "$1"' _ \
                         "$out" "$ENDPOINT/$BUCKET/$1" "${SIG[@]}"
         elif [ "${2:-}" = hash ]; then
                 # shellcheck disable=SC2016 # expanded by the inner bash
-                /usr/bin/time -f '%e %M' -o "$stats" bash -c \
+                /usr/bin/time -f '%e %M %U %S' -o "$stats" bash -c \
                         'curl -sSf "${@:3}" -o "$1" "$2" && sha256sum "$1" >/dev/null' _ \
                         "$out" "$ENDPOINT/$BUCKET/$1" "${SIG[@]}"
         else
-                /usr/bin/time -f '%e %M' -o "$stats" curl -sSf "${SIG[@]}" -o "$out" \
+                /usr/bin/time -f '%e %M %U %S' -o "$stats" curl -sSf "${SIG[@]}" -o "$out" \
                         "$ENDPOINT/$BUCKET/$1"
         fi
         rm -f "$out"
-        cat "$stats"
+        report_run "$stats" "$ticks"
 }
 
 median() {
@@ -141,15 +168,17 @@ done
 # One timed run of client KIND on object NAME, recorded under SETTING.KIND (SETTING
 # defaults to NAME).
 run_kind() { # NAME KIND [SETTING]
-        local t m key=${3:-$1}.$2
+        local t m c s key=${3:-$1}.$2
         case $2 in
-        single) read -r t m < <(run_ours "$1.bin" 1) ;;
-        parallel) read -r t m < <(run_ours "$1.bin" "$PARALLEL") ;;
-        curl) read -r t m < <(run_curl "$1.bin") ;;
-        curlsync) read -r t m < <(run_curl "$1.bin" sync); m= ;;
-        curlhash) read -r t m < <(run_curl "$1.bin" hash); m= ;;
+        single) read -r t m c s < <(run_ours "$1.bin" 1) ;;
+        parallel) read -r t m c s < <(run_ours "$1.bin" "$PARALLEL") ;;
+        curl) read -r t m c s < <(run_curl "$1.bin") ;;
+        curlsync) read -r t m c s < <(run_curl "$1.bin" sync); m= ;;
+        curlhash) read -r t m c s < <(run_curl "$1.bin" hash); m= ;;
         esac
         times[$key]+="$t "
+        cpu[$key]+="$c "
+        [ "$s" = - ] || server_cpu[$key]+="$s "
         [ -z "$m" ] || rss[$key]+="$m "
 }
 
@@ -158,7 +187,7 @@ run_kind() { # NAME KIND [SETTING]
 # written and deleted took 2-3 times as long, whichever client it was), so a fixed order
 # would always bill the same client for it.
 KINDS=(single parallel curl curlsync curlhash)
-declare -A times rss
+declare -A times rss cpu server_cpu
 for round in $(seq 1 "$ROUNDS"); do
         echo "round $round/$ROUNDS (loopback)" >&2
         for name in big small; do
@@ -197,7 +226,8 @@ printf '\nS3Proxy at %s, %s round(s), parallel=%s part-size=%s\n' "$S3_ENDPOINT"
         "$PARALLEL" "$PART_SIZE"
 [ "$LINK_MIBS" -gt 0 ] && printf 'link: the 512 MiB object with each connection limited to %s MiB/s\n' \
         "$LINK_MIBS"
-printf '%-8s %-22s %10s %10s %12s %14s\n' object client median_s MiB/s vs_curl peak_rss_KiB
+printf '%-8s %-22s %10s %10s %12s %14s %10s %10s\n' object client median_s MiB/s vs_curl \
+        peak_rss_KiB cpu_s s3_cpu_s
 settings=(big small)
 [ "$LINK_MIBS" -gt 0 ] && settings+=(link)
 for name in "${settings[@]}"; do
@@ -208,6 +238,9 @@ for name in "${settings[@]}"; do
                 med=$(tr ' ' '\n' <<<"${times[$name.$kind]}" | grep . | median)
                 peak=-
                 [ -n "${rss[$name.$kind]:-}" ] && peak=$(tr ' ' '\n' <<<"${rss[$name.$kind]}" | grep . | sort -n | tail -1)
+                ccpu=$(tr ' ' '\n' <<<"${cpu[$name.$kind]}" | grep . | median)
+                scpu=-
+                [ -n "${server_cpu[$name.$kind]:-}" ] && scpu=$(tr ' ' '\n' <<<"${server_cpu[$name.$kind]}" | grep . | median)
                 label=$kind
                 case $kind in
                 single) label="ours, 1 stream" ;;
@@ -217,7 +250,10 @@ for name in "${settings[@]}"; do
                 curlhash) label="curl + sha256sum" ;;
                 esac
                 awk -v n="$name" -v l="$label" -v m="$med" -v c="$curl_med" -v s="$mib" -v p="$peak" \
-                        'BEGIN { printf "%-8s %-22s %10.2f %10.1f %11.2fx %14s\n", n "(" s "M)", l, m, (m > 0 ? s / m : 0), (m > 0 ? c / m : 0), p }'
+                        -v cc="$ccpu" -v sc="$scpu" \
+                        'BEGIN { printf "%-8s %-22s %10.2f %10.1f %11.2fx %14s %10s %10s\n", n "(" s "M)", l, m, (m > 0 ? s / m : 0), (m > 0 ? c / m : 0), p, cc, sc }'
         done
 done
 echo "vs_curl > 1 means faster than plain curl (which neither hashes nor fsyncs)."
+echo "cpu_s: the client's user + system time; s3_cpu_s: S3Proxy's over the same run (medians)."
+echo "On loopback, client and server share this machine's $(nproc) cores."
