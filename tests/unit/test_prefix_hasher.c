@@ -92,13 +92,24 @@ static void expected_hex(const unsigned char *data, size_t len, char hex[65])
         EVP_MD_CTX_free(sha);
 }
 
+/* Finish @h and check that it hashed exactly the first @len bytes of the data. */
+static void finish_and_check(struct fixture *f, struct prefix_hasher *h, uint64_t len)
+{
+        char got[65], want[65];
+        uint64_t hashed = 0;
+
+        assert_int_equal(prefix_hasher_finish(h, &hashed), 0);
+        assert_int_equal(hashed, len);
+        final_hex(f->sha, got);
+        expected_hex(f->data, (size_t)len, want);
+        assert_string_equal(got, want);
+}
+
 /* Written and handed over in pieces of odd sizes, as a download does: the same hash. */
 static void test_prefix_hasher_follows_a_growing_file(void **state)
 {
         struct fixture *f = *state;
         struct prefix_hasher *h = NULL;
-        char got[65], want[65];
-        uint64_t hashed = 0;
         size_t off = 0, step = 1;
 
         assert_int_equal(prefix_hasher_start(f->fd, f->path, f->sha, 0, &h), 0);
@@ -110,11 +121,7 @@ static void test_prefix_hasher_follows_a_growing_file(void **state)
                 prefix_hasher_advance(h, off);
                 step = step * 3 + 7; /* 1 byte up to megabytes */
         }
-        assert_int_equal(prefix_hasher_finish(h, &hashed), 0);
-        assert_int_equal(hashed, DATA_LEN);
-        final_hex(f->sha, got);
-        expected_hex(f->data, DATA_LEN, want);
-        assert_string_equal(got, want);
+        finish_and_check(f, h, DATA_LEN);
 }
 
 /* A resumed download fed the kept prefix itself: the hasher goes on from there. */
@@ -123,18 +130,12 @@ static void test_prefix_hasher_continues_a_hash_already_started(void **state)
         struct fixture *f = *state;
         struct prefix_hasher *h = NULL;
         const size_t kept = 1000000;
-        char got[65], want[65];
-        uint64_t hashed = 0;
 
         write_at(f, 0, DATA_LEN);
         assert_int_equal(EVP_DigestUpdate(f->sha, f->data, kept), 1);
         assert_int_equal(prefix_hasher_start(f->fd, f->path, f->sha, kept, &h), 0);
         prefix_hasher_advance(h, DATA_LEN);
-        assert_int_equal(prefix_hasher_finish(h, &hashed), 0);
-        assert_int_equal(hashed, DATA_LEN);
-        final_hex(f->sha, got);
-        expected_hex(f->data, DATA_LEN, want);
-        assert_string_equal(got, want);
+        finish_and_check(f, h, DATA_LEN);
 }
 
 /* Only the largest end counts; nothing past it is read. */
@@ -142,18 +143,12 @@ static void test_prefix_hasher_target_never_shrinks(void **state)
 {
         struct fixture *f = *state;
         struct prefix_hasher *h = NULL;
-        char got[65], want[65];
-        uint64_t hashed = 0;
 
         write_at(f, 0, DATA_LEN);
         assert_int_equal(prefix_hasher_start(f->fd, f->path, f->sha, 0, &h), 0);
         prefix_hasher_advance(h, 70000);
         prefix_hasher_advance(h, 5);
-        assert_int_equal(prefix_hasher_finish(h, &hashed), 0);
-        assert_int_equal(hashed, 70000);
-        final_hex(f->sha, got);
-        expected_hex(f->data, 70000, want);
-        assert_string_equal(got, want);
+        finish_and_check(f, h, 70000);
 }
 
 /* Asked for bytes the file does not have: the error names the file, no hang. */
@@ -178,8 +173,6 @@ static void test_prefix_hasher_stops_with_work_pending(void **state)
 {
         struct fixture *f = *state;
         struct prefix_hasher *h = NULL;
-        char got[65], want[65];
-        uint64_t hashed = 0;
 
         write_at(f, 0, DATA_LEN);
         assert_int_equal(prefix_hasher_start(f->fd, f->path, f->sha, 0, &h), 0);
@@ -191,10 +184,7 @@ static void test_prefix_hasher_stops_with_work_pending(void **state)
         assert_int_equal(EVP_DigestInit_ex(f->sha, EVP_sha256(), NULL), 1);
         assert_int_equal(prefix_hasher_start(f->fd, f->path, f->sha, 0, &h), 0);
         prefix_hasher_advance(h, DATA_LEN);
-        assert_int_equal(prefix_hasher_finish(h, &hashed), 0);
-        final_hex(f->sha, got);
-        expected_hex(f->data, DATA_LEN, want);
-        assert_string_equal(got, want);
+        finish_and_check(f, h, DATA_LEN);
 }
 
 int main(void)
