@@ -95,6 +95,19 @@ static int client_from_env(const char *endpoint, const char *ak, const char *sk,
         return s3_client_new(&o, ret);
 }
 
+/* A client with the environment's credentials that puts the bucket in the Host header. */
+static void virtual_host_client(const char *endpoint, struct s3_client **ret)
+{
+        const struct s3_client_options o = {
+                .endpoint = endpoint,
+                .region = getenv("AWS_REGION"),
+                .access_key_id = getenv("AWS_ACCESS_KEY_ID"),
+                .secret_access_key = getenv("AWS_SECRET_ACCESS_KEY"),
+        };
+
+        assert_int_equal(s3_client_new(&o, ret), 0);
+}
+
 /* Make @o's bytes for @seed (what upload() sends), without uploading them. */
 static void generate(struct object *o, unsigned seed)
 {
@@ -982,6 +995,27 @@ static void test_download_reserves_space(void **state)
 
 /* ---- addressing and credentials against the real server ------------------------------- */
 
+/*
+ * Upload @o's bytes to @url_path (already percent-encoded, no single quotes) with curl's own
+ * SigV4 signer, independent of ours; @extra_args go on curl's command line as they are.
+ */
+static void put_with_curl(const struct object *o, const char *url_path, const char *extra_args)
+{
+        char src[512];
+        FILE *f;
+
+        (void)snprintf(src, sizeof(src), "%s/curl-upload.src", t.dir);
+        f = fopen(src, "we");
+        assert_non_null(f);
+        assert_int_equal(fwrite(o->data, 1, o->size, f), o->size);
+        fclose(f);
+        shell("curl -sSf --aws-sigv4 'aws:amz:%s:s3' -u \"$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY\""
+              " -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD'%s -T '%s' '%s/%s/%s' -o /dev/null",
+              getenv("AWS_REGION") ? getenv("AWS_REGION") : "us-east-1", extra_args, src,
+              getenv("S3_ENDPOINT"), TEST_BUCKET, url_path);
+        assert_int_equal(unlink(src), 0);
+}
+
 /* Anonymous requests read a public-read object (S3Proxy checks the object's ACL). */
 static void test_download_anonymous_public_object(void **state)
 {
@@ -989,23 +1023,13 @@ static void test_download_anonymous_public_object(void **state)
         struct s3_client *anon = NULL;
         struct download_result res;
         struct download_params p;
-        char src[512], key[256], dest[512];
-        FILE *f;
+        char key[256], dest[512];
         int r;
 
         (void)state;
-        (void)snprintf(src, sizeof(src), "%s/public.src", t.dir);
         (void)snprintf(key, sizeof(key), "%s/public/image.tar", t.prefix);
-        f = fopen(src, "we");
-        assert_non_null(f);
-        assert_int_equal(fwrite(o->data, 1, o->size, f), o->size);
-        fclose(f);
         /* Our client sets no ACLs; curl signs this one upload. */
-        shell("curl -sSf --aws-sigv4 'aws:amz:%s:s3' -u \"$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY\""
-              " -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -H 'x-amz-acl: public-read'"
-              " -T '%s' '%s/%s/%s' -o /dev/null",
-              getenv("AWS_REGION") ? getenv("AWS_REGION") : "us-east-1", src, getenv("S3_ENDPOINT"),
-              TEST_BUCKET, key);
+        put_with_curl(o, key, " -H 'x-amz-acl: public-read'");
 
         assert_int_equal(client_from_env(getenv("S3_ENDPOINT"), NULL, NULL, &anon), 0);
         dest_path("anonymous", dest, sizeof(dest));
@@ -1021,7 +1045,10 @@ static void test_download_anonymous_public_object(void **state)
         s3_client_free(anon);
 }
 
-/* Percent-encode @key for a URL path as a client of its own would: all but unreserved and '/'. */
+/*
+ * Percent-encode @key for a URL path: all but unreserved characters and '/'. Written here, not
+ * taken from sigv4_uri_encode(), because the encoder is what the test checks.
+ */
 static void url_encode_path(const char *key, char *buf, size_t size)
 {
         static const char hex[] = "0123456789ABCDEF";
@@ -1061,35 +1088,18 @@ static void test_download_keys_that_need_encoding(void **state)
         struct s3_client *clients[2] = {t.client, NULL};
         struct download_result res;
         struct download_params p;
-        char src[512], key[256], url_path[800], dest[512];
-        FILE *f;
+        char key[256], url_path[800], dest[512];
         int r;
 
         (void)state;
         if (!vhost || !vhost[0])
                 fail_msg("S3_VHOST_ENDPOINT is not set: start the services with "
                          "tests/infra/services.sh and source services.env");
-        const struct s3_client_options vhost_opts = {
-                .endpoint = vhost,
-                .region = getenv("AWS_REGION"),
-                .access_key_id = getenv("AWS_ACCESS_KEY_ID"),
-                .secret_access_key = getenv("AWS_SECRET_ACCESS_KEY"),
-        };
-        assert_int_equal(s3_client_new(&vhost_opts, &clients[1]), 0);
-        (void)snprintf(src, sizeof(src), "%s/encoded.src", t.dir);
-        f = fopen(src, "we");
-        assert_non_null(f);
-        assert_int_equal(fwrite(o->data, 1, o->size, f), o->size);
-        fclose(f);
-
+        virtual_host_client(vhost, &clients[1]);
         for (size_t i = 0; i < ARRAY_SIZE(names); i++) {
                 (void)snprintf(key, sizeof(key), "%s/keys/%s", t.prefix, names[i]);
                 url_encode_path(key, url_path, sizeof(url_path));
-                shell("curl -sSf --aws-sigv4 'aws:amz:%s:s3'"
-                      " -u \"$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY\""
-                      " -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -T '%s' '%s/%s/%s' -o /dev/null",
-                      getenv("AWS_REGION") ? getenv("AWS_REGION") : "us-east-1", src,
-                      getenv("S3_ENDPOINT"), TEST_BUCKET, url_path);
+                put_with_curl(o, url_path, "");
                 for (size_t c = 0; c < ARRAY_SIZE(clients); c++) {
                         for (unsigned conns = 1; conns <= 4; conns += 3) {
                                 dest_path("encoded", dest, sizeof(dest));
@@ -1166,14 +1176,7 @@ static void test_download_virtual_host(void **state)
         (void)snprintf(log_path, sizeof(log_path), "%s/vhost-proxy.log", t.dir);
         assert_int_equal(faultproxy_start(&fp, vhost, log_path), 0);
         (void)snprintf(endpoint, sizeof(endpoint), "http://localhost:%d", fp.port);
-        const struct s3_client_options opts = {
-                .endpoint = endpoint,
-                .region = getenv("AWS_REGION"),
-                .access_key_id = getenv("AWS_ACCESS_KEY_ID"),
-                .secret_access_key = getenv("AWS_SECRET_ACCESS_KEY"),
-        };
-
-        assert_int_equal(s3_client_new(&opts, &c), 0);
+        virtual_host_client(endpoint, &c);
         dest_path("vhost", dest, sizeof(dest));
         p = params(o, dest);
         p.expected_sha256 = o->sha256;
