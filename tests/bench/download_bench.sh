@@ -108,7 +108,7 @@ report_run() { # STATS_FILE TICKS_BEFORE
                 printf "%s %s %.2f %s\n", $1, $2, $3 + $4, (a == "" ? "-" : sprintf("%.2f", (a - b) / hz))
         }' "$1"
 }
-#
+
 # Every run starts from the same state: the previous run's output is deleted, and the
 # deletion's writeback and discards (this disk is mounted with `discard`) are let through
 # before the clock starts. Otherwise whichever client runs right after a 512 MiB delete pays
