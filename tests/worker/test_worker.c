@@ -1014,6 +1014,16 @@ static void test_worker_signal_during_startup_exits_cleanly(void **state)
         int64_t t0;
         pid_t w;
 
+#ifdef __SANITIZE_THREAD__
+        /*
+         * Not under TSan: GCC 12's TSan runtime sometimes never calls the worker's SIGTERM
+         * handler. In one run of four to ten, the worker kept polling its PostgreSQL connect in
+         * 100 ms slices for the whole minute, its stop flag still 0 under gdb, while the
+         * plain build stopped within 60 ms in 20 of 20 runs. The plain and ASan builds run
+         * this case.
+         */
+        skip();
+#endif
         pfd.fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         assert_true(pfd.fd >= 0);
         addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
